@@ -1,0 +1,112 @@
+"""Backends are function tables: one implementation of each PNNH op per backend.
+
+A backend registers a :class:`Backend` with :func:`register_backend`; the functional entry points
+(:func:`pnnh_kernels.functional.pnnh_conv2d`, :func:`pnnh_kernels.functional.pnnh_linear`) validate
+their arguments once and then call ``backend.conv2d`` / ``backend.linear`` of the backend that
+:func:`resolve_backend` picks. Adding the Triton or CUDA kernels means registering another table; the
+modules and the functional API do not change.
+
+``"auto"`` takes the first backend in :data:`AUTO_PREFERENCE` that can run the call and says which
+through :func:`resolve_backend` (the modules expose it as ``backend_in_use``). A backend named
+explicitly that cannot run the call raises :class:`BackendUnavailableError` with the reason: no silent
+fallback hides a slow path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from pnnh_kernels.backends.call import ConvCall, LinearCall
+
+# Fastest first. Names that are not registered are skipped by "auto" and rejected when asked for.
+AUTO_PREFERENCE = ("cuda", "triton", "torch")
+KNOWN_BACKENDS = ("auto", *AUTO_PREFERENCE)
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run this call; the message says why."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One backend's implementations.
+
+    ``unavailable_reason(device, dtype, op)`` returns None when the backend can run ``op`` ("conv2d"
+    or "linear") on tensors of that device and dtype, else a sentence saying why not.
+    """
+
+    name: str
+    conv2d: Callable[[ConvCall], torch.Tensor]
+    linear: Callable[[LinearCall], torch.Tensor]
+    unavailable_reason: Callable[[torch.device, torch.dtype, str], Optional[str]]
+
+
+_REGISTRY: dict[str, Backend] = {}
+
+
+def register_backend(backend: Backend) -> None:
+    if backend.name not in AUTO_PREFERENCE:
+        raise ValueError(f"backend.name: expected one of {AUTO_PREFERENCE}, got {backend.name!r}")
+    _REGISTRY[backend.name] = backend
+
+
+def check_backend_name(name: str) -> str:
+    if name not in KNOWN_BACKENDS:
+        raise ValueError(f"backend: expected one of {KNOWN_BACKENDS}, got {name!r}")
+    return name
+
+
+def registered_backends() -> tuple[str, ...]:
+    """Names of the backends built into this installation, fastest first."""
+    return tuple(name for name in AUTO_PREFERENCE if name in _REGISTRY)
+
+
+def _why_unavailable(name: str, device: torch.device, dtype: torch.dtype, op: str) -> Optional[str]:
+    backend = _REGISTRY.get(name)
+    if backend is None:
+        return f"no {name} kernels are registered in this installation of pnnh_kernels"
+    return backend.unavailable_reason(device, dtype, op)
+
+
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, op: str) -> Backend:
+    """The backend that runs ``op`` for tensors on ``device`` of ``dtype``.
+
+    Raises:
+        ValueError: ``name`` is not a known backend.
+        BackendUnavailableError: ``name`` was requested explicitly and cannot run this call.
+    """
+    check_backend_name(name)
+    if name == "auto":
+        for candidate in AUTO_PREFERENCE:
+            if _why_unavailable(candidate, device, dtype, op) is None:
+                return _REGISTRY[candidate]
+        raise BackendUnavailableError(f"no backend can run {op} on {device} with {dtype}")
+    reason = _why_unavailable(name, device, dtype, op)
+    if reason is not None:
+        raise BackendUnavailableError(
+            f"backend={name!r} cannot run {op} on {device} with {dtype}: {reason}"
+        )
+    return _REGISTRY[name]
+
+
+def _register_builtin_backends() -> None:
+    from pnnh_kernels.backends import reference
+
+    register_backend(reference.BACKEND)
+
+
+_register_builtin_backends()
+
+__all__ = [
+    "AUTO_PREFERENCE",
+    "Backend",
+    "BackendUnavailableError",
+    "ConvCall",
+    "LinearCall",
+    "register_backend",
+    "registered_backends",
+    "resolve_backend",
+]

@@ -1,0 +1,19 @@
+"""PNNH, plain and residual models built from the PNNH layers."""
+
+from pnnh_kernels.models.coder_bank import VARIANTS, CoderBank
+from pnnh_kernels.models.deep_cnn import DeepCNN, deep_cnn
+from pnnh_kernels.models.parameters import count_parameters, parameter_breakdown
+from pnnh_kernels.models.resnet import ResNet, resnet18, resnet34, resnet50
+
+__all__ = [
+    "VARIANTS",
+    "CoderBank",
+    "DeepCNN",
+    "ResNet",
+    "count_parameters",
+    "deep_cnn",
+    "parameter_breakdown",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+]

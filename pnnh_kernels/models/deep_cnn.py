@@ -1,0 +1,86 @@
+"""deep_cnn: a stack of ``depth`` identical 3x3 layers, for depth sweeps of the three variants."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from pnnh_kernels.models.coder_bank import CoderBank, check_variant
+from pnnh_kernels.pnnh_conv import FusedPNNHConv
+
+CODER_SHARINGS = ("shared", "per_layer")
+
+
+class ResidualLayer(nn.Module):
+    """``relu(bn(conv(x)) + x)``: one 3x3 layer with an identity shortcut."""
+
+    def __init__(self, layer: FusedPNNHConv) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.relu(self.layer(x) + x)
+
+
+class DeepCNN(nn.Module):
+    """stem (3x3 conv + BN + ReLU, no coder) -> ``depth`` 3x3 width->width layers -> pool -> linear.
+
+    ``variant`` "plain": conv + BN + ReLU; "residual": each layer adds its input before the ReLU;
+    "pnnh": plain + coders, one shared by all layers (``coder_sharing="shared"``) or one per layer.
+    """
+
+    def __init__(
+        self,
+        depth: int,
+        width: int = 16,
+        variant: str = "pnnh",
+        in_channels: int = 1,
+        num_classes: int = 10,
+        coder_channels: Optional[int] = None,
+        coder_init: str = "rectified_normal",
+        coder_sharing: str = "shared",
+        average_shared_gradient: bool = True,
+        norm: Optional[str] = "batch",
+    ) -> None:
+        super().__init__()
+        check_variant(variant)
+        if not isinstance(depth, int) or depth < 1:
+            raise ValueError(f"depth: expected a positive int, got {depth!r}")
+        if coder_sharing not in CODER_SHARINGS:
+            raise ValueError(f"coder_sharing: expected one of {CODER_SHARINGS}, got {coder_sharing!r}")
+        self.variant = variant
+        self.depth = depth
+        bank = CoderBank(
+            enabled=variant == "pnnh",
+            init=coder_init,
+            shared=coder_sharing == "shared",
+            average_shared_gradient=average_shared_gradient,
+            code_channels=coder_channels,
+        )
+        self.stem = FusedPNNHConv(in_channels, width, 3, bias=norm is None, coder_channels=0, norm=norm)
+        layers: list[nn.Module] = []
+        for _ in range(depth):
+            coder = bank.coder(width, width, 1)
+            layer = FusedPNNHConv(
+                width,
+                width,
+                3,
+                bias=norm is None,
+                coder_channels=None if coder is not None else 0,
+                coder=coder,
+                norm=norm,
+                activation=None if variant == "residual" else "relu",
+            )
+            nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+            layers.append(ResidualLayer(layer) if variant == "residual" else layer)
+        self.layers = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.layers(self.stem(x)))
+
+
+def deep_cnn(depth: int, width: int = 16, variant: str = "pnnh", **kwargs) -> DeepCNN:
+    return DeepCNN(depth, width, variant, **kwargs)

@@ -1,0 +1,163 @@
+"""FusedPNNHConv: the PNNH convolution layer, a drop-in for the conv (+ BN) + shortcut it replaces."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from pnnh_kernels.backends import check_backend_name, resolve_backend
+from pnnh_kernels.backends.call import ACTIVATIONS, BatchNormParams
+from pnnh_kernels.coder import PNNHCoder, coder_for_layer, default_code_channels
+from pnnh_kernels.conv_geometry import ConvGeometry, IntOrPair, Padding
+from pnnh_kernels.functional import pnnh_conv2d
+
+NORMS = (None, "batch")
+
+
+def batch_norm_params(norm: nn.BatchNorm2d) -> BatchNormParams:
+    """The arguments nn.BatchNorm2d.forward would pass to F.batch_norm, with the same side effect
+    (``num_batches_tracked`` counts a training call) so that running statistics match it exactly."""
+    factor = 0.0 if norm.momentum is None else norm.momentum
+    if norm.training and norm.track_running_stats and norm.num_batches_tracked is not None:
+        norm.num_batches_tracked.add_(1)
+        factor = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
+    use_batch_statistics = norm.training or (norm.running_mean is None and norm.running_var is None)
+    pass_running = not norm.training or norm.track_running_stats
+    return BatchNormParams(
+        norm.running_mean if pass_running else None,
+        norm.running_var if pass_running else None,
+        norm.weight,
+        norm.bias,
+        use_batch_statistics,
+        factor,
+        norm.eps,
+    )
+
+
+class FusedPNNHConv(nn.Module):
+    """``y = act(norm(conv2d(x, W_L, b_L)) + W_D relu(W_E x_s + b_E))``, one PNNH layer.
+
+    A learner convolution plus a coder (a small autoencoder, :class:`PNNHCoder`) on the input sampled
+    at the output's strided positions. ``coder_channels=0`` gives a plain conv (+ norm) + act, the
+    baseline PNNH is compared with; with ``norm=None`` and ``activation=None`` that is nn.Conv2d.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, dilation, bias: as nn.Conv2d.
+        padding: as nn.Conv2d, or None (default) for "same"-like padding ``dilation * (k - 1) // 2``;
+            a layer with a coder accepts only "same"-like padding.
+        coder_channels: C_B; default C_in // 2; 0 for no coder. Ignored in favour of ``coder``'s width
+            when a shared ``coder`` is given (passing a different number raises).
+        coder: a PNNHCoder to share with other layers (maps in_channels -> out_channels).
+        norm: None or "batch" (nn.BatchNorm2d on the learner branch, available as ``.norm``).
+        activation: "relu" (default) or None.
+        backend: "auto", "torch", "triton" or "cuda"; ``backend_in_use`` says which one runs.
+        coder_init: init of a coder this layer creates (see PNNHCoder).
+        groups, padding_mode: only 1 and "zeros" are supported.
+
+    Input: (N, C_in, H, W) in contiguous or channels_last memory format (the output keeps it), or
+    unbatched (C_in, H, W).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: IntOrPair = 3,
+        stride: IntOrPair = 1,
+        padding: Padding = None,
+        dilation: IntOrPair = 1,
+        bias: bool = True,
+        coder_channels: Optional[int] = None,
+        coder: Optional[PNNHCoder] = None,
+        norm: Optional[str] = None,
+        activation: Optional[str] = "relu",
+        backend: str = "auto",
+        groups: int = 1,
+        padding_mode: str = "zeros",
+        coder_init: str = "rectified_normal",
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        if groups != 1:
+            raise NotImplementedError(
+                f"groups: only groups=1 is supported, got {groups}; the coder mixes all input "
+                "channels, which a grouped learner would not"
+            )
+        if padding_mode != "zeros":
+            raise NotImplementedError(
+                f"padding_mode: only 'zeros' is supported, got {padding_mode!r}; the fused kernels "
+                "read zeros outside the image"
+            )
+        if norm not in NORMS:
+            raise ValueError(f"norm: expected one of {NORMS}, got {norm!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
+        self.backend = check_backend_name(backend)
+        wants_coder = coder is not None or (
+            default_code_channels(in_channels) if coder_channels is None else coder_channels
+        ) != 0
+        self.geometry = ConvGeometry.from_args(
+            kernel_size, stride, padding, dilation, with_coder=wants_coder
+        )
+        factory = {"device": device, "dtype": dtype}
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.activation = activation
+        self.weight = nn.Parameter(
+            torch.empty(out_channels, in_channels, *self.geometry.kernel_size, **factory)
+        )
+        self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
+        self.norm = nn.BatchNorm2d(out_channels, **factory) if norm == "batch" else None
+        self.coder = coder_for_layer(
+            in_channels, out_channels, coder_channels, coder, coder_init, factory=factory
+        )
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """nn.Conv2d's initialisation of the learner; the coder and norm keep their own."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            fan_in = self.weight[0].numel()
+            bound = 1 / math.sqrt(fan_in)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    @property
+    def code_channels(self) -> int:
+        return 0 if self.coder is None else self.coder.code_channels
+
+    @property
+    def backend_in_use(self) -> str:
+        """The backend that runs this layer for inputs on its parameters' device and dtype."""
+        return resolve_backend(self.backend, self.weight.device, self.weight.dtype, "conv2d").name
+
+    def forward(self, input: Tensor) -> Tensor:
+        coder = self.coder.tensors() if self.coder is not None else (None, None, None)
+        return pnnh_conv2d(
+            input,
+            self.weight,
+            self.bias,
+            *coder,
+            stride=self.geometry.stride,
+            padding=self.geometry.padding,
+            dilation=self.geometry.dilation,
+            norm=None if self.norm is None else batch_norm_params(self.norm),
+            activation=self.activation,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        g = self.geometry
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={g.kernel_size}, "
+            f"stride={g.stride}, padding={g.padding}, dilation={g.dilation}, "
+            f"bias={self.bias is not None}, code_channels={self.code_channels}, "
+            f"activation={self.activation!r}, backend={self.backend!r}"
+        )
