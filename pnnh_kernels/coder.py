@@ -212,9 +212,18 @@ class PNNHCoder(nn.Module):
         seed = int(torch.randint(0, 2**62, (1,)).item())
         generator = torch.Generator().manual_seed(seed)
         params = {
-            name: param.detach().to("cpu", torch.float32).clone().requires_grad_(True)
+            name: param.detach().to("cpu", torch.float32).clone()
             for name, param in self.named_parameters(recurse=False)
         }
+        if "decoder_weight" in params:
+            # Start the untied decoder at the tied one (W_E^T on the shared channels, zero on the
+            # rest, where the target is zero): from two independent He draws the pretraining ended
+            # above the identity init's error.
+            shared = min(self.in_channels, self.out_channels)
+            params["decoder_weight"].zero_()
+            params["decoder_weight"][:shared] = params["encoder_weight"].t()[:shared]
+        for param in params.values():
+            param.requires_grad_(True)
 
         def reconstruct(features: Tensor) -> Tensor:
             code = F.relu(F.linear(features, params["encoder_weight"], params.get("encoder_bias")))

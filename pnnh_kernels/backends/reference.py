@@ -51,7 +51,8 @@ def conv2d(call: ConvCall) -> Tensor:
         )
     if call.coder is not None:
         stride_h, stride_w = geometry.stride
-        sampled = call.input[:, :, ::stride_h, ::stride_w]
+        # A unit-stride slice is a no-op whose backward still allocates and scatters a full copy.
+        sampled = call.input if geometry.stride == (1, 1) else call.input[:, :, ::stride_h, ::stride_w]
         code = F.relu(
             F.conv2d(sampled, call.coder.encoder_weight[:, :, None, None], call.coder.encoder_bias)
         )

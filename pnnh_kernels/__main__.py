@@ -1,0 +1,3 @@
+from pnnh_kernels.cli import main
+
+main()

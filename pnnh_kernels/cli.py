@@ -1,0 +1,27 @@
+"""The ``pnnh`` command (also ``python -m pnnh_kernels``)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Optional
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pnnh_kernels import __version__, demo
+
+    parser = argparse.ArgumentParser(
+        prog="pnnh", description="PNNH kernels, models and experiments"
+    )
+    parser.add_argument("--version", action="version", version=f"pnnh-kernels {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    demo_parser = commands.add_parser(
+        "demo", help="train plain, residual and PNNH deep nets on real digits and compare"
+    )
+    demo.add_arguments(demo_parser)
+    demo_parser.set_defaults(run=demo.run)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.run(args)

@@ -1,0 +1,1 @@
+"""Small, real experiments that run on a CPU in minutes (the demo, depth studies)."""

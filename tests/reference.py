@@ -1,0 +1,139 @@
+"""An independent float64 re-derivation of the PNNH layer, written from the formula in docs/pnnh.md.
+
+It shares no code with pnnh_kernels: the convolution is a sum over kernel taps of einsums on a padded
+input, the coder is two einsums, BatchNorm is written out. Tests compare every backend with it.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def conv2d_by_taps(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+) -> Tensor:
+    n, _, h, w = x.shape
+    out_channels, _, kh, kw = weight.shape
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    out_h = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    out_w = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    padded = F.pad(x, (pw, pw, ph, ph))
+    out = x.new_zeros(n, out_channels, out_h, out_w)
+    for i in range(kh):
+        for j in range(kw):
+            patch = padded[
+                :,
+                :,
+                i * dh : i * dh + sh * (out_h - 1) + 1 : sh,
+                j * dw : j * dw + sw * (out_w - 1) + 1 : sw,
+            ]
+            out = out + torch.einsum("nchw,oc->nohw", patch, weight[:, :, i, j])
+    if bias is not None:
+        out = out + bias[None, :, None, None]
+    return out
+
+
+def batch_norm_by_formula(
+    z: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    training: bool,
+    eps: float,
+) -> Tensor:
+    if training:
+        mean = z.mean(dim=(0, 2, 3))
+        var = z.var(dim=(0, 2, 3), unbiased=False)
+    else:
+        mean, var = running_mean, running_var
+    normalised = (z - mean[None, :, None, None]) / torch.sqrt(var[None, :, None, None] + eps)
+    return normalised * weight[None, :, None, None] + bias[None, :, None, None]
+
+
+def pnnh_conv2d_reference(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    encoder_weight: Optional[Tensor],
+    encoder_bias: Optional[Tensor],
+    decoder_weight: Optional[Tensor],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    activation: Optional[str],
+    norm: Optional[dict] = None,
+) -> Tensor:
+    z = conv2d_by_taps(x, weight, bias, stride, padding, dilation)
+    if norm is not None:
+        z = batch_norm_by_formula(z, **norm)
+    if encoder_weight is not None:
+        sampled = x[:, :, :: stride[0], :: stride[1]]
+        code = torch.einsum("nchw,bc->nbhw", sampled, encoder_weight)
+        if encoder_bias is not None:
+            code = code + encoder_bias[None, :, None, None]
+        code = torch.clamp(code, min=0)
+        decoder = encoder_weight.t() if decoder_weight is None else decoder_weight
+        z = z + torch.einsum("nbhw,ob->nohw", code, decoder)
+    return torch.clamp(z, min=0) if activation == "relu" else z
+
+
+def pnnh_linear_reference(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    encoder_weight: Optional[Tensor],
+    encoder_bias: Optional[Tensor],
+    decoder_weight: Optional[Tensor],
+    activation: Optional[str],
+) -> Tensor:
+    out = torch.einsum("...c,oc->...o", x, weight)
+    if bias is not None:
+        out = out + bias
+    if encoder_weight is not None:
+        code = torch.einsum("...c,bc->...b", x, encoder_weight)
+        if encoder_bias is not None:
+            code = code + encoder_bias
+        decoder = encoder_weight.t() if decoder_weight is None else decoder_weight
+        out = out + torch.einsum("...b,ob->...o", torch.clamp(code, min=0), decoder)
+    return torch.clamp(out, min=0) if activation == "relu" else out
+
+
+TOLERANCES = {
+    # dtype: relative tolerance against the float64 reference, scaled by the reference's magnitude
+    torch.float64: 1e-12,
+    torch.float32: 1e-5,
+    torch.bfloat16: 1e-2,
+}
+
+
+def assert_matches(actual: Tensor, expected: Tensor, dtype: torch.dtype, what: str) -> None:
+    """Compare with a tolerance relative to the reference's largest magnitude; on failure say where.
+
+    NaN or inf in ``actual`` always fails, even where the reference has them.
+    """
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    actual64 = actual.detach().to(torch.float64)
+    bad = ~torch.isfinite(actual64)
+    if bad.any():
+        positions = bad.nonzero()[:5].tolist()
+        raise AssertionError(f"{what}: {int(bad.sum())} non-finite values, first at {positions}")
+    scale = max(float(expected.abs().max()), 1.0)
+    tolerance = TOLERANCES[dtype] * scale
+    error = (actual64 - expected).abs()
+    mismatched = error > tolerance
+    if mismatched.any():
+        positions = mismatched.nonzero()[:5].tolist()
+        raise AssertionError(
+            f"{what}: {int(mismatched.sum())}/{error.numel()} elements off by more than "
+            f"{tolerance:.3g} (max error {float(error.max()):.3g}), first at {positions}"
+        )

@@ -1,0 +1,175 @@
+"""Every documented error path raises the documented exception, naming the argument."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pnnh_kernels import BackendUnavailableError, FusedPNNHConv, FusedPNNHLinear, PNNHCoder
+from pnnh_kernels.functional import pnnh_conv2d, pnnh_linear
+
+
+def conv(**overrides):
+    kwargs = {"in_channels": 4, "out_channels": 4, "coder_init": "he"}
+    kwargs.update(overrides)
+    return FusedPNNHConv(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error", "match"),
+    [
+        ({"in_channels": 0}, ValueError, "in_channels"),
+        ({"out_channels": 2.5}, ValueError, "out_channels"),
+        ({"groups": 2}, NotImplementedError, "groups"),
+        ({"padding_mode": "reflect"}, NotImplementedError, "padding_mode"),
+        ({"norm": "layer"}, ValueError, "norm"),
+        ({"activation": "gelu"}, ValueError, "activation"),
+        ({"backend": "fastest"}, ValueError, "backend"),
+        ({"padding": 0}, ValueError, "padding: a layer with a coder needs 'same'-like"),
+        ({"kernel_size": 3, "dilation": 2, "padding": 1}, ValueError, "padding"),
+        ({"kernel_size": 2}, NotImplementedError, "padding"),
+        ({"padding": "same", "stride": 2}, ValueError, "padding"),
+        ({"padding": "full"}, ValueError, "padding"),
+        ({"kernel_size": 0}, ValueError, "kernel_size"),
+        ({"stride": (1, 2, 3)}, TypeError, "stride"),
+        ({"coder_channels": -1}, ValueError, "coder_channels"),
+        ({"coder": PNNHCoder(8, 2, init="he")}, ValueError, "coder: maps 8 -> 8"),
+        ({"coder": PNNHCoder(4, 2, init="he"), "coder_channels": 3}, ValueError, "coder_channels"),
+        ({"coder": torch.nn.Linear(4, 4)}, TypeError, "coder"),
+        ({"coder_init": "orthogonal"}, ValueError, "init"),
+    ],
+    ids=lambda value: value if isinstance(value, str) else None,
+)
+def test_constructor_errors(overrides, error, match):
+    with pytest.raises(error, match=match):
+        conv(**overrides)
+
+
+def test_padding_without_coder_is_free():
+    layer = conv(padding=0, coder_channels=0)
+    assert layer(torch.randn(1, 4, 5, 5)).shape == (1, 4, 3, 3)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"in_channels": 4, "code_channels": 0}, ValueError, "code_channels"),
+        ({"in_channels": 4, "code_channels": 2, "out_channels": 6}, ValueError, "tied"),
+        ({"in_channels": 4, "code_channels": 2, "out_channels": 0, "tied": False}, ValueError, "out_channels"),
+        ({"in_channels": 4, "code_channels": 2, "init": "zeros"}, ValueError, "init"),
+    ],
+)
+def test_coder_constructor_errors(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        PNNHCoder(**kwargs)
+
+
+def test_coder_forward_checks_width():
+    with pytest.raises(ValueError, match="features: expected 4 channels"):
+        PNNHCoder(4, 2, init="he")(torch.randn(3, 5))
+
+
+@pytest.mark.parametrize(
+    ("x", "error", "match"),
+    [
+        (torch.randn(4, 5), ValueError, "input: expected a 3-D"),
+        (torch.randn(1, 1, 4, 5, 5), ValueError, "input: expected a 3-D"),
+        (torch.randn(2, 3, 5, 5), ValueError, "input: expected 4 channels"),
+        (torch.randn(3, 5, 5), ValueError, "input: expected 4 channels"),
+        (torch.ones(1, 4, 5, 5, dtype=torch.int64), TypeError, "input: expected a floating-point"),
+        (torch.randn(1, 4, 5, 5, dtype=torch.float64), TypeError, "weight: expected the input's dtype"),
+        ("not a tensor", ValueError, "input"),
+    ],
+    ids=["2d", "5d", "channels", "channels-unbatched", "int", "dtype-mismatch", "not-tensor"],
+)
+def test_conv_forward_input_errors(x, error, match):
+    with pytest.raises(error, match=match):
+        conv()(x)
+
+
+def test_conv_input_too_small_for_kernel():
+    layer = conv(kernel_size=5, padding=0, coder_channels=0)
+    with pytest.raises(ValueError, match="input: spatial size"):
+        layer(torch.randn(1, 4, 3, 8))
+
+
+def test_tensors_on_different_devices():
+    x = torch.randn(1, 4, 5, 5)
+    weight = torch.randn(4, 4, 3, 3, device="meta")
+    with pytest.raises(ValueError, match="weight: expected a tensor on the input's device"):
+        pnnh_conv2d(x, weight)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_unavailable_backend_raises_and_says_why(backend):
+    layer = conv(backend=backend)
+    with pytest.raises(BackendUnavailableError, match=f"backend='{backend}'.*no {backend} kernels"):
+        layer(torch.randn(1, 4, 5, 5))
+    with pytest.raises(BackendUnavailableError):
+        _ = layer.backend_in_use
+
+
+def test_auto_backend_says_which_runs():
+    assert conv().backend_in_use == "torch"
+    assert FusedPNNHLinear(3, 3, coder_init="he").backend_in_use == "torch"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error", "match"),
+    [
+        ({"encoder_weight": None}, ValueError, "encoder_weight: required"),
+        ({"encoder_weight": torch.randn(2, 5)}, ValueError, "encoder_weight: expected shape"),
+        ({"encoder_bias": torch.randn(3)}, ValueError, "encoder_bias: expected shape"),
+        ({"decoder_weight": torch.randn(4, 3)}, ValueError, "decoder_weight: expected shape"),
+        ({"bias": torch.randn(5)}, ValueError, "bias: expected shape"),
+        ({"weight": torch.randn(4, 4)}, ValueError, "weight: expected a 4-D"),
+        ({"encoder_weight": torch.ones(2, 4, dtype=torch.int32)}, TypeError, "encoder_weight"),
+    ],
+)
+def test_functional_conv_argument_errors(overrides, error, match):
+    kwargs = {
+        "input": torch.randn(1, 4, 5, 5),
+        "weight": torch.randn(4, 4, 3, 3),
+        "bias": torch.randn(4),
+        "encoder_weight": torch.randn(2, 4),
+        "encoder_bias": torch.randn(2),
+        "decoder_weight": torch.randn(4, 2),
+    }
+    kwargs.update(overrides)
+    with pytest.raises(error, match=match):
+        pnnh_conv2d(**kwargs)
+
+
+def test_functional_tied_coder_needs_square_layer():
+    with pytest.raises(ValueError, match="decoder_weight: a tied coder"):
+        pnnh_conv2d(torch.randn(1, 4, 5, 5), torch.randn(6, 4, 3, 3), encoder_weight=torch.randn(2, 4))
+
+
+def test_functional_norm_shape_is_checked():
+    from pnnh_kernels.functional import BatchNormParams
+
+    norm = BatchNormParams(torch.zeros(3), torch.ones(4), None, None, False, 0.1, 1e-5)
+    with pytest.raises(ValueError, match="norm.running_mean: expected shape"):
+        pnnh_conv2d(torch.randn(1, 4, 5, 5), torch.randn(4, 4, 3, 3), norm=norm)
+
+
+@pytest.mark.parametrize(
+    ("x", "error", "match"),
+    [
+        (torch.randn(3, 5), ValueError, "input: expected 4 features"),
+        (torch.tensor(1.0), ValueError, "input: expected a tensor with at least 1 dimension"),
+        (torch.ones(3, 4, dtype=torch.int64), TypeError, "input: expected a floating-point"),
+    ],
+)
+def test_linear_forward_errors(x, error, match):
+    with pytest.raises(error, match=match):
+        FusedPNNHLinear(4, 4, coder_init="he")(x)
+
+
+def test_linear_constructor_errors():
+    with pytest.raises(ValueError, match="coder: maps 4 -> 4 features, but the layer maps 4 -> 6"):
+        FusedPNNHLinear(4, 6, coder=PNNHCoder(4, 2, init="he"))
+    with pytest.raises(ValueError, match="coder_features"):
+        FusedPNNHLinear(4, 4, coder_features=-2)
+    with pytest.raises(ValueError, match="weight: expected a 2-D"):
+        pnnh_linear(torch.randn(2, 4), torch.randn(4, 4, 1))
