@@ -9,9 +9,7 @@ from typing import Optional
 def build_parser() -> argparse.ArgumentParser:
     from pnnh_kernels import __version__, demo
 
-    parser = argparse.ArgumentParser(
-        prog="pnnh", description="PNNH kernels, models and experiments"
-    )
+    parser = argparse.ArgumentParser(prog="pnnh", description="PNNH kernels, models and experiments")
     parser.add_argument("--version", action="version", version=f"pnnh-kernels {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo_parser = commands.add_parser(

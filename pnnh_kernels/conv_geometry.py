@@ -21,8 +21,10 @@ def _pair(value: IntOrPair, name: str, *, minimum: int) -> tuple[int, int]:
         raise TypeError(f"{name}: expected an int or a pair of ints, got {value!r}")
     if isinstance(value, int):
         pair = (value, value)
-    elif isinstance(value, (tuple, list)) and len(value) == 2 and all(
-        isinstance(v, int) and not isinstance(v, bool) for v in value
+    elif (
+        isinstance(value, (tuple, list))
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
     ):
         pair = (int(value[0]), int(value[1]))
     else:
@@ -74,7 +76,9 @@ class ConvGeometry:
         elif padding == "valid":
             pads = (0, 0)
         elif isinstance(padding, str):
-            raise ValueError(f"padding: expected None, 'same', 'valid', an int or a pair, got {padding!r}")
+            raise ValueError(
+                f"padding: expected None, 'same', 'valid', an int or a pair, got {padding!r}"
+            )
         else:
             pads = _pair(padding, "padding", minimum=0)
         if with_coder and (2 * pads[0] != span[0] or 2 * pads[1] != span[1]):

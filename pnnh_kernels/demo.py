@@ -45,7 +45,12 @@ def depth_table(args: argparse.Namespace) -> str:
         torch.manual_seed(args.seed)
         model = deep_cnn(args.depth, args.width, variant)
         result = train_classifier(
-            model, data, epochs=args.epochs, batch_size=args.batch_size, max_lr=args.lr, seed=args.seed
+            model,
+            data,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            max_lr=args.lr,
+            seed=args.seed,
         )
         loss = "diverged (NaN)" if result.diverged else f"{result.train_loss:.3f}"
         rows.append(
@@ -57,10 +62,11 @@ def depth_table(args: argparse.Namespace) -> str:
                 f"{result.seconds:.0f}",
             ]
         )
-        print(f"  {variant:8s} train loss {loss}, test accuracy {result.test_accuracy:.3f}", flush=True)
-    return _markdown_table(
-        ["variant", "train loss", "test accuracy", "parameters", "seconds"], rows
-    )
+        print(
+            f"  {variant:8s} train loss {loss}, test accuracy {result.test_accuracy:.3f}",
+            flush=True,
+        )
+    return _markdown_table(["variant", "train loss", "test accuracy", "parameters", "seconds"], rows)
 
 
 def resnet_table() -> str:
@@ -79,7 +85,9 @@ def resnet_table() -> str:
                     f"{parts['coder']:,}",
                 ]
             )
-    return _markdown_table(["model (ImageNet, 1000 classes)", "variant", "parameters", "of which coders"], rows)
+    return _markdown_table(
+        ["model (ImageNet, 1000 classes)", "variant", "parameters", "of which coders"], rows
+    )
 
 
 def run(args: argparse.Namespace) -> None:

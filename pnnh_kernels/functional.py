@@ -83,7 +83,9 @@ def _check_activation(activation: Optional[str]) -> None:
 
 
 def _coder_or_none(
-    encoder_weight: Optional[Tensor], encoder_bias: Optional[Tensor], decoder_weight: Optional[Tensor]
+    encoder_weight: Optional[Tensor],
+    encoder_bias: Optional[Tensor],
+    decoder_weight: Optional[Tensor],
 ) -> Optional[CoderTensors]:
     if encoder_weight is None:
         if encoder_bias is not None or decoder_weight is not None:
@@ -139,8 +141,11 @@ def pnnh_conv2d(
             f"{tuple(input.shape) if isinstance(input, Tensor) else type(input).__name__}"
         )
     out_channels, in_channels = weight.shape[:2]
-    norm_tensors = [] if norm is None else list(zip(("norm.running_mean", "norm.running_var",
-                                                      "norm.weight", "norm.bias"), norm[:4]))
+    norm_tensors = (
+        []
+        if norm is None
+        else list(zip(("norm.running_mean", "norm.running_var", "norm.weight", "norm.bias"), norm[:4]))
+    )
     _check_tensors(
         input,
         [

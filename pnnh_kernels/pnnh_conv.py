@@ -100,9 +100,10 @@ class FusedPNNHConv(nn.Module):
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
         self.backend = check_backend_name(backend)
-        wants_coder = coder is not None or (
-            default_code_channels(in_channels) if coder_channels is None else coder_channels
-        ) != 0
+        wants_coder = (
+            coder is not None
+            or (default_code_channels(in_channels) if coder_channels is None else coder_channels) != 0
+        )
         self.geometry = ConvGeometry.from_args(
             kernel_size, stride, padding, dilation, with_coder=wants_coder
         )

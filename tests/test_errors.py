@@ -55,7 +55,11 @@ def test_padding_without_coder_is_free():
     [
         ({"in_channels": 4, "code_channels": 0}, ValueError, "code_channels"),
         ({"in_channels": 4, "code_channels": 2, "out_channels": 6}, ValueError, "tied"),
-        ({"in_channels": 4, "code_channels": 2, "out_channels": 0, "tied": False}, ValueError, "out_channels"),
+        (
+            {"in_channels": 4, "code_channels": 2, "out_channels": 0, "tied": False},
+            ValueError,
+            "out_channels",
+        ),
         ({"in_channels": 4, "code_channels": 2, "init": "zeros"}, ValueError, "init"),
     ],
 )
@@ -77,7 +81,11 @@ def test_coder_forward_checks_width():
         (torch.randn(2, 3, 5, 5), ValueError, "input: expected 4 channels"),
         (torch.randn(3, 5, 5), ValueError, "input: expected 4 channels"),
         (torch.ones(1, 4, 5, 5, dtype=torch.int64), TypeError, "input: expected a floating-point"),
-        (torch.randn(1, 4, 5, 5, dtype=torch.float64), TypeError, "weight: expected the input's dtype"),
+        (
+            torch.randn(1, 4, 5, 5, dtype=torch.float64),
+            TypeError,
+            "weight: expected the input's dtype",
+        ),
         ("not a tensor", ValueError, "input"),
     ],
     ids=["2d", "5d", "channels", "channels-unbatched", "int", "dtype-mismatch", "not-tensor"],
@@ -149,7 +157,7 @@ def test_functional_norm_shape_is_checked():
     from pnnh_kernels.functional import BatchNormParams
 
     norm = BatchNormParams(torch.zeros(3), torch.ones(4), None, None, False, 0.1, 1e-5)
-    with pytest.raises(ValueError, match="norm.running_mean: expected shape"):
+    with pytest.raises(ValueError, match=r"norm\.running_mean: expected shape"):
         pnnh_conv2d(torch.randn(1, 4, 5, 5), torch.randn(4, 4, 3, 3), norm=norm)
 
 

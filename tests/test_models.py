@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from pnnh_kernels import FusedPNNHConv, PNNHCoder
-from pnnh_kernels.models import count_parameters, deep_cnn, parameter_breakdown, resnet18, resnet34, resnet50
+from pnnh_kernels.models import (
+    count_parameters,
+    deep_cnn,
+    parameter_breakdown,
+    resnet18,
+    resnet34,
+    resnet50,
+)
 
 TORCHVISION_PARAMETERS = {resnet18: 11_689_512, resnet34: 21_797_672, resnet50: 25_557_032}
 
@@ -33,8 +40,10 @@ def test_plain_is_residual_without_shortcuts_and_pnnh_is_plain_plus_coders(const
         plain = constructor(variant="plain")
         pnnh = constructor(variant="pnnh")
     shortcut_parameters = sum(
-        p.numel() for block in residual.stages.modules() if hasattr(block, "shortcut")
-        and block.shortcut is not None for p in block.shortcut.parameters()
+        p.numel()
+        for block in residual.stages.modules()
+        if hasattr(block, "shortcut") and block.shortcut is not None
+        for p in block.shortcut.parameters()
     )
     assert count_parameters(plain) == count_parameters(residual) - shortcut_parameters
     parts = parameter_breakdown(pnnh)

@@ -44,7 +44,9 @@ def make_tensors(
     return tensors
 
 
-@pytest.mark.parametrize(("c_in", "c_out", "c_b", "kernel", "stride", "dilation", "h", "w"), CODER_SHAPES)
+@pytest.mark.parametrize(
+    ("c_in", "c_out", "c_b", "kernel", "stride", "dilation", "h", "w"), CODER_SHAPES
+)
 @pytest.mark.parametrize("activation", ["relu", None])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_forward_and_gradients_match_float64_reference(

@@ -55,7 +55,9 @@ def test_forward_and_gradients_match_float64_reference(
 
     leaves = {k: v.detach().to(dtype).requires_grad_(True) for k, v in leaves64.items()}
     x = x64.detach().to(dtype).requires_grad_(True)
-    actual = pnnh_linear(x, **{k: leaves.get(k) for k in tensors}, activation=activation, backend=backend)
+    actual = pnnh_linear(
+        x, **{k: leaves.get(k) for k in tensors}, activation=activation, backend=backend
+    )
     assert actual.dtype == dtype
     actual.backward(grad_out.to(dtype))
     assert_matches(actual, expected.detach(), dtype, "output")
@@ -64,7 +66,9 @@ def test_forward_and_gradients_match_float64_reference(
         assert_matches(leaf.grad, leaves64[name].grad, dtype, f"grad {name}")
 
 
-@pytest.mark.parametrize(("c_in", "c_out", "c_b", "tied"), [(4, 4, 2, True), (3, 5, 2, False), (4, 3, 0, False)])
+@pytest.mark.parametrize(
+    ("c_in", "c_out", "c_b", "tied"), [(4, 4, 2, True), (3, 5, 2, False), (4, 3, 0, False)]
+)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradcheck_float64(c_in, c_out, c_b, tied, backend):
     tensors = make_tensors(c_in, c_out, c_b, tied, torch.float64)

@@ -60,7 +60,9 @@ class TrainResult:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 512) -> tuple[float, float]:
+def evaluate(
+    model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 512
+) -> tuple[float, float]:
     """(mean cross-entropy, accuracy) in eval mode."""
     model.eval()
     total_loss, correct = 0.0, 0

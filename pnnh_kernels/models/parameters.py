@@ -13,9 +13,7 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     A coder shared by many layers appears once: its tensors are deduplicated by identity, as
     ``nn.Module.parameters()`` does.
     """
-    return sum(
-        p.numel() for p in model.parameters() if p.requires_grad or not trainable_only
-    )
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
 def parameter_breakdown(model: nn.Module) -> dict[str, int]:

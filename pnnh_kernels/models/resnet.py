@@ -86,9 +86,7 @@ class BasicBlock(_Block):
         residual = variant == "residual"
         layers = [
             _conv_bn(in_channels, width, 3, stride, activation="relu", coder_bank=coder_bank),
-            _conv_bn(
-                width, width, 3, 1, activation=None if residual else "relu", coder_bank=coder_bank
-            ),
+            _conv_bn(width, width, 3, 1, activation=None if residual else "relu", coder_bank=coder_bank),
         ]
         super().__init__(layers, _shortcut(in_channels, width, stride) if residual else None)
 
@@ -171,13 +169,19 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
-def resnet18(variant: str = "residual", stem: str = "imagenet", num_classes: int = 1000, **kwargs) -> ResNet:
+def resnet18(
+    variant: str = "residual", stem: str = "imagenet", num_classes: int = 1000, **kwargs
+) -> ResNet:
     return ResNet(BasicBlock, [2, 2, 2, 2], variant, stem, num_classes, **kwargs)
 
 
-def resnet34(variant: str = "residual", stem: str = "imagenet", num_classes: int = 1000, **kwargs) -> ResNet:
+def resnet34(
+    variant: str = "residual", stem: str = "imagenet", num_classes: int = 1000, **kwargs
+) -> ResNet:
     return ResNet(BasicBlock, [3, 4, 6, 3], variant, stem, num_classes, **kwargs)
 
 
-def resnet50(variant: str = "residual", stem: str = "imagenet", num_classes: int = 1000, **kwargs) -> ResNet:
+def resnet50(
+    variant: str = "residual", stem: str = "imagenet", num_classes: int = 1000, **kwargs
+) -> ResNet:
     return ResNet(Bottleneck, [3, 4, 6, 3], variant, stem, num_classes, **kwargs)
