@@ -108,6 +108,33 @@ def pnnh_linear_reference(
     return torch.clamp(out, min=0) if activation == "relu" else out
 
 
+def random_layer_tensors(
+    c_in: int,
+    c_out: int,
+    c_b: int,
+    tied: bool,
+    dtype: torch.dtype,
+    kernel: Optional[int] = None,
+) -> dict[str, Optional[Tensor]]:
+    """Random weights of a PNNH layer, scaled to keep activations O(1): a conv learner when
+    ``kernel`` is given, a linear one otherwise; no coder when ``c_b == 0``."""
+    learner_shape = (c_out, c_in) if kernel is None else (c_out, c_in, kernel, kernel)
+    fan_in = c_in * (1 if kernel is None else kernel**2)
+    tensors: dict[str, Optional[Tensor]] = {
+        "weight": torch.randn(learner_shape, dtype=dtype) / fan_in**0.5,
+        "bias": torch.randn(c_out, dtype=dtype),
+        "encoder_weight": None,
+        "encoder_bias": None,
+        "decoder_weight": None,
+    }
+    if c_b:
+        tensors["encoder_weight"] = torch.randn(c_b, c_in, dtype=dtype) / c_in**0.5
+        tensors["encoder_bias"] = torch.randn(c_b, dtype=dtype) * 0.1
+        if not tied:
+            tensors["decoder_weight"] = torch.randn(c_out, c_b, dtype=dtype) / c_b**0.5
+    return tensors
+
+
 TOLERANCES = {
     # dtype: relative tolerance against the float64 reference, scaled by the reference's magnitude
     torch.float64: 1e-12,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from typing import Optional
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ from torch import nn
 
 from pnnh_kernels import FusedPNNHConv, PNNHCoder, registered_backends
 from pnnh_kernels.functional import pnnh_conv2d
-from tests.reference import assert_matches, pnnh_conv2d_reference
+from tests.reference import assert_matches, pnnh_conv2d_reference, random_layer_tensors
 
 BACKENDS = registered_backends()
 
@@ -26,24 +25,6 @@ CODER_SHAPES = [
 ]
 
 
-def make_tensors(
-    c_in: int, c_out: int, c_b: int, kernel: int, tied: bool, dtype: torch.dtype
-) -> dict[str, Optional[torch.Tensor]]:
-    tensors: dict[str, Optional[torch.Tensor]] = {
-        "weight": torch.randn(c_out, c_in, kernel, kernel, dtype=dtype) / (c_in * kernel**2) ** 0.5,
-        "bias": torch.randn(c_out, dtype=dtype),
-        "encoder_weight": None,
-        "encoder_bias": None,
-        "decoder_weight": None,
-    }
-    if c_b:
-        tensors["encoder_weight"] = torch.randn(c_b, c_in, dtype=dtype) / c_in**0.5
-        tensors["encoder_bias"] = torch.randn(c_b, dtype=dtype) * 0.1
-        if not tied:
-            tensors["decoder_weight"] = torch.randn(c_out, c_b, dtype=dtype) / c_b**0.5
-    return tensors
-
-
 @pytest.mark.parametrize(
     ("c_in", "c_out", "c_b", "kernel", "stride", "dilation", "h", "w"), CODER_SHAPES
 )
@@ -53,7 +34,7 @@ def test_forward_and_gradients_match_float64_reference(
     c_in, c_out, c_b, kernel, stride, dilation, h, w, activation, backend
 ):
     dtype = torch.float32
-    tensors = make_tensors(c_in, c_out, c_b, kernel, tied=c_in == c_out, dtype=torch.float64)
+    tensors = random_layer_tensors(c_in, c_out, c_b, c_in == c_out, torch.float64, kernel)
     x64 = torch.randn(3, c_in, h, w, dtype=torch.float64).relu()
     padding = (dilation * (kernel - 1) // 2,) * 2
     leaves64 = {k: v.clone().requires_grad_(True) for k, v in tensors.items() if v is not None}
@@ -155,7 +136,7 @@ def test_batch_norm_with_cumulative_momentum_matches_nn_batchnorm():
 )
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradcheck_float64(c_in, c_out, c_b, kernel, stride, dilation, tied, backend):
-    tensors = make_tensors(c_in, c_out, c_b, kernel, tied, torch.float64)
+    tensors = random_layer_tensors(c_in, c_out, c_b, tied, torch.float64, kernel)
     names = [k for k, v in tensors.items() if v is not None]
     x = torch.randn(2, c_in, 5, 6, dtype=torch.float64).relu() + 0.1
 

@@ -8,25 +8,9 @@ from torch import nn
 
 from pnnh_kernels import FusedPNNHLinear, PNNHCoder, registered_backends
 from pnnh_kernels.functional import pnnh_linear
-from tests.reference import assert_matches, pnnh_linear_reference
+from tests.reference import assert_matches, pnnh_linear_reference, random_layer_tensors
 
 BACKENDS = registered_backends()
-
-
-def make_tensors(c_in, c_out, c_b, tied, dtype):
-    tensors = {
-        "weight": torch.randn(c_out, c_in, dtype=dtype) / c_in**0.5,
-        "bias": torch.randn(c_out, dtype=dtype),
-        "encoder_weight": None,
-        "encoder_bias": None,
-        "decoder_weight": None,
-    }
-    if c_b:
-        tensors["encoder_weight"] = torch.randn(c_b, c_in, dtype=dtype) / c_in**0.5
-        tensors["encoder_bias"] = torch.randn(c_b, dtype=dtype) * 0.1
-        if not tied:
-            tensors["decoder_weight"] = torch.randn(c_out, c_b, dtype=dtype) / c_b**0.5
-    return tensors
 
 
 SHAPES = [
@@ -44,7 +28,7 @@ SHAPES = [
 def test_forward_and_gradients_match_float64_reference(
     c_in, c_out, c_b, leading, activation, dtype, backend
 ):
-    tensors = make_tensors(c_in, c_out, c_b, tied=c_in == c_out, dtype=torch.float64)
+    tensors = random_layer_tensors(c_in, c_out, c_b, c_in == c_out, torch.float64)
     # Round the inputs to the tested dtype first so that only the op's own error is measured.
     tensors = {k: None if v is None else v.to(dtype).double() for k, v in tensors.items()}
     x64 = torch.randn(*leading, c_in, dtype=torch.float64).to(dtype).double().requires_grad_(True)
@@ -71,7 +55,7 @@ def test_forward_and_gradients_match_float64_reference(
 )
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradcheck_float64(c_in, c_out, c_b, tied, backend):
-    tensors = make_tensors(c_in, c_out, c_b, tied, torch.float64)
+    tensors = random_layer_tensors(c_in, c_out, c_b, tied, torch.float64)
     names = [k for k, v in tensors.items() if v is not None]
     x = torch.randn(2, 3, c_in, dtype=torch.float64)
 
