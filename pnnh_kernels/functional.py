@@ -180,7 +180,13 @@ def pnnh_conv2d(
 
     unbatched = input.dim() == 3
     batched = input.unsqueeze(0) if unbatched else input
-    chosen = resolve_backend(backend, input.device, input.dtype, "conv2d")
+    chosen = resolve_backend(
+        backend,
+        input.device,
+        input.dtype,
+        "conv2d",
+        batch_norm_training=norm is not None and norm.training,
+    )
     out = chosen.conv2d(ConvCall(batched, weight, bias, coder, geometry, norm, activation))
     return out.squeeze(0) if unbatched else out
 

@@ -137,7 +137,17 @@ class FusedPNNHConv(nn.Module):
     @property
     def backend_in_use(self) -> str:
         """The backend that runs this layer for inputs on its parameters' device and dtype."""
-        return resolve_backend(self.backend, self.weight.device, self.weight.dtype, "conv2d").name
+        norm = self.norm
+        batch_norm_training = norm is not None and (
+            norm.training or (norm.running_mean is None and norm.running_var is None)
+        )
+        return resolve_backend(
+            self.backend,
+            self.weight.device,
+            self.weight.dtype,
+            "conv2d",
+            batch_norm_training=batch_norm_training,
+        ).name
 
     def forward(self, input: Tensor) -> Tensor:
         coder = self.coder.tensors() if self.coder is not None else (None, None, None)

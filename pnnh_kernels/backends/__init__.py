@@ -37,12 +37,17 @@ class Backend:
 
     ``unavailable_reason(device, dtype, op)`` returns None when the backend can run ``op`` ("conv2d"
     or "linear") on tensors of that device and dtype, else a sentence saying why not.
+    ``auto_device_types``: where "auto" may pick it (None: everywhere); the Triton interpreter runs
+    on the CPU but is far slower there than PyTorch, so "auto" only picks Triton on GPUs.
+    ``batch_norm_training``: whether it computes training-mode BatchNorm itself.
     """
 
     name: str
     conv2d: Callable[[ConvCall], torch.Tensor]
     linear: Callable[[LinearCall], torch.Tensor]
     unavailable_reason: Callable[[torch.device, torch.dtype, str], Optional[str]]
+    auto_device_types: Optional[tuple[str, ...]] = None
+    batch_norm_training: bool = True
 
 
 _REGISTRY: dict[str, Backend] = {}
@@ -72,8 +77,21 @@ def _why_unavailable(name: str, device: torch.device, dtype: torch.dtype, op: st
     return backend.unavailable_reason(device, dtype, op)
 
 
-def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, op: str) -> Backend:
+_warned_reroutes: set[str] = set()
+
+
+def resolve_backend(
+    name: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    op: str,
+    *,
+    batch_norm_training: bool = False,
+) -> Backend:
     """The backend that runs ``op`` for tensors on ``device`` of ``dtype``.
+
+    A call with training-mode BatchNorm on a backend that cannot compute it runs on the torch
+    backend instead; when that backend was asked for by name, a warning says so once per process.
 
     Raises:
         ValueError: ``name`` is not a known backend.
@@ -82,21 +100,63 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, op: str
     check_backend_name(name)
     if name == "auto":
         for candidate in AUTO_PREFERENCE:
-            if _why_unavailable(candidate, device, dtype, op) is None:
-                return _REGISTRY[candidate]
+            if _why_unavailable(candidate, device, dtype, op) is not None:
+                continue
+            backend = _REGISTRY[candidate]
+            allowed = backend.auto_device_types
+            if allowed is not None and device.type not in allowed:
+                continue
+            if batch_norm_training and not backend.batch_norm_training:
+                continue
+            return backend
         raise BackendUnavailableError(f"no backend can run {op} on {device} with {dtype}")
     reason = _why_unavailable(name, device, dtype, op)
     if reason is not None:
         raise BackendUnavailableError(
             f"backend={name!r} cannot run {op} on {device} with {dtype}: {reason}"
         )
-    return _REGISTRY[name]
+    backend = _REGISTRY[name]
+    if batch_norm_training and not backend.batch_norm_training:
+        if name not in _warned_reroutes:
+            _warned_reroutes.add(name)
+            warnings.warn(
+                f"backend={name!r} has no training-mode BatchNorm kernel yet: layers with "
+                "norm='batch' in training mode run on the torch backend (backend_in_use says so)",
+                stacklevel=3,
+            )
+        return _REGISTRY["torch"]
+    return backend
+
+
+def _triton_conv2d(call: ConvCall) -> torch.Tensor:
+    from pnnh_kernels.triton import ops
+
+    return ops.conv2d(call)
+
+
+def _triton_linear(call: LinearCall) -> torch.Tensor:
+    raise BackendUnavailableError("the triton backend has no linear kernel yet")
 
 
 def _register_builtin_backends() -> None:
+    from pnnh_kernels import triton as triton_backend
     from pnnh_kernels.backends import reference
 
     register_backend(reference.BACKEND)
+    if triton_backend.triton_installed():
+        # Registers the torch.library ops now, so that torch.compile finds them when it traces.
+        from pnnh_kernels.triton import ops  # noqa: F401
+
+        register_backend(
+            Backend(
+                "triton",
+                _triton_conv2d,
+                _triton_linear,
+                triton_backend.unavailable_reason,
+                auto_device_types=("cuda",),
+                batch_norm_training=False,
+            )
+        )
 
 
 _register_builtin_backends()

@@ -1,0 +1,40 @@
+"""Fused Triton kernels for the PNNH layer (``backend="triton"``).
+
+Triton is optional: this package imports without it, and :func:`unavailable_reason` says why the
+backend cannot run a call (Triton missing, a CPU tensor without ``TRITON_INTERPRET=1``, an
+unsupported dtype or op).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Optional
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def unavailable_reason(device: torch.device, dtype: torch.dtype, op: str) -> Optional[str]:
+    if not triton_installed():
+        return "triton is not installed (pip install 'pnnh-kernels[triton]')"
+    if op != "conv2d":
+        return f"no Triton kernel for {op} yet (FusedPNNHLinear's kernel is a separate issue)"
+    if device.type == "cpu":
+        if not interpreter_enabled():
+            return "CPU tensors run Triton kernels only in its interpreter: set TRITON_INTERPRET=1"
+    elif device.type != "cuda":
+        return f"Triton kernels run on CUDA devices (or the CPU interpreter), not on {device.type}"
+    if dtype not in SUPPORTED_DTYPES:
+        return f"supported dtypes are float32, float16 and bfloat16, got {dtype}"
+    return None

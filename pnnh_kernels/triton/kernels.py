@@ -1,0 +1,430 @@
+"""Triton kernels of the fused PNNH convolution, forward and backward.
+
+Layouts (all row-major, i.e. the memory of channels_last NCHW tensors):
+
+- ``x``: the input image, NHWC, ``[N, H, W, C_in]``.
+- ``w``: the learner weight permuted to ``[KH, KW, C_in, C_out]`` (the launcher does the permute,
+  a weight-sized copy), so that a ``[BLOCK_K, BLOCK_N]`` tile of one tap is contiguous in C_out.
+- ``we``: the encoder W_E, ``[C_B, C_in]``. ``wd``: the decoder as ``[C_B, C_out]``, i.e. W_D^T; for a
+  tied coder that is W_E itself (C_out == C_in), so no copy is made.
+- ``y``, ``dy``: the output and its gradient, NHWC ``[N, OH, OW, C_out]``; a row ``m`` of the flattened
+  ``[M = N * OH * OW, C_out]`` matrix is one output pixel.
+
+Every pixel offset is computed in int64: an activation tensor may exceed 2^31 elements, the weights
+never do. All accumulation is in float32; ``tl.dot`` operands stay in the input dtype (bf16/fp16 use
+tensor cores), and fp32 operands use ``INPUT_PRECISION`` ("ieee", or "tf32" when the caller allows it).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _pnnh_conv_fwd_kernel(
+    x_ptr,  # [N, H, W, C_in]
+    w_ptr,  # [KH, KW, C_in, C_out]
+    scale_ptr,  # [C_out] fp32, learner-branch scale (folded eval BatchNorm), if HAS_SCALE
+    shift_ptr,  # [C_out] fp32, learner-branch shift (bias and folded BatchNorm), if HAS_SHIFT
+    we_ptr,  # [C_B, C_in]
+    be_ptr,  # [C_B], if HAS_ENCODER_BIAS
+    wd_ptr,  # [C_B, C_out] (W_D^T)
+    y_ptr,  # [N, OH, OW, C_out]
+    M,
+    H,
+    W,
+    C_in,
+    OH,
+    OW,
+    C_out,
+    C_B,
+    stride_h,
+    stride_w,
+    pad_h,
+    pad_w,
+    dil_h,
+    dil_w,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    HAS_CODER: tl.constexpr,
+    HAS_ENCODER_BIAS: tl.constexpr,
+    CODE_IN_MAIN_LOOP: tl.constexpr,
+    RELU: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+):
+    """``y = act((conv(x, w) * scale + shift) + relu(x_s @ we^T + be) @ wd)`` for one
+    ``[BLOCK_M pixels, BLOCK_N output channels]`` tile, in one pass and one store.
+
+    Learner: implicit GEMM, K = KH * KW * C_in, looping over the taps and BLOCK_K channel chunks.
+    Coder: the input at the output's strided position, ``x_s``, is exactly the centre tap of the
+    "same"-padded window, for any stride. When the whole code fits in one BLOCK_B chunk
+    (``C_B <= BLOCK_B``), the encoder GEMM runs inside the main loop on the centre tap's tile, so
+    x is read once. Otherwise the epilogue walks C_B in BLOCK_B chunks and re-reads x_s (from L1/L2:
+    the main loop just touched it) once per chunk. The code never leaves registers.
+
+    Redundant work, on purpose: every output-channel tile (``program_id(1)``) recomputes the code
+    of its pixels, ``C_out / BLOCK_N`` times in all. Sharing it would need the code in global memory
+    or a cross-CTA exchange; with C_B <= C_in / 2 the encoder GEMM is at most 1 / (2 * KH * KW) of
+    the learner's work per tile, so recomputing is the cheaper side.
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < C_out
+    n = offs_m // (OH * OW)
+    pixel = offs_m % (OH * OW)
+    oh = pixel // OW
+    ow = pixel % OW
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_b = tl.arange(0, BLOCK_B)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    code = tl.zeros((BLOCK_M, BLOCK_B), dtype=tl.float32)
+    for kh in tl.static_range(KH):
+        ih = oh * stride_h - pad_h + kh * dil_h
+        for kw in tl.static_range(KW):
+            iw = ow * stride_w - pad_w + kw * dil_w
+            inside = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            row = ((n.to(tl.int64) * H + ih) * W + iw) * C_in
+            for k0 in range(0, C_in, BLOCK_K):
+                ks = k0 + offs_k
+                mask_k = ks < C_in
+                a = tl.load(
+                    x_ptr + row[:, None] + ks[None, :],
+                    mask=inside[:, None] & mask_k[None, :],
+                    other=0.0,
+                )
+                b = tl.load(
+                    w_ptr + ((kh * KW + kw) * C_in + ks)[:, None] * C_out + offs_n[None, :],
+                    mask=mask_k[:, None] & mask_n[None, :],
+                    other=0.0,
+                )
+                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+                if CODE_IN_MAIN_LOOP:
+                    if kh == KH // 2:
+                        if kw == KW // 2:
+                            e = tl.load(
+                                we_ptr + offs_b[None, :] * C_in + ks[:, None],
+                                mask=mask_k[:, None] & (offs_b[None, :] < C_B),
+                                other=0.0,
+                            )
+                            code = tl.dot(a, e, code, input_precision=INPUT_PRECISION)
+
+    if HAS_SCALE:
+        acc = acc * tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+    if HAS_SHIFT:
+        acc = acc + tl.load(shift_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+
+    if HAS_CODER:
+        row_s = ((n.to(tl.int64) * H + oh * stride_h) * W + ow * stride_w) * C_in
+        for b0 in range(0, C_B, BLOCK_B):
+            bs = b0 + offs_b
+            mask_b = bs < C_B
+            if not CODE_IN_MAIN_LOOP:
+                code = tl.zeros((BLOCK_M, BLOCK_B), dtype=tl.float32)
+                for k0 in range(0, C_in, BLOCK_K):
+                    ks = k0 + offs_k
+                    mask_k = ks < C_in
+                    a = tl.load(
+                        x_ptr + row_s[:, None] + ks[None, :],
+                        mask=mask_m[:, None] & mask_k[None, :],
+                        other=0.0,
+                    )
+                    e = tl.load(
+                        we_ptr + bs[None, :] * C_in + ks[:, None],
+                        mask=mask_k[:, None] & mask_b[None, :],
+                        other=0.0,
+                    )
+                    code = tl.dot(a, e, code, input_precision=INPUT_PRECISION)
+            if HAS_ENCODER_BIAS:
+                code_b = code + tl.load(be_ptr + bs, mask=mask_b, other=0.0).to(tl.float32)[None, :]
+            else:
+                code_b = code
+            code_b = tl.maximum(code_b, 0.0)
+            d = tl.load(
+                wd_ptr + bs[:, None] * C_out + offs_n[None, :],
+                mask=mask_b[:, None] & mask_n[None, :],
+                other=0.0,
+            )
+            acc = tl.dot(code_b.to(d.dtype), d, acc, input_precision=INPUT_PRECISION)
+
+    if RELU:
+        acc = tl.maximum(acc, 0.0)
+    out_rows = offs_m.to(tl.int64) * C_out
+    tl.store(
+        y_ptr + out_rows[:, None] + offs_n[None, :],
+        acc.to(y_ptr.dtype.element_ty),
+        mask=mask_m[:, None] & mask_n[None, :],
+    )
+
+
+@triton.jit
+def _pnnh_coder_bwd_kernel(
+    x_ptr,  # [N, H, W, C_in]
+    we_ptr,  # [C_B, C_in]
+    be_ptr,  # [C_B], if HAS_ENCODER_BIAS
+    wd_ptr,  # [C_B, C_out] (W_D^T)
+    dy_ptr,  # [M, C_out]
+    y_ptr,  # [M, C_out], read for the output ReLU's mask when RELU
+    code_ptr,  # out: [M, C_B], relu(x_s @ we^T + be)
+    dpre_ptr,  # out: [M, C_B], gradient at the code's pre-activation
+    M,
+    H,
+    W,
+    C_in,
+    OH,
+    OW,
+    C_out,
+    C_B,
+    stride_h,
+    stride_w,
+    HAS_ENCODER_BIAS: tl.constexpr,
+    RELU: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Recompute the code of a ``[BLOCK_M, BLOCK_B]`` tile from x (it was never stored) and the
+    gradient that reaches it: ``dpre = (dp @ wd^T) * (pre > 0)`` with ``dp = dy * (y > 0)``.
+
+    Both are written to ``[M, C_B]`` scratch buffers that live only during the backward pass: the
+    weight gradients of the coder and the coder's share of dX read them.
+    """
+    pid_m = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_b = offs_b < C_B
+    n = offs_m // (OH * OW)
+    pixel = offs_m % (OH * OW)
+    oh = pixel // OW
+    ow = pixel % OW
+    row_s = ((n.to(tl.int64) * H + oh * stride_h) * W + ow * stride_w) * C_in
+
+    pre = tl.zeros((BLOCK_M, BLOCK_B), dtype=tl.float32)
+    for k0 in range(0, C_in, BLOCK_K):
+        ks = k0 + offs_k
+        mask_k = ks < C_in
+        a = tl.load(
+            x_ptr + row_s[:, None] + ks[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0
+        )
+        e = tl.load(
+            we_ptr + offs_b[None, :] * C_in + ks[:, None],
+            mask=mask_k[:, None] & mask_b[None, :],
+            other=0.0,
+        )
+        pre = tl.dot(a, e, pre, input_precision=INPUT_PRECISION)
+    if HAS_ENCODER_BIAS:
+        pre = pre + tl.load(be_ptr + offs_b, mask=mask_b, other=0.0).to(tl.float32)[None, :]
+
+    dcode = tl.zeros((BLOCK_M, BLOCK_B), dtype=tl.float32)
+    out_rows = offs_m.to(tl.int64) * C_out
+    for c0 in range(0, C_out, BLOCK_K):
+        cs = c0 + offs_k
+        mask_c = cs < C_out
+        tile = mask_m[:, None] & mask_c[None, :]
+        g = tl.load(dy_ptr + out_rows[:, None] + cs[None, :], mask=tile, other=0.0)
+        if RELU:
+            y = tl.load(y_ptr + out_rows[:, None] + cs[None, :], mask=tile, other=0.0)
+            g = tl.where(y > 0, g, tl.zeros_like(g))
+        d = tl.load(
+            wd_ptr + offs_b[None, :] * C_out + cs[:, None],
+            mask=mask_c[:, None] & mask_b[None, :],
+            other=0.0,
+        )
+        dcode = tl.dot(g, d, dcode, input_precision=INPUT_PRECISION)
+
+    scratch = offs_m.to(tl.int64)[:, None] * C_B + offs_b[None, :]
+    tile_b = mask_m[:, None] & mask_b[None, :]
+    tl.store(code_ptr + scratch, tl.maximum(pre, 0.0).to(code_ptr.dtype.element_ty), mask=tile_b)
+    dpre = tl.where(pre > 0, dcode, tl.zeros_like(dcode))
+    tl.store(dpre_ptr + scratch, dpre.to(dpre_ptr.dtype.element_ty), mask=tile_b)
+
+
+@triton.jit
+def _conv_wgrad_kernel(
+    x_ptr,  # [N, H, W, C_x]: the image whose taps are reduced
+    g_ptr,  # [M, C_g]: the gradient rows
+    y_ptr,  # [M, C_g]: read for the output ReLU's mask when RELU
+    out_ptr,  # out: [KH, KW, C_x, C_g] float32
+    M,
+    H,
+    W,
+    C_x,
+    OH,
+    OW,
+    C_g,
+    stride_h,
+    stride_w,
+    pad_h,
+    pad_w,
+    dil_h,
+    dil_w,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    RELU: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_X: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """``out[kh, kw] = X_tap^T @ G``: a weight gradient as a reduction over all M output pixels.
+
+    ``X_tap`` row m is the image pixel that tap (kh, kw) of output pixel m reads (zero in the
+    padding). One kernel serves three gradients:
+
+    - the learner's ``dW`` (X = x, G = dy masked by the output ReLU),
+    - the encoder's ``dW_E^T`` (X = x through a 1x1 tap at the coder's stride, G = dpre),
+    - the decoder's ``dW_D^T`` (X = the code scratch viewed as an OH x OW image, G = masked dy).
+
+    Grid: (C_x tiles, C_g tiles, KH * KW taps). Each program reduces over all of M in a loop, so
+    the result is deterministic (no atomics); the price is less parallelism when C_x and C_g are small.
+    """
+    pid_x = tl.program_id(0)
+    pid_g = tl.program_id(1)
+    tap = tl.program_id(2)
+    kh = tap // KW
+    kw = tap % KW
+    offs_x = pid_x * BLOCK_X + tl.arange(0, BLOCK_X)
+    offs_g = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
+    mask_x = offs_x < C_x
+    mask_g = offs_g < C_g
+    acc = tl.zeros((BLOCK_X, BLOCK_G), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
+        n = offs_m // (OH * OW)
+        pixel = offs_m % (OH * OW)
+        ih = (pixel // OW) * stride_h - pad_h + kh * dil_h
+        iw = (pixel % OW) * stride_w - pad_w + kw * dil_w
+        inside = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        row = ((n.to(tl.int64) * H + ih) * W + iw) * C_x
+        a = tl.load(
+            x_ptr + row[None, :] + offs_x[:, None], mask=mask_x[:, None] & inside[None, :], other=0.0
+        )
+        g_rows = offs_m.to(tl.int64) * C_g
+        tile = mask_m[:, None] & mask_g[None, :]
+        g = tl.load(g_ptr + g_rows[:, None] + offs_g[None, :], mask=tile, other=0.0)
+        if RELU:
+            y = tl.load(y_ptr + g_rows[:, None] + offs_g[None, :], mask=tile, other=0.0)
+            g = tl.where(y > 0, g, tl.zeros_like(g))
+        acc = tl.dot(a, g.to(a.dtype), acc, input_precision=INPUT_PRECISION)
+    out = out_ptr + (tap * C_x + offs_x)[:, None] * C_g + offs_g[None, :]
+    tl.store(out, acc, mask=mask_x[:, None] & mask_g[None, :])
+
+
+@triton.jit
+def _pnnh_conv_dgrad_kernel(
+    dy_ptr,  # [N, OH, OW, C_out]
+    y_ptr,  # [N, OH, OW, C_out], read for the output ReLU's mask when RELU
+    scale_ptr,  # [C_out] fp32, if HAS_SCALE
+    w_ptr,  # [KH, KW, C_in, C_out]
+    dpre_ptr,  # [M, C_B] coder scratch, if HAS_CODER
+    we_ptr,  # [C_B, C_in]
+    dx_ptr,  # out: [N, H, W, C_in]
+    NHW,
+    H,
+    W,
+    C_in,
+    OH,
+    OW,
+    C_out,
+    C_B,
+    stride_h,
+    stride_w,
+    pad_h,
+    pad_w,
+    dil_h,
+    dil_w,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_CODER: tl.constexpr,
+    RELU: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """dX for a ``[BLOCK_M input pixels, BLOCK_N input channels]`` tile, both paths, one store.
+
+    Learner: the transposed convolution of ``dz = dy * (y > 0) * scale`` as an implicit GEMM over
+    taps and C_out chunks; a tap contributes to input pixel (ih, iw) only where
+    ``ih + pad - kh * dil`` is a non-negative multiple of the stride (masked loads skip the rest, so a
+    stride-2 layer spends 3/4 of its tap iterations on masked tiles: simple, not optimal).
+    Coder: an input pixel on the stride grid is x_s of output pixel (ih / s, iw / s) and receives
+    ``dpre @ we`` from the scratch the coder kernel wrote.
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < NHW
+    mask_n = offs_n < C_in
+    n = offs_m // (H * W)
+    pixel = offs_m % (H * W)
+    ih = pixel // W
+    iw = pixel % W
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kh in tl.static_range(KH):
+        num_h = ih + pad_h - kh * dil_h
+        num_h_safe = tl.maximum(num_h, 0)
+        oh = num_h_safe // stride_h
+        ok_h = (num_h >= 0) & (num_h_safe % stride_h == 0) & (oh < OH)
+        for kw in tl.static_range(KW):
+            num_w = iw + pad_w - kw * dil_w
+            num_w_safe = tl.maximum(num_w, 0)
+            ow = num_w_safe // stride_w
+            ok = mask_m & ok_h & (num_w >= 0) & (num_w_safe % stride_w == 0) & (ow < OW)
+            row = ((n.to(tl.int64) * OH + oh) * OW + ow) * C_out
+            for c0 in range(0, C_out, BLOCK_K):
+                cs = c0 + offs_k
+                mask_c = cs < C_out
+                tile = ok[:, None] & mask_c[None, :]
+                g = tl.load(dy_ptr + row[:, None] + cs[None, :], mask=tile, other=0.0)
+                if RELU:
+                    y = tl.load(y_ptr + row[:, None] + cs[None, :], mask=tile, other=0.0)
+                    g = tl.where(y > 0, g, tl.zeros_like(g))
+                if HAS_SCALE:
+                    g = g * tl.load(scale_ptr + cs, mask=mask_c, other=0.0)[None, :]
+                b = tl.load(
+                    w_ptr + ((kh * KW + kw) * C_in + offs_n)[None, :] * C_out + cs[:, None],
+                    mask=mask_c[:, None] & mask_n[None, :],
+                    other=0.0,
+                )
+                acc = tl.dot(g.to(b.dtype), b, acc, input_precision=INPUT_PRECISION)
+    if HAS_CODER:
+        on_grid = mask_m & (ih % stride_h == 0) & (iw % stride_w == 0)
+        row_s = (n.to(tl.int64) * OH + ih // stride_h) * OW + iw // stride_w
+        for b0 in range(0, C_B, BLOCK_K):
+            bs = b0 + offs_k
+            mask_b = bs < C_B
+            dpre = tl.load(
+                dpre_ptr + row_s[:, None] * C_B + bs[None, :],
+                mask=on_grid[:, None] & mask_b[None, :],
+                other=0.0,
+            )
+            e = tl.load(
+                we_ptr + bs[:, None] * C_in + offs_n[None, :],
+                mask=mask_b[:, None] & mask_n[None, :],
+                other=0.0,
+            )
+            acc = tl.dot(dpre.to(e.dtype), e, acc, input_precision=INPUT_PRECISION)
+    tl.store(
+        dx_ptr + (offs_m.to(tl.int64) * C_in)[:, None] + offs_n[None, :],
+        acc.to(dx_ptr.dtype.element_ty),
+        mask=mask_m[:, None] & mask_n[None, :],
+    )

@@ -1,0 +1,382 @@
+"""Launchers of the fused PNNH convolution kernels: check, allocate, pick a configuration, launch.
+
+No autograd here (see :mod:`pnnh_kernels.triton.ops`). Tensors arrive as NCHW tensors in
+channels_last memory (so their storage is NHWC) and leave the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+from torch import Tensor
+
+from pnnh_kernels.triton import interpreter_enabled
+from pnnh_kernels.triton.kernels import (
+    _conv_wgrad_kernel,
+    _pnnh_coder_bwd_kernel,
+    _pnnh_conv_dgrad_kernel,
+    _pnnh_conv_fwd_kernel,
+)
+
+
+@dataclass(frozen=True)
+class ConvConfig:
+    """Tile sizes of the conv kernels (M: pixels, N: output or input channels, K: reduction chunk,
+    B: code channels). Each is a power of two >= 16, as ``tl.dot`` needs."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    block_b: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+# One large-block configuration for the CPU interpreter: it runs one Python program per tile, so
+# fewer, larger tiles keep the tests fast.
+INTERPRETER_CONFIG = ConvConfig(
+    block_m=64, block_n=64, block_k=64, block_b=64, num_warps=1, num_stages=1
+)
+
+_forced_config: Optional[ConvConfig] = None
+_poison_outputs = False
+
+
+@contextlib.contextmanager
+def forced_config(config: ConvConfig) -> Iterator[None]:
+    """Run every launch in the block with ``config`` (tests use it to exercise the chunked paths)."""
+    global _forced_config
+    previous, _forced_config = _forced_config, config
+    try:
+        yield
+    finally:
+        _forced_config = previous
+
+
+@contextlib.contextmanager
+def poisoned_outputs() -> Iterator[None]:
+    """Fill every buffer a kernel is meant to overwrite with NaN before launching, so that an
+    element the kernel forgets to write shows up in the result instead of passing as stale zeros."""
+    global _poison_outputs
+    previous, _poison_outputs = _poison_outputs, True
+    try:
+        yield
+    finally:
+        _poison_outputs = previous
+
+
+def _output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    if _poison_outputs:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _block(size: int, cap: int) -> int:
+    return max(16, min(cap, triton.next_power_of_2(size)))
+
+
+def choose_config(c_in: int, c_out: int, c_b: int, dtype: torch.dtype) -> ConvConfig:
+    if _forced_config is not None:
+        return _forced_config
+    if interpreter_enabled():
+        return INTERPRETER_CONFIG
+    # GPU: bf16/fp16 tiles twice as deep as fp32 for the same shared memory per stage.
+    deep = 64 if dtype != torch.float32 else 32
+    return ConvConfig(
+        block_m=128,
+        block_n=_block(c_out, 128),
+        block_k=_block(c_in, deep),
+        block_b=_block(c_b, 64),
+        num_warps=8 if c_out >= 128 else 4,
+        num_stages=3,
+    )
+
+
+def input_precision(dtype: torch.dtype, device: torch.device) -> str:
+    """fp32 dots use TF32 only where PyTorch's own convolutions would (cudnn.allow_tf32)."""
+    if dtype == torch.float32 and device.type == "cuda" and torch.backends.cudnn.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _launch_kwargs(config: ConvConfig) -> dict[str, int]:
+    if interpreter_enabled():
+        return {}
+    return {"num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
+def nhwc(tensor: Tensor) -> Tensor:
+    """The NHWC view of an NCHW tensor, copying into channels_last memory only if it is not."""
+    return tensor.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+
+
+def _output_hw(height: int, width: int, kernel: tuple[int, int], g: Geometry) -> tuple[int, int]:
+    out = []
+    for size, k, s, p, d in zip((height, width), kernel, g.stride, g.padding, g.dilation):
+        out.append((size + 2 * p - d * (k - 1) - 1) // s + 1)
+    return out[0], out[1]
+
+
+def permuted_weight(weight: Tensor) -> Tensor:
+    """[C_out, C_in, KH, KW] -> [KH, KW, C_in, C_out], contiguous."""
+    return weight.permute(2, 3, 1, 0).contiguous()
+
+
+def decoder_rows(encoder_weight: Tensor, decoder_weight: Optional[Tensor]) -> Tensor:
+    """W_D^T as [C_B, C_out]: W_E itself for a tied coder (no copy)."""
+    if decoder_weight is None:
+        return encoder_weight.contiguous()
+    return decoder_weight.t().contiguous()
+
+
+def conv_forward(
+    x: Tensor,
+    weight: Tensor,
+    scale: Optional[Tensor],
+    shift: Optional[Tensor],
+    encoder_weight: Optional[Tensor],
+    encoder_bias: Optional[Tensor],
+    decoder_weight: Optional[Tensor],
+    geometry: Geometry,
+    relu: bool,
+) -> Tensor:
+    """The fused forward; returns an NCHW tensor in channels_last memory."""
+    n, c_in, height, width = x.shape
+    c_out, _, kh, kw = weight.shape
+    oh, ow = _output_hw(height, width, (kh, kw), geometry)
+    c_b = 0 if encoder_weight is None else encoder_weight.shape[0]
+    x_nhwc = nhwc(x)
+    y = _output((n, oh, ow, c_out), x.dtype, x.device)
+    m = n * oh * ow
+    if m == 0:
+        return y.permute(0, 3, 1, 2)
+    config = choose_config(c_in, c_out, c_b, x.dtype)
+    has_coder = encoder_weight is not None
+    dummy = weight  # stands in for absent optional pointers; never read (constexpr-guarded)
+    we = encoder_weight.contiguous() if has_coder else dummy
+    grid = (triton.cdiv(m, config.block_m), triton.cdiv(c_out, config.block_n))
+    _pnnh_conv_fwd_kernel[grid](
+        x_nhwc,
+        permuted_weight(weight),
+        scale if scale is not None else dummy,
+        shift if shift is not None else dummy,
+        we,
+        encoder_bias if encoder_bias is not None else dummy,
+        decoder_rows(encoder_weight, decoder_weight) if has_coder else dummy,
+        y,
+        m,
+        height,
+        width,
+        c_in,
+        oh,
+        ow,
+        c_out,
+        c_b,
+        *geometry.stride,
+        *geometry.padding,
+        *geometry.dilation,
+        KH=kh,
+        KW=kw,
+        HAS_SCALE=scale is not None,
+        HAS_SHIFT=shift is not None,
+        HAS_CODER=has_coder,
+        HAS_ENCODER_BIAS=encoder_bias is not None,
+        CODE_IN_MAIN_LOOP=has_coder and kh % 2 == 1 and kw % 2 == 1 and c_b <= config.block_b,
+        RELU=relu,
+        INPUT_PRECISION=input_precision(x.dtype, x.device),
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k,
+        BLOCK_B=config.block_b,
+        **_launch_kwargs(config),
+    )
+    return y.permute(0, 3, 1, 2)
+
+
+@dataclass
+class ConvGradients:
+    """Gradients of the fused op's inputs; the learner's are unscaled (see :func:`conv_backward`)."""
+
+    input: Tensor
+    weight_unscaled: Tensor  # [KH, KW, C_in, C_out] float32: sum over pixels of x_tap * dp
+    shift: Tensor  # [C_out] float32: sum over pixels of dp
+    encoder_weight: Optional[Tensor]  # [C_B, C_in] float32 (both uses when tied)
+    encoder_bias: Optional[Tensor]  # [C_B] float32
+    decoder_weight: Optional[Tensor]  # [C_out, C_B] float32, untied only
+
+
+def _wgrad(
+    image: Tensor,
+    grad_rows: Tensor,
+    y_rows: Tensor,
+    out_hw: tuple[int, int],
+    kernel: tuple[int, int],
+    geometry: Geometry,
+    relu: bool,
+    config: ConvConfig,
+) -> Tensor:
+    """``[KH, KW, C_x, C_g]`` float32 = sum over output pixels of image_tap^T @ grad."""
+    n, height, width, c_x = image.shape
+    m, c_g = grad_rows.shape
+    out = _output((kernel[0], kernel[1], c_x, c_g), torch.float32, image.device)
+    block_x, block_g = _block(c_x, config.block_n), _block(c_g, config.block_n)
+    grid = (triton.cdiv(c_x, block_x), triton.cdiv(c_g, block_g), kernel[0] * kernel[1])
+    _conv_wgrad_kernel[grid](
+        image,
+        grad_rows,
+        y_rows,
+        out,
+        m,
+        height,
+        width,
+        c_x,
+        *out_hw,
+        c_g,
+        *geometry.stride,
+        *geometry.padding,
+        *geometry.dilation,
+        KH=kernel[0],
+        KW=kernel[1],
+        RELU=relu,
+        INPUT_PRECISION=input_precision(image.dtype, image.device),
+        BLOCK_X=block_x,
+        BLOCK_G=block_g,
+        BLOCK_M=config.block_m,
+        **_launch_kwargs(config),
+    )
+    return out
+
+
+def conv_backward(
+    grad_output: Tensor,
+    x: Tensor,
+    y: Tensor,
+    weight: Tensor,
+    scale: Optional[Tensor],
+    encoder_weight: Optional[Tensor],
+    encoder_bias: Optional[Tensor],
+    decoder_weight: Optional[Tensor],
+    geometry: Geometry,
+    relu: bool,
+) -> ConvGradients:
+    """All gradients of the fused op from x, the output y (its ReLU mask) and the weights.
+
+    The code is recomputed from x into two [M, C_B] scratch buffers that die with this call. The
+    learner's weight gradient comes back *unscaled* (``dp``, not ``dp * scale``): the caller turns it
+    into the weight's and the scale's gradients, which avoids dividing by a scale that may be zero.
+    """
+    n, c_in, height, width = x.shape
+    c_out, _, kh, kw = weight.shape
+    oh, ow = y.shape[2], y.shape[3]
+    m = n * oh * ow
+    c_b = 0 if encoder_weight is None else encoder_weight.shape[0]
+    config = choose_config(c_in, c_out, c_b, x.dtype)
+    precision = input_precision(x.dtype, x.device)
+    launch = _launch_kwargs(config)
+    x_nhwc, y_nhwc = nhwc(x), nhwc(y)
+    dy_nhwc = nhwc(grad_output.to(x.dtype))
+    dy_rows, y_rows = dy_nhwc.reshape(m, c_out), y_nhwc.reshape(m, c_out)
+    w_perm = permuted_weight(weight)
+    dummy = weight
+
+    grads_coder: tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]] = (None, None, None)
+    dpre = dummy
+    if encoder_weight is not None:
+        we = encoder_weight.contiguous()
+        code = _output((m, c_b), x.dtype, x.device)
+        dpre = _output((m, c_b), x.dtype, x.device)
+        block_b = _block(c_b, config.block_b)
+        grid = (triton.cdiv(m, config.block_m), triton.cdiv(c_b, block_b))
+        _pnnh_coder_bwd_kernel[grid](
+            x_nhwc,
+            we,
+            encoder_bias if encoder_bias is not None else dummy,
+            decoder_rows(encoder_weight, decoder_weight),
+            dy_rows,
+            y_rows,
+            code,
+            dpre,
+            m,
+            height,
+            width,
+            c_in,
+            oh,
+            ow,
+            c_out,
+            c_b,
+            *geometry.stride,
+            HAS_ENCODER_BIAS=encoder_bias is not None,
+            RELU=relu,
+            INPUT_PRECISION=precision,
+            BLOCK_M=config.block_m,
+            BLOCK_B=block_b,
+            BLOCK_K=config.block_k,
+            **launch,
+        )
+        one_by_one = Geometry(geometry.stride, (0, 0), (1, 1))
+        # dW_E^T[c_in, c_b] = x_s^T @ dpre; dW_D^T[c_b, c_out] = code^T @ dp
+        encoder_t = _wgrad(x_nhwc, dpre, dpre, (oh, ow), (1, 1), one_by_one, False, config)[0, 0]
+        unit = Geometry((1, 1), (0, 0), (1, 1))
+        decoder_t = _wgrad(
+            code.view(n, oh, ow, c_b), dy_rows, y_rows, (oh, ow), (1, 1), unit, relu, config
+        )[0, 0]
+        encoder_grad = encoder_t.t()
+        if decoder_weight is None:
+            grads_coder = (encoder_grad + decoder_t, None, None)
+        else:
+            grads_coder = (encoder_grad, None, decoder_t.t())
+        if encoder_bias is not None:
+            grads_coder = (grads_coder[0], dpre.float().sum(0), grads_coder[2])
+
+    dx = _output((n, height, width, c_in), x.dtype, x.device)
+    grid = (triton.cdiv(n * height * width, config.block_m), triton.cdiv(c_in, config.block_n))
+    _pnnh_conv_dgrad_kernel[grid](
+        dy_nhwc,
+        y_nhwc,
+        scale if scale is not None else dummy,
+        w_perm,
+        dpre,
+        encoder_weight.contiguous() if encoder_weight is not None else dummy,
+        dx,
+        n * height * width,
+        height,
+        width,
+        c_in,
+        oh,
+        ow,
+        c_out,
+        c_b,
+        *geometry.stride,
+        *geometry.padding,
+        *geometry.dilation,
+        KH=kh,
+        KW=kw,
+        HAS_SCALE=scale is not None,
+        HAS_CODER=encoder_weight is not None,
+        RELU=relu,
+        INPUT_PRECISION=precision,
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k,
+        **launch,
+    )
+    weight_unscaled = _wgrad(x_nhwc, dy_rows, y_rows, (oh, ow), (kh, kw), geometry, relu, config)
+    masked = torch.where(y_rows > 0, dy_rows, 0) if relu else dy_rows
+    return ConvGradients(
+        dx.permute(0, 3, 1, 2),
+        weight_unscaled,
+        masked.float().sum(0),
+        *grads_coder,
+    )
