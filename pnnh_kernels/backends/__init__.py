@@ -14,6 +14,7 @@ fallback hides a slow path.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Optional

@@ -109,15 +109,14 @@ def _pnnh_conv_fwd_kernel(
                     other=0.0,
                 )
                 acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-                if CODE_IN_MAIN_LOOP:
-                    if kh == KH // 2:
-                        if kw == KW // 2:
-                            e = tl.load(
-                                we_ptr + offs_b[None, :] * C_in + ks[:, None],
-                                mask=mask_k[:, None] & (offs_b[None, :] < C_B),
-                                other=0.0,
-                            )
-                            code = tl.dot(a, e, code, input_precision=INPUT_PRECISION)
+                # Compile-time condition: the centre tap is x_s (see the docstring).
+                if CODE_IN_MAIN_LOOP and kh == KH // 2 and kw == KW // 2:
+                    e = tl.load(
+                        we_ptr + offs_b[None, :] * C_in + ks[:, None],
+                        mask=mask_k[:, None] & (offs_b[None, :] < C_B),
+                        other=0.0,
+                    )
+                    code = tl.dot(a, e, code, input_precision=INPUT_PRECISION)
 
     if HAS_SCALE:
         acc = acc * tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)[None, :]

@@ -228,7 +228,7 @@ def _wgrad(
     config: ConvConfig,
 ) -> Tensor:
     """``[KH, KW, C_x, C_g]`` float32 = sum over output pixels of image_tap^T @ grad."""
-    n, height, width, c_x = image.shape
+    _, height, width, c_x = image.shape
     m, c_g = grad_rows.shape
     out = _output((kernel[0], kernel[1], c_x, c_g), torch.float32, image.device)
     block_x, block_g = _block(c_x, config.block_n), _block(c_g, config.block_n)
