@@ -136,11 +136,28 @@ def random_layer_tensors(
 
 
 TOLERANCES = {
-    # dtype: relative tolerance against the float64 reference, scaled by the reference's magnitude
+    # dtype: error allowed against the float64 reference, relative to the reference's largest
+    # magnitude. fp32: sums of a few hundred products accumulate ~1e-7 relative error per term, far
+    # below 1e-5. bf16/fp16: the inputs are rounded before the reference sees them, so what remains
+    # is the op's own rounding of intermediates (the code, the output: 2^-8 for bf16, 2^-11 for fp16)
+    # accumulated in fp32.
     torch.float64: 1e-12,
     torch.float32: 1e-5,
+    torch.float16: 5e-3,
     torch.bfloat16: 1e-2,
 }
+
+
+def backends_for(dtype: torch.dtype, op: str = "conv2d", device: str = "cpu") -> list[str]:
+    """The registered backends that can run ``op`` on ``device`` in ``dtype`` (Triton runs in its
+    interpreter on the CPU: conftest turns it on)."""
+    from pnnh_kernels.backends import _REGISTRY, registered_backends
+
+    return [
+        name
+        for name in registered_backends()
+        if _REGISTRY[name].unavailable_reason(torch.device(device), dtype, op) is None
+    ]
 
 
 def assert_matches(actual: Tensor, expected: Tensor, dtype: torch.dtype, what: str) -> None:

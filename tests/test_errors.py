@@ -108,13 +108,36 @@ def test_tensors_on_different_devices():
         pnnh_conv2d(x, weight)
 
 
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_unavailable_backend_raises_and_says_why(backend):
-    layer = conv(backend=backend)
-    with pytest.raises(BackendUnavailableError, match=f"backend='{backend}'.*no {backend} kernels"):
+def test_unregistered_backend_raises_and_says_why():
+    layer = conv(backend="cuda")
+    with pytest.raises(BackendUnavailableError, match=r"backend='cuda'.*no cuda kernels are registered"):
         layer(torch.randn(1, 4, 5, 5))
     with pytest.raises(BackendUnavailableError):
         _ = layer.backend_in_use
+
+
+@pytest.mark.parametrize(
+    ("device", "dtype", "op", "interpret", "reason"),
+    [
+        ("cpu", torch.float32, "conv2d", False, "TRITON_INTERPRET=1"),
+        ("cpu", torch.float64, "conv2d", True, "supported dtypes"),
+        ("cpu", torch.float32, "linear", True, "no Triton kernel for linear"),
+        ("meta", torch.float32, "conv2d", True, "not on meta"),
+    ],
+)
+def test_triton_backend_says_why_it_cannot_run(device, dtype, op, interpret, reason, monkeypatch):
+    pytest.importorskip("triton")
+    from pnnh_kernels.triton import unavailable_reason
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1" if interpret else "0")
+    assert reason in unavailable_reason(torch.device(device), dtype, op)
+
+
+def test_explicit_triton_backend_with_unsupported_dtype_raises():
+    pytest.importorskip("triton")
+    layer = conv(backend="triton").double()
+    with pytest.raises(BackendUnavailableError, match=r"backend='triton'.*supported dtypes"):
+        layer(torch.randn(1, 4, 5, 5, dtype=torch.float64))
 
 
 def test_auto_backend_says_which_runs():

@@ -8,11 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from pnnh_kernels import FusedPNNHConv, PNNHCoder, registered_backends
+from pnnh_kernels import FusedPNNHConv, PNNHCoder
 from pnnh_kernels.functional import pnnh_conv2d
-from tests.reference import assert_matches, pnnh_conv2d_reference, random_layer_tensors
-
-BACKENDS = registered_backends()
+from tests.reference import assert_matches, backends_for, pnnh_conv2d_reference, random_layer_tensors
 
 # (C_in, C_out, C_B, kernel, stride, dilation, H, W): odd sizes on purpose
 CODER_SHAPES = [
@@ -29,7 +27,7 @@ CODER_SHAPES = [
     ("c_in", "c_out", "c_b", "kernel", "stride", "dilation", "h", "w"), CODER_SHAPES
 )
 @pytest.mark.parametrize("activation", ["relu", None])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backends_for(torch.float32))
 def test_forward_and_gradients_match_float64_reference(
     c_in, c_out, c_b, kernel, stride, dilation, h, w, activation, backend
 ):
@@ -69,7 +67,7 @@ def test_forward_and_gradients_match_float64_reference(
 
 
 @pytest.mark.parametrize("training", [True, False])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backends_for(torch.float64))
 def test_batch_norm_layer_matches_reference_and_nn_batchnorm(training, backend):
     layer = FusedPNNHConv(6, 6, coder_channels=3, norm="batch", backend=backend).double()
     with torch.no_grad():
@@ -134,7 +132,7 @@ def test_batch_norm_with_cumulative_momentum_matches_nn_batchnorm():
         (3, 2, 0, 3, 2, 1, False),
     ],
 )
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backends_for(torch.float64))
 def test_gradcheck_float64(c_in, c_out, c_b, kernel, stride, dilation, tied, backend):
     tensors = random_layer_tensors(c_in, c_out, c_b, tied, torch.float64, kernel)
     names = [k for k, v in tensors.items() if v is not None]
@@ -165,7 +163,7 @@ def test_gradcheck_float64(c_in, c_out, c_b, kernel, stride, dilation, tied, bac
     ids=str,
 )
 @pytest.mark.parametrize("unbatched", [False, True])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backends_for(torch.float64))
 def test_without_coder_and_activation_equals_nn_conv2d(conv_kwargs, unbatched, backend):
     kwargs = dict(conv_kwargs)
     padding = kwargs.pop("padding", 0)
@@ -186,7 +184,7 @@ def test_without_coder_and_activation_equals_nn_conv2d(conv_kwargs, unbatched, b
     assert_matches(layer.weight.grad, reference.weight.grad, torch.float64, "grad weight")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backends_for(torch.float32))
 @pytest.mark.parametrize("stride", [1, 2])
 def test_channels_last_in_channels_last_out(backend, stride):
     layer = FusedPNNHConv(8, 8, stride=stride, backend=backend, coder_init="he")
@@ -198,7 +196,7 @@ def test_channels_last_in_channels_last_out(backend, stride):
     torch.testing.assert_close(out_channels_last, out_contiguous, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backends_for(torch.float32))
 def test_unbatched_input_equals_batch_of_one(backend):
     layer = FusedPNNHConv(4, 6, stride=2, backend=backend, coder_init="he")
     x = torch.randn(4, 9, 8)

@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from pnnh_kernels import FusedPNNHLinear, PNNHCoder, registered_backends
+from pnnh_kernels import FusedPNNHLinear, PNNHCoder
 from pnnh_kernels.functional import pnnh_linear
-from tests.reference import assert_matches, pnnh_linear_reference, random_layer_tensors
+from tests.reference import assert_matches, backends_for, pnnh_linear_reference, random_layer_tensors
 
-BACKENDS = registered_backends()
+BACKENDS = backends_for(torch.float32, "linear")
 
 
 SHAPES = [
