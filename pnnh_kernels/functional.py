@@ -154,10 +154,12 @@ def pnnh_conv2d(
             ("encoder_weight", encoder_weight),
             ("encoder_bias", encoder_bias),
             ("decoder_weight", decoder_weight),
-            *norm_tensors,
         ],
         check_dtype=not _autocast_enabled(input.device),
     )
+    # BatchNorm may keep float32 parameters and statistics beside a bf16/fp16 input, as
+    # F.batch_norm allows.
+    _check_tensors(input, norm_tensors, check_dtype=False)
     channel_dim = input.dim() - 3
     if input.shape[channel_dim] != in_channels:
         raise ValueError(

@@ -147,6 +147,7 @@ class FusedPNNHConv(nn.Module):
             self.weight.dtype,
             "conv2d",
             batch_norm_training=batch_norm_training,
+            warn=False,
         ).name
 
     def forward(self, input: Tensor) -> Tensor:

@@ -88,6 +88,7 @@ def resolve_backend(
     op: str,
     *,
     batch_norm_training: bool = False,
+    warn: bool = True,
 ) -> Backend:
     """The backend that runs ``op`` for tensors on ``device`` of ``dtype``.
 
@@ -118,7 +119,7 @@ def resolve_backend(
         )
     backend = _REGISTRY[name]
     if batch_norm_training and not backend.batch_norm_training:
-        if name not in _warned_reroutes:
+        if warn and name not in _warned_reroutes:
             _warned_reroutes.add(name)
             warnings.warn(
                 f"backend={name!r} has no training-mode BatchNorm kernel yet: layers with "

@@ -22,6 +22,17 @@ import triton.language as tl
 
 
 @triton.jit
+def _mma(a, b, acc, INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """``acc + a @ b``. ``UPCAST_DOT`` computes in fp32 instead: Triton 3.9's CPU interpreter returns
+    garbage for bf16 ``tl.dot`` (seen on 2026-11-26), so the launcher sets it there for bf16 only."""
+    if UPCAST_DOT:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
 def _pnnh_conv_fwd_kernel(
     x_ptr,  # [N, H, W, C_in]
     w_ptr,  # [KH, KW, C_in, C_out]
@@ -54,6 +65,7 @@ def _pnnh_conv_fwd_kernel(
     CODE_IN_MAIN_LOOP: tl.constexpr,
     RELU: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -108,7 +120,7 @@ def _pnnh_conv_fwd_kernel(
                     mask=mask_k[:, None] & mask_n[None, :],
                     other=0.0,
                 )
-                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+                acc = _mma(a, b, acc, INPUT_PRECISION, UPCAST_DOT)
                 # Compile-time condition: the centre tap is x_s (see the docstring).
                 if CODE_IN_MAIN_LOOP and kh == KH // 2 and kw == KW // 2:
                     e = tl.load(
@@ -116,7 +128,7 @@ def _pnnh_conv_fwd_kernel(
                         mask=mask_k[:, None] & (offs_b[None, :] < C_B),
                         other=0.0,
                     )
-                    code = tl.dot(a, e, code, input_precision=INPUT_PRECISION)
+                    code = _mma(a, e, code, INPUT_PRECISION, UPCAST_DOT)
 
     if HAS_SCALE:
         acc = acc * tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
@@ -143,7 +155,7 @@ def _pnnh_conv_fwd_kernel(
                         mask=mask_k[:, None] & mask_b[None, :],
                         other=0.0,
                     )
-                    code = tl.dot(a, e, code, input_precision=INPUT_PRECISION)
+                    code = _mma(a, e, code, INPUT_PRECISION, UPCAST_DOT)
             if HAS_ENCODER_BIAS:
                 code_b = code + tl.load(be_ptr + bs, mask=mask_b, other=0.0).to(tl.float32)[None, :]
             else:
@@ -154,7 +166,7 @@ def _pnnh_conv_fwd_kernel(
                 mask=mask_b[:, None] & mask_n[None, :],
                 other=0.0,
             )
-            acc = tl.dot(code_b.to(d.dtype), d, acc, input_precision=INPUT_PRECISION)
+            acc = _mma(code_b.to(d.dtype), d, acc, INPUT_PRECISION, UPCAST_DOT)
 
     if RELU:
         acc = tl.maximum(acc, 0.0)
@@ -189,6 +201,7 @@ def _pnnh_coder_bwd_kernel(
     HAS_ENCODER_BIAS: tl.constexpr,
     RELU: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -224,7 +237,7 @@ def _pnnh_coder_bwd_kernel(
             mask=mask_k[:, None] & mask_b[None, :],
             other=0.0,
         )
-        pre = tl.dot(a, e, pre, input_precision=INPUT_PRECISION)
+        pre = _mma(a, e, pre, INPUT_PRECISION, UPCAST_DOT)
     if HAS_ENCODER_BIAS:
         pre = pre + tl.load(be_ptr + offs_b, mask=mask_b, other=0.0).to(tl.float32)[None, :]
 
@@ -243,7 +256,7 @@ def _pnnh_coder_bwd_kernel(
             mask=mask_c[:, None] & mask_b[None, :],
             other=0.0,
         )
-        dcode = tl.dot(g, d, dcode, input_precision=INPUT_PRECISION)
+        dcode = _mma(g, d, dcode, INPUT_PRECISION, UPCAST_DOT)
 
     scratch = offs_m.to(tl.int64)[:, None] * C_B + offs_b[None, :]
     tile_b = mask_m[:, None] & mask_b[None, :]
@@ -275,6 +288,7 @@ def _conv_wgrad_kernel(
     KW: tl.constexpr,
     RELU: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
     BLOCK_X: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -319,7 +333,7 @@ def _conv_wgrad_kernel(
         if RELU:
             y = tl.load(y_ptr + g_rows[:, None] + offs_g[None, :], mask=tile, other=0.0)
             g = tl.where(y > 0, g, tl.zeros_like(g))
-        acc = tl.dot(a, g.to(a.dtype), acc, input_precision=INPUT_PRECISION)
+        acc = _mma(a, g.to(a.dtype), acc, INPUT_PRECISION, UPCAST_DOT)
     out = out_ptr + (tap * C_x + offs_x)[:, None] * C_g + offs_g[None, :]
     tl.store(out, acc, mask=mask_x[:, None] & mask_g[None, :])
 
@@ -353,6 +367,7 @@ def _pnnh_conv_dgrad_kernel(
     HAS_CODER: tl.constexpr,
     RELU: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -404,7 +419,7 @@ def _pnnh_conv_dgrad_kernel(
                     mask=mask_c[:, None] & mask_n[None, :],
                     other=0.0,
                 )
-                acc = tl.dot(g.to(b.dtype), b, acc, input_precision=INPUT_PRECISION)
+                acc = _mma(g.to(b.dtype), b, acc, INPUT_PRECISION, UPCAST_DOT)
     if HAS_CODER:
         on_grid = mask_m & (ih % stride_h == 0) & (iw % stride_w == 0)
         row_s = (n.to(tl.int64) * OH + ih // stride_h) * OW + iw // stride_w
@@ -421,7 +436,7 @@ def _pnnh_conv_dgrad_kernel(
                 mask=mask_b[:, None] & mask_n[None, :],
                 other=0.0,
             )
-            acc = tl.dot(dpre.to(e.dtype), e, acc, input_precision=INPUT_PRECISION)
+            acc = _mma(dpre.to(e.dtype), e, acc, INPUT_PRECISION, UPCAST_DOT)
     tl.store(
         dx_ptr + (offs_m.to(tl.int64) * C_in)[:, None] + offs_n[None, :],
         acc.to(dx_ptr.dtype.element_ty),

@@ -104,6 +104,11 @@ def input_precision(dtype: torch.dtype, device: torch.device) -> str:
     return "ieee"
 
 
+def upcast_dot(dtype: torch.dtype) -> bool:
+    """Whether the kernels must compute their dots in fp32 (see kernels._mma)."""
+    return interpreter_enabled() and dtype == torch.bfloat16
+
+
 def _launch_kwargs(config: ConvConfig) -> dict[str, int]:
     if interpreter_enabled():
         return {}
@@ -196,6 +201,7 @@ def conv_forward(
         CODE_IN_MAIN_LOOP=has_coder and kh % 2 == 1 and kw % 2 == 1 and c_b <= config.block_b,
         RELU=relu,
         INPUT_PRECISION=input_precision(x.dtype, x.device),
+        UPCAST_DOT=upcast_dot(x.dtype),
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_k,
@@ -251,6 +257,7 @@ def _wgrad(
         KW=kernel[1],
         RELU=relu,
         INPUT_PRECISION=input_precision(image.dtype, image.device),
+        UPCAST_DOT=upcast_dot(image.dtype),
         BLOCK_X=block_x,
         BLOCK_G=block_g,
         BLOCK_M=config.block_m,
@@ -320,6 +327,7 @@ def conv_backward(
             HAS_ENCODER_BIAS=encoder_bias is not None,
             RELU=relu,
             INPUT_PRECISION=precision,
+            UPCAST_DOT=upcast_dot(x.dtype),
             BLOCK_M=config.block_m,
             BLOCK_B=block_b,
             BLOCK_K=config.block_k,
@@ -367,6 +375,7 @@ def conv_backward(
         HAS_CODER=encoder_weight is not None,
         RELU=relu,
         INPUT_PRECISION=precision,
+        UPCAST_DOT=upcast_dot(x.dtype),
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_k,

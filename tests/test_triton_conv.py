@@ -1,0 +1,316 @@
+"""The Triton backend of FusedPNNHConv against the float64 reference, forward and every gradient.
+
+On a machine without a GPU these run in Triton's CPU interpreter (conftest sets TRITON_INTERPRET=1);
+on a GPU they run the compiled kernels. Every launch writes into NaN-poisoned buffers, so an element
+a kernel forgets to write fails the comparison.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import warnings
+from typing import Optional
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+pytest.importorskip("triton")
+
+from pnnh_kernels import FusedPNNHConv
+from pnnh_kernels.backends import _warned_reroutes
+from pnnh_kernels.functional import pnnh_conv2d
+from pnnh_kernels.triton.pnnh_conv import ConvConfig, forced_config, poisoned_outputs
+from tests.reference import assert_matches, pnnh_conv2d_reference, random_layer_tensors
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# The smallest tiles tl.dot accepts: with channel counts above 16 they exercise every chunk loop
+# (several K chunks, several code chunks, the epilogue encoder instead of the main-loop one).
+SMALL_TILES = ConvConfig(block_m=16, block_n=16, block_k=16, block_b=16, num_warps=1, num_stages=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    n: int
+    c_in: int
+    c_out: int
+    c_b: int
+    kernel: int
+    stride: int
+    dilation: int
+    h: int
+    w: int
+    tied: bool = True  # only where c_in == c_out; a tied coder needs a square layer
+    bias: bool = True
+    norm: bool = False
+    relu: bool = True
+
+    @property
+    def is_tied(self) -> bool:
+        return self.tied and self.c_in == self.c_out
+
+    def __str__(self) -> str:
+        parts = [
+            f"n{self.n}",
+            f"{self.c_in}-{self.c_b}-{self.c_out}",
+            f"k{self.kernel}s{self.stride}d{self.dilation}",
+            f"{self.h}x{self.w}",
+            "tied" if self.is_tied else "untied",
+        ]
+        parts += [] if self.bias else ["nobias"]
+        parts += ["bn"] if self.norm else []
+        parts += [] if self.relu else ["linear"]
+        return "-".join(parts)
+
+
+CASES = [
+    Case(3, 5, 5, 2, 3, 1, 1, 7, 5),
+    Case(1, 6, 6, 3, 3, 2, 1, 5, 7, bias=False),
+    Case(3, 7, 7, 7, 3, 1, 1, 1, 1),  # C_B = C, 1x1 image: all taps but the centre in padding
+    Case(1, 5, 5, 1, 3, 2, 1, 1, 5, norm=True),  # C_B = 1
+    Case(3, 4, 9, 2, 1, 1, 1, 5, 5, tied=False),  # 1x1 learner, untied (wider)
+    Case(2, 9, 4, 4, 1, 2, 1, 7, 7, tied=False, relu=False),  # untied (narrower), strided 1x1
+    Case(1, 6, 6, 3, 3, 1, 2, 7, 7, norm=True),  # dilation 2
+    Case(3, 5, 7, 0, 3, 2, 1, 7, 5),  # no coder: the plain layer
+    Case(2, 6, 6, 3, 5, 2, 1, 7, 7, norm=True, relu=False),
+    Case(1, 4, 4, 2, 2, 1, 2, 5, 7),  # even kernel with even dilation: no centre tap
+    Case(2, 5, 6, 2, 3, 2, 2, 7, 5, tied=False, bias=False, norm=True),
+]
+
+
+def _norm_state(c_out: int) -> dict:
+    return {
+        "running_mean": torch.randn(c_out, dtype=torch.float64),
+        "running_var": torch.rand(c_out, dtype=torch.float64) + 0.5,
+        "weight": torch.randn(c_out, dtype=torch.float64),
+        "bias": torch.randn(c_out, dtype=torch.float64),
+        "eps": 1e-5,
+    }
+
+
+def check_case(
+    case: Case, dtype: torch.dtype = torch.float32, config: Optional[ConvConfig] = None
+) -> None:
+    """Run the Triton op and the float64 reference on the same fresh inputs; compare all results."""
+    tensors = random_layer_tensors(
+        case.c_in, case.c_out, case.c_b, case.is_tied, torch.float64, case.kernel
+    )
+    if not case.bias:
+        tensors["bias"] = None
+    norm = _norm_state(case.c_out) if case.norm else None
+    # Round every input to the tested dtype first: the comparison then measures the op's own error.
+    tensors = {k: None if v is None else v.to(dtype).double() for k, v in tensors.items()}
+    x64 = torch.randn(case.n, case.c_in, case.h, case.w, dtype=torch.float64).relu().to(dtype).double()
+    leaves64 = {k: v.clone().requires_grad_(True) for k, v in tensors.items() if v is not None}
+    norm64 = None
+    if norm is not None:
+        norm64 = {**norm, "weight": norm["weight"].clone().requires_grad_(True)}
+        norm64["bias"] = norm["bias"].clone().requires_grad_(True)
+    x64.requires_grad_(True)
+    padding = (case.dilation * (case.kernel - 1) // 2,) * 2
+    expected = pnnh_conv2d_reference(
+        x64,
+        **{k: leaves64.get(k) for k in tensors},
+        stride=(case.stride,) * 2,
+        padding=padding,
+        dilation=(case.dilation,) * 2,
+        activation="relu" if case.relu else None,
+        norm=None if norm64 is None else {**norm64, "training": False},
+    )
+    grad_out = torch.randn_like(expected).to(dtype).double()
+    expected.backward(grad_out)
+
+    leaves = {k: v.detach().to(DEVICE, dtype).requires_grad_(True) for k, v in leaves64.items()}
+    x = x64.detach().to(DEVICE, dtype).to(memory_format=torch.channels_last).requires_grad_(True)
+    norm_params = None
+    norm_leaves = {}
+    if norm64 is not None:
+        from pnnh_kernels.functional import BatchNormParams
+
+        norm_leaves = {
+            "weight": norm64["weight"].detach().to(DEVICE, torch.float32).requires_grad_(True),
+            "bias": norm64["bias"].detach().to(DEVICE, torch.float32).requires_grad_(True),
+        }
+        norm_params = BatchNormParams(
+            norm64["running_mean"].to(DEVICE, torch.float32),
+            norm64["running_var"].to(DEVICE, torch.float32),
+            norm_leaves["weight"],
+            norm_leaves["bias"],
+            False,
+            0.1,
+            norm64["eps"],
+        )
+    with poisoned_outputs(), forced_config(config) if config else contextlib.nullcontext():
+        out = pnnh_conv2d(
+            x,
+            **{k: leaves.get(k) for k in tensors},
+            stride=case.stride,
+            dilation=case.dilation,
+            norm=norm_params,
+            activation="relu" if case.relu else None,
+            backend="triton",
+        )
+        assert out.dtype == dtype
+        if not x.is_contiguous():  # unambiguously channels_last (not C == 1 or H == W == 1)
+            assert out.is_contiguous(memory_format=torch.channels_last)
+        out.backward(grad_out.to(DEVICE, dtype))
+    assert_matches(out.cpu(), expected.detach(), dtype, f"{case}: output")
+    assert_matches(x.grad.cpu(), x64.grad, dtype, f"{case}: grad input")
+    for name, leaf in leaves.items():
+        assert_matches(leaf.grad.cpu(), leaves64[name].grad, dtype, f"{case}: grad {name}")
+    for name, leaf in norm_leaves.items():
+        assert_matches(leaf.grad.cpu(), norm64[name].grad, dtype, f"{case}: grad norm.{name}")
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_forward_and_gradients_fp32(case):
+    check_case(case)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case(2, 40, 37, 20, 3, 1, 1, 5, 6),  # code in 2 chunks, C_in in 3 chunks, C_out in 3 tiles
+        Case(1, 33, 33, 33, 3, 2, 1, 7, 5, norm=True),  # C_B = C > one chunk, strided
+        Case(2, 17, 40, 9, 1, 2, 1, 5, 5, tied=False, relu=False),
+        Case(3, 18, 18, 5, 3, 1, 1, 6, 7),  # code fits one chunk: encoded in the main loop
+    ],
+    ids=str,
+)
+def test_chunked_paths_with_small_tiles(case):
+    check_case(case, config=SMALL_TILES)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize(
+    "case",
+    [Case(2, 24, 24, 12, 3, 1, 1, 5, 7), Case(1, 16, 32, 8, 3, 2, 1, 7, 7, tied=False, norm=True)],
+    ids=str,
+)
+def test_low_precision(case, dtype):
+    check_case(case, dtype=dtype)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n=st.integers(1, 3),
+    c_in=st.integers(1, 20),
+    c_out=st.integers(1, 20),
+    code_fraction=st.sampled_from([0.0, 0.01, 0.5, 1.0]),
+    kernel=st.sampled_from([1, 3]),
+    stride=st.integers(1, 2),
+    dilation=st.integers(1, 2),
+    h=st.integers(1, 7),
+    w=st.integers(1, 7),
+    bias=st.booleans(),
+    norm=st.booleans(),
+    relu=st.booleans(),
+    small_tiles=st.booleans(),
+)
+def test_fuzz(
+    n, c_in, c_out, code_fraction, kernel, stride, dilation, h, w, bias, norm, relu, small_tiles
+):
+    c_b = 0 if code_fraction == 0 else max(1, round(code_fraction * c_in))
+    case = Case(n, c_in, c_out, c_b, kernel, stride, dilation, h, w, c_in == c_out, bias, norm, relu)
+    torch.manual_seed(n * 1000 + c_in * 31 + c_out)
+    check_case(case, config=SMALL_TILES if small_tiles else None)
+
+
+def test_module_eval_batchnorm_runs_on_triton_and_matches_torch_backend():
+    layer = FusedPNNHConv(6, 6, norm="batch", backend="triton", coder_init="he").to(DEVICE)
+    with torch.no_grad():
+        layer.norm.running_mean.normal_()
+        layer.norm.running_var.uniform_(0.5, 2.0)
+    layer.eval()
+    reference = copy.deepcopy(layer)
+    reference.backend = "torch"
+    assert layer.backend_in_use == "triton"
+    x = torch.randn(2, 6, 5, 5, device=DEVICE).relu()
+    torch.testing.assert_close(layer(x), reference(x), rtol=1e-5, atol=1e-5)
+
+
+def test_training_batchnorm_runs_on_torch_and_warns_once():
+    _warned_reroutes.discard("triton")
+    layer = FusedPNNHConv(4, 4, norm="batch", backend="triton", coder_init="he").to(DEVICE).train()
+    assert layer.backend_in_use == "torch"
+    x = torch.randn(2, 4, 5, 5, device=DEVICE)
+    with pytest.warns(UserWarning, match="training-mode BatchNorm"):
+        layer(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer(x)  # once per process
+    layer.eval()
+    assert layer.backend_in_use == "triton"
+
+
+def test_contiguous_input_gives_contiguous_output():
+    layer = FusedPNNHConv(5, 5, backend="triton", coder_init="he").to(DEVICE)
+    x = torch.randn(2, 5, 6, 4, device=DEVICE)
+    out = layer(x)
+    assert out.is_contiguous()
+    reference = copy.deepcopy(layer)
+    reference.backend = "torch"
+    torch.testing.assert_close(out, reference(x), rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_autocast_in_bf16_out():
+    layer = FusedPNNHConv(16, 16, backend="triton", coder_init="he").to(DEVICE)
+    x = torch.randn(2, 16, 5, 5, device=DEVICE).relu()
+    expected = layer(x).detach()
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    scale = float(expected.abs().max())
+    assert float((out.detach().float() - expected).abs().max()) < 2e-2 * scale
+    out.float().sum().backward()
+    assert layer.weight.grad is not None
+    assert layer.weight.grad.dtype == torch.float32
+
+
+def _saved_bytes(layer: nn.Module, x: torch.Tensor) -> tuple[int, int]:
+    """(bytes of distinct activation-sized tensors, bytes of all distinct tensors) saved for backward."""
+    saved: dict[int, torch.Tensor] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        saved[tensor.untyped_storage().data_ptr()] = tensor
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x)
+    sizes = [t.untyped_storage().nbytes() for t in saved.values()]
+    activation = sum(size for size in sizes if size >= x.numel() * x.element_size() // 4)
+    return activation, sum(sizes)
+
+
+def test_triton_op_keeps_only_input_and_output_alive():
+    layer = FusedPNNHConv(32, 32, norm="batch", backend="triton", coder_init="he").to(DEVICE).eval()
+    reference = copy.deepcopy(layer)
+    reference.backend = "torch"
+    x = torch.randn(2, 32, 16, 16, device=DEVICE).to(memory_format=torch.channels_last).relu()
+    x.requires_grad_(True)
+    fused_activation, _ = _saved_bytes(layer, x)
+    reference_activation, _ = _saved_bytes(reference, x)
+    x_bytes = x.numel() * x.element_size()
+    assert fused_activation == 2 * x_bytes  # x and the output (same shape here)
+    assert reference_activation >= 4 * x_bytes
+
+
+def test_compile_fullgraph_traces_the_triton_op():
+    layers = nn.Sequential(
+        FusedPNNHConv(8, 8, backend="triton", coder_init="he"),
+        FusedPNNHConv(8, 12, stride=2, backend="triton", coder_init="he"),
+    ).to(DEVICE)
+    compiled = torch.compile(layers, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 8, 6, 6, device=DEVICE, requires_grad=True)
+    out = compiled(x)
+    out.sum().backward()
+    grad = x.grad.clone()
+    x.grad = None
+    expected = layers(x)
+    expected.sum().backward()
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(grad, x.grad)
