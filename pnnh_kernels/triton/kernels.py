@@ -101,34 +101,55 @@ def _pnnh_conv_fwd_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     code = tl.zeros((BLOCK_M, BLOCK_B), dtype=tl.float32)
-    for kh in tl.static_range(KH):
-        ih = oh * stride_h - pad_h + kh * dil_h
-        for kw in tl.static_range(KW):
-            iw = ow * stride_w - pad_w + kw * dil_w
-            inside = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            row = ((n.to(tl.int64) * H + ih) * W + iw) * C_in
-            for k0 in range(0, C_in, BLOCK_K):
-                ks = k0 + offs_k
-                mask_k = ks < C_in
-                a = tl.load(
-                    x_ptr + row[:, None] + ks[None, :],
-                    mask=inside[:, None] & mask_k[None, :],
-                    other=0.0,
-                )
-                b = tl.load(
-                    w_ptr + ((kh * KW + kw) * C_in + ks)[:, None] * C_out + offs_n[None, :],
-                    mask=mask_k[:, None] & mask_n[None, :],
-                    other=0.0,
-                )
-                acc = _mma(a, b, acc, INPUT_PRECISION, UPCAST_DOT)
-                # Compile-time condition: the centre tap is x_s (see the docstring).
-                if CODE_IN_MAIN_LOOP and kh == KH // 2 and kw == KW // 2:
-                    e = tl.load(
-                        we_ptr + offs_b[None, :] * C_in + ks[:, None],
-                        mask=mask_k[:, None] & (offs_b[None, :] < C_B),
-                        other=0.0,
-                    )
-                    code = _mma(a, e, code, INPUT_PRECISION, UPCAST_DOT)
+    image = n.to(tl.int64) * H
+    if CODE_IN_MAIN_LOOP:
+        # The centre tap first: its x tiles are x_s and also feed the encoder (x is read once).
+        CENTRE: tl.constexpr = (KH // 2) * KW + KW // 2
+        row_s = ((image + oh * stride_h) * W + ow * stride_w) * C_in
+        for k0 in range(0, C_in, BLOCK_K):
+            ks = k0 + offs_k
+            mask_k = ks < C_in
+            a = tl.load(
+                x_ptr + row_s[:, None] + ks[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0
+            )
+            b = tl.load(
+                w_ptr + (CENTRE * C_in + ks)[:, None] * C_out + offs_n[None, :],
+                mask=mask_k[:, None] & mask_n[None, :],
+                other=0.0,
+            )
+            acc = _mma(a, b, acc, INPUT_PRECISION, UPCAST_DOT)
+            e = tl.load(
+                we_ptr + offs_b[None, :] * C_in + ks[:, None],
+                mask=mask_k[:, None] & (offs_b[None, :] < C_B),
+                other=0.0,
+            )
+            code = _mma(a, e, code, INPUT_PRECISION, UPCAST_DOT)
+        LOOP_TAPS: tl.constexpr = KH * KW - 1
+    else:
+        CENTRE: tl.constexpr = KH * KW  # no tap is skipped
+        LOOP_TAPS: tl.constexpr = KH * KW
+    # One flat loop over (tap, channel chunk): a loop Triton can software-pipeline, and one set of
+    # pointer tiles live at a time (unrolling the taps statically spilled at 255 registers).
+    k_chunks = tl.cdiv(C_in, BLOCK_K)
+    for step in range(0, LOOP_TAPS * k_chunks):
+        tap = step // k_chunks
+        tap = tap + (tap >= CENTRE).to(tl.int32)
+        k0 = (step % k_chunks) * BLOCK_K
+        ih = oh * stride_h - pad_h + (tap // KW) * dil_h
+        iw = ow * stride_w - pad_w + (tap % KW) * dil_w
+        inside = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        row = ((image + ih) * W + iw) * C_in
+        ks = k0 + offs_k
+        mask_k = ks < C_in
+        a = tl.load(
+            x_ptr + row[:, None] + ks[None, :], mask=inside[:, None] & mask_k[None, :], other=0.0
+        )
+        b = tl.load(
+            w_ptr + (tap * C_in + ks)[:, None] * C_out + offs_n[None, :],
+            mask=mask_k[:, None] & mask_n[None, :],
+            other=0.0,
+        )
+        acc = _mma(a, b, acc, INPUT_PRECISION, UPCAST_DOT)
 
     if HAS_SCALE:
         acc = acc * tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
@@ -136,7 +157,7 @@ def _pnnh_conv_fwd_kernel(
         acc = acc + tl.load(shift_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
 
     if HAS_CODER:
-        row_s = ((n.to(tl.int64) * H + oh * stride_h) * W + ow * stride_w) * C_in
+        row_s = ((image + oh * stride_h) * W + ow * stride_w) * C_in
         for b0 in range(0, C_B, BLOCK_B):
             bs = b0 + offs_b
             mask_b = bs < C_B
@@ -393,36 +414,40 @@ def _pnnh_conv_dgrad_kernel(
     ih = pixel // W
     iw = pixel % W
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kh in tl.static_range(KH):
-        num_h = ih + pad_h - kh * dil_h
+    image = n.to(tl.int64) * OH
+    # One flat, pipelinable loop over (tap, output-channel chunk), as in the forward kernel.
+    c_chunks = tl.cdiv(C_out, BLOCK_K)
+    for step in range(0, KH * KW * c_chunks):
+        tap = step // c_chunks
+        c0 = (step % c_chunks) * BLOCK_K
+        num_h = ih + pad_h - (tap // KW) * dil_h
+        num_w = iw + pad_w - (tap % KW) * dil_w
+        # Clamp before dividing: the interpreter (numpy) floors negative quotients, GPUs truncate.
         num_h_safe = tl.maximum(num_h, 0)
+        num_w_safe = tl.maximum(num_w, 0)
         oh = num_h_safe // stride_h
-        ok_h = (num_h >= 0) & (num_h_safe % stride_h == 0) & (oh < OH)
-        for kw in tl.static_range(KW):
-            num_w = iw + pad_w - kw * dil_w
-            num_w_safe = tl.maximum(num_w, 0)
-            ow = num_w_safe // stride_w
-            ok = mask_m & ok_h & (num_w >= 0) & (num_w_safe % stride_w == 0) & (ow < OW)
-            row = ((n.to(tl.int64) * OH + oh) * OW + ow) * C_out
-            for c0 in range(0, C_out, BLOCK_K):
-                cs = c0 + offs_k
-                mask_c = cs < C_out
-                tile = ok[:, None] & mask_c[None, :]
-                g = tl.load(dy_ptr + row[:, None] + cs[None, :], mask=tile, other=0.0)
-                if RELU:
-                    y = tl.load(y_ptr + row[:, None] + cs[None, :], mask=tile, other=0.0)
-                    g = tl.where(y > 0, g, tl.zeros_like(g))
-                if HAS_SCALE:
-                    g = g * tl.load(scale_ptr + cs, mask=mask_c, other=0.0)[None, :]
-                b = tl.load(
-                    w_ptr + ((kh * KW + kw) * C_in + offs_n)[None, :] * C_out + cs[:, None],
-                    mask=mask_c[:, None] & mask_n[None, :],
-                    other=0.0,
-                )
-                acc = _mma(g.to(b.dtype), b, acc, INPUT_PRECISION, UPCAST_DOT)
+        ow = num_w_safe // stride_w
+        ok = mask_m & (num_h >= 0) & (num_w >= 0) & (oh < OH) & (ow < OW)
+        ok = ok & (num_h_safe % stride_h == 0) & (num_w_safe % stride_w == 0)
+        row = ((image + oh) * OW + ow) * C_out
+        cs = c0 + offs_k
+        mask_c = cs < C_out
+        tile = ok[:, None] & mask_c[None, :]
+        g = tl.load(dy_ptr + row[:, None] + cs[None, :], mask=tile, other=0.0)
+        if RELU:
+            y = tl.load(y_ptr + row[:, None] + cs[None, :], mask=tile, other=0.0)
+            g = tl.where(y > 0, g, tl.zeros_like(g))
+        if HAS_SCALE:
+            g = g * tl.load(scale_ptr + cs, mask=mask_c, other=0.0)[None, :]
+        b = tl.load(
+            w_ptr + (tap * C_in + offs_n)[None, :] * C_out + cs[:, None],
+            mask=mask_c[:, None] & mask_n[None, :],
+            other=0.0,
+        )
+        acc = _mma(g.to(b.dtype), b, acc, INPUT_PRECISION, UPCAST_DOT)
     if HAS_CODER:
         on_grid = mask_m & (ih % stride_h == 0) & (iw % stride_w == 0)
-        row_s = (n.to(tl.int64) * OH + ih // stride_h) * OW + iw // stride_w
+        row_s = (image + ih // stride_h) * OW + iw // stride_w
         for b0 in range(0, C_B, BLOCK_K):
             bs = b0 + offs_k
             mask_b = bs < C_B

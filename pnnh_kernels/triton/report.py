@@ -24,9 +24,11 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from pnnh_kernels.triton import kernels
-from pnnh_kernels.triton.pnnh_conv import ConvConfig, choose_config
+from pnnh_kernels.triton.pnnh_conv import ConvConfig, choose_config, wgrad_reduction_block
 
 TARGETS = {"sm_80": GPUTarget("cuda", 80, 32), "sm_90": GPUTarget("cuda", 90, 32)}
+# Most dynamic shared memory one block may use (A100: 163 KiB, H100: 227 KiB).
+SHARED_MEMORY_LIMIT = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 # Pointers that are float32 whatever the data dtype (folded BatchNorm vectors, weight gradients).
@@ -47,6 +49,32 @@ class KernelSpec:
     constexprs: dict[str, Any]
     num_warps: int
     num_stages: int
+
+
+# The runtime integers of a ResNet-18 CIFAR first-stage layer (batch 256, 64 x 32 x 32, 3x3, C_B 32)
+# as the launchers pass them. The report specialises them the way Triton's JIT does at a launch:
+# an int equal to 1 becomes a constant, a multiple of 16 is marked divisible by 16 (as are the
+# pointers), which is what lets the compiler vectorise loads. Without these hints the compiled code
+# differs from what a GPU launch compiles (per-element pointers, and spills that never happen).
+STAGE_INTS = {
+    "M": 256 * 32 * 32,
+    "NHW": 256 * 32 * 32,
+    "H": 32,
+    "W": 32,
+    "OH": 32,
+    "OW": 32,
+    "C_in": 64,
+    "C_out": 64,
+    "C_B": 32,
+    "C_x": 64,
+    "C_g": 64,
+    "stride_h": 1,
+    "stride_w": 1,
+    "pad_h": 1,
+    "pad_w": 1,
+    "dil_h": 1,
+    "dil_w": 1,
+}
 
 
 def kernel_specs(dtype: torch.dtype, channels: int = 64) -> list[KernelSpec]:
@@ -107,7 +135,7 @@ def kernel_specs(dtype: torch.dtype, channels: int = 64) -> list[KernelSpec]:
                 "RELU": True,
                 "BLOCK_X": config.block_n,
                 "BLOCK_G": config.block_n,
-                "BLOCK_M": config.block_m,
+                "BLOCK_M": wgrad_reduction_block(config),
             },
             config.num_warps,
             config.num_stages,
@@ -132,20 +160,31 @@ def kernel_specs(dtype: torch.dtype, channels: int = 64) -> list[KernelSpec]:
     ]
 
 
-def signature(spec: KernelSpec, dtype: torch.dtype) -> dict[str, str]:
-    types = {}
-    for name in spec.fn.arg_names:
-        if name in spec.constexprs:
+def specialise(spec: KernelSpec, dtype: torch.dtype) -> tuple[dict[str, str], dict[str, Any], dict]:
+    """(signature, constexprs, attrs) for ``ASTSource``, specialised like a JIT launch."""
+    types: dict[str, str] = {}
+    constexprs = dict(spec.constexprs)
+    attrs: dict[tuple[int, ...], list] = {}
+    divisible = [["tt.divisibility", 16]]
+    for index, name in enumerate(spec.fn.arg_names):
+        if name in constexprs:
             types[name] = "constexpr"
         elif name.endswith("_ptr"):
             types[name] = "*fp32" if name in FLOAT32_POINTERS else "*" + TRITON_TYPES[dtype]
+            attrs[(index,)] = divisible
+        elif STAGE_INTS[name] == 1:
+            constexprs[name] = 1
+            types[name] = "constexpr"
         else:
             types[name] = "i32"
-    return types
+            if STAGE_INTS[name] % 16 == 0:
+                attrs[(index,)] = divisible
+    return types, constexprs, attrs
 
 
 def compile_kernel(spec: KernelSpec, dtype: torch.dtype, target: GPUTarget) -> Any:
-    source = ASTSource(spec.fn, signature(spec, dtype), spec.constexprs)
+    types, constexprs, attrs = specialise(spec, dtype)
+    source = ASTSource(spec.fn, types, constexprs, attrs)
     return triton.compile(
         source, target=target, options={"num_warps": spec.num_warps, "num_stages": spec.num_stages}
     )
@@ -201,7 +240,10 @@ def report_rows(dtype_names: list[str], target_names: list[str]) -> list[dict[st
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    header = "| kernel | dtype | target | tiles | warps/stages | regs | smem (B) | stack/local (spills) | instructions |"
+    header = (
+        "| kernel | dtype | target | tiles | warps/stages | regs | smem (B) "
+        "| stack/local (spills) | instructions |"
+    )
     lines = [header, "|" + "---|" * 9]
     for row in rows:
         used = ", ".join(f"{name} x{count}" for name, count in row["instructions"].items() if count)
