@@ -10,6 +10,7 @@ dtype: registers, shared memory, stack and local memory (spills), and the instru
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -259,8 +260,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", choices=list(DTYPES), action="append")
     parser.add_argument("--target", choices=list(TARGETS), action="append")
+    parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        parser.error("unset TRITON_INTERPRET: interpreted kernels cannot be compiled ahead of time")
     rows = report_rows(args.dtype or ["bf16", "fp32"], args.target or list(TARGETS))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
     print(f"triton {triton.__version__}, ResNet stage 64 -> 64, 3x3, C_B = 32\n")
     print(format_table(rows))
 
