@@ -29,8 +29,11 @@ from tests.reference import assert_matches, pnnh_conv2d_reference, random_layer_
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # The smallest tiles tl.dot accepts: with channel counts above 16 they exercise every chunk loop
-# (several K chunks, several code chunks, the epilogue encoder instead of the main-loop one).
-SMALL_TILES = ConvConfig(block_m=16, block_n=16, block_k=16, block_b=16, num_warps=1, num_stages=1)
+# (several K chunks, several code chunks, the epilogue encoder instead of the main-loop one), and
+# the weight-gradient reduction split into partial sums.
+SMALL_TILES = ConvConfig(
+    block_m=16, block_n=16, block_k=16, block_b=16, num_warps=1, num_stages=1, wgrad_splits=3
+)
 
 
 @dataclasses.dataclass(frozen=True)

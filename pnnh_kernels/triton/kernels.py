@@ -291,8 +291,9 @@ def _conv_wgrad_kernel(
     x_ptr,  # [N, H, W, C_x]: the image whose taps are reduced
     g_ptr,  # [M, C_g]: the gradient rows
     y_ptr,  # [M, C_g]: read for the output ReLU's mask when RELU
-    out_ptr,  # out: [KH, KW, C_x, C_g] float32
+    out_ptr,  # out: [splits, KH, KW, C_x, C_g] float32 partial sums
     M,
+    m_per_split,
     H,
     W,
     C_x,
@@ -323,12 +324,15 @@ def _conv_wgrad_kernel(
     - the encoder's ``dW_E^T`` (X = x through a 1x1 tap at the coder's stride, G = dpre),
     - the decoder's ``dW_D^T`` (X = the code scratch viewed as an OH x OW image, G = masked dy).
 
-    Grid: (C_x tiles, C_g tiles, KH * KW taps). Each program reduces over all of M in a loop, so
-    the result is deterministic (no atomics); the price is less parallelism when C_x and C_g are small.
+    Grid: (C_x tiles, C_g tiles, splits * KH * KW). Few channel tiles times nine taps is far too
+    few programs for a GPU (a 64 -> 64 layer has nine), so M is split into ``m_per_split`` ranges,
+    each program writes its partial sum, and the launcher adds the partials in a fixed order:
+    deterministic, no atomics.
     """
     pid_x = tl.program_id(0)
     pid_g = tl.program_id(1)
-    tap = tl.program_id(2)
+    split = tl.program_id(2) // (KH * KW)
+    tap = tl.program_id(2) % (KH * KW)
     kh = tap // KW
     kw = tap % KW
     offs_x = pid_x * BLOCK_X + tl.arange(0, BLOCK_X)
@@ -336,9 +340,11 @@ def _conv_wgrad_kernel(
     mask_x = offs_x < C_x
     mask_g = offs_g < C_g
     acc = tl.zeros((BLOCK_X, BLOCK_G), dtype=tl.float32)
-    for m0 in range(0, M, BLOCK_M):
+    m_start = split * m_per_split
+    m_end = tl.minimum(M, m_start + m_per_split)
+    for m0 in range(m_start, m_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < M
+        mask_m = offs_m < m_end
         n = offs_m // (OH * OW)
         pixel = offs_m % (OH * OW)
         ih = (pixel // OW) * stride_h - pad_h + kh * dil_h
@@ -355,7 +361,7 @@ def _conv_wgrad_kernel(
             y = tl.load(y_ptr + g_rows[:, None] + offs_g[None, :], mask=tile, other=0.0)
             g = tl.where(y > 0, g, tl.zeros_like(g))
         acc = _mma(a, g.to(a.dtype), acc, INPUT_PRECISION, UPCAST_DOT)
-    out = out_ptr + (tap * C_x + offs_x)[:, None] * C_g + offs_g[None, :]
+    out = out_ptr + ((split * KH * KW + tap) * C_x + offs_x)[:, None] * C_g + offs_g[None, :]
     tl.store(out, acc, mask=mask_x[:, None] & mask_g[None, :])
 
 

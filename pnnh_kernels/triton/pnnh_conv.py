@@ -35,6 +35,7 @@ class ConvConfig:
     block_b: int
     num_warps: int = 4
     num_stages: int = 2
+    wgrad_splits: Optional[int] = None  # None: chosen from the GPU's size (see wgrad_splits)
 
 
 # One large-block configuration for the CPU interpreter: it runs one Python program per tile, so
@@ -103,6 +104,18 @@ def wgrad_reduction_block(config: ConvConfig) -> int:
     tiles of a pipeline stage take 32 KiB in any dtype (fp32 at 128 pixels needed 192 KiB of
     shared memory for 3 stages, more than an A100 has per block)."""
     return 2 * config.block_k
+
+
+def wgrad_splits(config: ConvConfig, m: int, block_m: int, tiles: int, device: torch.device) -> int:
+    """How many pixel ranges the weight-gradient reduction is split into: the configuration's
+    number if it sets one, else on a GPU enough programs to fill it about four times over (each
+    still reducing at least 8 blocks of pixels), and 1 elsewhere."""
+    if config.wgrad_splits is not None:
+        return config.wgrad_splits
+    if device.type != "cuda":
+        return 1
+    target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(m, 8 * block_m), triton.cdiv(target, tiles)))
 
 
 def input_precision(dtype: torch.dtype, device: torch.device) -> str:
@@ -244,15 +257,22 @@ def _wgrad(
     """``[KH, KW, C_x, C_g]`` float32 = sum over output pixels of image_tap^T @ grad."""
     _, height, width, c_x = image.shape
     m, c_g = grad_rows.shape
-    out = _output((kernel[0], kernel[1], c_x, c_g), torch.float32, image.device)
     block_x, block_g = _block(c_x, config.block_n), _block(c_g, config.block_n)
-    grid = (triton.cdiv(c_x, block_x), triton.cdiv(c_g, block_g), kernel[0] * kernel[1])
+    block_m = wgrad_reduction_block(config)
+    taps = kernel[0] * kernel[1]
+    tiles = triton.cdiv(c_x, block_x) * triton.cdiv(c_g, block_g) * taps
+    splits = wgrad_splits(config, m, block_m, tiles, image.device)
+    m_per_split = triton.cdiv(triton.cdiv(m, splits), block_m) * block_m
+    splits = triton.cdiv(m, m_per_split)
+    partial = _output((splits, kernel[0], kernel[1], c_x, c_g), torch.float32, image.device)
+    grid = (triton.cdiv(c_x, block_x), triton.cdiv(c_g, block_g), splits * taps)
     _conv_wgrad_kernel[grid](
         image,
         grad_rows,
         y_rows,
-        out,
+        partial,
         m,
+        m_per_split,
         height,
         width,
         c_x,
@@ -268,10 +288,10 @@ def _wgrad(
         UPCAST_DOT=upcast_dot(image.dtype),
         BLOCK_X=block_x,
         BLOCK_G=block_g,
-        BLOCK_M=wgrad_reduction_block(config),
+        BLOCK_M=block_m,
         **_launch_kwargs(config),
     )
-    return out
+    return partial.sum(0) if splits > 1 else partial[0]
 
 
 def conv_backward(
