@@ -59,6 +59,7 @@ class KernelSpec:
 # differs from what a GPU launch compiles (per-element pointers, and spills that never happen).
 STAGE_INTS = {
     "M": 256 * 32 * 32,
+    "m_per_split": 4480,  # the wgrad split an H100 (132 SMs) gets for this shape
     "NHW": 256 * 32 * 32,
     "H": 32,
     "W": 32,
