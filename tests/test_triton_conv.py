@@ -15,8 +15,6 @@ from typing import Optional
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 from torch import nn
 
 pytest.importorskip("triton")
@@ -196,31 +194,6 @@ def test_chunked_paths_with_small_tiles(case):
 )
 def test_low_precision(case, dtype):
     check_case(case, dtype=dtype)
-
-
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    n=st.integers(1, 3),
-    c_in=st.integers(1, 20),
-    c_out=st.integers(1, 20),
-    code_fraction=st.sampled_from([0.0, 0.01, 0.5, 1.0]),
-    kernel=st.sampled_from([1, 3]),
-    stride=st.integers(1, 2),
-    dilation=st.integers(1, 2),
-    h=st.integers(1, 7),
-    w=st.integers(1, 7),
-    bias=st.booleans(),
-    norm=st.booleans(),
-    relu=st.booleans(),
-    small_tiles=st.booleans(),
-)
-def test_fuzz(
-    n, c_in, c_out, code_fraction, kernel, stride, dilation, h, w, bias, norm, relu, small_tiles
-):
-    c_b = 0 if code_fraction == 0 else max(1, round(code_fraction * c_in))
-    case = Case(n, c_in, c_out, c_b, kernel, stride, dilation, h, w, c_in == c_out, bias, norm, relu)
-    torch.manual_seed(n * 1000 + c_in * 31 + c_out)
-    check_case(case, config=SMALL_TILES if small_tiles else None)
 
 
 def test_module_eval_batchnorm_runs_on_triton_and_matches_torch_backend():

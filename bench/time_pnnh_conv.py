@@ -1,0 +1,134 @@
+"""GPU timing table of FusedPNNHConv against the cuDNN ResNet layer it replaces (run by device_check.sh).
+
+Per ResNet-18 CIFAR stage shape (batch 256, bf16, channels_last), the median of CUDA-event timings
+of the forward and the forward + backward of:
+
+- ``triton``: FusedPNNHConv(C, C, norm="batch", coder C/2), Triton backend;
+- ``torch``: the same layer on the eager torch backend;
+- ``cudnn``: relu(bn(conv3x3(x)) + x), the ResNet layer in PyTorch (cuDNN).
+
+BatchNorm is in eval mode for all three: the Triton backend folds eval BatchNorm into the kernel and
+sends training-mode BatchNorm to the torch backend until its kernel lands. Inputs rotate among
+buffers larger than L2; warm-up runs (compilation, autotuning) are not timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import triton
+from torch import nn
+
+from pnnh_kernels import FusedPNNHConv
+
+SHAPES = [(64, 32), (128, 16), (256, 8), (512, 4)]  # (channels, spatial size), batch 256
+
+
+class ResNetLayer(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.bn(self.conv(x)) + x)
+
+
+def time_ms(step: Callable[[torch.Tensor], None], inputs: list[torch.Tensor], repeats: int) -> float:
+    for x in inputs:  # warm-up: compilation and autotuning happen here
+        step(x)
+    torch.cuda.synchronize()
+    times = []
+    for index in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        x = inputs[index % len(inputs)]
+        start.record()
+        step(x)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--out", type=Path, default=Path("docs/perf"))
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    dtype = torch.bfloat16
+    l2_bytes = 64 * 2**20
+    rows = []
+    for channels, size in SHAPES:
+        shape = (args.batch, channels, size, size)
+        one = args.batch * channels * size * size * 2
+        buffers = max(2, -(-2 * l2_bytes // one))
+        inputs = [
+            torch.randn(shape, device=device, dtype=dtype).relu().to(memory_format=torch.channels_last)
+            for _ in range(buffers)
+        ]
+        grads = torch.randn(shape, device=device, dtype=dtype).to(memory_format=torch.channels_last)
+        torch.manual_seed(0)
+        fused = FusedPNNHConv(channels, channels, norm="batch", backend="triton", coder_init="he")
+        fused = fused.to(device, dtype, memory_format=torch.channels_last).eval()
+        eager = FusedPNNHConv(channels, channels, norm="batch", backend="torch", coder_init="he")
+        eager.load_state_dict(fused.state_dict())
+        eager = eager.to(device, dtype, memory_format=torch.channels_last).eval()
+        cudnn = ResNetLayer(channels).to(device, dtype, memory_format=torch.channels_last).eval()
+        for name, layer in (("triton", fused), ("torch", eager), ("cudnn", cudnn)):
+
+            def forward(x: torch.Tensor, layer: nn.Module = layer) -> None:
+                with torch.no_grad():
+                    layer(x)
+
+            def training(x: torch.Tensor, layer: nn.Module = layer, grads: torch.Tensor = grads) -> None:
+                x = x.detach().requires_grad_(True)
+                layer(x).backward(grads)
+
+            rows.append(
+                {
+                    "shape": f"{channels}x{size}x{size}",
+                    "layer": name,
+                    "forward_ms": time_ms(forward, inputs, args.repeats),
+                    "forward_backward_ms": time_ms(training, inputs, args.repeats),
+                }
+            )
+            print(rows[-1], flush=True)
+
+    name = torch.cuda.get_device_name(device)
+    driver = torch.cuda.driver_version() if hasattr(torch.cuda, "driver_version") else "n/a"
+    today = datetime.date.today().isoformat()
+    lines = [
+        f"# FusedPNNHConv timings on {name}, {today}",
+        "",
+        f"torch {torch.__version__}, triton {triton.__version__}, CUDA driver {driver}; batch "
+        f"{args.batch}, bf16, channels_last, BatchNorm in eval mode, median of {args.repeats} "
+        "CUDA-event timings after warm-up, inputs rotating among buffers larger than L2. "
+        "Written by bench/device_check.sh.",
+        "",
+        "| shape | layer | forward (ms) | forward+backward (ms) | fwd+bwd vs cuDNN layer |",
+        "|---|---|---|---|---|",
+    ]
+    reference = {row["shape"]: row for row in rows if row["layer"] == "cudnn"}
+    for row in rows:
+        ratio = row["forward_backward_ms"] / reference[row["shape"]]["forward_backward_ms"]
+        lines.append(
+            f"| {row['shape']} | {row['layer']} | {row['forward_ms']:.3f} | "
+            f"{row['forward_backward_ms']:.3f} | {ratio:.2f}x |"
+        )
+    table = "\n".join(lines) + "\n"
+    args.out.mkdir(parents=True, exist_ok=True)
+    slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+    path = args.out / f"pnnh_conv_{slug}_{today}.md"
+    path.write_text(table)
+    print(f"\nwritten to {path}\n\n{table}")
+
+
+if __name__ == "__main__":
+    main()
