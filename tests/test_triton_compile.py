@@ -48,3 +48,14 @@ def test_every_kernel_compiles_without_spills(dtype, target, tmp_path):
             tensor_core = "wgmma" if target == "sm_90" else "mma.sync"
             assert row["instructions"][tensor_core] > 0, row
     print("\n" + report.format_table(rows))
+
+
+def test_autotune_keys_and_configs():
+    from pnnh_kernels.triton import kernels
+    from pnnh_kernels.triton.pnnh_conv import _TUNING_KEYS, tuning_configs
+
+    for name, keys in _TUNING_KEYS.items():
+        assert set(keys) <= set(getattr(kernels, name).arg_names), name
+    configs = tuning_configs()
+    assert configs[0].kwargs == {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}  # the report's default
+    assert all(min(c.kwargs.values()) >= 16 for c in configs)  # tl.dot's minimum

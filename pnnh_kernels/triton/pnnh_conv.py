@@ -136,6 +136,56 @@ def _launch_kwargs(config: ConvConfig) -> dict[str, int]:
     return {"num_warps": config.num_warps, "num_stages": config.num_stages}
 
 
+# Autotuning (GPU only). The first configuration is the heuristic default that the compile report
+# checks for spills; the others trade tile shape against occupancy. Keys: every argument that changes
+# the best tiles (the GEMM sizes M/NHW, C_in, C_out, C_B; the image size; stride, dilation and
+# kernel size, which change the tap loop and the masked fraction; whether there is a coder and
+# where it is encoded). Outputs are only written, never accumulated, so no reset between trials.
+_TUNING_KEYS = {
+    "_pnnh_conv_fwd_kernel": [
+        "M", "H", "W", "C_in", "C_out", "C_B", "stride_h", "stride_w", "dil_h", "dil_w",
+        "KH", "KW", "HAS_CODER", "CODE_IN_MAIN_LOOP",
+    ],
+    "_pnnh_conv_dgrad_kernel": [
+        "NHW", "H", "W", "C_in", "C_out", "C_B", "stride_h", "stride_w", "dil_h", "dil_w",
+        "KH", "KW", "HAS_CODER",
+    ],
+}  # fmt: skip
+_tuned_kernels: dict[str, object] = {}
+
+
+def tuning_configs() -> list[triton.Config]:
+    configs = []
+    for block_m, block_n, block_k, warps, stages in (
+        (128, 64, 64, 8, 3),
+        (128, 64, 32, 8, 3),
+        (128, 128, 32, 8, 3),
+        (64, 64, 64, 4, 4),
+        (256, 64, 32, 8, 3),
+    ):
+        meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}
+        configs.append(triton.Config(meta, num_warps=warps, num_stages=stages))
+    return configs
+
+
+def _tuned_or_fixed(kernel, config: ConvConfig):
+    """(kernel to launch, tile keyword arguments): the autotuned kernel on a GPU with the default
+    configuration, else the plain kernel with the configuration's tiles."""
+    if interpreter_enabled() or _forced_config is not None:
+        tiles = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k}
+        return kernel, {**tiles, **_launch_kwargs(config)}
+    name = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
+    if name not in _tuned_kernels:
+        _tuned_kernels[name] = triton.autotune(configs=tuning_configs(), key=_TUNING_KEYS[name])(kernel)
+    return _tuned_kernels[name], {}
+
+
+def _grid(rows: int, columns: int, config: ConvConfig):
+    if interpreter_enabled() or _forced_config is not None:
+        return (triton.cdiv(rows, config.block_m), triton.cdiv(columns, config.block_n))
+    return lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(columns, meta["BLOCK_N"]))
+
+
 def nhwc(tensor: Tensor) -> Tensor:
     """The NHWC view of an NCHW tensor, copying into channels_last memory only if it is not."""
     return tensor.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
@@ -192,8 +242,9 @@ def conv_forward(
     has_coder = encoder_weight is not None
     dummy = weight  # stands in for absent optional pointers; never read (constexpr-guarded)
     we = encoder_weight.contiguous() if has_coder else dummy
-    grid = (triton.cdiv(m, config.block_m), triton.cdiv(c_out, config.block_n))
-    _pnnh_conv_fwd_kernel[grid](
+    kernel, tiles = _tuned_or_fixed(_pnnh_conv_fwd_kernel, config)
+    grid = _grid(m, c_out, config)
+    kernel[grid](
         x_nhwc,
         permuted_weight(weight),
         scale if scale is not None else dummy,
@@ -223,11 +274,8 @@ def conv_forward(
         RELU=relu,
         INPUT_PRECISION=input_precision(x.dtype, x.device),
         UPCAST_DOT=upcast_dot(x.dtype),
-        BLOCK_M=config.block_m,
-        BLOCK_N=config.block_n,
-        BLOCK_K=config.block_k,
         BLOCK_B=config.block_b,
-        **_launch_kwargs(config),
+        **tiles,
     )
     return y.permute(0, 3, 1, 2)
 
@@ -377,8 +425,9 @@ def conv_backward(
             grads_coder = (grads_coder[0], dpre.float().sum(0), grads_coder[2])
 
     dx = _output((n, height, width, c_in), x.dtype, x.device)
-    grid = (triton.cdiv(n * height * width, config.block_m), triton.cdiv(c_in, config.block_n))
-    _pnnh_conv_dgrad_kernel[grid](
+    kernel, tiles = _tuned_or_fixed(_pnnh_conv_dgrad_kernel, config)
+    grid = _grid(n * height * width, c_in, config)
+    kernel[grid](
         dy_nhwc,
         y_nhwc,
         scale if scale is not None else dummy,
@@ -404,10 +453,7 @@ def conv_backward(
         RELU=relu,
         INPUT_PRECISION=precision,
         UPCAST_DOT=upcast_dot(x.dtype),
-        BLOCK_M=config.block_m,
-        BLOCK_N=config.block_n,
-        BLOCK_K=config.block_k,
-        **launch,
+        **tiles,
     )
     weight_unscaled = _wgrad(x_nhwc, dy_rows, y_rows, (oh, ow), (kh, kw), geometry, relu, config)
     masked = torch.where(y_rows > 0, dy_rows, 0) if relu else dy_rows
