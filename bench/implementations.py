@@ -1,0 +1,100 @@
+"""The implementations compared in the layer benchmarks, built the same way for every shape."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from pnnh_kernels import BackendUnavailableError, FusedPNNHConv, PNNHCoder
+from pnnh_kernels.backends import resolve_backend
+
+
+class ResNetLayer(nn.Module):
+    """What a PNNH layer replaces in a ResNet: relu(bn(conv3x3(x)) + x), cuDNN through PyTorch."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.bn(self.conv(x)) + x)
+
+
+class ResNetBasicBlock(nn.Module):
+    """relu(bn(conv(relu(bn(conv(x))))) + x)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + x)
+
+
+PNNH_BACKENDS = ("torch", "torch-compile", "triton", "cuda")
+
+
+def pnnh_layer(channels: int, backend: str, coder: Optional[PNNHCoder] = None) -> FusedPNNHConv:
+    return FusedPNNHConv(
+        channels,
+        channels,
+        bias=False,
+        norm="batch",
+        coder=coder,
+        coder_init="he",  # the init does not change the speed; rectified_normal costs start-up time
+        backend="torch" if backend == "torch-compile" else backend,
+    )
+
+
+def backend_of(name: str) -> Optional[str]:
+    """The PNNH backend an implementation name uses ("pnnh-block-triton" -> "triton"), or None."""
+    for prefix in ("pnnh-block-", "pnnh-"):
+        if name.startswith(prefix):
+            return name.removeprefix(prefix)
+    return None
+
+
+def unavailable(backend: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """Why ``backend`` cannot be benchmarked here, or None."""
+    if backend == "torch-compile":
+        if device.type != "cuda":
+            return "torch.compile is benchmarked on GPUs only (on a CPU each shape compiles ~40 s)"
+        return None
+    try:
+        resolve_backend(backend, device, dtype, "conv2d")
+    except BackendUnavailableError as error:
+        return str(error)
+    return None
+
+
+def build(name: str, channels: int, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """``name``: "resnet-layer", "resnet-block", "pnnh-<backend>" or "pnnh-block-<backend>".
+
+    BatchNorm is in eval mode everywhere: the Triton backend folds eval BatchNorm into its kernel
+    and sends training-mode BatchNorm to the torch backend until that kernel lands, so eval mode is
+    where every implementation runs its own code.
+    """
+    if name == "resnet-layer":
+        module: nn.Module = ResNetLayer(channels)
+    elif name == "resnet-block":
+        module = ResNetBasicBlock(channels)
+    elif name.startswith("pnnh-block-"):
+        backend = name.removeprefix("pnnh-block-")
+        coder = PNNHCoder(channels, channels // 2, init="he")
+        module = nn.Sequential(
+            pnnh_layer(channels, backend, coder), pnnh_layer(channels, backend, coder)
+        )
+    else:
+        backend = name.removeprefix("pnnh-")
+        module = pnnh_layer(channels, backend)
+    module = module.to(device, dtype, memory_format=torch.channels_last).eval()
+    if name.endswith("torch-compile"):
+        module = torch.compile(module)
+    return module

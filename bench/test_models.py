@@ -1,0 +1,81 @@
+"""Model-level benchmarks: one training step of PNNH, plain and residual ResNets.
+
+bf16 autocast, channels_last, SGD with momentum; eager and (on GPUs) compiled. extra_info carries
+images/s, peak memory (GPUs; not measured on CPUs) and parameter counts, shared coders counted once.
+torchvision's ResNet is an extra residual baseline where torchvision imports.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bench.conftest import DEVICE, ON_GPU, note_missing, rotating
+from pnnh_kernels.models import parameter_breakdown, resnet18, resnet34
+
+if ON_GPU:
+    SETTINGS = [("cifar", 256, 32, 10), ("imagenet", 64, 224, 1000)]  # stem, batch, size, classes
+    MODELS = {"resnet18": resnet18, "resnet34": resnet34}
+    MODES = ["eager", "compiled"]
+else:
+    SETTINGS = [("cifar", 8, 32, 10)]
+    MODELS = {"resnet18": resnet18}
+    MODES = ["eager", "compiled"]
+VARIANTS = ["residual", "plain", "pnnh", "torchvision"]
+
+
+def _model(name: str, variant: str, stem: str, classes: int) -> torch.nn.Module:
+    if variant == "torchvision":
+        try:
+            import torchvision
+        except ImportError as error:
+            note_missing("torchvision", f"torchvision does not import: {error}")
+        if stem != "imagenet":
+            pytest.skip("torchvision's ResNet has the ImageNet stem only")
+        return getattr(torchvision.models, name)(num_classes=classes)
+    # The coder's init does not change the speed; "he" skips the rectified-normal pretraining.
+    return MODELS[name](variant=variant, stem=stem, num_classes=classes, coder_init="he")
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize(("stem", "batch", "size", "classes"), SETTINGS, ids=lambda v: str(v))
+@pytest.mark.parametrize("name", list(MODELS))
+def test_training_step(run_benchmark, benchmark, name, stem, batch, size, classes, variant, mode):
+    if mode == "compiled" and not ON_GPU:
+        note_missing("compiled training step", "benchmarked on GPUs only (minutes to compile on a CPU)")
+    model = _model(name, variant, stem, classes).to(DEVICE, memory_format=torch.channels_last).train()
+    parts = parameter_breakdown(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    forward = torch.compile(model) if mode == "compiled" else model
+    labels = torch.randint(0, classes, (batch,), device=DEVICE)
+
+    def make() -> torch.Tensor:
+        return torch.randn(batch, 3, size, size, device=DEVICE).to(memory_format=torch.channels_last)
+
+    def step(images: torch.Tensor) -> None:
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+            loss = F.cross_entropy(forward(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    if ON_GPU:
+        torch.cuda.reset_peak_memory_stats(DEVICE)
+    benchmark.group = f"{name} {stem} batch {batch} train step {mode}"
+    seconds = run_benchmark(step, rotating(make))
+    benchmark.extra_info.update(
+        {
+            "kind": "model",
+            "model": name,
+            "variant": variant,
+            "stem": stem,
+            "batch": batch,
+            "mode": mode,
+            "images_per_s": batch / seconds,
+            "peak_memory_bytes": torch.cuda.max_memory_allocated(DEVICE) if ON_GPU else None,
+            "parameters": parts["total"],
+            "coder_parameters": parts["coder"],
+        }
+    )
