@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format clean
+.PHONY: demo test lint bench format clean
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,14 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest
+	$(MAKE) bench
+
+# The benchmark suite at the machine's size (small shapes on a CPU, a few minutes), then the report
+# built from its JSON: CI runs both so that neither rots.
+bench: $(STAMP)
+	$(BIN)/python -m pytest bench/ --benchmark-only -q --benchmark-json=build/bench.json
+	$(BIN)/pnnh report build/bench.json --out build/bench_report > /dev/null
+	@echo "benchmark report: build/bench_report/report.md"
 
 format: $(STAMP)
 	$(BIN)/ruff format .

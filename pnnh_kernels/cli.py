@@ -17,6 +17,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_arguments(demo_parser)
     demo_parser.set_defaults(run=demo.run)
+
+    from pnnh_kernels.benchmarking import report
+
+    report_parser = commands.add_parser(
+        "report", help="Markdown report and plots from a pytest bench/ --benchmark-json file"
+    )
+    report.add_arguments(report_parser)
+    report_parser.set_defaults(run=report.run)
     return parser
 
 

@@ -1,0 +1,273 @@
+"""The claims report: a Markdown report and PNG plots from a ``pytest bench/ --benchmark-json`` file.
+
+It sets what this machine measured beside the paper's claims — "up to 0.3x higher training
+throughput" and "2x better parameter efficiency" than ResNets — and says plainly when the
+measurement does not support them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+THROUGHPUT_CLAIM = 0.3  # "up to 0.3x higher training throughput" than the ResNet
+PARAMETER_EFFICIENCY_CLAIM = 2.0  # "2x better parameter efficiency"
+
+
+@dataclass(frozen=True)
+class Result:
+    name: str
+    group: str
+    median_s: float
+    info: dict[str, Any]
+
+
+def load(path: Path) -> tuple[dict[str, Any], list[Result]]:
+    data = json.loads(Path(path).read_text())
+    results = [
+        Result(b["name"], b.get("group") or "", float(b["stats"]["median"]), b.get("extra_info", {}))
+        for b in data.get("benchmarks", [])
+    ]
+    return data, results
+
+
+def machine_name(data: dict[str, Any], results: list[Result]) -> str:
+    for result in results:
+        name = result.info.get("device_name")
+        if name and name != "cpu":
+            return name
+    cpu = data.get("machine_info", {}).get("cpu", {})
+    brand = cpu.get("brand_raw") or cpu.get("brand") or "unknown CPU"
+    return f"CPU: {brand}"
+
+
+def _layer_rows(results: list[Result]) -> list[dict[str, Any]]:
+    """One row per layer/block result with its time relative to the ResNet baseline of its group."""
+    baselines = {}
+    for r in results:
+        if r.info.get("implementation") in ("resnet-layer", "resnet-block"):
+            baselines[(r.info["kind"], r.group)] = r.median_s
+    rows = []
+    for r in results:
+        if r.info.get("kind") not in ("layer", "block"):
+            continue
+        baseline = baselines.get((r.info["kind"], r.group))
+        rows.append(
+            {
+                "kind": r.info["kind"],
+                "shape": r.info["shape"],
+                "dtype": r.info["dtype"],
+                "mode": r.info["mode"],
+                "implementation": r.info["implementation"],
+                "median_ms": r.median_s * 1e3,
+                "relative": r.median_s / baseline if baseline else None,
+                "tflops": r.info.get("tflops_per_s"),
+                "gbps": r.info.get("gb_per_s"),
+                "roofline": r.info.get("roofline_fraction"),
+            }
+        )
+    return rows
+
+
+def _model_rows(results: list[Result]) -> list[dict[str, Any]]:
+    rows = [r.info | {"median_s": r.median_s} for r in results if r.info.get("kind") == "model"]
+    residual = {
+        (row["model"], row["stem"], row["mode"]): row for row in rows if row["variant"] == "residual"
+    }
+    for row in rows:
+        base = residual.get((row["model"], row["stem"], row["mode"]))
+        row["throughput_vs_residual"] = row["images_per_s"] / base["images_per_s"] if base else None
+        row["parameters_vs_residual"] = row["parameters"] / base["parameters"] if base else None
+    return rows
+
+
+def _shape_order(shape: str) -> tuple[int, ...]:
+    """ "256x64x32x32" sorts by channels, then size, then batch."""
+    batch, channels, size, _ = (int(part) for part in shape.split("x"))
+    return channels, size, batch
+
+
+def _fmt(value: Optional[float], pattern: str = "{:.2f}") -> str:
+    return "n/a" if value is None else pattern.format(value)
+
+
+def throughput_verdict(model_rows: list[dict[str, Any]]) -> str:
+    pnnh = [r for r in model_rows if r["variant"] == "pnnh" and r["throughput_vs_residual"]]
+    if not pnnh:
+        return "not measured: no PNNH and residual training steps side by side in this file."
+    best = max(pnnh, key=lambda r: r["throughput_vs_residual"])
+    gain = best["throughput_vs_residual"] - 1.0  # "0.3x higher" means +30 %
+    where = f"{best['model']}, {best['stem']} stem, batch {best['batch']}, {best['mode']}"
+    if gain >= THROUGHPUT_CLAIM:
+        return (
+            f"supported here: PNNH trains {gain:+.1%} faster than the residual ResNet at best ({where})."
+        )
+    if gain > 0:
+        return (
+            f"partly: PNNH is faster at best by {gain:+.1%} ({where}), short of the claimed "
+            f"{THROUGHPUT_CLAIM:+.0%}."
+        )
+    return (
+        f"not supported here: PNNH is slower than the residual ResNet in every measured setting "
+        f"(best {gain:+.1%}, {where})."
+    )
+
+
+def parameter_verdict(model_rows: list[dict[str, Any]]) -> str:
+    pairs = {}
+    for r in model_rows:
+        if r["variant"] == "pnnh" and r["parameters_vs_residual"]:
+            pairs[r["model"] + " " + r["stem"]] = r["parameters_vs_residual"]
+    if not pairs:
+        return "not measured: no PNNH and residual models side by side in this file."
+    listed = ", ".join(f"{k}: {v:.3f}x the residual's parameters" for k, v in sorted(pairs.items()))
+    smaller = all(v < 1.0 for v in pairs.values())
+    verdict = "PNNH is smaller" if smaller else "PNNH is not smaller than the residual ResNet"
+    return (
+        f"{verdict} here ({listed}). Parameter *efficiency* (accuracy per parameter) also needs the "
+        "accuracies, which a speed benchmark does not measure: see `pnnh train` and docs/training.md. "
+        f"By parameter count alone, the claimed {PARAMETER_EFFICIENCY_CLAIM:.0f}x is not shown here."
+    )
+
+
+def markdown(data: dict[str, Any], results: list[Result], figures: list[str]) -> str:
+    machine = machine_name(data, results)
+    peaks = next((r.info["peaks"] for r in results if "peaks" in r.info), None)
+    lines = [
+        f"# PNNH benchmark report: {machine}",
+        "",
+        f"Run {data.get('datetime', 'unknown date')}, torch "
+        f"{next((r.info.get('torch') for r in results if r.info.get('torch')), 'unknown')}.",
+    ]
+    if peaks:
+        lines.append(
+            f"Peaks measured in this run: {peaks['matmul_flops'] / 1e12:.2f} TFLOP/s "
+            f"({peaks['matmul_dtype']} matmul), {peaks['copy_bytes_per_second'] / 1e9:.1f} GB/s "
+            "(device copy)."
+        )
+    model_rows = _model_rows(results)
+    lines += [
+        "",
+        "## The paper's claims against this machine",
+        "",
+        "| claim | measured here |",
+        "|---|---|",
+        f"| up to 0.3x higher training throughput than ResNets | {throughput_verdict(model_rows)} |",
+        f"| 2x better parameter efficiency than ResNets | {parameter_verdict(model_rows)} |",
+        "",
+        "## Layers and blocks (time relative to the cuDNN ResNet layer / BasicBlock of the same group)",
+        "",
+        "| kind | shape | dtype | mode | implementation | median (ms) | vs ResNet | TFLOP/s | GB/s "
+        "| roofline fraction |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in sorted(
+        _layer_rows(results),
+        key=lambda r: (r["kind"], _shape_order(r["shape"]), r["dtype"], r["mode"], r["implementation"]),
+    ):
+        lines.append(
+            f"| {row['kind']} | {row['shape']} | {row['dtype']} | {row['mode']} | "
+            f"{row['implementation']} | {row['median_ms']:.3f} | {_fmt(row['relative'], '{:.2f}x')} | "
+            f"{_fmt(row['tflops'], '{:.3f}')} | {_fmt(row['gbps'], '{:.1f}')} | "
+            f"{_fmt(row['roofline'], '{:.3f}')} |"
+        )
+    lines += [
+        "",
+        "## Training steps (bf16 autocast, channels_last)",
+        "",
+        "| model | stem | batch | mode | variant | images/s | vs residual | parameters "
+        "| of which coders | peak memory (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in sorted(model_rows, key=lambda r: (r["model"], r["stem"], r["mode"], r["variant"])):
+        memory = row.get("peak_memory_bytes")
+        lines.append(
+            f"| {row['model']} | {row['stem']} | {row['batch']} | {row['mode']} | {row['variant']} | "
+            f"{row['images_per_s']:.1f} | {_fmt(row['throughput_vs_residual'], '{:.2f}x')} | "
+            f"{row['parameters']:,} | {row['coder_parameters']:,} | "
+            f"{'not measured' if memory is None else f'{memory / 2**20:.0f}'} |"
+        )
+    throttled = [r.name for r in results if r.info.get("throttling")]
+    if throttled:
+        lines += ["", f"Clocks dropped (throttling) during: {', '.join(throttled)}."]
+    lines += ["", *[f"![{Path(f).stem}]({Path(f).name})" for f in figures]]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[Result], out_dir: Path) -> list[str]:
+    """PNG figures: layer time relative to the ResNet layer per shape; model images/s."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures = []
+    layer_rows = [r for r in _layer_rows(results) if r["kind"] == "layer" and r["relative"]]
+    if layer_rows:
+        panels = sorted({(r["dtype"], r["mode"]) for r in layer_rows})
+        fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+        for ax, (dtype, mode) in zip(axes[0], panels):
+            rows = [r for r in layer_rows if (r["dtype"], r["mode"]) == (dtype, mode)]
+            shapes = sorted({r["shape"] for r in rows}, key=_shape_order)
+            implementations = sorted({r["implementation"] for r in rows})
+            width = 0.8 / len(implementations)
+            by_key = defaultdict(lambda: float("nan"))
+            for r in rows:
+                by_key[(r["shape"], r["implementation"])] = r["relative"]
+            for index, implementation in enumerate(implementations):
+                values = [by_key[(shape, implementation)] for shape in shapes]
+                positions = [i + index * width for i in range(len(shapes))]
+                ax.bar(positions, values, width, label=implementation)
+            ax.axhline(1.0, color="black", linewidth=0.8)
+            ax.set_xticks([i + 0.4 - width / 2 for i in range(len(shapes))], shapes, rotation=30)
+            ax.set_ylabel("time / ResNet layer (PyTorch: cuDNN on GPUs)")
+            ax.set_title(f"{dtype} {mode}")
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out_dir / "layers_relative.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        figures.append(str(path))
+    model_rows = _model_rows(results)
+    if model_rows:
+        labels = [f"{r['model']} {r['stem']} {r['mode']}\n{r['variant']}" for r in model_rows]
+        fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(labels)), 4))
+        ax.bar(range(len(labels)), [r["images_per_s"] for r in model_rows])
+        ax.set_xticks(range(len(labels)), labels, rotation=60, fontsize=7)
+        ax.set_ylabel("images/s (training step)")
+        fig.tight_layout()
+        path = out_dir / "models_throughput.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        figures.append(str(path))
+    return figures
+
+
+def write_report(bench_json: Path, out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data, results = load(bench_json)
+    figures = plot(results, out_dir)
+    path = out_dir / "report.md"
+    path.write_text(markdown(data, results, figures))
+    return path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("bench_json", type=Path, help="output of pytest bench/ --benchmark-json=FILE")
+    parser.add_argument("--out", type=Path, default=Path("bench_report"), help="output folder")
+
+
+def run(args: argparse.Namespace) -> None:
+    path = write_report(args.bench_json, args.out)
+    print(path.read_text())
+    print(f"written to {path}")
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    run(parser.parse_args(argv))

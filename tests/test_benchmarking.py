@@ -1,0 +1,135 @@
+"""The benchmark suite's own logic: cost counting, roofline, telemetry without NVML, the report."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from pnnh_kernels.benchmarking import counting, telemetry
+from pnnh_kernels.benchmarking.peaks import measure_peaks
+from pnnh_kernels.benchmarking.report import (
+    load,
+    markdown,
+    parameter_verdict,
+    throughput_verdict,
+    write_report,
+)
+
+
+def test_conv_layer_cost_counts_macs_and_bytes():
+    shape = counting.LayerShape(batch=2, channels=8, size=4)
+    plain = counting.conv_layer_cost(shape, element_bytes=2, mode="forward")
+    pixels = 2 * 4 * 4
+    assert plain.flops == 2 * pixels * 8 * 8 * 9
+    parameters = 8 * 8 * 9 + 2 * 8
+    assert plain.bytes == 2 * pixels * 8 * 2 + parameters * 2
+    coder = counting.conv_layer_cost(shape, element_bytes=2, mode="forward", code_channels=4)
+    assert coder.flops - plain.flops == 2 * pixels * 2 * 8 * 4
+    training = counting.conv_layer_cost(shape, element_bytes=2, mode="forward+backward")
+    assert training.flops == 3 * plain.flops
+    with pytest.raises(ValueError, match="mode"):
+        counting.conv_layer_cost(shape, 2, "backward")
+
+
+def test_roofline_picks_the_binding_limit():
+    cost = counting.Cost(flops=1e12, bytes=1e9)
+    assert counting.roofline_seconds(cost, peak_flops=1e12, peak_bytes_per_second=1e12) == 1.0
+    assert counting.roofline_seconds(cost, peak_flops=1e15, peak_bytes_per_second=1e9) == 1.0
+    info = counting.achieved(cost, seconds=2.0, peak_flops=1e12, peak_bytes_per_second=1e12)
+    assert info["tflops_per_s"] == 0.5
+    assert info["roofline_fraction"] == 0.5
+
+
+def test_telemetry_without_nvml_says_absent(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # makes "import pynvml" fail
+    assert telemetry.snapshot()["nvml"].startswith("absent")
+
+
+def test_clock_drop_is_reported():
+    before = {"sm_clock_mhz": 1980, "temperature_c": 60, "power_w": 500}
+    assert telemetry.clock_drop(before, before) is None
+    after = {"sm_clock_mhz": 1500, "temperature_c": 85, "power_w": 700}
+    assert "throttling" in telemetry.clock_drop(before, after)
+    info = {}
+    with pytest.warns(UserWarning, match="throttling"):
+        telemetry.record(info, before, after)
+    assert "throttling" in info
+    assert telemetry.clock_drop({"nvml": "absent"}, after) is None
+
+
+def test_cpu_peaks_are_positive():
+    peaks = measure_peaks(torch.device("cpu"), repeats=1)
+    assert peaks.matmul_flops > 1e8
+    assert peaks.copy_bytes_per_second > 1e8
+
+
+def _benchmark(name, group, median, **info):
+    return {"name": name, "group": group, "stats": {"median": median}, "extra_info": info}
+
+
+def _recorded_run(pnnh_images_per_s: float, pnnh_parameters: int) -> dict:
+    peaks = {"matmul_flops": 1e12, "matmul_dtype": "bfloat16", "copy_bytes_per_second": 1e12}
+    layer = {"kind": "layer", "shape": "8x64x32x32", "dtype": "bf16", "mode": "forward", "peaks": peaks}
+    model = {"kind": "model", "model": "resnet18", "stem": "cifar", "batch": 8, "mode": "eager"}
+    return {
+        "datetime": "2026-11-26T00:00:00",
+        "machine_info": {"cpu": {"brand_raw": "Test CPU"}},
+        "benchmarks": [
+            _benchmark("a", "g", 0.002, implementation="resnet-layer", tflops_per_s=1.0, **layer),
+            _benchmark("b", "g", 0.003, implementation="pnnh-torch", tflops_per_s=0.7, **layer),
+            _benchmark(
+                "c",
+                "m",
+                0.1,
+                variant="residual",
+                images_per_s=80.0,
+                parameters=1000,
+                coder_parameters=0,
+                **model,
+            ),
+            _benchmark(
+                "d",
+                "m",
+                0.1,
+                variant="pnnh",
+                images_per_s=pnnh_images_per_s,
+                parameters=pnnh_parameters,
+                coder_parameters=10,
+                **model,
+            ),
+        ],
+    }
+
+
+def test_report_says_when_the_claims_do_not_hold(tmp_path):
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(_recorded_run(pnnh_images_per_s=60.0, pnnh_parameters=1010)))
+    data, results = load(path)
+    text = markdown(data, results, [])
+    assert "Test CPU" in text
+    assert "not supported here" in text
+    assert "PNNH is not smaller" in text
+    assert "| layer | 8x64x32x32 | bf16 | forward | pnnh-torch | 3.000 | 1.50x |" in text
+
+
+def test_report_says_when_the_claims_hold(tmp_path):
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(_recorded_run(pnnh_images_per_s=110.0, pnnh_parameters=400)))
+    _, results = load(path)
+    from pnnh_kernels.benchmarking.report import _model_rows
+
+    rows = _model_rows(results)
+    assert throughput_verdict(rows).startswith("supported here: PNNH trains +37.5% faster")
+    assert parameter_verdict(rows).startswith("PNNH is smaller")
+
+
+def test_write_report_makes_markdown_and_plots(tmp_path):
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(_recorded_run(pnnh_images_per_s=60.0, pnnh_parameters=1010)))
+    report = write_report(path, tmp_path / "out")
+    assert report.read_text().startswith("# PNNH benchmark report: CPU: Test CPU")
+    for figure in ("layers_relative.png", "models_throughput.png"):
+        assert (tmp_path / "out" / figure).read_bytes()[:4] == b"\x89PNG"
