@@ -26,6 +26,7 @@ test: lint
 # The benchmark suite at the machine's size (small shapes on a CPU, a few minutes), then the report
 # built from its JSON: CI runs both so that neither rots.
 bench: $(STAMP)
+	mkdir -p build
 	$(BIN)/python -m pytest bench/ --benchmark-only -q --benchmark-json=build/bench.json
 	$(BIN)/pnnh report build/bench.json --out build/bench_report > /dev/null
 	@echo "benchmark report: build/bench_report/report.md"

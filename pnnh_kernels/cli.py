@@ -25,6 +25,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_arguments(report_parser)
     report_parser.set_defaults(run=report.run)
+
+    from pnnh_kernels import profile_step
+
+    profile_parser = commands.add_parser(
+        "profile", help="run one warmed-up layer or training step for Nsight (docs/profiling.md)"
+    )
+    profile_step.add_arguments(profile_parser)
+    profile_parser.set_defaults(run=profile_step.run)
     return parser
 
 

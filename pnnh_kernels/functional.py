@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from pnnh_kernels import profiling
 from pnnh_kernels.backends import resolve_backend
 from pnnh_kernels.backends.call import ACTIVATIONS, BatchNormParams, ConvCall, LinearCall
 from pnnh_kernels.coder import CoderTensors
@@ -189,7 +190,16 @@ def pnnh_conv2d(
         "conv2d",
         batch_norm_training=norm is not None and norm.training,
     )
-    out = chosen.conv2d(ConvCall(batched, weight, bias, coder, geometry, norm, activation))
+    call = ConvCall(batched, weight, bias, coder, geometry, norm, activation)
+    if profiling.nvtx_enabled():
+        label = (
+            f"pnnh_conv2d[{chosen.name}] {'x'.join(map(str, batched.shape))} -> {weight.shape[0]} "
+            f"k{geometry.kernel_size[0]} s{geometry.stride[0]}"
+        )
+        with profiling.op_range(label):
+            out = chosen.conv2d(call)
+    else:
+        out = chosen.conv2d(call)
     return out.squeeze(0) if unbatched else out
 
 
@@ -245,4 +255,9 @@ def pnnh_linear(
     if coder is not None:
         _check_coder(coder, in_features, out_features)
     chosen = resolve_backend(backend, input.device, input.dtype, "linear")
-    return chosen.linear(LinearCall(input, weight, bias, coder, activation))
+    call = LinearCall(input, weight, bias, coder, activation)
+    if profiling.nvtx_enabled():
+        label = f"pnnh_linear[{chosen.name}] {'x'.join(map(str, input.shape))} -> {weight.shape[0]}"
+        with profiling.op_range(label):
+            return chosen.linear(call)
+    return chosen.linear(call)
