@@ -2,8 +2,10 @@
 # One GPU check, run on a lent GPU machine (it has torch, triton, pytest, no network):
 #   bash bench/device_check.sh
 # 1. the GPU test subset (the same tests the CPU runs in the interpreter, on the real kernels),
-# 2. the timing table of bench/time_pnnh_conv.py, written to docs/perf/ (or $OUT/perf when the
-#    device tool's $OUT is set, so that it comes back) and printed last.
+# 2. the benchmark suite on the CIFAR shapes and its claims report,
+# 3. the timing table of bench/time_pnnh_conv.py, printed last.
+# Everything is written to docs/perf/ (or $OUT/perf when the device tool's $OUT is set, so that it
+# comes back to the developer's machine).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -13,7 +15,16 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 python3 -m pytest -x -q -p no:cacheprovider tests/test_triton_conv.py tests/test_pnnh_conv.py 2>&1 | tail -25
 tests_status=${PIPESTATUS[0]}
 perf_dir="${OUT:+$OUT/perf}"
-python3 bench/time_pnnh_conv.py --out "${perf_dir:-docs/perf}"
+out_dir="${perf_dir:-docs/perf}"
+mkdir -p "$out_dir"
+# 2. The benchmark suite on the CIFAR shapes (batch 256), eager only: torch.compile of every shape
+#    would not fit the device budget. Then the claims report from its JSON.
+python3 -m pytest bench/ --benchmark-only -q -p no:cacheprovider -k "not compile and (256x or cifar)" \
+    --benchmark-json="$out_dir/bench.json" 2>&1 | tail -15
+bench_status=${PIPESTATUS[0]}
+python3 -m pnnh_kernels.bench_report "$out_dir/bench.json" --out "$out_dir/bench_report" | tail -40
+# 3. The side-by-side timing table, printed last.
+python3 bench/time_pnnh_conv.py --out "$out_dir"
 timing_status=$?
-echo "tests exit ${tests_status}, timing exit ${timing_status}"
-exit $(( tests_status != 0 || timing_status != 0 ))
+echo "tests exit ${tests_status}, bench exit ${bench_status}, timing exit ${timing_status}"
+exit $(( tests_status != 0 || bench_status != 0 || timing_status != 0 ))

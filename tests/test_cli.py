@@ -29,3 +29,26 @@ def test_module_entry_point_runs_a_tiny_demo():
     for variant in ("residual", "plain", "pnnh"):
         assert f"| {variant} |" in result.stdout
     assert "| resnet18 | residual | 11,689,512 | 0 |" in result.stdout
+
+
+def test_profile_runs_one_step_of_a_layer_and_a_model(capsys):
+    main(["profile", "--layer", "8,5,2", "--dtype", "fp32", "--warmup", "1", "--mode", "forward"])
+    main(["profile", "--model", "resnet18", "--batch", "2", "--dtype", "fp32", "--warmup", "1"])
+    out = capsys.readouterr().out
+    assert out.count("profiled step:") == 2
+    assert "backend in use: torch" in out
+
+
+def test_nvtx_ranges_are_harmless_without_a_gpu():
+    import torch
+
+    from pnnh_kernels import FusedPNNHConv, profiling
+
+    layer = FusedPNNHConv(4, 4, coder_init="he")
+    x = torch.randn(1, 4, 5, 5)
+    expected = layer(x)
+    profiling.enable_nvtx()
+    try:
+        torch.testing.assert_close(layer(x), expected)
+    finally:
+        profiling.enable_nvtx(False)

@@ -200,8 +200,11 @@ def markdown(data: dict[str, Any], results: list[Result], figures: list[str]) ->
 
 def plot(results: list[Result], out_dir: Path) -> list[str]:
     """PNG figures: layer time relative to the ResNet layer per shape; model images/s."""
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        print("plots skipped: matplotlib is not installed (pip install 'pnnh-kernels[bench]')")
+        return []
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
