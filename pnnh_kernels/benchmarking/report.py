@@ -129,7 +129,7 @@ def parameter_verdict(model_rows: list[dict[str, Any]]) -> str:
     verdict = "PNNH is smaller" if smaller else "PNNH is not smaller than the residual ResNet"
     return (
         f"{verdict} here ({listed}). Parameter *efficiency* (accuracy per parameter) also needs the "
-        "accuracies, which a speed benchmark does not measure: see `pnnh train` and docs/training.md. "
+        "accuracies, which a speed benchmark does not measure (the training issue adds them). "
         f"By parameter count alone, the claimed {PARAMETER_EFFICIENCY_CLAIM:.0f}x is not shown here."
     )
 
