@@ -24,7 +24,7 @@ python3 -m pytest bench/ --benchmark-only -q -p no:cacheprovider -k "not compile
 bench_status=${PIPESTATUS[0]}
 python3 -m pnnh_kernels.bench_report "$out_dir/bench.json" --out "$out_dir/bench_report" | tail -40
 # 3. The side-by-side timing table, printed last.
-python3 bench/time_pnnh_conv.py --out "$out_dir"
+python3 -m bench.time_pnnh_conv --out "$out_dir"
 timing_status=$?
 echo "tests exit ${tests_status}, bench exit ${bench_status}, timing exit ${timing_status}"
 exit $(( tests_status != 0 || bench_status != 0 || timing_status != 0 ))

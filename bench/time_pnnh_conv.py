@@ -24,19 +24,10 @@ import torch
 import triton
 from torch import nn
 
+from bench.implementations import ResNetLayer
 from pnnh_kernels import FusedPNNHConv
 
 SHAPES = [(64, 32), (128, 16), (256, 8), (512, 4)]  # (channels, spatial size), batch 256
-
-
-class ResNetLayer(nn.Module):
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(channels)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.bn(self.conv(x)) + x)
 
 
 def time_ms(step: Callable[[torch.Tensor], None], inputs: list[torch.Tensor], repeats: int) -> float:

@@ -26,7 +26,8 @@ def _activate(tensor: Tensor, activation: Optional[str]) -> Tensor:
     return F.relu(tensor) if activation == "relu" else tensor
 
 
-def _memory_format_of(tensor: Tensor) -> torch.memory_format:
+def memory_format_of(tensor: Tensor) -> torch.memory_format:
+    """channels_last when ``tensor`` is unambiguously in it, else contiguous: an output's layout."""
     if tensor.is_contiguous(memory_format=torch.channels_last) and not tensor.is_contiguous():
         return torch.channels_last
     return torch.contiguous_format
@@ -58,7 +59,7 @@ def conv2d(call: ConvCall) -> Tensor:
         )
         z = z + F.conv2d(code, call.coder.decoder()[:, :, None, None])
     # Elementwise ops may pick either layout when their operands disagree; the caller's layout wins.
-    return _activate(z, call.activation).contiguous(memory_format=_memory_format_of(call.input))
+    return _activate(z, call.activation).contiguous(memory_format=memory_format_of(call.input))
 
 
 def linear(call: LinearCall) -> Tensor:

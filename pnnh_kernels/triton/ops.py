@@ -26,20 +26,20 @@ import torch
 from torch import Tensor
 
 from pnnh_kernels.backends.call import ConvCall
+from pnnh_kernels.backends.reference import memory_format_of
+from pnnh_kernels.conv_geometry import ConvGeometry
 from pnnh_kernels.triton import pnnh_conv
-from pnnh_kernels.triton.pnnh_conv import Geometry, conv_backward, conv_forward, permuted_weight
+from pnnh_kernels.triton.pnnh_conv import conv_backward, conv_forward, permuted_weight
 
 
-def _geometry(stride: list[int], padding: list[int], dilation: list[int]) -> Geometry:
-    return Geometry((stride[0], stride[1]), (padding[0], padding[1]), (dilation[0], dilation[1]))
-
-
-def _output_shape(x: Tensor, weight: Tensor, g: Geometry) -> tuple[int, int, int, int]:
-    n, _, height, width = x.shape
-    c_out, _, kh, kw = weight.shape
-    oh = (height + 2 * g.padding[0] - g.dilation[0] * (kh - 1) - 1) // g.stride[0] + 1
-    ow = (width + 2 * g.padding[1] - g.dilation[1] * (kw - 1) - 1) // g.stride[1] + 1
-    return n, c_out, oh, ow
+def _geometry(
+    weight: Tensor, stride: list[int], padding: list[int], dilation: list[int]
+) -> ConvGeometry:
+    """The op's geometry; the functional entry point has already validated it."""
+    kernel = (weight.shape[2], weight.shape[3])
+    return ConvGeometry(
+        kernel, (stride[0], stride[1]), (padding[0], padding[1]), (dilation[0], dilation[1])
+    )
 
 
 @torch.library.custom_op("pnnh::conv2d_fused", mutates_args=())
@@ -64,7 +64,7 @@ def conv2d_fused(
         encoder_weight,
         encoder_bias,
         decoder_weight,
-        _geometry(stride, padding, dilation),
+        _geometry(weight, stride, padding, dilation),
         relu,
     )
 
@@ -83,8 +83,8 @@ def _conv2d_fused_fake(
     dilation,
     relu,
 ):
-    n, c_out, oh, ow = _output_shape(x, weight, _geometry(stride, padding, dilation))
-    return x.new_empty((n, oh, ow, c_out)).permute(0, 3, 1, 2)
+    oh, ow = _geometry(weight, stride, padding, dilation).output_size(x.shape[2], x.shape[3])
+    return x.new_empty((x.shape[0], oh, ow, weight.shape[0])).permute(0, 3, 1, 2)
 
 
 @torch.library.custom_op("pnnh::conv2d_fused_backward", mutates_args=())
@@ -112,7 +112,7 @@ def conv2d_fused_backward(
         encoder_weight,
         encoder_bias,
         decoder_weight,
-        _geometry(stride, padding, dilation),
+        _geometry(weight, stride, padding, dilation),
         relu,
     )
 
@@ -235,12 +235,6 @@ def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
     return torch.get_autocast_dtype(device.type)
 
 
-def _memory_format_of(tensor: Tensor) -> torch.memory_format:
-    if tensor.is_contiguous(memory_format=torch.channels_last) and not tensor.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
-
-
 def conv2d(call: ConvCall) -> Tensor:
     """The Triton backend's conv2d: fold bias and eval BatchNorm, apply autocast, run the op."""
     norm = call.norm
@@ -276,7 +270,7 @@ def conv2d(call: ConvCall) -> Tensor:
         list(call.geometry.dilation),
         call.activation == "relu",
     )
-    return out.contiguous(memory_format=_memory_format_of(call.input))
+    return out.contiguous(memory_format=memory_format_of(call.input))
 
 
 __all__ = ["conv2d", "conv2d_fused", "conv2d_fused_backward", "pnnh_conv"]

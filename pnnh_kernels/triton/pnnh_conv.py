@@ -15,6 +15,7 @@ import torch
 import triton
 from torch import Tensor
 
+from pnnh_kernels.conv_geometry import ConvGeometry
 from pnnh_kernels.triton import interpreter_enabled
 from pnnh_kernels.triton.kernels import (
     _conv_wgrad_kernel,
@@ -191,20 +192,6 @@ def nhwc(tensor: Tensor) -> Tensor:
     return tensor.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
 
 
-@dataclass(frozen=True)
-class Geometry:
-    stride: tuple[int, int]
-    padding: tuple[int, int]
-    dilation: tuple[int, int]
-
-
-def _output_hw(height: int, width: int, kernel: tuple[int, int], g: Geometry) -> tuple[int, int]:
-    out = []
-    for size, k, s, p, d in zip((height, width), kernel, g.stride, g.padding, g.dilation):
-        out.append((size + 2 * p - d * (k - 1) - 1) // s + 1)
-    return out[0], out[1]
-
-
 def permuted_weight(weight: Tensor) -> Tensor:
     """[C_out, C_in, KH, KW] -> [KH, KW, C_in, C_out], contiguous."""
     return weight.permute(2, 3, 1, 0).contiguous()
@@ -225,13 +212,13 @@ def conv_forward(
     encoder_weight: Optional[Tensor],
     encoder_bias: Optional[Tensor],
     decoder_weight: Optional[Tensor],
-    geometry: Geometry,
+    geometry: ConvGeometry,
     relu: bool,
 ) -> Tensor:
     """The fused forward; returns an NCHW tensor in channels_last memory."""
     n, c_in, height, width = x.shape
     c_out, _, kh, kw = weight.shape
-    oh, ow = _output_hw(height, width, (kh, kw), geometry)
+    oh, ow = geometry.output_size(height, width)
     c_b = 0 if encoder_weight is None else encoder_weight.shape[0]
     x_nhwc = nhwc(x)
     y = _output((n, oh, ow, c_out), x.dtype, x.device)
@@ -298,7 +285,7 @@ def _wgrad(
     y_rows: Tensor,
     out_hw: tuple[int, int],
     kernel: tuple[int, int],
-    geometry: Geometry,
+    geometry: ConvGeometry,
     relu: bool,
     config: ConvConfig,
 ) -> Tensor:
@@ -351,7 +338,7 @@ def conv_backward(
     encoder_weight: Optional[Tensor],
     encoder_bias: Optional[Tensor],
     decoder_weight: Optional[Tensor],
-    geometry: Geometry,
+    geometry: ConvGeometry,
     relu: bool,
 ) -> ConvGradients:
     """All gradients of the fused op from x, the output y (its ReLU mask) and the weights.
@@ -409,10 +396,10 @@ def conv_backward(
             BLOCK_K=config.block_k,
             **launch,
         )
-        one_by_one = Geometry(geometry.stride, (0, 0), (1, 1))
+        one_by_one = ConvGeometry((1, 1), geometry.stride, (0, 0), (1, 1))
         # dW_E^T[c_in, c_b] = x_s^T @ dpre; dW_D^T[c_b, c_out] = code^T @ dp
         encoder_t = _wgrad(x_nhwc, dpre, dpre, (oh, ow), (1, 1), one_by_one, False, config)[0, 0]
-        unit = Geometry((1, 1), (0, 0), (1, 1))
+        unit = ConvGeometry((1, 1), (1, 1), (0, 0), (1, 1))
         decoder_t = _wgrad(
             code.view(n, oh, ow, c_b), dy_rows, y_rows, (oh, ow), (1, 1), unit, relu, config
         )[0, 0]
