@@ -22,7 +22,8 @@ class CoderBank:
     Layers that ask with the same key get the same coder: the paper's weight sharing. A layer that
     keeps its width and stride gets a tied coder; one that changes width or stride gets an untied
     one (W_D: C_out x C_B, like ResNet's projection shortcut). ``enabled=False`` (the plain and
-    residual variants) hands out None, i.e. no coder. ``shared=False`` gives every layer its own.
+    residual variants) hands out None, i.e. no coder. ``shared=False`` gives every layer its own;
+    ``tied=False`` makes every coder untied.
     """
 
     def __init__(
@@ -32,8 +33,10 @@ class CoderBank:
         shared: bool = True,
         average_shared_gradient: bool = True,
         code_channels: Optional[int] = None,
+        tied: bool = True,
     ) -> None:
         self.enabled = enabled
+        self.tied = tied
         self.init = init
         self.shared = shared
         self.average_shared_gradient = average_shared_gradient
@@ -53,7 +56,7 @@ class CoderBank:
             in_channels,
             code,
             out_channels,
-            tied=in_channels == out_channels and stride == 1,
+            tied=self.tied and in_channels == out_channels and stride == 1,
             init=self.init,
             average_shared_gradient=self.average_shared_gradient,
         )

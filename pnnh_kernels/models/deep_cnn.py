@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch import Tensor, nn
 
 from pnnh_kernels.models.coder_bank import CoderBank, check_variant
@@ -19,16 +18,19 @@ class ResidualLayer(nn.Module):
     def __init__(self, layer: FusedPNNHConv) -> None:
         super().__init__()
         self.layer = layer
+        # A module, not torch.relu, so that analysis hooks (dissipation_report) see this ReLU.
+        self.relu = nn.ReLU()
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.relu(self.layer(x) + x)
+        return self.relu(self.layer(x) + x)
 
 
 class DeepCNN(nn.Module):
     """stem (3x3 conv + BN + ReLU, no coder) -> ``depth`` 3x3 width->width layers -> pool -> linear.
 
     ``variant`` "plain": conv + BN + ReLU; "residual": each layer adds its input before the ReLU;
-    "pnnh": plain + coders, one shared by all layers (``coder_sharing="shared"``) or one per layer.
+    "pnnh": plain + coders, one shared by all layers (``coder_sharing="shared"``) or one per layer,
+    tied (default) or untied (``coder_tied=False``).
     """
 
     def __init__(
@@ -43,6 +45,7 @@ class DeepCNN(nn.Module):
         coder_sharing: str = "shared",
         average_shared_gradient: bool = True,
         norm: Optional[str] = "batch",
+        coder_tied: bool = True,
     ) -> None:
         super().__init__()
         check_variant(variant)
@@ -58,6 +61,7 @@ class DeepCNN(nn.Module):
             shared=coder_sharing == "shared",
             average_shared_gradient=average_shared_gradient,
             code_channels=coder_channels,
+            tied=coder_tied,
         )
         self.stem = FusedPNNHConv(in_channels, width, 3, bias=norm is None, coder_channels=0, norm=norm)
         layers: list[nn.Module] = []

@@ -67,12 +67,14 @@ class _Block(nn.Module):
         super().__init__()
         self.layers = nn.Sequential(*layers)
         self.shortcut = shortcut
+        # A module, not torch.relu, so that analysis hooks (dissipation_report) see this ReLU.
+        self.relu = nn.ReLU() if shortcut is not None else None
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.layers(x)
         if self.shortcut is None:
             return out
-        return torch.relu(out + self.shortcut(x))
+        return self.relu(out + self.shortcut(x))
 
 
 class BasicBlock(_Block):
