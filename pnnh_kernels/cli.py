@@ -33,6 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     profile_step.add_arguments(profile_parser)
     profile_parser.set_defaults(run=profile_step.run)
+
+    from pnnh_kernels.analysis import run as analysis
+
+    analyze_parser = commands.add_parser(
+        "analyze", help="dissipating-input curves, Cantelli bounds and depth/coder studies on digits"
+    )
+    analysis.add_arguments(analyze_parser)
+    analyze_parser.set_defaults(run=analysis.run)
     return parser
 
 

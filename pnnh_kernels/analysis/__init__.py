@@ -1,0 +1,22 @@
+"""The paper's analysis of dissipating inputs, as tools (docs/analysis.md)."""
+
+from pnnh_kernels.analysis.bounds import cantelli_survival_bound
+from pnnh_kernels.analysis.curves import he_stack, layer_curves
+from pnnh_kernels.analysis.probes import (
+    ReluSiteStats,
+    dissipation_report,
+    mean_cosine_similarity,
+    ridge_r2,
+    survival_fraction,
+)
+
+__all__ = [
+    "ReluSiteStats",
+    "cantelli_survival_bound",
+    "dissipation_report",
+    "he_stack",
+    "layer_curves",
+    "mean_cosine_similarity",
+    "ridge_r2",
+    "survival_fraction",
+]
