@@ -1,0 +1,114 @@
+"""The dissipating-inputs analysis: the Cantelli bound, the probes, the curves and the studies."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from pnnh_kernels.analysis import (
+    cantelli_survival_bound,
+    dissipation_report,
+    he_stack,
+    layer_curves,
+    mean_cosine_similarity,
+    ridge_r2,
+)
+from pnnh_kernels.analysis import run as analysis_run
+from pnnh_kernels.analysis.study import TINY, planned_runs
+from pnnh_kernels.coder import PNNHCoder
+from pnnh_kernels.experiments.digits import load_digits_split
+from pnnh_kernels.models import deep_cnn
+
+
+def test_cantelli_bound_formula_and_zero_for_non_positive_mean():
+    mean = torch.tensor([-1.0, 0.0, 1.0, 2.0])
+    variance = torch.tensor([1.0, 1.0, 1.0, 4.0])
+    torch.testing.assert_close(
+        cantelli_survival_bound(mean, variance), torch.tensor([0.0, 0.0, 0.5, 0.5])
+    )
+
+
+@pytest.mark.parametrize("path", ["residual", "pnnh"])
+def test_bound_holds_on_monte_carlo_samples(path):
+    """P(w . x + mu > 0) over w ~ N(0, 2 / fan_in) is at least the bound, for every unit."""
+    fan_in, units, draws = 36, 64, 20000
+    x = torch.randn(units, fan_in).relu()  # one post-ReLU input patch per unit
+    if path == "residual":
+        mean = x[:, 0]  # the shortcut carries a (non-negative) input value
+    else:
+        coder = PNNHCoder(fan_in, fan_in // 2, init="rectified_normal")
+        with torch.no_grad():
+            mean = coder(x)[:, 0]
+    variance = 2.0 * x.square().sum(1) / fan_in
+    weights = torch.randn(draws, fan_in) * (2.0 / fan_in) ** 0.5
+    pre = weights @ x.t() + mean  # [draws, units]
+    survival = (pre > 0).double().mean(0)
+    bound = cantelli_survival_bound(mean, variance).double()
+    standard_error = (survival * (1 - survival) / draws).sqrt()
+    assert bool((survival >= bound - 4 * standard_error - 1e-9).all())
+    assert float(bound.max()) > 0.1  # the bound is not trivially zero everywhere
+
+
+def test_probes_return_documented_values():
+    x = torch.randn(40, 3, 4, 4)
+    assert mean_cosine_similarity(x.new_ones(5, 7)) == pytest.approx(1.0)
+    assert ridge_r2(x, x) > 0.99
+    assert ridge_r2(torch.randn(40, 10), x) < 0.2
+    with pytest.raises(ValueError, match="features"):
+        mean_cosine_similarity(torch.randn(1, 4))
+
+
+def test_dissipation_report_hooks_every_relu_call():
+    model = deep_cnn(5, 4, "residual", coder_init="he")
+    report = dissipation_report(model, torch.randn(8, 1, 8, 8))
+    assert len(report) == 6  # stem + 5 shortcut ReLUs
+    assert all(0.0 <= r.survival <= 1.0 for r in report)
+    assert [r.index for r in report] == list(range(6))
+
+    class Reused(nn.Module):  # torchvision's blocks call one nn.ReLU twice
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(6, 6)
+            self.relu = nn.ReLU()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.relu(self.linear(self.relu(x)))
+
+    report = dissipation_report(Reused(), torch.randn(12, 6), probe_inputs=True)
+    assert [r.site for r in report] == ["relu", "relu"]
+    assert report[0].ridge_r2 is not None
+
+
+def test_measured_survival_respects_the_bound_layer_by_layer():
+    data = load_digits_split()
+    for variant in ("residual", "pnnh"):
+        torch.manual_seed(0)
+        points = layer_curves(he_stack(8, 32, variant), data.train_images[:128], "digits", probe=False)
+        for point in points:
+            # The bound is on the expectation over weight draws; one draw of 32 channels is measured.
+            assert point.survival >= point.bound - 0.02, point
+            assert point.bound > 0
+
+
+def test_plan_shares_runs_between_studies():
+    runs = list(planned_runs(TINY))
+    keys = [(r.depth, r.seed, tuple(sorted(r.model_kwargs.items()))) for r in runs]
+    assert len(keys) == len(set(keys))
+    assert {r.study for r in runs} == {"depth", "sharing", "init", "coder_width", "tying"}
+
+
+def test_tiny_analysis_end_to_end(tmp_path):
+    args = argparse.Namespace(
+        preset="tiny", curve_depth=4, out=tmp_path, skip_training=False, threads=None
+    )
+    analysis_run.run(args)
+    summary = json.loads((tmp_path / "analysis.json").read_text())
+    assert summary["runs"]
+    assert summary["bounds_respected"] in (True, False)
+    assert "Depth scaling" in (tmp_path / "analysis.md").read_text()
+    for figure in ("curve_survival", "curve_cosine_similarity", "curve_ridge_r2", "depth_study"):
+        assert (tmp_path / f"{figure}.png").stat().st_size > 1000
