@@ -54,10 +54,10 @@ def test_bound_holds_on_monte_carlo_samples(path):
 
 
 def test_probes_return_documented_values():
-    x = torch.randn(40, 3, 4, 4)
+    x = torch.randn(200, 3, 4, 4)  # more training samples than dimensions: the identity is learnable
     assert mean_cosine_similarity(x.new_ones(5, 7)) == pytest.approx(1.0)
     assert ridge_r2(x, x) > 0.99
-    assert ridge_r2(torch.randn(40, 10), x) < 0.2
+    assert ridge_r2(torch.randn(200, 10), x) < 0.1
     with pytest.raises(ValueError, match="features"):
         mean_cosine_similarity(torch.randn(1, 4))
 
