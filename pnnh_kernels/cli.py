@@ -3,44 +3,41 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 from typing import Optional
+
+# name, help, module with add_arguments(parser) and run(args)
+SUBCOMMANDS = (
+    ("demo", "train plain, residual and PNNH deep nets on real digits and compare", "pnnh_kernels.demo"),
+    (
+        "analyze",
+        "dissipating-input curves, Cantelli bounds and depth/coder studies on digits",
+        "pnnh_kernels.analysis.run",
+    ),
+    (
+        "report",
+        "Markdown report and plots from a pytest bench/ --benchmark-json file",
+        "pnnh_kernels.benchmarking.report",
+    ),
+    (
+        "profile",
+        "run one warmed-up layer or training step for Nsight (docs/profiling.md)",
+        "pnnh_kernels.profile_step",
+    ),
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pnnh_kernels import __version__, demo
+    from pnnh_kernels import __version__
 
     parser = argparse.ArgumentParser(prog="pnnh", description="PNNH kernels, models and experiments")
     parser.add_argument("--version", action="version", version=f"pnnh-kernels {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    demo_parser = commands.add_parser(
-        "demo", help="train plain, residual and PNNH deep nets on real digits and compare"
-    )
-    demo.add_arguments(demo_parser)
-    demo_parser.set_defaults(run=demo.run)
-
-    from pnnh_kernels.benchmarking import report
-
-    report_parser = commands.add_parser(
-        "report", help="Markdown report and plots from a pytest bench/ --benchmark-json file"
-    )
-    report.add_arguments(report_parser)
-    report_parser.set_defaults(run=report.run)
-
-    from pnnh_kernels import profile_step
-
-    profile_parser = commands.add_parser(
-        "profile", help="run one warmed-up layer or training step for Nsight (docs/profiling.md)"
-    )
-    profile_step.add_arguments(profile_parser)
-    profile_parser.set_defaults(run=profile_step.run)
-
-    from pnnh_kernels.analysis import run as analysis
-
-    analyze_parser = commands.add_parser(
-        "analyze", help="dissipating-input curves, Cantelli bounds and depth/coder studies on digits"
-    )
-    analysis.add_arguments(analyze_parser)
-    analyze_parser.set_defaults(run=analysis.run)
+    for name, help_text, module_name in SUBCOMMANDS:
+        module = importlib.import_module(module_name)
+        subparser = commands.add_parser(name, help=help_text)
+        module.add_arguments(subparser)
+        subparser.set_defaults(run=module.run)
     return parser
 
 
