@@ -121,7 +121,7 @@ def test_unregistered_backend_raises_and_says_why():
     [
         ("cpu", torch.float32, "conv2d", False, "TRITON_INTERPRET=1"),
         ("cpu", torch.float64, "conv2d", True, "supported dtypes"),
-        ("cpu", torch.float32, "linear", True, "no Triton kernel for linear"),
+        ("cpu", torch.float32, "attention", True, "no Triton kernel for attention"),
         ("meta", torch.float32, "conv2d", True, "not on meta"),
     ],
 )

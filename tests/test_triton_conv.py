@@ -297,3 +297,32 @@ def test_compile_fullgraph_traces_the_triton_op():
     expected.sum().backward()
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(grad, x.grad)
+
+
+@pytest.mark.parametrize(
+    ("leading", "c_in", "c_out", "c_b"), [((7,), 9, 9, 4), ((2, 5), 13, 6, 5), ((3,), 20, 20, 20)]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_linear_on_the_fused_kernels_matches_float64_reference(leading, c_in, c_out, c_b, dtype):
+    from pnnh_kernels.functional import pnnh_linear
+    from tests.reference import pnnh_linear_reference, relu_deciding_like
+
+    tensors = random_layer_tensors(c_in, c_out, c_b, c_in == c_out, torch.float64)
+    tensors = {k: None if v is None else v.to(dtype).double() for k, v in tensors.items()}
+    x64 = torch.randn(*leading, c_in, dtype=torch.float64).to(dtype).double().requires_grad_(True)
+    leaves64 = {k: v.clone().requires_grad_(True) for k, v in tensors.items() if v is not None}
+    leaves = {k: v.detach().to(DEVICE, dtype).requires_grad_(True) for k, v in leaves64.items()}
+    x = x64.detach().to(DEVICE, dtype).requires_grad_(True)
+    with poisoned_outputs():
+        out = pnnh_linear(x, **{k: leaves.get(k) for k in tensors}, backend="triton")
+    pre = pnnh_linear_reference(x64, **{k: leaves64.get(k) for k in tensors}, activation=None)
+    expected = relu_deciding_like(pre, out.cpu())
+    grad_out = torch.randn_like(expected).to(dtype).double()
+    expected.backward(grad_out)
+    with poisoned_outputs():
+        out.backward(grad_out.to(DEVICE, dtype))
+    assert out.shape == (*leading, c_out)
+    assert_matches(out.cpu(), expected.detach(), dtype, "output")
+    assert_matches(x.grad.cpu(), x64.grad, dtype, "grad input")
+    for name, leaf in leaves.items():
+        assert_matches(leaf.grad.cpu(), leaves64[name].grad, dtype, f"grad {name}")

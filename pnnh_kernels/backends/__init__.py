@@ -137,7 +137,9 @@ def _triton_conv2d(call: ConvCall) -> torch.Tensor:
 
 
 def _triton_linear(call: LinearCall) -> torch.Tensor:
-    raise BackendUnavailableError("the triton backend has no linear kernel yet")
+    from pnnh_kernels.triton import ops
+
+    return ops.linear(call)
 
 
 def _register_builtin_backends() -> None:

@@ -28,8 +28,8 @@ def interpreter_enabled() -> bool:
 def unavailable_reason(device: torch.device, dtype: torch.dtype, op: str) -> Optional[str]:
     if not triton_installed():
         return "triton is not installed (pip install 'pnnh-kernels[triton]')"
-    if op != "conv2d":
-        return f"no Triton kernel for {op} yet (FusedPNNHLinear's kernel is a separate issue)"
+    if op not in ("conv2d", "linear"):
+        return f"no Triton kernel for {op}"
     if device.type == "cpu":
         if not interpreter_enabled():
             return "CPU tensors run Triton kernels only in its interpreter: set TRITON_INTERPRET=1"

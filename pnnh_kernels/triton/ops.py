@@ -25,7 +25,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from pnnh_kernels.backends.call import ConvCall
+from pnnh_kernels.backends.call import ConvCall, LinearCall
 from pnnh_kernels.backends.reference import memory_format_of
 from pnnh_kernels.conv_geometry import ConvGeometry
 from pnnh_kernels.triton import pnnh_conv
@@ -273,4 +273,36 @@ def conv2d(call: ConvCall) -> Tensor:
     return out.contiguous(memory_format=memory_format_of(call.input))
 
 
-__all__ = ["conv2d", "conv2d_fused", "conv2d_fused_backward", "pnnh_conv"]
+def linear(call: LinearCall) -> Tensor:
+    """The Triton backend's linear layer: the fused conv op on a 1 x 1 image per row.
+
+    A linear layer over rows is a 1x1 convolution of an [M, C_in, 1, 1] image whose channels_last
+    memory is the [M, C_in] matrix itself, so the same fused kernels (GEMM, code on chip, one store;
+    the code recomputed in the backward) serve it with no copy of the activations. The 1x1 kernel
+    has a centre tap, so the encoder runs in the learner's main loop on the same x tiles.
+    """
+    compute_dtype = _autocast_dtype(call.input.device) or call.input.dtype
+    in_features = call.weight.shape[1]
+    rows = call.input.reshape(-1, in_features).to(compute_dtype)
+    coder = call.coder
+
+    def cast(tensor: Optional[Tensor]) -> Optional[Tensor]:
+        return None if tensor is None else tensor.to(compute_dtype)
+
+    out = conv2d_fused(
+        rows.view(rows.shape[0], in_features, 1, 1),
+        call.weight.to(compute_dtype).view(call.weight.shape[0], in_features, 1, 1),
+        None,
+        None if call.bias is None else call.bias.float(),
+        cast(coder.encoder_weight) if coder is not None else None,
+        cast(coder.encoder_bias) if coder is not None else None,
+        cast(coder.decoder_weight) if coder is not None else None,
+        [1, 1],
+        [0, 0],
+        [1, 1],
+        call.activation == "relu",
+    )
+    return out.reshape(*call.input.shape[:-1], call.weight.shape[0])
+
+
+__all__ = ["conv2d", "conv2d_fused", "conv2d_fused_backward", "linear", "pnnh_conv"]
