@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=list(PRESETS),
         default="quick",
         help="quick: under 10 minutes on 2 CPU cores (default); full: depths to 128, 2 seeds, "
-        "12 epochs, about an hour; tiny: a seconds-long end-to-end check",
+        "12 epochs, 1 to 1.5 hours; tiny: a seconds-long end-to-end check",
     )
     parser.add_argument("--curve-depth", type=int, default=None, help="depth of the He-init curves")
     parser.add_argument("--out", type=Path, default=Path("analysis_output"))
