@@ -34,8 +34,7 @@ class StudyConfig:
 # Under 10 minutes on 2 CPU cores.
 QUICK = StudyConfig(depths=(8, 16, 32, 64), seeds=(0,), epochs=6, sharing_depths=(64,), init_depth=64)
 # The full study: depths to 128, two seeds, the demo's 12 epochs (estimated 1 to 1.5 hours on 2 CPU
-# cores from the quick run's per-layer-epoch cost; the
-# prototype that motivated the studies trained 20 epochs).
+# cores from the quick run's cost per layer and epoch; the prototype behind the studies used 20).
 FULL = StudyConfig(
     depths=(8, 16, 32, 64, 128), seeds=(0, 1), epochs=12, sharing_depths=(64, 128), init_depth=128
 )
