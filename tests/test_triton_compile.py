@@ -35,6 +35,8 @@ def test_every_kernel_compiles_without_spills(dtype, target, tmp_path):
     rows = json.loads(out.read_text())
     assert {row["kernel"] for row in rows} == {
         "_pnnh_conv_fwd_kernel",
+        "_pnnh_conv_fwd_kernel[bn stats]",
+        "_pnnh_conv_fwd_kernel[bn apply]",
         "_pnnh_coder_bwd_kernel",
         "_conv_wgrad_kernel",
         "_pnnh_conv_dgrad_kernel",

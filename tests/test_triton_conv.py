@@ -209,18 +209,140 @@ def test_module_eval_batchnorm_runs_on_triton_and_matches_torch_backend():
     torch.testing.assert_close(layer(x), reference(x), rtol=1e-5, atol=1e-5)
 
 
-def test_training_batchnorm_runs_on_torch_and_warns_once():
-    _warned_reroutes.discard("triton")
-    layer = FusedPNNHConv(4, 4, norm="batch", backend="triton", coder_init="he").to(DEVICE).train()
-    assert layer.backend_in_use == "torch"
-    x = torch.randn(2, 4, 5, 5, device=DEVICE)
-    with pytest.warns(UserWarning, match="training-mode BatchNorm"):
-        layer(x)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        layer(x)  # once per process
-    layer.eval()
+def test_backend_without_training_batchnorm_reroutes_to_torch_and_warns_once():
+    from pnnh_kernels.backends import _REGISTRY, Backend, register_backend
+
+    torch_backend = _REGISTRY["torch"]
+    # A stand-in backend without a training-mode BatchNorm kernel, under the (unregistered) name cuda.
+    register_backend(
+        Backend(
+            "cuda",
+            torch_backend.conv2d,
+            torch_backend.linear,
+            lambda *_: None,
+            batch_norm_training=False,
+        )
+    )
+    _warned_reroutes.discard("cuda")
+    try:
+        layer = FusedPNNHConv(4, 4, norm="batch", backend="cuda", coder_init="he").train()
+        assert layer.backend_in_use == "torch"
+        x = torch.randn(2, 4, 5, 5)
+        with pytest.warns(UserWarning, match="training-mode BatchNorm"):
+            layer(x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            layer(x)  # once per process
+        layer.eval()
+        assert layer.backend_in_use == "cuda"
+    finally:
+        _REGISTRY.pop("cuda")
+        _warned_reroutes.discard("cuda")
+
+
+TRAINING_CASES = [
+    Case(3, 5, 5, 2, 3, 1, 1, 7, 5, norm=True),
+    Case(2, 6, 9, 3, 3, 2, 1, 5, 7, tied=False, bias=False, norm=True),
+    Case(4, 7, 7, 0, 3, 1, 2, 5, 5, norm=True, relu=False),
+    Case(1, 4, 4, 4, 1, 1, 1, 3, 5, norm=True),
+    Case(2, 33, 33, 20, 3, 1, 1, 5, 4, norm=True),  # several tiles and chunks with SMALL_TILES
+]
+
+
+@pytest.mark.parametrize("small_tiles", [False, True])
+@pytest.mark.parametrize("case", TRAINING_CASES, ids=str)
+def test_training_batchnorm_matches_reference_and_nn_batchnorm(case, small_tiles):
+    torch.manual_seed(1)
+    layer = FusedPNNHConv(
+        case.c_in,
+        case.c_out,
+        case.kernel,
+        stride=case.stride,
+        dilation=case.dilation,
+        bias=case.bias,
+        coder_channels=case.c_b,
+        norm="batch",
+        activation="relu" if case.relu else None,
+        backend="triton",
+        coder_init="he",
+    ).to(DEVICE)
+    if case.c_b and not case.is_tied:
+        assert not layer.coder.tied
+    with torch.no_grad():
+        layer.norm.weight.normal_()
+        layer.norm.bias.normal_()
+        layer.norm.running_mean.normal_()
+    reference = copy.deepcopy(layer).double().cpu()
+    reference.backend = "torch"
+    layer.train()
+    reference.train()
     assert layer.backend_in_use == "triton"
+    x64 = torch.randn(case.n, case.c_in, case.h, case.w, dtype=torch.float64).relu()
+    x = x64.to(DEVICE, torch.float32).requires_grad_(True)
+    x64.requires_grad_(True)
+    with poisoned_outputs(), forced_config(SMALL_TILES) if small_tiles else contextlib.nullcontext():
+        out = layer(x)
+        expected = reference(x64)
+        grad = torch.randn_like(expected)
+        out.backward(grad.to(DEVICE, torch.float32))
+    expected.backward(grad)
+    assert_matches(out.cpu(), expected.detach(), torch.float32, f"{case}: output")
+    assert_matches(x.grad.cpu(), x64.grad, torch.float32, f"{case}: grad input")
+    for (name, param), twin in zip(layer.named_parameters(), reference.parameters()):
+        assert_matches(param.grad.cpu(), twin.grad, torch.float32, f"{case}: grad {name}")
+    for name in ("running_mean", "running_var"):
+        assert_matches(
+            getattr(layer.norm, name).cpu(),
+            getattr(reference.norm, name),
+            torch.float32,
+            f"{case}: {name}",
+        )
+    assert int(layer.norm.num_batches_tracked) == int(reference.norm.num_batches_tracked) == 1
+
+
+def test_training_batchnorm_rejects_one_value_per_channel_like_nn_batchnorm():
+    layer = FusedPNNHConv(4, 4, norm="batch", backend="triton", coder_init="he").to(DEVICE).train()
+    x = torch.randn(1, 4, 1, 1, device=DEVICE)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training") as ours:
+        layer(x)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel") as theirs:
+        nn.BatchNorm2d(4).to(DEVICE).train()(x)
+    assert str(ours.value) == str(theirs.value)
+
+
+def test_training_batchnorm_variance_is_accurate_at_large_means():
+    layer = FusedPNNHConv(8, 8, norm="batch", backend="triton", coder_init="he").to(DEVICE).train()
+    with torch.no_grad():
+        layer.bias.fill_(1e3)  # the learner output: mean 1e3, standard deviation about 1
+    layer.norm.momentum = 1.0  # running_var becomes this batch's unbiased variance
+    x = torch.randn(4, 8, 6, 6, device=DEVICE).relu()
+    layer(x)
+    z = nn.functional.conv2d(
+        x.double().cpu(), layer.weight.double().cpu(), layer.bias.double().cpu(), padding=1
+    )
+    variance = z.var(dim=(0, 2, 3), unbiased=True)
+    assert float(z.mean()) > 999
+    relative = ((layer.norm.running_var.double().cpu() - variance) / variance).abs().max()
+    # fp32 values near 1e3 carry 6e-5 absolute error; E[z^2] - E[z]^2 in fp32 would lose it all.
+    assert float(relative) < 1e-3
+
+
+def test_compile_fullgraph_with_training_batchnorm():
+    layers = nn.Sequential(
+        FusedPNNHConv(6, 6, norm="batch", backend="triton", coder_init="he"),
+        FusedPNNHConv(6, 6, norm="batch", backend="triton", coder_init="he"),
+    ).to(DEVICE)
+    twin = copy.deepcopy(layers)
+    compiled = torch.compile(layers, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 6, 5, 5, device=DEVICE)
+    out = compiled(x)
+    out.sum().backward()
+    expected = twin(x)
+    expected.sum().backward()
+    torch.testing.assert_close(out, expected)
+    for a, b in zip(layers.parameters(), twin.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(layers[0].norm.running_var, twin[0].norm.running_var)
 
 
 def test_contiguous_input_gives_contiguous_output():

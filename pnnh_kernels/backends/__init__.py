@@ -158,7 +158,6 @@ def _register_builtin_backends() -> None:
                 _triton_linear,
                 triton_backend.unavailable_reason,
                 auto_device_types=("cuda",),
-                batch_norm_training=False,
             )
         )
 

@@ -42,6 +42,9 @@ def _pnnh_conv_fwd_kernel(
     be_ptr,  # [C_B], if HAS_ENCODER_BIAS
     wd_ptr,  # [C_B, C_out] (W_D^T)
     y_ptr,  # [N, OH, OW, C_out]
+    z_ptr,  # [N, OH, OW, C_out]: the learner output, written if WRITE_STATS, read if Z_INPUT
+    mean_part_ptr,  # [M tiles, C_out] fp32 per-tile means, if WRITE_STATS
+    m2_part_ptr,  # [M tiles, C_out] fp32 per-tile sums of squared deviations, if WRITE_STATS
     M,
     H,
     W,
@@ -63,6 +66,8 @@ def _pnnh_conv_fwd_kernel(
     HAS_CODER: tl.constexpr,
     HAS_ENCODER_BIAS: tl.constexpr,
     CODE_IN_MAIN_LOOP: tl.constexpr,
+    WRITE_STATS: tl.constexpr,
+    Z_INPUT: tl.constexpr,
     RELU: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
@@ -80,6 +85,13 @@ def _pnnh_conv_fwd_kernel(
     (``C_B <= BLOCK_B``), the encoder GEMM runs inside the main loop on the centre tap's tile, so
     x is read once. Otherwise the epilogue walks C_B in BLOCK_B chunks and re-reads x_s (from L1/L2:
     the main loop just touched it) once per chunk. The code never leaves registers.
+
+    Training-mode BatchNorm runs this kernel twice. ``WRITE_STATS``: the learner alone, storing
+    ``z = conv + bias`` and, per tile and channel, the mean and the sum of squared deviations of the
+    tile's fp32 values (merged by the launcher with Chan's parallel formula: no cancellation at
+    large means, deterministic order). ``Z_INPUT``: instead of the convolution the tile of z is
+    loaded, then the usual epilogue applies the batch statistics as scale/shift, the coder and the
+    activation, and stores y.
 
     Redundant work, on purpose: every output-channel tile (``program_id(1)``) recomputes the code
     of its pixels, ``C_out / BLOCK_N`` times in all. Sharing it would need the code in global memory
@@ -102,101 +114,122 @@ def _pnnh_conv_fwd_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     code = tl.zeros((BLOCK_M, BLOCK_B), dtype=tl.float32)
     image = n.to(tl.int64) * H
-    if CODE_IN_MAIN_LOOP:
-        # The centre tap first: its x tiles are x_s and also feed the encoder (x is read once).
-        CENTRE: tl.constexpr = (KH // 2) * KW + KW // 2
-        row_s = ((image + oh * stride_h) * W + ow * stride_w) * C_in
-        for k0 in range(0, C_in, BLOCK_K):
+    out_rows = offs_m.to(tl.int64) * C_out
+    out_tile = mask_m[:, None] & mask_n[None, :]
+    if Z_INPUT:
+        acc = tl.load(z_ptr + out_rows[:, None] + offs_n[None, :], mask=out_tile, other=0.0).to(
+            tl.float32
+        )
+    else:
+        if CODE_IN_MAIN_LOOP:
+            # The centre tap first: its x tiles are x_s and also feed the encoder (x is read once).
+            CENTRE: tl.constexpr = (KH // 2) * KW + KW // 2
+            row_s = ((image + oh * stride_h) * W + ow * stride_w) * C_in
+            for k0 in range(0, C_in, BLOCK_K):
+                ks = k0 + offs_k
+                mask_k = ks < C_in
+                a = tl.load(
+                    x_ptr + row_s[:, None] + ks[None, :],
+                    mask=mask_m[:, None] & mask_k[None, :],
+                    other=0.0,
+                )
+                b = tl.load(
+                    w_ptr + (CENTRE * C_in + ks)[:, None] * C_out + offs_n[None, :],
+                    mask=mask_k[:, None] & mask_n[None, :],
+                    other=0.0,
+                )
+                acc = _mma(a, b, acc, INPUT_PRECISION, UPCAST_DOT)
+                e = tl.load(
+                    we_ptr + offs_b[None, :] * C_in + ks[:, None],
+                    mask=mask_k[:, None] & (offs_b[None, :] < C_B),
+                    other=0.0,
+                )
+                code = _mma(a, e, code, INPUT_PRECISION, UPCAST_DOT)
+            LOOP_TAPS: tl.constexpr = KH * KW - 1
+        else:
+            CENTRE: tl.constexpr = KH * KW  # no tap is skipped
+            LOOP_TAPS: tl.constexpr = KH * KW
+        # One flat loop over (tap, channel chunk): a loop Triton can software-pipeline, and one set of
+        # pointer tiles live at a time (unrolling the taps statically spilled at 255 registers).
+        k_chunks = tl.cdiv(C_in, BLOCK_K)
+        for step in range(0, LOOP_TAPS * k_chunks):
+            tap = step // k_chunks
+            tap = tap + (tap >= CENTRE).to(tl.int32)
+            k0 = (step % k_chunks) * BLOCK_K
+            ih = oh * stride_h - pad_h + (tap // KW) * dil_h
+            iw = ow * stride_w - pad_w + (tap % KW) * dil_w
+            inside = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            row = ((image + ih) * W + iw) * C_in
             ks = k0 + offs_k
             mask_k = ks < C_in
             a = tl.load(
-                x_ptr + row_s[:, None] + ks[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0
+                x_ptr + row[:, None] + ks[None, :], mask=inside[:, None] & mask_k[None, :], other=0.0
             )
             b = tl.load(
-                w_ptr + (CENTRE * C_in + ks)[:, None] * C_out + offs_n[None, :],
+                w_ptr + (tap * C_in + ks)[:, None] * C_out + offs_n[None, :],
                 mask=mask_k[:, None] & mask_n[None, :],
                 other=0.0,
             )
             acc = _mma(a, b, acc, INPUT_PRECISION, UPCAST_DOT)
-            e = tl.load(
-                we_ptr + offs_b[None, :] * C_in + ks[:, None],
-                mask=mask_k[:, None] & (offs_b[None, :] < C_B),
-                other=0.0,
-            )
-            code = _mma(a, e, code, INPUT_PRECISION, UPCAST_DOT)
-        LOOP_TAPS: tl.constexpr = KH * KW - 1
+
+    if WRITE_STATS:
+        if HAS_SHIFT:
+            acc = acc + tl.load(shift_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+        tl.store(
+            z_ptr + out_rows[:, None] + offs_n[None, :], acc.to(z_ptr.dtype.element_ty), mask=out_tile
+        )
+        rows_here = tl.sum(mask_m.to(tl.float32), axis=0)
+        tile_mean = tl.sum(tl.where(out_tile, acc, 0.0), axis=0) / rows_here
+        deviation = tl.where(out_tile, acc - tile_mean[None, :], 0.0)
+        stats = pid_m * C_out + offs_n
+        tl.store(mean_part_ptr + stats, tile_mean, mask=mask_n)
+        tl.store(m2_part_ptr + stats, tl.sum(deviation * deviation, axis=0), mask=mask_n)
     else:
-        CENTRE: tl.constexpr = KH * KW  # no tap is skipped
-        LOOP_TAPS: tl.constexpr = KH * KW
-    # One flat loop over (tap, channel chunk): a loop Triton can software-pipeline, and one set of
-    # pointer tiles live at a time (unrolling the taps statically spilled at 255 registers).
-    k_chunks = tl.cdiv(C_in, BLOCK_K)
-    for step in range(0, LOOP_TAPS * k_chunks):
-        tap = step // k_chunks
-        tap = tap + (tap >= CENTRE).to(tl.int32)
-        k0 = (step % k_chunks) * BLOCK_K
-        ih = oh * stride_h - pad_h + (tap // KW) * dil_h
-        iw = ow * stride_w - pad_w + (tap % KW) * dil_w
-        inside = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        row = ((image + ih) * W + iw) * C_in
-        ks = k0 + offs_k
-        mask_k = ks < C_in
-        a = tl.load(
-            x_ptr + row[:, None] + ks[None, :], mask=inside[:, None] & mask_k[None, :], other=0.0
+        if HAS_SCALE:
+            acc = acc * tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+        if HAS_SHIFT:
+            acc = acc + tl.load(shift_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+
+        if HAS_CODER:
+            row_s = ((image + oh * stride_h) * W + ow * stride_w) * C_in
+            for b0 in range(0, C_B, BLOCK_B):
+                bs = b0 + offs_b
+                mask_b = bs < C_B
+                if not CODE_IN_MAIN_LOOP:
+                    code = tl.zeros((BLOCK_M, BLOCK_B), dtype=tl.float32)
+                    for k0 in range(0, C_in, BLOCK_K):
+                        ks = k0 + offs_k
+                        mask_k = ks < C_in
+                        a = tl.load(
+                            x_ptr + row_s[:, None] + ks[None, :],
+                            mask=mask_m[:, None] & mask_k[None, :],
+                            other=0.0,
+                        )
+                        e = tl.load(
+                            we_ptr + bs[None, :] * C_in + ks[:, None],
+                            mask=mask_k[:, None] & mask_b[None, :],
+                            other=0.0,
+                        )
+                        code = _mma(a, e, code, INPUT_PRECISION, UPCAST_DOT)
+                if HAS_ENCODER_BIAS:
+                    code_b = code + tl.load(be_ptr + bs, mask=mask_b, other=0.0).to(tl.float32)[None, :]
+                else:
+                    code_b = code
+                code_b = tl.maximum(code_b, 0.0)
+                d = tl.load(
+                    wd_ptr + bs[:, None] * C_out + offs_n[None, :],
+                    mask=mask_b[:, None] & mask_n[None, :],
+                    other=0.0,
+                )
+                acc = _mma(code_b.to(d.dtype), d, acc, INPUT_PRECISION, UPCAST_DOT)
+
+        if RELU:
+            acc = tl.maximum(acc, 0.0)
+        tl.store(
+            y_ptr + out_rows[:, None] + offs_n[None, :],
+            acc.to(y_ptr.dtype.element_ty),
+            mask=mask_m[:, None] & mask_n[None, :],
         )
-        b = tl.load(
-            w_ptr + (tap * C_in + ks)[:, None] * C_out + offs_n[None, :],
-            mask=mask_k[:, None] & mask_n[None, :],
-            other=0.0,
-        )
-        acc = _mma(a, b, acc, INPUT_PRECISION, UPCAST_DOT)
-
-    if HAS_SCALE:
-        acc = acc * tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
-    if HAS_SHIFT:
-        acc = acc + tl.load(shift_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
-
-    if HAS_CODER:
-        row_s = ((image + oh * stride_h) * W + ow * stride_w) * C_in
-        for b0 in range(0, C_B, BLOCK_B):
-            bs = b0 + offs_b
-            mask_b = bs < C_B
-            if not CODE_IN_MAIN_LOOP:
-                code = tl.zeros((BLOCK_M, BLOCK_B), dtype=tl.float32)
-                for k0 in range(0, C_in, BLOCK_K):
-                    ks = k0 + offs_k
-                    mask_k = ks < C_in
-                    a = tl.load(
-                        x_ptr + row_s[:, None] + ks[None, :],
-                        mask=mask_m[:, None] & mask_k[None, :],
-                        other=0.0,
-                    )
-                    e = tl.load(
-                        we_ptr + bs[None, :] * C_in + ks[:, None],
-                        mask=mask_k[:, None] & mask_b[None, :],
-                        other=0.0,
-                    )
-                    code = _mma(a, e, code, INPUT_PRECISION, UPCAST_DOT)
-            if HAS_ENCODER_BIAS:
-                code_b = code + tl.load(be_ptr + bs, mask=mask_b, other=0.0).to(tl.float32)[None, :]
-            else:
-                code_b = code
-            code_b = tl.maximum(code_b, 0.0)
-            d = tl.load(
-                wd_ptr + bs[:, None] * C_out + offs_n[None, :],
-                mask=mask_b[:, None] & mask_n[None, :],
-                other=0.0,
-            )
-            acc = _mma(code_b.to(d.dtype), d, acc, INPUT_PRECISION, UPCAST_DOT)
-
-    if RELU:
-        acc = tl.maximum(acc, 0.0)
-    out_rows = offs_m.to(tl.int64) * C_out
-    tl.store(
-        y_ptr + out_rows[:, None] + offs_n[None, :],
-        acc.to(y_ptr.dtype.element_ty),
-        mask=mask_m[:, None] & mask_n[None, :],
-    )
 
 
 @triton.jit

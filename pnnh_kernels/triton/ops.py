@@ -29,7 +29,12 @@ from pnnh_kernels.backends.call import ConvCall, LinearCall
 from pnnh_kernels.backends.reference import memory_format_of
 from pnnh_kernels.conv_geometry import ConvGeometry
 from pnnh_kernels.triton import pnnh_conv
-from pnnh_kernels.triton.pnnh_conv import conv_backward, conv_forward, permuted_weight
+from pnnh_kernels.triton.pnnh_conv import (
+    conv_backward,
+    conv_forward,
+    conv_forward_train,
+    permuted_weight,
+)
 
 
 def _geometry(
@@ -101,8 +106,11 @@ def conv2d_fused_backward(
     padding: list[int],
     dilation: list[int],
     relu: bool,
+    learner_grad: Optional[Tensor] = None,
 ) -> list[Tensor]:
-    """[dx, dW_unscaled [KH, KW, C_in, C_out] fp32, dshift, dW_E, db_E, dW_D]; absent ones are empty."""
+    """[dx, dW_unscaled [KH, KW, C_in, C_out] fp32, dshift, dW_E, db_E, dW_D]; absent ones are empty.
+
+    ``learner_grad``: see pnnh_conv.conv_backward (training-mode BatchNorm passes dz)."""
     grads = conv_backward(
         grad_output,
         x,
@@ -114,6 +122,7 @@ def conv2d_fused_backward(
         decoder_weight,
         _geometry(weight, stride, padding, dilation),
         relu,
+        learner_grad,
     )
 
     def or_empty(grad: Optional[Tensor]) -> Tensor:
@@ -144,6 +153,7 @@ def _conv2d_fused_backward_fake(
     padding,
     dilation,
     relu,
+    learner_grad=None,
 ):
     n, c_in, height, width = x.shape
     c_out, _, kh, kw = weight.shape
@@ -229,20 +239,200 @@ def _backward(ctx: Any, grad_output: Tensor) -> tuple:
 conv2d_fused.register_autograd(_backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op("pnnh::conv2d_fused_train", mutates_args=())
+def conv2d_fused_train(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    norm_weight: Optional[Tensor],
+    norm_bias: Optional[Tensor],
+    encoder_weight: Optional[Tensor],
+    encoder_bias: Optional[Tensor],
+    decoder_weight: Optional[Tensor],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    relu: bool,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Training-mode BatchNorm on the learner branch: (y, z, batch mean, biased batch variance)."""
+    result = conv_forward_train(
+        x,
+        weight,
+        bias,
+        norm_weight,
+        norm_bias,
+        encoder_weight,
+        encoder_bias,
+        decoder_weight,
+        _geometry(weight, stride, padding, dilation),
+        relu,
+        eps,
+    )
+    return result.output, result.learner, result.mean, result.variance
+
+
+@conv2d_fused_train.register_fake
+def _conv2d_fused_train_fake(
+    x,
+    weight,
+    bias,
+    norm_weight,
+    norm_bias,
+    encoder_weight,
+    encoder_bias,
+    decoder_weight,
+    stride,
+    padding,
+    dilation,
+    relu,
+    eps,
+):
+    oh, ow = _geometry(weight, stride, padding, dilation).output_size(x.shape[2], x.shape[3])
+    c_out = weight.shape[0]
+
+    def image() -> Tensor:
+        return x.new_empty((x.shape[0], oh, ow, c_out)).permute(0, 3, 1, 2)
+
+    return (
+        image(),
+        image(),
+        x.new_empty((c_out,), dtype=torch.float32),
+        x.new_empty((c_out,), dtype=torch.float32),
+    )
+
+
+def _setup_train_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+    x, weight, bias, norm_weight, norm_bias, encoder_weight, encoder_bias, decoder_weight = inputs[:8]
+    stride, padding, dilation, relu, eps = inputs[8:]
+    output, learner, mean, variance = output
+    ctx.save_for_backward(
+        x,
+        output,
+        learner,
+        mean,
+        variance,
+        weight,
+        norm_weight,
+        encoder_weight,
+        encoder_bias,
+        decoder_weight,
+    )
+    ctx.arguments = (stride, padding, dilation, relu, eps)
+    ctx.present = (bias is not None, norm_weight is not None, norm_bias is not None)
+
+
+def _train_backward(ctx: Any, grad_output: Tensor, *unused: Optional[Tensor]) -> tuple:
+    """BatchNorm's backward in PyTorch (two per-channel reductions and one elementwise pass, fp32),
+    then the fused kernels with dz for the learner and the masked dy for the coder.
+
+    dz = gamma * rstd * (dp - mean(dp) - x_hat * mean(dp * x_hat)), with dp = dy * (y > 0).
+    The gradients of the returned z, mean and variance are ignored: they feed only the running
+    statistics, under no_grad.
+    """
+    x, output, learner, mean, variance, weight, norm_weight = ctx.saved_tensors[:7]
+    encoder_weight, encoder_bias, decoder_weight = ctx.saved_tensors[7:]
+    stride, padding, dilation, relu, eps = ctx.arguments
+    has_bias, has_norm_weight, has_norm_bias = ctx.present
+    dp = grad_output.float()
+    if relu:
+        dp = torch.where(output > 0, dp, 0.0)
+    rstd = torch.rsqrt(variance + eps)
+    x_hat = (learner.float() - mean[:, None, None]) * rstd[:, None, None]
+    count = dp.shape[0] * dp.shape[2] * dp.shape[3]
+    grad_norm_bias = dp.sum((0, 2, 3))
+    grad_norm_weight = (dp * x_hat).sum((0, 2, 3))
+    gain = rstd if norm_weight is None else rstd * norm_weight.float()
+    centred = dp - (grad_norm_bias / count)[:, None, None]
+    learner_grad = gain[:, None, None] * (centred - x_hat * (grad_norm_weight / count)[:, None, None])
+    grads = conv2d_fused_backward(
+        grad_output,
+        x,
+        output,
+        weight,
+        None,
+        encoder_weight,
+        encoder_bias,
+        decoder_weight,
+        stride,
+        padding,
+        dilation,
+        relu,
+        learner_grad.to(x.dtype),
+    )
+    grad_x, grad_weight, grad_bias, grad_encoder_weight, grad_encoder_bias, grad_decoder_weight = grads
+    return (
+        grad_x,
+        grad_weight.permute(3, 2, 0, 1).to(weight.dtype),
+        grad_bias if has_bias else None,
+        grad_norm_weight.to(norm_weight.dtype) if has_norm_weight else None,
+        grad_norm_bias if has_norm_bias else None,
+        None if encoder_weight is None else grad_encoder_weight.to(encoder_weight.dtype),
+        None if encoder_bias is None else grad_encoder_bias.to(encoder_bias.dtype),
+        None if decoder_weight is None else grad_decoder_weight.to(decoder_weight.dtype),
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+conv2d_fused_train.register_autograd(_train_backward, setup_context=_setup_train_context)
+
+
 def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
     if not torch.is_autocast_enabled(device.type):
         return None
     return torch.get_autocast_dtype(device.type)
 
 
+def _conv2d_training_norm(call: ConvCall, compute_dtype: torch.dtype) -> Tensor:
+    """Training-mode BatchNorm: batch statistics from the kernels, running statistics updated here
+    exactly as F.batch_norm updates them (momentum, unbiased variance)."""
+    norm, coder, geometry = call.norm, call.coder, call.geometry
+    n = call.input.shape[0]
+    oh, ow = geometry.output_size(call.input.shape[2], call.input.shape[3])
+    count = n * oh * ow
+    if count <= 1:
+        raise ValueError(
+            "Expected more than 1 value per channel when training, got input size "
+            f"{torch.Size([n, call.weight.shape[0], oh, ow])}"
+        )
+
+    def cast(tensor: Optional[Tensor]) -> Optional[Tensor]:
+        return None if tensor is None else tensor.to(compute_dtype)
+
+    out, _, mean, variance = conv2d_fused_train(
+        call.input.to(compute_dtype),
+        call.weight.to(compute_dtype),
+        None if call.bias is None else call.bias.float(),
+        norm.weight,
+        norm.bias,
+        cast(coder.encoder_weight) if coder is not None else None,
+        cast(coder.encoder_bias) if coder is not None else None,
+        cast(coder.decoder_weight) if coder is not None else None,
+        list(geometry.stride),
+        list(geometry.padding),
+        list(geometry.dilation),
+        call.activation == "relu",
+        norm.eps,
+    )
+    if norm.running_mean is not None and norm.running_var is not None:
+        with torch.no_grad():
+            momentum = norm.momentum
+            norm.running_mean.mul_(1 - momentum).add_(mean.to(norm.running_mean.dtype), alpha=momentum)
+            unbiased = variance * (count / (count - 1))
+            norm.running_var.mul_(1 - momentum).add_(unbiased.to(norm.running_var.dtype), alpha=momentum)
+    return out.contiguous(memory_format=memory_format_of(call.input))
+
+
 def conv2d(call: ConvCall) -> Tensor:
     """The Triton backend's conv2d: fold bias and eval BatchNorm, apply autocast, run the op."""
     norm = call.norm
-    if norm is not None and norm.training:
-        raise RuntimeError(
-            "training-mode BatchNorm reached the Triton backend; resolve_backend reroutes it"
-        )
     compute_dtype = _autocast_dtype(call.input.device) or call.input.dtype
+    if norm is not None and norm.training:
+        return _conv2d_training_norm(call, compute_dtype)
     scale: Optional[Tensor] = None
     shift = None if call.bias is None else call.bias.float()
     if norm is not None:

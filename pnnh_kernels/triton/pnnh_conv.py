@@ -145,7 +145,7 @@ def _launch_kwargs(config: ConvConfig) -> dict[str, int]:
 _TUNING_KEYS = {
     "_pnnh_conv_fwd_kernel": [
         "M", "H", "W", "C_in", "C_out", "C_B", "stride_h", "stride_w", "dil_h", "dil_w",
-        "KH", "KW", "HAS_CODER", "CODE_IN_MAIN_LOOP",
+        "KH", "KW", "HAS_CODER", "CODE_IN_MAIN_LOOP", "Z_INPUT",
     ],
     "_pnnh_conv_dgrad_kernel": [
         "NHW", "H", "W", "C_in", "C_out", "C_B", "stride_h", "stride_w", "dil_h", "dil_w",
@@ -204,7 +204,7 @@ def decoder_rows(encoder_weight: Tensor, decoder_weight: Optional[Tensor]) -> Te
     return decoder_weight.t().contiguous()
 
 
-def conv_forward(
+def _launch_forward(
     x: Tensor,
     weight: Tensor,
     scale: Optional[Tensor],
@@ -214,32 +214,42 @@ def conv_forward(
     decoder_weight: Optional[Tensor],
     geometry: ConvGeometry,
     relu: bool,
-) -> Tensor:
-    """The fused forward; returns an NCHW tensor in channels_last memory."""
+    *,
+    y: Optional[Tensor] = None,
+    z: Optional[Tensor] = None,
+    partials: Optional[tuple[Tensor, Tensor]] = None,
+    config: ConvConfig,
+) -> None:
+    """One launch of the forward kernel: fused (y given), statistics pass (``partials`` given: writes
+    z and the per-tile statistics) or apply pass (y and z given: reads z instead of convolving)."""
     n, c_in, height, width = x.shape
     c_out, _, kh, kw = weight.shape
     oh, ow = geometry.output_size(height, width)
     c_b = 0 if encoder_weight is None else encoder_weight.shape[0]
-    x_nhwc = nhwc(x)
-    y = _output((n, oh, ow, c_out), x.dtype, x.device)
     m = n * oh * ow
-    if m == 0:
-        return y.permute(0, 3, 1, 2)
-    config = choose_config(c_in, c_out, c_b, x.dtype)
     has_coder = encoder_weight is not None
+    write_stats = partials is not None
+    z_input = z is not None and not write_stats
     dummy = weight  # stands in for absent optional pointers; never read (constexpr-guarded)
-    we = encoder_weight.contiguous() if has_coder else dummy
-    kernel, tiles = _tuned_or_fixed(_pnnh_conv_fwd_kernel, config)
-    grid = _grid(m, c_out, config)
+    if write_stats:  # the partial buffers have one row per BLOCK_M tile: no autotuning of BLOCK_M
+        tiles = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k}
+        kernel, tiles = _pnnh_conv_fwd_kernel, {**tiles, **_launch_kwargs(config)}
+        grid = (triton.cdiv(m, config.block_m), triton.cdiv(c_out, config.block_n))
+    else:
+        kernel, tiles = _tuned_or_fixed(_pnnh_conv_fwd_kernel, config)
+        grid = _grid(m, c_out, config)
     kernel[grid](
-        x_nhwc,
+        nhwc(x),
         permuted_weight(weight),
         scale if scale is not None else dummy,
         shift if shift is not None else dummy,
-        we,
+        encoder_weight.contiguous() if has_coder else dummy,
         encoder_bias if encoder_bias is not None else dummy,
         decoder_rows(encoder_weight, decoder_weight) if has_coder else dummy,
-        y,
+        y if y is not None else dummy,
+        z if z is not None else dummy,
+        partials[0] if write_stats else dummy,
+        partials[1] if write_stats else dummy,
         m,
         height,
         width,
@@ -257,14 +267,115 @@ def conv_forward(
         HAS_SHIFT=shift is not None,
         HAS_CODER=has_coder,
         HAS_ENCODER_BIAS=encoder_bias is not None,
-        CODE_IN_MAIN_LOOP=has_coder and kh % 2 == 1 and kw % 2 == 1 and c_b <= config.block_b,
+        CODE_IN_MAIN_LOOP=(
+            has_coder and not z_input and kh % 2 == 1 and kw % 2 == 1 and c_b <= config.block_b
+        ),
+        WRITE_STATS=write_stats,
+        Z_INPUT=z_input,
         RELU=relu,
         INPUT_PRECISION=input_precision(x.dtype, x.device),
         UPCAST_DOT=upcast_dot(x.dtype),
         BLOCK_B=config.block_b,
         **tiles,
     )
+
+
+def conv_forward(
+    x: Tensor,
+    weight: Tensor,
+    scale: Optional[Tensor],
+    shift: Optional[Tensor],
+    encoder_weight: Optional[Tensor],
+    encoder_bias: Optional[Tensor],
+    decoder_weight: Optional[Tensor],
+    geometry: ConvGeometry,
+    relu: bool,
+) -> Tensor:
+    """The fused forward; returns an NCHW tensor in channels_last memory."""
+    n, c_in, height, width = x.shape
+    c_out = weight.shape[0]
+    oh, ow = geometry.output_size(height, width)
+    y = _output((n, oh, ow, c_out), x.dtype, x.device)
+    if n * oh * ow == 0:
+        return y.permute(0, 3, 1, 2)
+    c_b = 0 if encoder_weight is None else encoder_weight.shape[0]
+    config = choose_config(c_in, c_out, c_b, x.dtype)
+    _launch_forward(
+        x, weight, scale, shift, encoder_weight, encoder_bias, decoder_weight, geometry, relu,
+        y=y, config=config,
+    )  # fmt: skip
     return y.permute(0, 3, 1, 2)
+
+
+@dataclass
+class TrainingForward:
+    """Outputs of the training-mode BatchNorm forward (all NCHW views of NHWC memory)."""
+
+    output: Tensor
+    learner: Tensor  # z = conv(x) + bias, before the normalisation, in the input dtype
+    mean: Tensor  # [C_out] float32 batch mean of z
+    variance: Tensor  # [C_out] float32 biased batch variance of z
+
+
+def merge_tile_statistics(counts: Tensor, means: Tensor, m2: Tensor) -> tuple[Tensor, Tensor]:
+    """(mean, biased variance) per channel from per-tile (count, mean, sum of squared deviations).
+
+    Chan et al.'s pairwise formula, all tiles at once: M2 = sum M2_t + sum n_t (mean_t - mean)^2.
+    No sum of squares of raw values is ever formed, so a large mean does not cancel the variance
+    away; the order is fixed, so the result is deterministic.
+    """
+    total = counts.sum()
+    mean = (counts[:, None] * means).sum(0) / total
+    m2_total = m2.sum(0) + (counts[:, None] * (means - mean).square()).sum(0)
+    return mean, m2_total / total
+
+
+def conv_forward_train(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    norm_weight: Optional[Tensor],
+    norm_bias: Optional[Tensor],
+    encoder_weight: Optional[Tensor],
+    encoder_bias: Optional[Tensor],
+    decoder_weight: Optional[Tensor],
+    geometry: ConvGeometry,
+    relu: bool,
+    eps: float,
+) -> TrainingForward:
+    """Training-mode BatchNorm on the learner branch in two launches of the forward kernel: the
+    convolution with per-tile statistics, then normalisation + coder + activation from z."""
+    n, c_in, height, width = x.shape
+    c_out = weight.shape[0]
+    oh, ow = geometry.output_size(height, width)
+    m = n * oh * ow
+    c_b = 0 if encoder_weight is None else encoder_weight.shape[0]
+    config = choose_config(c_in, c_out, c_b, x.dtype)
+    z = _output((n, oh, ow, c_out), x.dtype, x.device)
+    tiles = triton.cdiv(m, config.block_m)
+    partials = (
+        _output((tiles, c_out), torch.float32, x.device),
+        _output((tiles, c_out), torch.float32, x.device),
+    )
+    shift = None if bias is None else bias.float()
+    _launch_forward(
+        x, weight, None, shift, None, None, None, geometry, False, z=z, partials=partials, config=config
+    )
+    counts = torch.full((tiles,), float(config.block_m), device=x.device)
+    counts[-1] = m - (tiles - 1) * config.block_m
+    mean, variance = merge_tile_statistics(counts, *partials)
+    scale = torch.rsqrt(variance + eps)
+    if norm_weight is not None:
+        scale = scale * norm_weight.float()
+    shift = -mean * scale
+    if norm_bias is not None:
+        shift = shift + norm_bias.float()
+    y = _output((n, oh, ow, c_out), x.dtype, x.device)
+    _launch_forward(
+        x, weight, scale, shift, encoder_weight, encoder_bias, decoder_weight, geometry, relu,
+        y=y, z=z, config=config,
+    )  # fmt: skip
+    return TrainingForward(y.permute(0, 3, 1, 2), z.permute(0, 3, 1, 2), mean, variance)
 
 
 @dataclass
@@ -340,12 +451,18 @@ def conv_backward(
     decoder_weight: Optional[Tensor],
     geometry: ConvGeometry,
     relu: bool,
+    learner_grad: Optional[Tensor] = None,
 ) -> ConvGradients:
     """All gradients of the fused op from x, the output y (its ReLU mask) and the weights.
 
     The code is recomputed from x into two [M, C_B] scratch buffers that die with this call. The
     learner's weight gradient comes back *unscaled* (``dp``, not ``dp * scale``): the caller turns it
     into the weight's and the scale's gradients, which avoids dividing by a scale that may be zero.
+
+    ``learner_grad``: the gradient at the learner's output when the caller has already formed it
+    (training-mode BatchNorm: ``dz``, with the ReLU mask and the normalisation folded in). Then the
+    learner's kernels read it as is, while the coder's still read ``grad_output`` through the mask;
+    ``shift`` is then the sum of ``learner_grad``.
     """
     n, c_in, height, width = x.shape
     c_out, _, kh, kw = weight.shape
@@ -411,13 +528,18 @@ def conv_backward(
         if encoder_bias is not None:
             grads_coder = (grads_coder[0], dpre.float().sum(0), grads_coder[2])
 
+    if learner_grad is not None:
+        learner_nhwc, learner_relu, learner_scale = nhwc(learner_grad.to(x.dtype)), False, None
+    else:
+        learner_nhwc, learner_relu, learner_scale = dy_nhwc, relu, scale
+    learner_rows = learner_nhwc.reshape(m, c_out)
     dx = _output((n, height, width, c_in), x.dtype, x.device)
     kernel, tiles = _tuned_or_fixed(_pnnh_conv_dgrad_kernel, config)
     grid = _grid(n * height * width, c_in, config)
     kernel[grid](
-        dy_nhwc,
+        learner_nhwc,
         y_nhwc,
-        scale if scale is not None else dummy,
+        learner_scale if learner_scale is not None else dummy,
         w_perm,
         dpre,
         encoder_weight.contiguous() if encoder_weight is not None else dummy,
@@ -435,15 +557,17 @@ def conv_backward(
         *geometry.dilation,
         KH=kh,
         KW=kw,
-        HAS_SCALE=scale is not None,
+        HAS_SCALE=learner_scale is not None,
         HAS_CODER=encoder_weight is not None,
-        RELU=relu,
+        RELU=learner_relu,
         INPUT_PRECISION=precision,
         UPCAST_DOT=upcast_dot(x.dtype),
         **tiles,
     )
-    weight_unscaled = _wgrad(x_nhwc, dy_rows, y_rows, (oh, ow), (kh, kw), geometry, relu, config)
-    masked = torch.where(y_rows > 0, dy_rows, 0) if relu else dy_rows
+    weight_unscaled = _wgrad(
+        x_nhwc, learner_rows, y_rows, (oh, ow), (kh, kw), geometry, learner_relu, config
+    )
+    masked = torch.where(y_rows > 0, learner_rows, 0) if learner_relu else learner_rows
     return ConvGradients(
         dx.permute(0, 3, 1, 2),
         weight_unscaled,

@@ -91,27 +91,37 @@ def kernel_specs(dtype: torch.dtype, channels: int = 64) -> list[KernelSpec]:
     precision = "tf32" if dtype == torch.float32 else "ieee"
     common = {"INPUT_PRECISION": precision, "UPCAST_DOT": False}
     code_block = max(16, min(config.block_b, triton.next_power_of_2(channels // 2)))
+    forward = {
+        **common,
+        "KH": 3,
+        "KW": 3,
+        "HAS_SCALE": True,
+        "HAS_SHIFT": True,
+        "HAS_CODER": True,
+        "HAS_ENCODER_BIAS": True,
+        "CODE_IN_MAIN_LOOP": channels // 2 <= config.block_b,
+        "WRITE_STATS": False,
+        "Z_INPUT": False,
+        "RELU": True,
+        "BLOCK_M": config.block_m,
+        "BLOCK_N": config.block_n,
+        "BLOCK_K": config.block_k,
+        "BLOCK_B": config.block_b,
+    }
+    # Training-mode BatchNorm: the convolution with tile statistics, then the apply pass from z.
+    statistics = {**forward, "HAS_SCALE": False, "HAS_CODER": False, "HAS_ENCODER_BIAS": False}
+    statistics.update({"CODE_IN_MAIN_LOOP": False, "WRITE_STATS": True, "RELU": False})
+    apply = {**forward, "CODE_IN_MAIN_LOOP": False, "Z_INPUT": True}
     return [
-        KernelSpec(
-            "_pnnh_conv_fwd_kernel",
-            kernels._pnnh_conv_fwd_kernel,
-            {
-                **common,
-                "KH": 3,
-                "KW": 3,
-                "HAS_SCALE": True,
-                "HAS_SHIFT": True,
-                "HAS_CODER": True,
-                "HAS_ENCODER_BIAS": True,
-                "CODE_IN_MAIN_LOOP": channels // 2 <= config.block_b,
-                "RELU": True,
-                "BLOCK_M": config.block_m,
-                "BLOCK_N": config.block_n,
-                "BLOCK_K": config.block_k,
-                "BLOCK_B": config.block_b,
-            },
-            config.num_warps,
-            config.num_stages,
+        *(
+            KernelSpec(
+                name, kernels._pnnh_conv_fwd_kernel, constexprs, config.num_warps, config.num_stages
+            )
+            for name, constexprs in (
+                ("_pnnh_conv_fwd_kernel", forward),
+                ("_pnnh_conv_fwd_kernel[bn stats]", statistics),
+                ("_pnnh_conv_fwd_kernel[bn apply]", apply),
+            )
         ),
         KernelSpec(
             "_pnnh_coder_bwd_kernel",
