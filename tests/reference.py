@@ -13,6 +13,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def _relu(t: Tensor) -> Tensor:
+    # Gradient 0 at exactly 0, PyTorch's ReLU convention (torch.clamp would pass it through).
+    return t * (t > 0)
+
+
 def conv2d_by_taps(
     x: Tensor,
     weight: Tensor,
@@ -81,10 +86,10 @@ def pnnh_conv2d_reference(
         code = torch.einsum("nchw,bc->nbhw", sampled, encoder_weight)
         if encoder_bias is not None:
             code = code + encoder_bias[None, :, None, None]
-        code = torch.clamp(code, min=0)
+        code = _relu(code)
         decoder = encoder_weight.t() if decoder_weight is None else decoder_weight
         z = z + torch.einsum("nbhw,ob->nohw", code, decoder)
-    return torch.clamp(z, min=0) if activation == "relu" else z
+    return _relu(z) if activation == "relu" else z
 
 
 def pnnh_linear_reference(
@@ -104,8 +109,8 @@ def pnnh_linear_reference(
         if encoder_bias is not None:
             code = code + encoder_bias
         decoder = encoder_weight.t() if decoder_weight is None else decoder_weight
-        out = out + torch.einsum("...b,ob->...o", torch.clamp(code, min=0), decoder)
-    return torch.clamp(out, min=0) if activation == "relu" else out
+        out = out + torch.einsum("...b,ob->...o", _relu(code), decoder)
+    return _relu(out) if activation == "relu" else out
 
 
 def random_layer_tensors(

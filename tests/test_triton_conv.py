@@ -317,9 +317,8 @@ def test_training_batchnorm_variance_is_accurate_at_large_means():
     layer.norm.momentum = 1.0  # running_var becomes this batch's unbiased variance
     x = torch.randn(4, 8, 6, 6, device=DEVICE).relu()
     layer(x)
-    z = nn.functional.conv2d(
-        x.double().cpu(), layer.weight.double().cpu(), layer.bias.double().cpu(), padding=1
-    )
+    weight, bias = layer.weight.detach().double().cpu(), layer.bias.detach().double().cpu()
+    z = nn.functional.conv2d(x.double().cpu(), weight, bias, padding=1)
     variance = z.var(dim=(0, 2, 3), unbiased=True)
     assert float(z.mean()) > 999
     relative = ((layer.norm.running_var.double().cpu() - variance) / variance).abs().max()

@@ -14,7 +14,9 @@ from hypothesis import strategies as st  # noqa: E402
 from tests.test_triton_conv import SMALL_TILES, Case, check_case  # noqa: E402
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomize: CI sees the same 25 examples every run (reproducible); explore more locally with
+# e.g. --hypothesis-seed=random and a larger max_examples.
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(
     n=st.integers(1, 3),
     c_in=st.integers(1, 20),
