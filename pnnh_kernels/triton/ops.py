@@ -6,8 +6,9 @@ implementations, so ``torch.compile(fullgraph=True)`` traces a model built from 
 graph breaks and without looking inside the kernels (which also makes the CPU interpreter work
 under torch.compile, where ``triton_op`` would try to trace the kernel with fake tensors).
 
-The learner's bias and an eval-mode BatchNorm are folded, in PyTorch and with autograd, into the
-per-channel ``scale`` and ``shift`` the kernel applies to the learner branch:
+Training-mode BatchNorm has its own op, ``pnnh::conv2d_fused_train`` (see _train_backward and
+docs/kernels.md). The learner's bias and an eval-mode BatchNorm are folded, in PyTorch and with
+autograd, into the per-channel ``scale`` and ``shift`` the kernel applies to the learner branch:
 ``scale = gamma / sqrt(running_var + eps)``, ``shift = beta + (b_L - running_mean) * scale``. The op
 returns the gradients of ``scale`` and ``shift``; autograd carries them on to gamma, beta and b_L.
 
