@@ -7,9 +7,10 @@ of the forward and the forward + backward of:
 - ``torch``: the same layer on the eager torch backend;
 - ``cudnn``: relu(bn(conv3x3(x)) + x), the ResNet layer in PyTorch (cuDNN).
 
-BatchNorm is in eval mode for all three: the Triton backend folds eval BatchNorm into the kernel and
-sends training-mode BatchNorm to the torch backend until its kernel lands. Inputs rotate among
-buffers larger than L2; warm-up runs (compilation, autotuning) are not timed.
+Rows with BatchNorm in eval mode (folded into the kernel) and in training mode ("train-BN": batch
+statistics, running-statistics update), and the ViT-S MLP rows (FusedPNNHLinear against
+nn.Linear + GELU + residual add). Inputs rotate among buffers larger than L2; warm-up runs
+(compilation, autotuning) are not timed.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import triton
 from torch import nn
 
 from bench.implementations import ResNetLayer
-from pnnh_kernels import FusedPNNHConv
+from pnnh_kernels import FusedPNNHConv, FusedPNNHLinear
 
 SHAPES = [(64, 32), (128, 16), (256, 8), (512, 4)]  # (channels, spatial size), batch 256
 
@@ -44,6 +45,62 @@ def time_ms(step: Callable[[torch.Tensor], None], inputs: list[torch.Tensor], re
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def measure(
+    shape: str,
+    name: str,
+    layer: nn.Module,
+    inputs: list[torch.Tensor],
+    grads: torch.Tensor,
+    repeats: int,
+) -> dict:
+    def forward(x: torch.Tensor) -> None:
+        with torch.no_grad():
+            layer(x)
+
+    def training(x: torch.Tensor) -> None:
+        layer(x.detach().requires_grad_(True)).backward(grads)
+
+    row = {
+        "shape": shape,
+        "layer": name,
+        "forward_ms": time_ms(forward, inputs, repeats),
+        "forward_backward_ms": time_ms(training, inputs, repeats),
+    }
+    print(row, flush=True)
+    return row
+
+
+class ResidualMLP(nn.Module):
+    """A ViT MLP block's body: x + fc2(gelu(fc1(x)))."""
+
+    def __init__(self, width: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(nn.functional.gelu(self.fc1(x)))
+
+
+def vit_mlp_rows(device: torch.device, dtype: torch.dtype, repeats: int) -> list[dict]:
+    """ViT-S MLP (197 tokens x batch 128, 384 -> 1536 -> 384): two FusedPNNHLinear layers (coders
+    untied, the residual add replaced by the coders) against nn.Linear + GELU + residual add."""
+    tokens, width, hidden = 197 * 128, 384, 1536
+    inputs = [torch.randn(tokens, width, device=device, dtype=dtype) for _ in range(4)]
+    grads = torch.randn(tokens, width, device=device, dtype=dtype)
+    rows = []
+    for backend in ("triton", "torch"):
+        torch.manual_seed(0)
+        pnnh = nn.Sequential(
+            FusedPNNHLinear(width, hidden, backend=backend, coder_init="he"),
+            FusedPNNHLinear(hidden, width, activation=None, backend=backend, coder_init="he"),
+        ).to(device, dtype)
+        rows.append(measure("ViT-S MLP", f"pnnh-{backend}", pnnh, inputs, grads, repeats))
+    baseline = ResidualMLP(width, hidden).to(device, dtype)
+    rows.append(measure("ViT-S MLP", "cudnn", baseline, inputs, grads, repeats))
+    return rows
 
 
 def main() -> None:
@@ -72,25 +129,13 @@ def main() -> None:
         eager.load_state_dict(fused.state_dict())
         eager = eager.to(device, dtype, memory_format=torch.channels_last).eval()
         cudnn = ResNetLayer(channels).to(device, dtype, memory_format=torch.channels_last).eval()
+        label = f"{channels}x{size}x{size}"
         for name, layer in (("triton", fused), ("torch", eager), ("cudnn", cudnn)):
-
-            def forward(x: torch.Tensor, layer: nn.Module = layer) -> None:
-                with torch.no_grad():
-                    layer(x)
-
-            def training(x: torch.Tensor, layer: nn.Module = layer, grads: torch.Tensor = grads) -> None:
-                x = x.detach().requires_grad_(True)
-                layer(x).backward(grads)
-
-            rows.append(
-                {
-                    "shape": f"{channels}x{size}x{size}",
-                    "layer": name,
-                    "forward_ms": time_ms(forward, inputs, args.repeats),
-                    "forward_backward_ms": time_ms(training, inputs, args.repeats),
-                }
-            )
-            print(rows[-1], flush=True)
+            rows.append(measure(label, name, layer, inputs, grads, args.repeats))
+        # Training-mode BatchNorm (batch statistics, running-statistics update) in every layer.
+        for name, layer in (("triton", fused), ("torch", eager), ("cudnn", cudnn)):
+            rows.append(measure(f"{label} train-BN", name, layer.train(), inputs, grads, args.repeats))
+    rows += vit_mlp_rows(device, dtype, args.repeats)
 
     name = torch.cuda.get_device_name(device)
     driver = torch.cuda.driver_version() if hasattr(torch.cuda, "driver_version") else "n/a"
@@ -99,14 +144,17 @@ def main() -> None:
         f"# FusedPNNHConv timings on {name}, {today}",
         "",
         f"torch {torch.__version__}, triton {triton.__version__}, CUDA driver {driver}; batch "
-        f"{args.batch}, bf16, channels_last, BatchNorm in eval mode, median of {args.repeats} "
+        f"{args.batch}, bf16, channels_last, BatchNorm in eval mode (training mode in the train-BN "
+        f"rows), median of {args.repeats} "
         "CUDA-event timings after warm-up, inputs rotating among buffers larger than L2. "
         "Written by bench/device_check.sh.",
         "",
-        "| shape | layer | forward (ms) | forward+backward (ms) | fwd+bwd vs cuDNN layer |",
+        "| shape | layer | forward (ms) | forward+backward (ms) | fwd+bwd vs PyTorch layer |",
         "|---|---|---|---|---|",
     ]
-    reference = {row["shape"]: row for row in rows if row["layer"] == "cudnn"}
+    reference = {
+        row["shape"]: row for row in rows if row["layer"] == "cudnn"
+    }  # "cudnn": PyTorch's layer
     for row in rows:
         ratio = row["forward_backward_ms"] / reference[row["shape"]]["forward_backward_ms"]
         lines.append(

@@ -37,6 +37,7 @@ def test_every_kernel_compiles_without_spills(dtype, target, tmp_path):
         "_pnnh_conv_fwd_kernel",
         "_pnnh_conv_fwd_kernel[bn stats]",
         "_pnnh_conv_fwd_kernel[bn apply]",
+        "_pnnh_conv_fwd_kernel[linear]",
         "_pnnh_coder_bwd_kernel",
         "_conv_wgrad_kernel",
         "_pnnh_conv_dgrad_kernel",

@@ -447,3 +447,22 @@ def test_linear_on_the_fused_kernels_matches_float64_reference(leading, c_in, c_
     assert_matches(x.grad.cpu(), x64.grad, dtype, "grad input")
     for name, leaf in leaves.items():
         assert_matches(leaf.grad.cpu(), leaves64[name].grad, dtype, f"grad {name}")
+
+
+def test_compile_fullgraph_of_a_triton_linear_stack():
+    from pnnh_kernels import FusedPNNHLinear
+
+    stack = nn.Sequential(
+        FusedPNNHLinear(12, 12, backend="triton", coder_init="he"),
+        FusedPNNHLinear(12, 20, backend="triton", coder_init="he"),
+    ).to(DEVICE)
+    compiled = torch.compile(stack, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 5, 12, device=DEVICE, requires_grad=True)
+    out = compiled(x)
+    out.sum().backward()
+    grad = x.grad.clone()
+    x.grad = None
+    expected = stack(x)
+    expected.sum().backward()
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(grad, x.grad)

@@ -17,7 +17,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import triton
@@ -50,6 +50,7 @@ class KernelSpec:
     constexprs: dict[str, Any]
     num_warps: int
     num_stages: int
+    ints: Optional[dict[str, int]] = None  # runtime ints of the launch; default STAGE_INTS
 
 
 # The runtime integers of a ResNet-18 CIFAR first-stage layer (batch 256, 64 x 32 x 32, 3x3, C_B 32)
@@ -112,6 +113,9 @@ def kernel_specs(dtype: torch.dtype, channels: int = 64) -> list[KernelSpec]:
     statistics = {**forward, "HAS_SCALE": False, "HAS_CODER": False, "HAS_ENCODER_BIAS": False}
     statistics.update({"CODE_IN_MAIN_LOOP": False, "WRITE_STATS": True, "RELU": False})
     apply = {**forward, "CODE_IN_MAIN_LOOP": False, "Z_INPUT": True}
+    # FusedPNNHLinear: the same kernel on a 1x1 image per row (tokens x channels).
+    linear = {**forward, "KH": 1, "KW": 1, "HAS_SCALE": False}
+    linear_ints = {**STAGE_INTS, "H": 1, "W": 1, "OH": 1, "OW": 1, "pad_h": 0, "pad_w": 0}
     return [
         *(
             KernelSpec(
@@ -122,6 +126,14 @@ def kernel_specs(dtype: torch.dtype, channels: int = 64) -> list[KernelSpec]:
                 ("_pnnh_conv_fwd_kernel[bn stats]", statistics),
                 ("_pnnh_conv_fwd_kernel[bn apply]", apply),
             )
+        ),
+        KernelSpec(
+            "_pnnh_conv_fwd_kernel[linear]",
+            kernels._pnnh_conv_fwd_kernel,
+            linear,
+            config.num_warps,
+            config.num_stages,
+            linear_ints,
         ),
         KernelSpec(
             "_pnnh_coder_bwd_kernel",
@@ -178,18 +190,19 @@ def specialise(spec: KernelSpec, dtype: torch.dtype) -> tuple[dict[str, str], di
     constexprs = dict(spec.constexprs)
     attrs: dict[tuple[int, ...], list] = {}
     divisible = [["tt.divisibility", 16]]
+    ints = spec.ints or STAGE_INTS
     for index, name in enumerate(spec.fn.arg_names):
         if name in constexprs:
             types[name] = "constexpr"
         elif name.endswith("_ptr"):
             types[name] = "*fp32" if name in FLOAT32_POINTERS else "*" + TRITON_TYPES[dtype]
             attrs[(index,)] = divisible
-        elif STAGE_INTS[name] == 1:
+        elif ints[name] == 1:
             constexprs[name] = 1
             types[name] = "constexpr"
         else:
             types[name] = "i32"
-            if STAGE_INTS[name] % 16 == 0:
+            if ints[name] % 16 == 0:
                 attrs[(index,)] = divisible
     return types, constexprs, attrs
 
