@@ -28,6 +28,7 @@ from torch import Tensor
 
 from pnnh_kernels.backends.call import ConvCall, LinearCall
 from pnnh_kernels.backends.reference import memory_format_of
+from pnnh_kernels.coder import CoderTensors
 from pnnh_kernels.conv_geometry import ConvGeometry
 from pnnh_kernels.triton import pnnh_conv
 from pnnh_kernels.triton.pnnh_conv import (
@@ -382,6 +383,13 @@ def _train_backward(ctx: Any, grad_output: Tensor, *unused: Optional[Tensor]) ->
 conv2d_fused_train.register_autograd(_train_backward, setup_context=_setup_train_context)
 
 
+def _coder_in(coder: Optional[CoderTensors], dtype: torch.dtype) -> tuple[Optional[Tensor], ...]:
+    """(W_E, b_E, W_D) in the compute dtype, each None where absent."""
+    if coder is None:
+        return (None, None, None)
+    return tuple(None if t is None else t.to(dtype) for t in coder)
+
+
 def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
     if not torch.is_autocast_enabled(device.type):
         return None
@@ -401,18 +409,13 @@ def _conv2d_training_norm(call: ConvCall, compute_dtype: torch.dtype) -> Tensor:
             f"{torch.Size([n, call.weight.shape[0], oh, ow])}"
         )
 
-    def cast(tensor: Optional[Tensor]) -> Optional[Tensor]:
-        return None if tensor is None else tensor.to(compute_dtype)
-
     out, _, mean, variance = conv2d_fused_train(
         call.input.to(compute_dtype),
         call.weight.to(compute_dtype),
         None if call.bias is None else call.bias.float(),
         norm.weight,
         norm.bias,
-        cast(coder.encoder_weight) if coder is not None else None,
-        cast(coder.encoder_bias) if coder is not None else None,
-        cast(coder.decoder_weight) if coder is not None else None,
+        *_coder_in(coder, compute_dtype),
         list(geometry.stride),
         list(geometry.padding),
         list(geometry.dilation),
@@ -445,17 +448,12 @@ def conv2d(call: ConvCall) -> Tensor:
         shift = shift_bn if shift is None else shift_bn + shift * scale
     coder = call.coder
 
-    def cast(tensor: Optional[Tensor]) -> Optional[Tensor]:
-        return None if tensor is None else tensor.to(compute_dtype)
-
     out = conv2d_fused(
         call.input.to(compute_dtype),
         call.weight.to(compute_dtype),
         scale,
         shift,
-        cast(coder.encoder_weight) if coder is not None else None,
-        cast(coder.encoder_bias) if coder is not None else None,
-        cast(coder.decoder_weight) if coder is not None else None,
+        *_coder_in(coder, compute_dtype),
         list(call.geometry.stride),
         list(call.geometry.padding),
         list(call.geometry.dilation),
@@ -477,17 +475,12 @@ def linear(call: LinearCall) -> Tensor:
     rows = call.input.reshape(-1, in_features).to(compute_dtype)
     coder = call.coder
 
-    def cast(tensor: Optional[Tensor]) -> Optional[Tensor]:
-        return None if tensor is None else tensor.to(compute_dtype)
-
     out = conv2d_fused(
         rows.view(rows.shape[0], in_features, 1, 1),
         call.weight.to(compute_dtype).view(call.weight.shape[0], in_features, 1, 1),
         None,
         None if call.bias is None else call.bias.float(),
-        cast(coder.encoder_weight) if coder is not None else None,
-        cast(coder.encoder_bias) if coder is not None else None,
-        cast(coder.decoder_weight) if coder is not None else None,
+        *_coder_in(coder, compute_dtype),
         [1, 1],
         [0, 0],
         [1, 1],
