@@ -17,6 +17,11 @@ from pnnh_kernels.functional import pnnh_conv2d
 NORMS = (None, "batch")
 
 
+def uses_batch_statistics(norm: nn.BatchNorm2d) -> bool:
+    """Whether ``norm`` normalises with the batch's statistics (nn.BatchNorm2d's rule)."""
+    return norm.training or (norm.running_mean is None and norm.running_var is None)
+
+
 def batch_norm_params(norm: nn.BatchNorm2d) -> BatchNormParams:
     """The arguments nn.BatchNorm2d.forward would pass to F.batch_norm, with the same side effect
     (``num_batches_tracked`` counts a training call) so that running statistics match it exactly."""
@@ -24,14 +29,13 @@ def batch_norm_params(norm: nn.BatchNorm2d) -> BatchNormParams:
     if norm.training and norm.track_running_stats and norm.num_batches_tracked is not None:
         norm.num_batches_tracked.add_(1)
         factor = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
-    use_batch_statistics = norm.training or (norm.running_mean is None and norm.running_var is None)
     pass_running = not norm.training or norm.track_running_stats
     return BatchNormParams(
         norm.running_mean if pass_running else None,
         norm.running_var if pass_running else None,
         norm.weight,
         norm.bias,
-        use_batch_statistics,
+        uses_batch_statistics(norm),
         factor,
         norm.eps,
     )
@@ -138,9 +142,7 @@ class FusedPNNHConv(nn.Module):
     def backend_in_use(self) -> str:
         """The backend that runs this layer for inputs on its parameters' device and dtype."""
         norm = self.norm
-        batch_norm_training = norm is not None and (
-            norm.training or (norm.running_mean is None and norm.running_var is None)
-        )
+        batch_norm_training = norm is not None and uses_batch_statistics(norm)
         return resolve_backend(
             self.backend,
             self.weight.device,

@@ -403,21 +403,26 @@ def test_triton_op_keeps_only_input_and_output_alive():
     )
 
 
+def assert_compiled_matches_eager(module: nn.Module, x: torch.Tensor) -> None:
+    """torch.compile(fullgraph=True) traces ``module`` and gives eager's output and input gradient."""
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    x = x.requires_grad_(True)
+    out = compiled(x)
+    out.sum().backward()
+    grad = x.grad.clone()
+    x.grad = None
+    expected = module(x)
+    expected.sum().backward()
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(grad, x.grad)
+
+
 def test_compile_fullgraph_traces_the_triton_op():
     layers = nn.Sequential(
         FusedPNNHConv(8, 8, backend="triton", coder_init="he"),
         FusedPNNHConv(8, 12, stride=2, backend="triton", coder_init="he"),
     ).to(DEVICE)
-    compiled = torch.compile(layers, fullgraph=True, backend="aot_eager")
-    x = torch.randn(2, 8, 6, 6, device=DEVICE, requires_grad=True)
-    out = compiled(x)
-    out.sum().backward()
-    grad = x.grad.clone()
-    x.grad = None
-    expected = layers(x)
-    expected.sum().backward()
-    torch.testing.assert_close(out, expected)
-    torch.testing.assert_close(grad, x.grad)
+    assert_compiled_matches_eager(layers, torch.randn(2, 8, 6, 6, device=DEVICE))
 
 
 @pytest.mark.parametrize(
@@ -456,13 +461,4 @@ def test_compile_fullgraph_of_a_triton_linear_stack():
         FusedPNNHLinear(12, 12, backend="triton", coder_init="he"),
         FusedPNNHLinear(12, 20, backend="triton", coder_init="he"),
     ).to(DEVICE)
-    compiled = torch.compile(stack, fullgraph=True, backend="aot_eager")
-    x = torch.randn(2, 5, 12, device=DEVICE, requires_grad=True)
-    out = compiled(x)
-    out.sum().backward()
-    grad = x.grad.clone()
-    x.grad = None
-    expected = stack(x)
-    expected.sum().backward()
-    torch.testing.assert_close(out, expected)
-    torch.testing.assert_close(grad, x.grad)
+    assert_compiled_matches_eager(stack, torch.randn(2, 5, 12, device=DEVICE))
