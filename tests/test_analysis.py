@@ -103,8 +103,9 @@ def test_plan_shares_runs_between_studies():
 
 def test_tiny_analysis_end_to_end(tmp_path):
     args = argparse.Namespace(
-        preset="tiny", curve_depth=4, out=tmp_path, skip_training=False, threads=None
-    )
+        preset="tiny", curve_depth=4, out=tmp_path, skip_training=False, threads=None,
+        no_resume=False,
+    )  # fmt: skip
     analysis_run.run(args)
     summary = json.loads((tmp_path / "analysis.json").read_text())
     assert summary["runs"]
@@ -112,3 +113,26 @@ def test_tiny_analysis_end_to_end(tmp_path):
     assert "Depth scaling" in (tmp_path / "analysis.md").read_text()
     for figure in ("curve_survival", "curve_cosine_similarity", "curve_ridge_r2", "depth_study"):
         assert (tmp_path / f"{figure}.png").stat().st_size > 1000
+
+
+def test_interrupted_analysis_resumes_from_saved_runs(tmp_path):
+    args = argparse.Namespace(
+        preset="tiny", curve_depth=2, out=tmp_path, skip_training=False, threads=None,
+        no_resume=False,
+    )  # fmt: skip
+    analysis_run.run(args)
+    saved = sorted((tmp_path / "runs").glob("*.json"))
+    assert len(saved) == len(list(planned_runs(TINY)))
+    # Mark one saved row: a resumed study must report it instead of retraining that run.
+    marked = json.loads(saved[0].read_text())
+    marked["test_accuracy"] = -1.0
+    saved[0].write_text(json.dumps(marked))
+    saved[1].unlink()
+    analysis_run.run(args)
+    rows = json.loads((tmp_path / "analysis.json").read_text())["runs"]
+    assert sum(r["test_accuracy"] == -1.0 for r in rows) == 1
+    assert saved[1].exists()
+    args.no_resume = True
+    analysis_run.run(args)
+    rows = json.loads((tmp_path / "analysis.json").read_text())["runs"]
+    assert all(r["test_accuracy"] >= 0 for r in rows)

@@ -33,6 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("analysis_output"))
     parser.add_argument("--skip-training", action="store_true", help="curves and bounds only")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--no-resume",
+        action="store_true",
+        help="retrain every run instead of reusing the rows saved under OUT/runs/ by an earlier, "
+        "interrupted run with the same preset",
+    )
 
 
 def _progress(total: int, description: str) -> Any:
@@ -203,10 +209,21 @@ def run(args: argparse.Namespace) -> None:
         runs = list(study.planned_runs(config))
         bar = _progress(len(runs), "training runs")
 
+        saved_runs = out / "runs"
+        saved_runs.mkdir(exist_ok=True)
         for single in runs:
             if bar is not None:
                 bar.set_postfix_str(f"{single.study} depth {single.depth} {single.label}")
-            rows.append(study.execute_run(single, config, data))
+            saved = saved_runs / f"{study.run_id(single, config)}.json"
+            if saved.exists() and not args.no_resume:
+                rows.append(json.loads(saved.read_text()))
+            else:
+                row = study.execute_run(single, config, data)
+                # Written per run (temp file + rename) so an interrupted study resumes where it stopped.
+                partial = saved.with_suffix(".tmp")
+                partial.write_text(json.dumps(row, indent=1))
+                partial.replace(saved)
+                rows.append(row)
             if bar is not None:
                 bar.update(1)
         if bar is not None:

@@ -7,6 +7,8 @@ measured, whichever way they fall.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -51,6 +53,17 @@ class Run:
     depth: int
     seed: int
     model_kwargs: dict[str, Any]
+
+
+def run_id(run: Run, config: StudyConfig) -> str:
+    """A file-name-safe id that changes whenever the run or the recipe it is trained with changes."""
+    recipe = json.dumps(
+        [run.study, run.label, run.depth, run.seed, run.model_kwargs, config.__dict__],
+        sort_keys=True,
+        default=str,
+    )
+    digest = hashlib.sha256(recipe.encode()).hexdigest()[:12]
+    return f"{run.study}-d{run.depth}-s{run.seed}-{digest}"
 
 
 def coder_reconstruction_error(coder: PNNHCoder, samples: int = 4096, seed: int = 0) -> float:
