@@ -15,6 +15,11 @@ SUBCOMMANDS = (
         "pnnh_kernels.analysis.run",
     ),
     (
+        "train",
+        "train a PNNH, plain or residual ResNet on CIFAR-10/100, image folders or synthetic data",
+        "pnnh_kernels.training.command",
+    ),
+    (
         "report",
         "Markdown report and plots from a pytest bench/ --benchmark-json file",
         "pnnh_kernels.benchmarking.report",
