@@ -168,6 +168,12 @@ class ImageFolder(Dataset):
     """
 
     def __init__(self, root: Path, image_size: int, train: bool, seed: int = 0) -> None:
+        try:
+            import PIL  # noqa: F401
+        except ImportError as error:  # pragma: no cover - depends on the installation
+            raise ImportError(
+                "--data folder decodes images with Pillow: pip install 'pnnh-kernels[train]'"
+            ) from error
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(
