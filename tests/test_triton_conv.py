@@ -21,8 +21,9 @@ pytest.importorskip("triton")
 
 from pnnh_kernels import FusedPNNHConv
 from pnnh_kernels.backends import _warned_reroutes
+from pnnh_kernels.backends.fused_common import poisoned_outputs
 from pnnh_kernels.functional import pnnh_conv2d
-from pnnh_kernels.triton.pnnh_conv import ConvConfig, forced_config, poisoned_outputs
+from pnnh_kernels.triton.pnnh_conv import ConvConfig, forced_config
 from tests.reference import assert_matches, pnnh_conv2d_reference, random_layer_tensors
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

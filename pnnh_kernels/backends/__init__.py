@@ -142,11 +142,37 @@ def _triton_linear(call: LinearCall) -> torch.Tensor:
     return ops.linear(call)
 
 
+def _cuda_conv2d(call: ConvCall) -> torch.Tensor:
+    from pnnh_kernels.cuda import ops
+
+    return ops.conv2d(call)
+
+
+def _cuda_linear(call: LinearCall) -> torch.Tensor:
+    from pnnh_kernels.cuda import ops
+
+    return ops.linear(call)
+
+
 def _register_builtin_backends() -> None:
+    from pnnh_kernels import cuda as cuda_backend
     from pnnh_kernels import triton as triton_backend
     from pnnh_kernels.backends import reference
 
     register_backend(reference.BACKEND)
+    # Registers the torch.library ops now (they need no GPU and no extension until they run).
+    from pnnh_kernels.cuda import ops as cuda_ops  # noqa: F401
+
+    register_backend(
+        Backend(
+            "cuda",
+            _cuda_conv2d,
+            _cuda_linear,
+            cuda_backend.unavailable_reason,
+            # Not picked by "auto" until its GPU tests have passed on a GPU (docs/kernels.md).
+            auto_device_types=(),
+        )
+    )
     if triton_backend.triton_installed():
         # Registers the torch.library ops now, so that torch.compile finds them when it traces.
         from pnnh_kernels.triton import ops  # noqa: F401

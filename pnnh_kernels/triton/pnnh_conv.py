@@ -15,6 +15,15 @@ import torch
 import triton
 from torch import Tensor
 
+from pnnh_kernels.backends.fused_common import (
+    ConvGradients,
+    TrainingForward,
+    decoder_rows,
+    merge_tile_statistics,
+    nhwc,
+    permuted_weight,
+)
+from pnnh_kernels.backends.fused_common import output_buffer as _output
 from pnnh_kernels.conv_geometry import ConvGeometry
 from pnnh_kernels.triton import interpreter_enabled
 from pnnh_kernels.triton.kernels import (
@@ -46,7 +55,6 @@ INTERPRETER_CONFIG = ConvConfig(
 )
 
 _forced_config: Optional[ConvConfig] = None
-_poison_outputs = False
 
 
 @contextlib.contextmanager
@@ -58,24 +66,6 @@ def forced_config(config: ConvConfig) -> Iterator[None]:
         yield
     finally:
         _forced_config = previous
-
-
-@contextlib.contextmanager
-def poisoned_outputs() -> Iterator[None]:
-    """Fill every buffer a kernel is meant to overwrite with NaN before launching, so that an
-    element the kernel forgets to write shows up in the result instead of passing as stale zeros."""
-    global _poison_outputs
-    previous, _poison_outputs = _poison_outputs, True
-    try:
-        yield
-    finally:
-        _poison_outputs = previous
-
-
-def _output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-    if _poison_outputs:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def _block(size: int, cap: int) -> int:
@@ -187,23 +177,6 @@ def _grid(rows: int, columns: int, config: ConvConfig):
     return lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(columns, meta["BLOCK_N"]))
 
 
-def nhwc(tensor: Tensor) -> Tensor:
-    """The NHWC view of an NCHW tensor, copying into channels_last memory only if it is not."""
-    return tensor.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
-
-
-def permuted_weight(weight: Tensor) -> Tensor:
-    """[C_out, C_in, KH, KW] -> [KH, KW, C_in, C_out], contiguous."""
-    return weight.permute(2, 3, 1, 0).contiguous()
-
-
-def decoder_rows(encoder_weight: Tensor, decoder_weight: Optional[Tensor]) -> Tensor:
-    """W_D^T as [C_B, C_out]: W_E itself for a tied coder (no copy)."""
-    if decoder_weight is None:
-        return encoder_weight.contiguous()
-    return decoder_weight.t().contiguous()
-
-
 def _launch_forward(
     x: Tensor,
     weight: Tensor,
@@ -307,29 +280,6 @@ def conv_forward(
     return y.permute(0, 3, 1, 2)
 
 
-@dataclass
-class TrainingForward:
-    """Outputs of the training-mode BatchNorm forward (all NCHW views of NHWC memory)."""
-
-    output: Tensor
-    learner: Tensor  # z = conv(x) + bias, before the normalisation, in the input dtype
-    mean: Tensor  # [C_out] float32 batch mean of z
-    variance: Tensor  # [C_out] float32 biased batch variance of z
-
-
-def merge_tile_statistics(counts: Tensor, means: Tensor, m2: Tensor) -> tuple[Tensor, Tensor]:
-    """(mean, biased variance) per channel from per-tile (count, mean, sum of squared deviations).
-
-    Chan et al.'s pairwise formula, all tiles at once: M2 = sum M2_t + sum n_t (mean_t - mean)^2.
-    No sum of squares of raw values is ever formed, so a large mean does not cancel the variance
-    away; the order is fixed, so the result is deterministic.
-    """
-    total = counts.sum()
-    mean = (counts[:, None] * means).sum(0) / total
-    m2_total = m2.sum(0) + (counts[:, None] * (means - mean).square()).sum(0)
-    return mean, m2_total / total
-
-
 def conv_forward_train(
     x: Tensor,
     weight: Tensor,
@@ -376,18 +326,6 @@ def conv_forward_train(
         y=y, z=z, config=config,
     )  # fmt: skip
     return TrainingForward(y.permute(0, 3, 1, 2), z.permute(0, 3, 1, 2), mean, variance)
-
-
-@dataclass
-class ConvGradients:
-    """Gradients of the fused op's inputs; the learner's are unscaled (see :func:`conv_backward`)."""
-
-    input: Tensor
-    weight_unscaled: Tensor  # [KH, KW, C_in, C_out] float32: sum over pixels of x_tap * dp
-    shift: Tensor  # [C_out] float32: sum over pixels of dp
-    encoder_weight: Optional[Tensor]  # [C_B, C_in] float32 (both uses when tied)
-    encoder_bias: Optional[Tensor]  # [C_B] float32
-    decoder_weight: Optional[Tensor]  # [C_out, C_B] float32, untied only
 
 
 def _wgrad(

@@ -1,0 +1,91 @@
+// Host-side interface of the PNNH CUDA kernels. Tensors arrive as raw device pointers (the Python
+// side allocates them with torch), NHWC for images; shapes, strides and the stream come as plain
+// values, so the extension does not link libtorch and works beside any torch version.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace pnnh {
+
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+struct ConvShape {
+  int64_t batch;
+  int height, width, in_channels;
+  int out_height, out_width, out_channels;
+  int kernel_h, kernel_w;
+  int stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w;
+};
+
+enum class ForwardMode : int {
+  kFused = 0,       // y = act(conv(x) * scale + shift + decode(code))
+  kStatistics = 1,  // z = conv(x) + shift, plus per-tile mean and M2 of z per channel
+  kApply = 2,       // y = act(z * scale + shift + decode(code)), z read instead of convolving
+};
+
+struct ForwardArgs {
+  ConvShape shape;
+  int code_channels;  // C_B; 0 without a coder
+  ForwardMode mode;
+  bool relu;
+  const void* x;               // [N, H, W, C_in]
+  const void* weight;          // [C_out, KH, KW, C_in]
+  const float* scale;          // [C_out] or nullptr
+  const float* shift;          // [C_out] or nullptr
+  const void* encoder_weight;  // [C_B, C_in] or nullptr
+  const float* encoder_bias;   // [C_B] or nullptr
+  const void* decoder_weight;  // [C_out, C_B] or nullptr
+  void* y;                     // [N, OH, OW, C_out] (fused, apply)
+  void* z;                     // [N, OH, OW, C_out] (written by statistics, read by apply)
+  float* partial_mean;         // [tiles, C_out] (statistics)
+  float* partial_m2;           // [tiles, C_out] (statistics)
+};
+
+struct CoderBackwardArgs {
+  ConvShape shape;
+  int code_channels;
+  const void* x;               // [N, H, W, C_in]
+  const void* encoder_weight;  // [C_B, C_in]
+  const float* encoder_bias;   // [C_B] or nullptr
+  const void* decoder_t;       // W_D^T [C_B, C_out]
+  const void* grad;            // dp = dy masked by the output ReLU, [N, OH, OW, C_out]
+  void* code;                  // out: relu(W_E x_s + b_E), [N, OH, OW, C_B]
+  void* grad_pre;              // out: (W_D^T dp) * (pre > 0), [N, OH, OW, C_B]
+};
+
+struct DgradArgs {
+  ConvShape shape;
+  int code_channels;
+  const void* grad;            // learner gradient at the output (mask and scale applied), NHWC
+  const void* weight_t;        // [C_in, KH, KW, C_out]
+  const void* grad_pre;        // [N, OH, OW, C_B] or nullptr
+  const void* encoder_weight_t;  // W_E^T [C_in, C_B] or nullptr
+  void* grad_input;            // out: [N, H, W, C_in]
+};
+
+struct WgradArgs {
+  // out[split][tap][cx][cg] = sum over this split's output pixels of image_tap[pixel][cx] * grad[pixel][cg]
+  ConvShape shape;             // the image is [N, H, W, C_x], the gradient [N, OH, OW, C_g]
+  int grad_channels;           // C_g (shape.out_channels is ignored)
+  int64_t pixels_per_split;
+  int splits;
+  const void* image;
+  const void* grad;
+  float* out;                  // [splits, KH, KW, C_x, C_g]
+};
+
+// Each launcher checks the launch (cudaGetLastError) and throws std::runtime_error naming the kernel.
+void launch_forward(const ForwardArgs& args, DType dtype, cudaStream_t stream);
+void launch_coder_backward(const CoderBackwardArgs& args, DType dtype, cudaStream_t stream);
+void launch_dgrad(const DgradArgs& args, DType dtype, cudaStream_t stream);
+void launch_wgrad(const WgradArgs& args, DType dtype, cudaStream_t stream);
+
+// Tile sizes the Python side needs (the statistics pass writes one row per kTileRows pixels).
+int tile_rows();
+std::vector<std::string> kernel_names();
+
+}  // namespace pnnh

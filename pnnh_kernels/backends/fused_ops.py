@@ -1,0 +1,546 @@
+"""The autograd boundary of the fused backends (Triton, CUDA): torch.library ops and the backend
+functions, defined once and instantiated per backend by :func:`define_fused_ops` over that backend's
+launchers (``conv_forward``, ``conv_forward_train``, ``conv_backward``).
+
+``<library>::conv2d_fused`` computes ``act(conv(x, W) * scale + shift + W_D relu(W_E x_s + b_E))`` and
+``<library>::conv2d_fused_backward`` its gradients. Both are ``torch.library.custom_op``s with fake
+implementations, so ``torch.compile(fullgraph=True)`` traces a model built from the modules without
+graph breaks and without looking inside the kernels (which also makes the CPU interpreter work
+under torch.compile, where ``triton_op`` would try to trace the kernel with fake tensors).
+
+Training-mode BatchNorm has its own op, ``<library>::conv2d_fused_train`` (see _train_backward and
+docs/kernels.md). The learner's bias and an eval-mode BatchNorm are folded, in PyTorch and with
+autograd, into the per-channel ``scale`` and ``shift`` the kernel applies to the learner branch:
+``scale = gamma / sqrt(running_var + eps)``, ``shift = beta + (b_L - running_mean) * scale``. The op
+returns the gradients of ``scale`` and ``shift``; autograd carries them on to gamma, beta and b_L.
+
+What the op keeps alive for the backward: x, the output y (whose sign is the output ReLU's mask, and
+which the next layer keeps alive anyway as its own input), the weights and a few per-channel vectors.
+The unfused torch backend also keeps the conv output and the code: for a C -> C layer with
+C_B = C / 2 and eval BatchNorm, 3.5x the input's bytes against the fused op's 2x (measured by
+counting saved tensors in tests/test_triton_conv.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Optional, Protocol
+
+import torch
+from torch import Tensor
+
+from pnnh_kernels.backends.call import ConvCall, LinearCall
+from pnnh_kernels.backends.fused_common import ConvGradients, TrainingForward, permuted_weight
+from pnnh_kernels.backends.reference import memory_format_of
+from pnnh_kernels.coder import CoderTensors
+from pnnh_kernels.conv_geometry import ConvGeometry
+
+
+class FusedKernels(Protocol):
+    """A backend's launchers (no autograd): the same signatures for Triton and CUDA."""
+
+    def conv_forward(
+        self,
+        x: Tensor,
+        weight: Tensor,
+        scale: Optional[Tensor],
+        shift: Optional[Tensor],
+        encoder_weight: Optional[Tensor],
+        encoder_bias: Optional[Tensor],
+        decoder_weight: Optional[Tensor],
+        geometry: ConvGeometry,
+        relu: bool,
+    ) -> Tensor: ...
+
+    def conv_forward_train(
+        self,
+        x: Tensor,
+        weight: Tensor,
+        bias: Optional[Tensor],
+        norm_weight: Optional[Tensor],
+        norm_bias: Optional[Tensor],
+        encoder_weight: Optional[Tensor],
+        encoder_bias: Optional[Tensor],
+        decoder_weight: Optional[Tensor],
+        geometry: ConvGeometry,
+        relu: bool,
+        eps: float,
+    ) -> TrainingForward: ...
+
+    def conv_backward(
+        self,
+        grad_output: Tensor,
+        x: Tensor,
+        y: Tensor,
+        weight: Tensor,
+        scale: Optional[Tensor],
+        encoder_weight: Optional[Tensor],
+        encoder_bias: Optional[Tensor],
+        decoder_weight: Optional[Tensor],
+        geometry: ConvGeometry,
+        relu: bool,
+        learner_grad: Optional[Tensor] = None,
+    ) -> ConvGradients: ...
+
+
+@dataclass(frozen=True)
+class FusedOps:
+    """One backend's ops: the backend functions and the torch.library ops behind them."""
+
+    conv2d: Callable[[ConvCall], Tensor]
+    linear: Callable[[LinearCall], Tensor]
+    conv2d_fused: Any
+    conv2d_fused_backward: Any
+    conv2d_fused_train: Any
+
+
+def _geometry(
+    weight: Tensor, stride: list[int], padding: list[int], dilation: list[int]
+) -> ConvGeometry:
+    """The op's geometry; the functional entry point has already validated it."""
+    kernel = (weight.shape[2], weight.shape[3])
+    return ConvGeometry(
+        kernel, (stride[0], stride[1]), (padding[0], padding[1]), (dilation[0], dilation[1])
+    )
+
+
+def _coder_in(coder: Optional[CoderTensors], dtype: torch.dtype) -> tuple[Optional[Tensor], ...]:
+    """(W_E, b_E, W_D) in the compute dtype, each None where absent."""
+    if coder is None:
+        return (None, None, None)
+    return tuple(None if t is None else t.to(dtype) for t in coder)
+
+
+def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    if not torch.is_autocast_enabled(device.type):
+        return None
+    return torch.get_autocast_dtype(device.type)
+
+
+def define_fused_ops(library: str, kernels: FusedKernels) -> FusedOps:
+    """Register ``<library>::conv2d_fused``, ``_backward`` and ``_train`` over ``kernels``."""
+
+    @torch.library.custom_op(f"{library}::conv2d_fused", mutates_args=())
+    def conv2d_fused(
+        x: Tensor,
+        weight: Tensor,
+        scale: Optional[Tensor],
+        shift: Optional[Tensor],
+        encoder_weight: Optional[Tensor],
+        encoder_bias: Optional[Tensor],
+        decoder_weight: Optional[Tensor],
+        stride: list[int],
+        padding: list[int],
+        dilation: list[int],
+        relu: bool,
+    ) -> Tensor:
+        return kernels.conv_forward(
+            x,
+            weight,
+            scale,
+            shift,
+            encoder_weight,
+            encoder_bias,
+            decoder_weight,
+            _geometry(weight, stride, padding, dilation),
+            relu,
+        )
+
+    @conv2d_fused.register_fake
+    def _conv2d_fused_fake(
+        x,
+        weight,
+        scale,
+        shift,
+        encoder_weight,
+        encoder_bias,
+        decoder_weight,
+        stride,
+        padding,
+        dilation,
+        relu,
+    ):
+        oh, ow = _geometry(weight, stride, padding, dilation).output_size(x.shape[2], x.shape[3])
+        return x.new_empty((x.shape[0], oh, ow, weight.shape[0])).permute(0, 3, 1, 2)
+
+    @torch.library.custom_op(f"{library}::conv2d_fused_backward", mutates_args=())
+    def conv2d_fused_backward(
+        grad_output: Tensor,
+        x: Tensor,
+        output: Tensor,
+        weight: Tensor,
+        scale: Optional[Tensor],
+        encoder_weight: Optional[Tensor],
+        encoder_bias: Optional[Tensor],
+        decoder_weight: Optional[Tensor],
+        stride: list[int],
+        padding: list[int],
+        dilation: list[int],
+        relu: bool,
+        learner_grad: Optional[Tensor] = None,
+    ) -> list[Tensor]:
+        """[dx, dW_unscaled [KH, KW, C_in, C_out] fp32, dshift, dW_E, db_E, dW_D]; absent ones are empty.
+
+        ``learner_grad``: see pnnh_conv.conv_backward (training-mode BatchNorm passes dz)."""
+        grads = kernels.conv_backward(
+            grad_output,
+            x,
+            output,
+            weight,
+            scale,
+            encoder_weight,
+            encoder_bias,
+            decoder_weight,
+            _geometry(weight, stride, padding, dilation),
+            relu,
+            learner_grad,
+        )
+
+        def or_empty(grad: Optional[Tensor]) -> Tensor:
+            # A distinct empty tensor each time: outputs of a custom op may not alias each other.
+            return x.new_empty((0,), dtype=torch.float32) if grad is None else grad.contiguous()
+
+        return [
+            grads.input,
+            grads.weight_unscaled,
+            grads.shift,
+            or_empty(grads.encoder_weight),
+            or_empty(grads.encoder_bias),
+            or_empty(grads.decoder_weight),
+        ]
+
+    @conv2d_fused_backward.register_fake
+    def _conv2d_fused_backward_fake(
+        grad_output,
+        x,
+        output,
+        weight,
+        scale,
+        encoder_weight,
+        encoder_bias,
+        decoder_weight,
+        stride,
+        padding,
+        dilation,
+        relu,
+        learner_grad=None,
+    ):
+        n, c_in, height, width = x.shape
+        c_out, _, kh, kw = weight.shape
+
+        def like(tensor: Optional[Tensor]) -> Tensor:
+            shape = (0,) if tensor is None else tuple(tensor.shape)
+            return x.new_empty(shape, dtype=torch.float32)
+
+        return [
+            x.new_empty((n, height, width, c_in)).permute(0, 3, 1, 2),
+            x.new_empty((kh, kw, c_in, c_out), dtype=torch.float32),
+            x.new_empty((c_out,), dtype=torch.float32),
+            like(encoder_weight),
+            like(encoder_bias),
+            like(decoder_weight),
+        ]
+
+    def _setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        (
+            x,
+            weight,
+            scale,
+            shift,
+            encoder_weight,
+            encoder_bias,
+            decoder_weight,
+            stride,
+            padding,
+            dilation,
+            relu,
+        ) = inputs
+        ctx.save_for_backward(x, output, weight, scale, encoder_weight, encoder_bias, decoder_weight)
+        ctx.arguments = (stride, padding, dilation, relu)
+        ctx.has_shift = shift is not None
+
+    def _backward(ctx: Any, grad_output: Tensor) -> tuple:
+        x, output, weight, scale, encoder_weight, encoder_bias, decoder_weight = ctx.saved_tensors
+        stride, padding, dilation, relu = ctx.arguments
+        (
+            grad_x,
+            grad_weight_unscaled,
+            grad_shift,
+            grad_encoder_weight,
+            grad_encoder_bias,
+            grad_decoder_weight,
+        ) = conv2d_fused_backward(
+            grad_output,
+            x,
+            output,
+            weight,
+            scale,
+            encoder_weight,
+            encoder_bias,
+            decoder_weight,
+            stride,
+            padding,
+            dilation,
+            relu,
+        )
+        grad_scale = None
+        if scale is not None:
+            # d(scale)[c] = sum_pixels dp * conv(x)[c] = <W[c], dW_unscaled[c]> (no division by scale).
+            grad_scale = (grad_weight_unscaled * permuted_weight(weight).float()).sum((0, 1, 2))
+            grad_weight_unscaled = grad_weight_unscaled * scale
+        grad_weight = grad_weight_unscaled.permute(3, 2, 0, 1).to(weight.dtype)
+        return (
+            grad_x,
+            grad_weight,
+            grad_scale,
+            grad_shift if ctx.has_shift else None,
+            None if encoder_weight is None else grad_encoder_weight.to(encoder_weight.dtype),
+            None if encoder_bias is None else grad_encoder_bias.to(encoder_bias.dtype),
+            None if decoder_weight is None else grad_decoder_weight.to(decoder_weight.dtype),
+            None,
+            None,
+            None,
+            None,
+        )
+
+    conv2d_fused.register_autograd(_backward, setup_context=_setup_context)
+
+    @torch.library.custom_op(f"{library}::conv2d_fused_train", mutates_args=())
+    def conv2d_fused_train(
+        x: Tensor,
+        weight: Tensor,
+        bias: Optional[Tensor],
+        norm_weight: Optional[Tensor],
+        norm_bias: Optional[Tensor],
+        encoder_weight: Optional[Tensor],
+        encoder_bias: Optional[Tensor],
+        decoder_weight: Optional[Tensor],
+        stride: list[int],
+        padding: list[int],
+        dilation: list[int],
+        relu: bool,
+        eps: float,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Training-mode BatchNorm on the learner branch: (y, z, batch mean, biased batch variance)."""
+        result = kernels.conv_forward_train(
+            x,
+            weight,
+            bias,
+            norm_weight,
+            norm_bias,
+            encoder_weight,
+            encoder_bias,
+            decoder_weight,
+            _geometry(weight, stride, padding, dilation),
+            relu,
+            eps,
+        )
+        return result.output, result.learner, result.mean, result.variance
+
+    @conv2d_fused_train.register_fake
+    def _conv2d_fused_train_fake(
+        x,
+        weight,
+        bias,
+        norm_weight,
+        norm_bias,
+        encoder_weight,
+        encoder_bias,
+        decoder_weight,
+        stride,
+        padding,
+        dilation,
+        relu,
+        eps,
+    ):
+        oh, ow = _geometry(weight, stride, padding, dilation).output_size(x.shape[2], x.shape[3])
+        c_out = weight.shape[0]
+
+        def image() -> Tensor:
+            return x.new_empty((x.shape[0], oh, ow, c_out)).permute(0, 3, 1, 2)
+
+        return (
+            image(),
+            image(),
+            x.new_empty((c_out,), dtype=torch.float32),
+            x.new_empty((c_out,), dtype=torch.float32),
+        )
+
+    def _setup_train_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        x, weight, bias, norm_weight, norm_bias, encoder_weight, encoder_bias, decoder_weight = inputs[
+            :8
+        ]
+        stride, padding, dilation, relu, eps = inputs[8:]
+        output, learner, mean, variance = output
+        ctx.save_for_backward(
+            x,
+            output,
+            learner,
+            mean,
+            variance,
+            weight,
+            norm_weight,
+            encoder_weight,
+            encoder_bias,
+            decoder_weight,
+        )
+        ctx.arguments = (stride, padding, dilation, relu, eps)
+        ctx.present = (bias is not None, norm_weight is not None, norm_bias is not None)
+
+    def _train_backward(ctx: Any, grad_output: Tensor, *unused: Optional[Tensor]) -> tuple:
+        """BatchNorm's backward in PyTorch (two per-channel reductions and one elementwise pass, fp32),
+        then the fused kernels with dz for the learner and the masked dy for the coder.
+
+        dz = gamma * rstd * (dp - mean(dp) - x_hat * mean(dp * x_hat)), with dp = dy * (y > 0).
+        The gradients of the returned z, mean and variance are ignored: they feed only the running
+        statistics, under no_grad.
+        """
+        x, output, learner, mean, variance, weight, norm_weight = ctx.saved_tensors[:7]
+        encoder_weight, encoder_bias, decoder_weight = ctx.saved_tensors[7:]
+        stride, padding, dilation, relu, eps = ctx.arguments
+        has_bias, has_norm_weight, has_norm_bias = ctx.present
+        dp = grad_output.float()
+        if relu:
+            dp = torch.where(output > 0, dp, 0.0)
+        rstd = torch.rsqrt(variance + eps)
+        x_hat = (learner.float() - mean[:, None, None]) * rstd[:, None, None]
+        count = dp.shape[0] * dp.shape[2] * dp.shape[3]
+        grad_norm_bias = dp.sum((0, 2, 3))
+        grad_norm_weight = (dp * x_hat).sum((0, 2, 3))
+        gain = rstd if norm_weight is None else rstd * norm_weight.float()
+        centred = dp - (grad_norm_bias / count)[:, None, None]
+        learner_grad = gain[:, None, None] * (
+            centred - x_hat * (grad_norm_weight / count)[:, None, None]
+        )
+        grads = conv2d_fused_backward(
+            grad_output,
+            x,
+            output,
+            weight,
+            None,
+            encoder_weight,
+            encoder_bias,
+            decoder_weight,
+            stride,
+            padding,
+            dilation,
+            relu,
+            learner_grad.to(x.dtype),
+        )
+        grad_x, grad_weight, grad_bias, grad_encoder_weight, grad_encoder_bias, grad_decoder_weight = (
+            grads
+        )
+        return (
+            grad_x,
+            grad_weight.permute(3, 2, 0, 1).to(weight.dtype),
+            grad_bias if has_bias else None,
+            grad_norm_weight.to(norm_weight.dtype) if has_norm_weight else None,
+            grad_norm_bias if has_norm_bias else None,
+            None if encoder_weight is None else grad_encoder_weight.to(encoder_weight.dtype),
+            None if encoder_bias is None else grad_encoder_bias.to(encoder_bias.dtype),
+            None if decoder_weight is None else grad_decoder_weight.to(decoder_weight.dtype),
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+    conv2d_fused_train.register_autograd(_train_backward, setup_context=_setup_train_context)
+
+    def _conv2d_training_norm(call: ConvCall, compute_dtype: torch.dtype) -> Tensor:
+        """Training-mode BatchNorm: batch statistics from the kernels, running statistics updated here
+        exactly as F.batch_norm updates them (momentum, unbiased variance)."""
+        norm, coder, geometry = call.norm, call.coder, call.geometry
+        n = call.input.shape[0]
+        oh, ow = geometry.output_size(call.input.shape[2], call.input.shape[3])
+        count = n * oh * ow
+        if count <= 1:
+            raise ValueError(
+                "Expected more than 1 value per channel when training, got input size "
+                f"{torch.Size([n, call.weight.shape[0], oh, ow])}"
+            )
+
+        out, _, mean, variance = conv2d_fused_train(
+            call.input.to(compute_dtype),
+            call.weight.to(compute_dtype),
+            None if call.bias is None else call.bias.float(),
+            norm.weight,
+            norm.bias,
+            *_coder_in(coder, compute_dtype),
+            list(geometry.stride),
+            list(geometry.padding),
+            list(geometry.dilation),
+            call.activation == "relu",
+            norm.eps,
+        )
+        if norm.running_mean is not None and norm.running_var is not None:
+            with torch.no_grad():
+                momentum = norm.momentum
+                norm.running_mean.mul_(1 - momentum).add_(
+                    mean.to(norm.running_mean.dtype), alpha=momentum
+                )
+                unbiased = variance * (count / (count - 1))
+                norm.running_var.mul_(1 - momentum).add_(
+                    unbiased.to(norm.running_var.dtype), alpha=momentum
+                )
+        return out.contiguous(memory_format=memory_format_of(call.input))
+
+    def conv2d(call: ConvCall) -> Tensor:
+        """conv2d: fold bias and eval BatchNorm, apply autocast, run the op."""
+        norm = call.norm
+        compute_dtype = _autocast_dtype(call.input.device) or call.input.dtype
+        if norm is not None and norm.training:
+            return _conv2d_training_norm(call, compute_dtype)
+        scale: Optional[Tensor] = None
+        shift = None if call.bias is None else call.bias.float()
+        if norm is not None:
+            inv_std = torch.rsqrt(norm.running_var.float() + norm.eps)
+            scale = inv_std if norm.weight is None else norm.weight.float() * inv_std
+            shift_bn = -norm.running_mean.float() * scale
+            if norm.bias is not None:
+                shift_bn = shift_bn + norm.bias.float()
+            shift = shift_bn if shift is None else shift_bn + shift * scale
+        coder = call.coder
+
+        out = conv2d_fused(
+            call.input.to(compute_dtype),
+            call.weight.to(compute_dtype),
+            scale,
+            shift,
+            *_coder_in(coder, compute_dtype),
+            list(call.geometry.stride),
+            list(call.geometry.padding),
+            list(call.geometry.dilation),
+            call.activation == "relu",
+        )
+        return out.contiguous(memory_format=memory_format_of(call.input))
+
+    def linear(call: LinearCall) -> Tensor:
+        """The linear layer: the fused conv op on a 1 x 1 image per row.
+
+        A linear layer over rows is a 1x1 convolution of an [M, C_in, 1, 1] image whose channels_last
+        memory is the [M, C_in] matrix itself, so the same fused kernels (GEMM, code on chip, one store;
+        the code recomputed in the backward) serve it with no copy of the activations. The 1x1 kernel
+        has a centre tap, so the encoder runs in the learner's main loop on the same x tiles.
+        """
+        compute_dtype = _autocast_dtype(call.input.device) or call.input.dtype
+        in_features = call.weight.shape[1]
+        rows = call.input.reshape(-1, in_features).to(compute_dtype)
+        coder = call.coder
+
+        out = conv2d_fused(
+            rows.view(rows.shape[0], in_features, 1, 1),
+            call.weight.to(compute_dtype).view(call.weight.shape[0], in_features, 1, 1),
+            None,
+            None if call.bias is None else call.bias.float(),
+            *_coder_in(coder, compute_dtype),
+            [1, 1],
+            [0, 0],
+            [1, 1],
+            call.activation == "relu",
+        )
+        return out.reshape(*call.input.shape[:-1], call.weight.shape[0])
+
+    return FusedOps(conv2d, linear, conv2d_fused, conv2d_fused_backward, conv2d_fused_train)

@@ -1,0 +1,361 @@
+"""Launchers of the CUDA kernels: check, lay out, allocate, launch. No autograd here (the shared
+fused ops in pnnh_kernels.backends.fused_ops wrap these, as they wrap the Triton launchers).
+
+Tensors arrive as NCHW tensors (any layout; channels_last avoids a copy) and leave as NCHW views of
+NHWC memory. The kernels take raw device pointers, so everything they read is made contiguous in the
+layout they expect here, and every argument is checked before a pointer is handed over: a wrong
+device, dtype or shape raises ValueError naming the argument, never an illegal memory access.
+"""
+
+from __future__ import annotations
+
+import math
+from types import ModuleType
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from pnnh_kernels.backends.fused_common import (
+    ConvGradients,
+    TrainingForward,
+    decoder_rows,
+    merge_tile_statistics,
+    nhwc,
+    output_buffer,
+)
+from pnnh_kernels.conv_geometry import ConvGeometry
+from pnnh_kernels.cuda import SUPPORTED_DTYPES, extension, unavailable_reason
+
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+FUSED, STATISTICS, APPLY = 0, 1, 2
+WGRAD_ROWS = 32  # pixels per reduction step of the weight-gradient kernel
+WGRAD_TARGET_CTAS = 512  # enough CTAs to fill an H100 (132 SMs) several times over
+
+
+def _module() -> ModuleType:
+    module = extension()
+    if module is None:
+        raise RuntimeError(unavailable_reason(torch.device("cuda"), torch.float32, "conv2d"))
+    return module
+
+
+def _check(
+    name: str,
+    tensor: Optional[Tensor],
+    device: torch.device,
+    dtype: Optional[torch.dtype],
+    shape: Optional[tuple[int, ...]] = None,
+) -> None:
+    if tensor is None:
+        return
+    if tensor.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device}, got one on {tensor.device}")
+    if dtype is not None and tensor.dtype != dtype:
+        raise ValueError(f"{name}: expected dtype {dtype}, got {tensor.dtype}")
+    if shape is not None and tuple(tensor.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(tensor.shape)}")
+
+
+def _check_call(
+    x: Tensor,
+    weight: Tensor,
+    encoder_weight: Optional[Tensor],
+    encoder_bias: Optional[Tensor],
+    decoder_weight: Optional[Tensor],
+) -> None:
+    if x.device.type != "cuda":
+        raise ValueError(f"x: the CUDA kernels need a CUDA tensor, got one on {x.device}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"x: expected float32, float16 or bfloat16, got {x.dtype}")
+    if x.dim() != 4 or weight.dim() != 4 or weight.shape[1] != x.shape[1]:
+        raise ValueError(
+            f"weight: expected [C_out, {x.shape[1] if x.dim() == 4 else 'C_in'}, KH, KW] for x of "
+            f"shape {tuple(x.shape)}, got {tuple(weight.shape)}"
+        )
+    _check("weight", weight, x.device, x.dtype)
+    c_out, c_in = weight.shape[0], weight.shape[1]
+    if encoder_weight is not None:
+        c_b = encoder_weight.shape[0]
+        _check("encoder_weight", encoder_weight, x.device, x.dtype, (c_b, c_in))
+        _check("encoder_bias", encoder_bias, x.device, None, (c_b,))
+        _check("decoder_weight", decoder_weight, x.device, x.dtype, (c_out, c_b))
+        if decoder_weight is None and c_out != c_in:
+            raise ValueError(f"decoder_weight: a tied coder needs C_out == C_in, got {c_out} != {c_in}")
+
+
+def _pointer(tensor: Optional[Tensor]) -> int:
+    return 0 if tensor is None else tensor.data_ptr()
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def _float_vector(tensor: Optional[Tensor]) -> Optional[Tensor]:
+    return None if tensor is None else tensor.detach().float().contiguous()
+
+
+def _shape(module: ModuleType, x: Tensor, weight: Tensor, geometry: ConvGeometry):
+    n, c_in, height, width = x.shape
+    c_out, _, kh, kw = weight.shape
+    oh, ow = geometry.output_size(height, width)
+    return module.ConvShape(
+        n,
+        height,
+        width,
+        c_in,
+        oh,
+        ow,
+        c_out,
+        kh,
+        kw,
+        *geometry.stride,
+        *geometry.padding,
+        *geometry.dilation,
+    )
+
+
+def _launch_forward(
+    x: Tensor,
+    weight: Tensor,
+    scale: Optional[Tensor],
+    shift: Optional[Tensor],
+    encoder_weight: Optional[Tensor],
+    encoder_bias: Optional[Tensor],
+    decoder_weight: Optional[Tensor],
+    geometry: ConvGeometry,
+    relu: bool,
+    *,
+    mode: int,
+    y: Optional[Tensor] = None,
+    z: Optional[Tensor] = None,
+    partials: Optional[tuple[Tensor, Tensor]] = None,
+) -> None:
+    module = _module()
+    c_out = weight.shape[0]
+    x_rows = nhwc(x)
+    weight_rows = weight.permute(0, 2, 3, 1).contiguous()  # [C_out, KH, KW, C_in]
+    scale_f, shift_f = _float_vector(scale), _float_vector(shift)
+    for name, vector in (("scale", scale_f), ("shift", shift_f)):
+        _check(name, vector, x.device, torch.float32, (c_out,))
+    has_coder = encoder_weight is not None and mode != STATISTICS
+    encoder = encoder_weight.contiguous() if has_coder else None
+    encoder_bias_f = _float_vector(encoder_bias) if has_coder else None
+    # The decoder as [C_out, C_B] rows: W_E^T for a tied coder (a small copy).
+    decoder = None
+    if has_coder:
+        decoder = (
+            encoder_weight.t().contiguous() if decoder_weight is None else decoder_weight.contiguous()
+        )
+    module.forward(
+        _shape(module, x, weight, geometry),
+        encoder.shape[0] if encoder is not None else 0,
+        mode,
+        relu,
+        DTYPE_CODES[x.dtype],
+        _pointer(x_rows),
+        _pointer(weight_rows),
+        _pointer(scale_f),
+        _pointer(shift_f),
+        _pointer(encoder),
+        _pointer(encoder_bias_f),
+        _pointer(decoder),
+        _pointer(y),
+        _pointer(z),
+        _pointer(partials[0] if partials else None),
+        _pointer(partials[1] if partials else None),
+        _stream(x.device),
+    )
+
+
+def conv_forward(
+    x: Tensor,
+    weight: Tensor,
+    scale: Optional[Tensor],
+    shift: Optional[Tensor],
+    encoder_weight: Optional[Tensor],
+    encoder_bias: Optional[Tensor],
+    decoder_weight: Optional[Tensor],
+    geometry: ConvGeometry,
+    relu: bool,
+) -> Tensor:
+    """The fused forward; returns an NCHW tensor in channels_last memory."""
+    _check_call(x, weight, encoder_weight, encoder_bias, decoder_weight)
+    n, _, height, width = x.shape
+    c_out = weight.shape[0]
+    oh, ow = geometry.output_size(height, width)
+    y = output_buffer((n, oh, ow, c_out), x.dtype, x.device)
+    if y.numel():
+        _launch_forward(
+            x, weight, scale, shift, encoder_weight, encoder_bias, decoder_weight, geometry, relu,
+            mode=FUSED, y=y,
+        )  # fmt: skip
+    return y.permute(0, 3, 1, 2)
+
+
+def conv_forward_train(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    norm_weight: Optional[Tensor],
+    norm_bias: Optional[Tensor],
+    encoder_weight: Optional[Tensor],
+    encoder_bias: Optional[Tensor],
+    decoder_weight: Optional[Tensor],
+    geometry: ConvGeometry,
+    relu: bool,
+    eps: float,
+) -> TrainingForward:
+    """Training-mode BatchNorm in two launches of the forward kernel: convolution + per-tile
+    statistics (mean, M2 per 64-pixel tile), then normalisation + coder + activation from z."""
+    _check_call(x, weight, encoder_weight, encoder_bias, decoder_weight)
+    module = _module()
+    n, _, height, width = x.shape
+    c_out = weight.shape[0]
+    oh, ow = geometry.output_size(height, width)
+    m = n * oh * ow
+    rows = module.tile_rows()
+    tiles = math.ceil(m / rows)
+    z = output_buffer((n, oh, ow, c_out), x.dtype, x.device)
+    partials = (
+        output_buffer((tiles, c_out), torch.float32, x.device),
+        output_buffer((tiles, c_out), torch.float32, x.device),
+    )
+    _launch_forward(
+        x, weight, None, bias, None, None, None, geometry, False, mode=STATISTICS, z=z, partials=partials
+    )
+    counts = torch.full((tiles,), float(rows), device=x.device)
+    counts[-1] = m - (tiles - 1) * rows
+    mean, variance = merge_tile_statistics(counts, *partials)
+    scale = torch.rsqrt(variance + eps)
+    if norm_weight is not None:
+        scale = scale * norm_weight.float()
+    shift = -mean * scale
+    if norm_bias is not None:
+        shift = shift + norm_bias.float()
+    y = output_buffer((n, oh, ow, c_out), x.dtype, x.device)
+    _launch_forward(
+        x, weight, scale, shift, encoder_weight, encoder_bias, decoder_weight, geometry, relu,
+        mode=APPLY, y=y, z=z,
+    )  # fmt: skip
+    return TrainingForward(y.permute(0, 3, 1, 2), z.permute(0, 3, 1, 2), mean, variance)
+
+
+def _wgrad(
+    module: ModuleType,
+    image: Tensor,
+    grad: Tensor,
+    out_hw: tuple[int, int],
+    kernel: tuple[int, int],
+    geometry: ConvGeometry,
+) -> Tensor:
+    """``[KH, KW, C_x, C_g]`` float32 = sum over output pixels of image_tap^T @ grad, from per-split
+    partial sums added in a fixed order (deterministic)."""
+    n, height, width, c_x = image.shape
+    c_g = grad.shape[-1]
+    m = grad.numel() // c_g if c_g else 0
+    if m == 0:
+        return torch.zeros((*kernel, c_x, c_g), dtype=torch.float32, device=image.device)
+    taps = kernel[0] * kernel[1]
+    tiles = math.ceil(c_x / 64) * math.ceil(c_g / 64) * taps
+    splits = max(1, min(math.ceil(WGRAD_TARGET_CTAS / tiles), math.ceil(m / 256), 65535 // taps))
+    per_split = math.ceil(math.ceil(m / splits) / WGRAD_ROWS) * WGRAD_ROWS
+    splits = math.ceil(m / per_split)
+    partial = output_buffer((splits, *kernel, c_x, c_g), torch.float32, image.device)
+    shape = module.ConvShape(
+        n,
+        height,
+        width,
+        c_x,
+        *out_hw,
+        c_g,
+        *kernel,
+        *geometry.stride,
+        *geometry.padding,
+        *geometry.dilation,
+    )
+    module.wgrad(
+        shape, c_g, per_split, splits, DTYPE_CODES[image.dtype], _pointer(image), _pointer(grad),
+        _pointer(partial), _stream(image.device),
+    )  # fmt: skip
+    return partial.sum(0) if splits > 1 else partial[0]
+
+
+def conv_backward(
+    grad_output: Tensor,
+    x: Tensor,
+    y: Tensor,
+    weight: Tensor,
+    scale: Optional[Tensor],
+    encoder_weight: Optional[Tensor],
+    encoder_bias: Optional[Tensor],
+    decoder_weight: Optional[Tensor],
+    geometry: ConvGeometry,
+    relu: bool,
+    learner_grad: Optional[Tensor] = None,
+) -> ConvGradients:
+    """All gradients of the fused op (the same contract as the Triton backend's conv_backward: the
+    learner's weight gradient unscaled, ``learner_grad`` replacing the masked dy for the learner)."""
+    _check_call(x, weight, encoder_weight, encoder_bias, decoder_weight)
+    _check("grad_output", grad_output, x.device, None, tuple(y.shape))
+    module = _module()
+    dtype_code = DTYPE_CODES[x.dtype]
+    stream = _stream(x.device)
+    n, c_in, height, width = x.shape
+    kh, kw = weight.shape[2], weight.shape[3]
+    oh, ow = y.shape[2], y.shape[3]
+    x_rows = nhwc(x)
+    dy = nhwc(grad_output.to(x.dtype))
+    # The output ReLU's mask, applied once here (the Triton kernels apply it while loading).
+    dp = torch.where(nhwc(y) > 0, dy, 0).contiguous() if relu else dy.contiguous()
+    if learner_grad is not None:
+        learner_dp = nhwc(learner_grad.to(x.dtype)).contiguous()
+        learner_for_input = learner_dp
+    else:
+        learner_dp = dp
+        learner_for_input = dp if scale is None else (dp.float() * scale).to(x.dtype).contiguous()
+
+    shape = _shape(module, x, weight, geometry)
+    grads_coder: tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]] = (None, None, None)
+    grad_pre = encoder_t_rows = None
+    c_b = 0
+    if encoder_weight is not None:
+        c_b = encoder_weight.shape[0]
+        encoder = encoder_weight.contiguous()
+        code = output_buffer((n, oh, ow, c_b), x.dtype, x.device)
+        grad_pre = output_buffer((n, oh, ow, c_b), x.dtype, x.device)
+        # Bound to names so that they outlive the launch: a temporary freed before the call returns
+        # could hand its memory to the next allocation while its pointer is in flight.
+        encoder_bias_f = _float_vector(encoder_bias)
+        decoder_t = decoder_rows(encoder_weight, decoder_weight)  # [C_B, C_out]
+        module.coder_backward(
+            shape, c_b, dtype_code, _pointer(x_rows), _pointer(encoder), _pointer(encoder_bias_f),
+            _pointer(decoder_t), _pointer(dp), _pointer(code), _pointer(grad_pre), stream,
+        )  # fmt: skip
+        strided = ConvGeometry((1, 1), geometry.stride, (0, 0), (1, 1))
+        unit = ConvGeometry((1, 1), (1, 1), (0, 0), (1, 1))
+        encoder_grad = _wgrad(module, x_rows, grad_pre, (oh, ow), (1, 1), strided)[0, 0].t()
+        decoder_grad_t = _wgrad(module, code, dp, (oh, ow), (1, 1), unit)[0, 0]
+        if decoder_weight is None:
+            grads_coder = (encoder_grad + decoder_grad_t, None, None)
+        else:
+            grads_coder = (encoder_grad, None, decoder_grad_t.t())
+        if encoder_bias is not None:
+            grads_coder = (grads_coder[0], grad_pre.float().sum((0, 1, 2)), grads_coder[2])
+        encoder_t_rows = encoder_weight.t().contiguous()  # [C_in, C_B]
+
+    dx = output_buffer((n, height, width, c_in), x.dtype, x.device)
+    if dx.numel():
+        weight_t = weight.permute(1, 2, 3, 0).contiguous()  # [C_in, KH, KW, C_out]
+        module.dgrad(
+            shape, c_b, dtype_code, _pointer(learner_for_input), _pointer(weight_t), _pointer(grad_pre),
+            _pointer(encoder_t_rows), _pointer(dx), stream,
+        )  # fmt: skip
+    weight_unscaled = _wgrad(module, x_rows, learner_dp, (oh, ow), (kh, kw), geometry)
+    return ConvGradients(
+        dx.permute(0, 3, 1, 2),
+        weight_unscaled,
+        learner_dp.float().sum((0, 1, 2)),
+        *grads_coder,
+    )

@@ -1,0 +1,150 @@
+// pnnh_kernels._C: the CUDA kernels for Python, without libtorch. Tensors are passed as device
+// pointers (Python ints from tensor.data_ptr(), 0 for "absent"), the stream as
+// torch.cuda.current_stream().cuda_stream. Launch errors raise RuntimeError naming the kernel;
+// grids beyond CUDA's limits raise ValueError.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <string>
+#include <tuple>
+
+#include "pnnh_kernels.h"
+
+namespace py = pybind11;
+using pnnh::ConvShape;
+using pnnh::DType;
+
+namespace {
+
+template <typename T>
+T* pointer(uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+cudaStream_t stream_of(uintptr_t stream) { return reinterpret_cast<cudaStream_t>(stream); }
+
+DType dtype_of(int code) {
+  if (code < 0 || code > 2) throw py::value_error("dtype: expected 0 (float32), 1 (float16) or 2 (bfloat16)");
+  return static_cast<DType>(code);
+}
+
+// (device count, "" or the CUDA error that prevented counting): is_available() explains itself.
+std::tuple<int, std::string> device_count() {
+  int count = 0;
+  const cudaError_t error = cudaGetDeviceCount(&count);
+  if (error != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky-free error so later calls start clean
+    return {0, std::string(cudaGetErrorName(error)) + ": " + cudaGetErrorString(error)};
+  }
+  return {count, ""};
+}
+
+std::tuple<int, int> compute_capability(int device) {
+  cudaDeviceProp properties{};
+  const cudaError_t error = cudaGetDeviceProperties(&properties, device);
+  if (error != cudaSuccess) throw std::runtime_error(std::string("cudaGetDeviceProperties: ") + cudaGetErrorString(error));
+  return {properties.major, properties.minor};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "PNNH fused CUDA kernels (pointer-level interface; see pnnh_kernels.cuda)";
+
+  py::class_<ConvShape>(m, "ConvShape")
+      .def(py::init([](int64_t batch, int height, int width, int in_channels, int out_height, int out_width,
+                       int out_channels, int kernel_h, int kernel_w, int stride_h, int stride_w, int pad_h,
+                       int pad_w, int dilation_h, int dilation_w) {
+             return ConvShape{batch,    height,   width,    in_channels, out_height, out_width, out_channels, kernel_h,
+                              kernel_w, stride_h, stride_w, pad_h,       pad_w,      dilation_h, dilation_w};
+           }),
+           py::arg("batch"), py::arg("height"), py::arg("width"), py::arg("in_channels"), py::arg("out_height"),
+           py::arg("out_width"), py::arg("out_channels"), py::arg("kernel_h"), py::arg("kernel_w"),
+           py::arg("stride_h"), py::arg("stride_w"), py::arg("pad_h"), py::arg("pad_w"), py::arg("dilation_h"),
+           py::arg("dilation_w"))
+      .def_readonly("batch", &ConvShape::batch)
+      .def_readonly("in_channels", &ConvShape::in_channels)
+      .def_readonly("out_channels", &ConvShape::out_channels);
+
+  m.def(
+      "forward",
+      [](const ConvShape& shape, int code_channels, int mode, bool relu, int dtype, uintptr_t x, uintptr_t weight,
+         uintptr_t scale, uintptr_t shift, uintptr_t encoder_weight, uintptr_t encoder_bias,
+         uintptr_t decoder_weight, uintptr_t y, uintptr_t z, uintptr_t partial_mean, uintptr_t partial_m2,
+         uintptr_t stream) {
+        if (mode < 0 || mode > 2) throw py::value_error("mode: expected 0 (fused), 1 (statistics) or 2 (apply)");
+        pnnh::ForwardArgs args{shape,
+                               code_channels,
+                               static_cast<pnnh::ForwardMode>(mode),
+                               relu,
+                               pointer<const void>(x),
+                               pointer<const void>(weight),
+                               pointer<const float>(scale),
+                               pointer<const float>(shift),
+                               pointer<const void>(encoder_weight),
+                               pointer<const float>(encoder_bias),
+                               pointer<const void>(decoder_weight),
+                               pointer<void>(y),
+                               pointer<void>(z),
+                               pointer<float>(partial_mean),
+                               pointer<float>(partial_m2)};
+        pnnh::launch_forward(args, dtype_of(dtype), stream_of(stream));
+      },
+      "The fused forward (modes: 0 fused, 1 statistics, 2 apply).");
+
+  m.def(
+      "coder_backward",
+      [](const ConvShape& shape, int code_channels, int dtype, uintptr_t x, uintptr_t encoder_weight,
+         uintptr_t encoder_bias, uintptr_t decoder_t, uintptr_t grad, uintptr_t code, uintptr_t grad_pre,
+         uintptr_t stream) {
+        pnnh::CoderBackwardArgs args{shape,
+                                     code_channels,
+                                     pointer<const void>(x),
+                                     pointer<const void>(encoder_weight),
+                                     pointer<const float>(encoder_bias),
+                                     pointer<const void>(decoder_t),
+                                     pointer<const void>(grad),
+                                     pointer<void>(code),
+                                     pointer<void>(grad_pre)};
+        pnnh::launch_coder_backward(args, dtype_of(dtype), stream_of(stream));
+      },
+      "The recomputed code and the gradient at the encoder's pre-activation.");
+
+  m.def(
+      "dgrad",
+      [](const ConvShape& shape, int code_channels, int dtype, uintptr_t grad, uintptr_t weight_t,
+         uintptr_t grad_pre, uintptr_t encoder_weight_t, uintptr_t grad_input, uintptr_t stream) {
+        pnnh::DgradArgs args{shape,
+                             code_channels,
+                             pointer<const void>(grad),
+                             pointer<const void>(weight_t),
+                             pointer<const void>(grad_pre),
+                             pointer<const void>(encoder_weight_t),
+                             pointer<void>(grad_input)};
+        pnnh::launch_dgrad(args, dtype_of(dtype), stream_of(stream));
+      },
+      "The input gradient.");
+
+  m.def(
+      "wgrad",
+      [](const ConvShape& shape, int grad_channels, int64_t pixels_per_split, int splits, int dtype,
+         uintptr_t image, uintptr_t grad, uintptr_t out, uintptr_t stream) {
+        pnnh::WgradArgs args{shape,
+                             grad_channels,
+                             pixels_per_split,
+                             splits,
+                             pointer<const void>(image),
+                             pointer<const void>(grad),
+                             pointer<float>(out)};
+        pnnh::launch_wgrad(args, dtype_of(dtype), stream_of(stream));
+      },
+      "Per-split partial weight gradients, fp32.");
+
+  m.def("device_count", &device_count, "(number of CUDA devices, the CUDA error when counting failed)");
+  m.def("compute_capability", &compute_capability, py::arg("device"));
+  m.def("tile_rows", &pnnh::tile_rows, "Pixels per CTA tile (rows of the statistics partials).");
+  m.def("kernel_names", &pnnh::kernel_names);
+  m.attr("cuda_architectures") = PNNH_CUDA_ARCHITECTURES;
+  m.attr("cuda_version") = CUDART_VERSION;
+}
