@@ -7,11 +7,8 @@ a kernel forgets to write fails the comparison.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import dataclasses
 import warnings
-from typing import Optional
 
 import pytest
 import torch
@@ -21,10 +18,15 @@ pytest.importorskip("triton")
 
 from pnnh_kernels import FusedPNNHConv
 from pnnh_kernels.backends import _warned_reroutes
-from pnnh_kernels.backends.fused_common import poisoned_outputs
-from pnnh_kernels.functional import pnnh_conv2d
-from pnnh_kernels.triton.pnnh_conv import ConvConfig, forced_config
-from tests.reference import assert_matches, pnnh_conv2d_reference, random_layer_tensors
+from pnnh_kernels.triton.pnnh_conv import ConvConfig
+from tests.conv_cases import (
+    CASES,
+    TRAINING_CASES,
+    Case,
+    check_case,
+    check_linear,
+    check_training_case,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # The smallest tiles tl.dot accepts: with channel counts above 16 they exercise every chunk loop
@@ -33,139 +35,6 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SMALL_TILES = ConvConfig(
     block_m=16, block_n=16, block_k=16, block_b=16, num_warps=1, num_stages=1, wgrad_splits=3
 )
-
-
-@dataclasses.dataclass(frozen=True)
-class Case:
-    n: int
-    c_in: int
-    c_out: int
-    c_b: int
-    kernel: int
-    stride: int
-    dilation: int
-    h: int
-    w: int
-    tied: bool = True  # only where c_in == c_out; a tied coder needs a square layer
-    bias: bool = True
-    norm: bool = False
-    relu: bool = True
-
-    @property
-    def is_tied(self) -> bool:
-        return self.tied and self.c_in == self.c_out
-
-    def __str__(self) -> str:
-        parts = [
-            f"n{self.n}",
-            f"{self.c_in}-{self.c_b}-{self.c_out}",
-            f"k{self.kernel}s{self.stride}d{self.dilation}",
-            f"{self.h}x{self.w}",
-            "tied" if self.is_tied else "untied",
-        ]
-        parts += [] if self.bias else ["nobias"]
-        parts += ["bn"] if self.norm else []
-        parts += [] if self.relu else ["linear"]
-        return "-".join(parts)
-
-
-CASES = [
-    Case(3, 5, 5, 2, 3, 1, 1, 7, 5),
-    Case(1, 6, 6, 3, 3, 2, 1, 5, 7, bias=False),
-    Case(3, 7, 7, 7, 3, 1, 1, 1, 1),  # C_B = C, 1x1 image: all taps but the centre in padding
-    Case(1, 5, 5, 1, 3, 2, 1, 1, 5, norm=True),  # C_B = 1
-    Case(3, 4, 9, 2, 1, 1, 1, 5, 5, tied=False),  # 1x1 learner, untied (wider)
-    Case(2, 9, 4, 4, 1, 2, 1, 7, 7, tied=False, relu=False),  # untied (narrower), strided 1x1
-    Case(1, 6, 6, 3, 3, 1, 2, 7, 7, norm=True),  # dilation 2
-    Case(3, 5, 7, 0, 3, 2, 1, 7, 5),  # no coder: the plain layer
-    Case(2, 6, 6, 3, 5, 2, 1, 7, 7, norm=True, relu=False),
-    Case(1, 4, 4, 2, 2, 1, 2, 5, 7),  # even kernel with even dilation: no centre tap
-    Case(2, 5, 6, 2, 3, 2, 2, 7, 5, tied=False, bias=False, norm=True),
-]
-
-
-def _norm_state(c_out: int) -> dict:
-    return {
-        "running_mean": torch.randn(c_out, dtype=torch.float64),
-        "running_var": torch.rand(c_out, dtype=torch.float64) + 0.5,
-        "weight": torch.randn(c_out, dtype=torch.float64),
-        "bias": torch.randn(c_out, dtype=torch.float64),
-        "eps": 1e-5,
-    }
-
-
-def check_case(
-    case: Case, dtype: torch.dtype = torch.float32, config: Optional[ConvConfig] = None
-) -> None:
-    """Run the Triton op and the float64 reference on the same fresh inputs; compare all results."""
-    tensors = random_layer_tensors(
-        case.c_in, case.c_out, case.c_b, case.is_tied, torch.float64, case.kernel
-    )
-    if not case.bias:
-        tensors["bias"] = None
-    norm = _norm_state(case.c_out) if case.norm else None
-    # Round every input to the tested dtype first: the comparison then measures the op's own error.
-    tensors = {k: None if v is None else v.to(dtype).double() for k, v in tensors.items()}
-    x64 = torch.randn(case.n, case.c_in, case.h, case.w, dtype=torch.float64).relu().to(dtype).double()
-    leaves64 = {k: v.clone().requires_grad_(True) for k, v in tensors.items() if v is not None}
-    norm64 = None
-    if norm is not None:
-        norm64 = {**norm, "weight": norm["weight"].clone().requires_grad_(True)}
-        norm64["bias"] = norm["bias"].clone().requires_grad_(True)
-    x64.requires_grad_(True)
-    padding = (case.dilation * (case.kernel - 1) // 2,) * 2
-    expected = pnnh_conv2d_reference(
-        x64,
-        **{k: leaves64.get(k) for k in tensors},
-        stride=(case.stride,) * 2,
-        padding=padding,
-        dilation=(case.dilation,) * 2,
-        activation="relu" if case.relu else None,
-        norm=None if norm64 is None else {**norm64, "training": False},
-    )
-    grad_out = torch.randn_like(expected).to(dtype).double()
-    expected.backward(grad_out)
-
-    leaves = {k: v.detach().to(DEVICE, dtype).requires_grad_(True) for k, v in leaves64.items()}
-    x = x64.detach().to(DEVICE, dtype).to(memory_format=torch.channels_last).requires_grad_(True)
-    norm_params = None
-    norm_leaves = {}
-    if norm64 is not None:
-        from pnnh_kernels.functional import BatchNormParams
-
-        norm_leaves = {
-            "weight": norm64["weight"].detach().to(DEVICE, torch.float32).requires_grad_(True),
-            "bias": norm64["bias"].detach().to(DEVICE, torch.float32).requires_grad_(True),
-        }
-        norm_params = BatchNormParams(
-            norm64["running_mean"].to(DEVICE, torch.float32),
-            norm64["running_var"].to(DEVICE, torch.float32),
-            norm_leaves["weight"],
-            norm_leaves["bias"],
-            False,
-            0.1,
-            norm64["eps"],
-        )
-    with poisoned_outputs(), forced_config(config) if config else contextlib.nullcontext():
-        out = pnnh_conv2d(
-            x,
-            **{k: leaves.get(k) for k in tensors},
-            stride=case.stride,
-            dilation=case.dilation,
-            norm=norm_params,
-            activation="relu" if case.relu else None,
-            backend="triton",
-        )
-        assert out.dtype == dtype
-        if not x.is_contiguous():  # unambiguously channels_last (not C == 1 or H == W == 1)
-            assert out.is_contiguous(memory_format=torch.channels_last)
-        out.backward(grad_out.to(DEVICE, dtype))
-    assert_matches(out.cpu(), expected.detach(), dtype, f"{case}: output")
-    assert_matches(x.grad.cpu(), x64.grad, dtype, f"{case}: grad input")
-    for name, leaf in leaves.items():
-        assert_matches(leaf.grad.cpu(), leaves64[name].grad, dtype, f"{case}: grad {name}")
-    for name, leaf in norm_leaves.items():
-        assert_matches(leaf.grad.cpu(), norm64[name].grad, dtype, f"{case}: grad norm.{name}")
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
@@ -214,7 +83,8 @@ def test_backend_without_training_batchnorm_reroutes_to_torch_and_warns_once():
     from pnnh_kernels.backends import _REGISTRY, Backend, register_backend
 
     torch_backend = _REGISTRY["torch"]
-    # A stand-in backend without a training-mode BatchNorm kernel, under the (unregistered) name cuda.
+    real_cuda = _REGISTRY.get("cuda")
+    # A stand-in backend without a training-mode BatchNorm kernel, under the name cuda.
     register_backend(
         Backend(
             "cuda",
@@ -238,67 +108,15 @@ def test_backend_without_training_batchnorm_reroutes_to_torch_and_warns_once():
         assert layer.backend_in_use == "cuda"
     finally:
         _REGISTRY.pop("cuda")
+        if real_cuda is not None:
+            register_backend(real_cuda)
         _warned_reroutes.discard("cuda")
-
-
-TRAINING_CASES = [
-    Case(3, 5, 5, 2, 3, 1, 1, 7, 5, norm=True),
-    Case(2, 6, 9, 3, 3, 2, 1, 5, 7, tied=False, bias=False, norm=True),
-    Case(4, 7, 7, 0, 3, 1, 2, 5, 5, norm=True, relu=False),
-    Case(1, 4, 4, 4, 1, 1, 1, 3, 5, norm=True),
-    Case(2, 33, 33, 20, 3, 1, 1, 5, 4, norm=True),  # several tiles and chunks with SMALL_TILES
-]
 
 
 @pytest.mark.parametrize("small_tiles", [False, True])
 @pytest.mark.parametrize("case", TRAINING_CASES, ids=str)
 def test_training_batchnorm_matches_reference_and_nn_batchnorm(case, small_tiles):
-    torch.manual_seed(1)
-    layer = FusedPNNHConv(
-        case.c_in,
-        case.c_out,
-        case.kernel,
-        stride=case.stride,
-        dilation=case.dilation,
-        bias=case.bias,
-        coder_channels=case.c_b,
-        norm="batch",
-        activation="relu" if case.relu else None,
-        backend="triton",
-        coder_init="he",
-    ).to(DEVICE)
-    if case.c_b and not case.is_tied:
-        assert not layer.coder.tied
-    with torch.no_grad():
-        layer.norm.weight.normal_()
-        layer.norm.bias.normal_()
-        layer.norm.running_mean.normal_()
-    reference = copy.deepcopy(layer).double().cpu()
-    reference.backend = "torch"
-    layer.train()
-    reference.train()
-    assert layer.backend_in_use == "triton"
-    x64 = torch.randn(case.n, case.c_in, case.h, case.w, dtype=torch.float64).relu()
-    x = x64.to(DEVICE, torch.float32).requires_grad_(True)
-    x64.requires_grad_(True)
-    with poisoned_outputs(), forced_config(SMALL_TILES) if small_tiles else contextlib.nullcontext():
-        out = layer(x)
-        expected = reference(x64)
-        grad = torch.randn_like(expected)
-        out.backward(grad.to(DEVICE, torch.float32))
-    expected.backward(grad)
-    assert_matches(out.cpu(), expected.detach(), torch.float32, f"{case}: output")
-    assert_matches(x.grad.cpu(), x64.grad, torch.float32, f"{case}: grad input")
-    for (name, param), twin in zip(layer.named_parameters(), reference.parameters()):
-        assert_matches(param.grad.cpu(), twin.grad, torch.float32, f"{case}: grad {name}")
-    for name in ("running_mean", "running_var"):
-        assert_matches(
-            getattr(layer.norm, name).cpu(),
-            getattr(reference.norm, name),
-            torch.float32,
-            f"{case}: {name}",
-        )
-    assert int(layer.norm.num_batches_tracked) == int(reference.norm.num_batches_tracked) == 1
+    check_training_case(case, SMALL_TILES if small_tiles else None)
 
 
 def test_training_batchnorm_rejects_one_value_per_channel_like_nn_batchnorm():
@@ -431,28 +249,7 @@ def test_compile_fullgraph_traces_the_triton_op():
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_linear_on_the_fused_kernels_matches_float64_reference(leading, c_in, c_out, c_b, dtype):
-    from pnnh_kernels.functional import pnnh_linear
-    from tests.reference import pnnh_linear_reference, relu_deciding_like
-
-    tensors = random_layer_tensors(c_in, c_out, c_b, c_in == c_out, torch.float64)
-    tensors = {k: None if v is None else v.to(dtype).double() for k, v in tensors.items()}
-    x64 = torch.randn(*leading, c_in, dtype=torch.float64).to(dtype).double().requires_grad_(True)
-    leaves64 = {k: v.clone().requires_grad_(True) for k, v in tensors.items() if v is not None}
-    leaves = {k: v.detach().to(DEVICE, dtype).requires_grad_(True) for k, v in leaves64.items()}
-    x = x64.detach().to(DEVICE, dtype).requires_grad_(True)
-    with poisoned_outputs():
-        out = pnnh_linear(x, **{k: leaves.get(k) for k in tensors}, backend="triton")
-    pre = pnnh_linear_reference(x64, **{k: leaves64.get(k) for k in tensors}, activation=None)
-    expected = relu_deciding_like(pre, out.cpu())
-    grad_out = torch.randn_like(expected).to(dtype).double()
-    expected.backward(grad_out)
-    with poisoned_outputs():
-        out.backward(grad_out.to(DEVICE, dtype))
-    assert out.shape == (*leading, c_out)
-    assert_matches(out.cpu(), expected.detach(), dtype, "output")
-    assert_matches(x.grad.cpu(), x64.grad, dtype, "grad input")
-    for name, leaf in leaves.items():
-        assert_matches(leaf.grad.cpu(), leaves64[name].grad, dtype, f"grad {name}")
+    check_linear(leading, c_in, c_out, c_b, dtype)
 
 
 def test_compile_fullgraph_of_a_triton_linear_stack():

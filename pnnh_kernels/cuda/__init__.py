@@ -11,6 +11,7 @@ tests have passed on a GPU and been recorded in docs/perf/ (see docs/kernels.md)
 
 from __future__ import annotations
 
+import importlib
 import importlib.machinery
 import importlib.util
 import os
@@ -59,9 +60,7 @@ def extension() -> Optional[ModuleType]:
     if _extension is not None or _load_error is not None:
         return _extension
     try:
-        from pnnh_kernels import _C
-
-        _extension = _C
+        _extension = importlib.import_module("pnnh_kernels._C")
     except ImportError as installed_error:
         built = _built_module(cache_dir())
         if built is None:
