@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU check, run on a lent GPU machine (it has torch, triton, pytest, no network):
 #   bash bench/device_check.sh
-# 1. the GPU test subset (the same tests the CPU runs in the interpreter, on the real kernels),
+# 0. the CUDA extension built on the machine, with its resource report,
+# 1. the GPU tests of the Triton and CUDA backends, compute-sanitizer memcheck/racecheck on the CUDA one,
 # 2. the benchmark suite on the CIFAR shapes and its claims report,
 # 3. ResNet-18 training throughput per variant (pnnh train, synthetic CIFAR-shaped data),
 # 4. the timing table of bench/time_pnnh_conv.py, printed last.
@@ -13,11 +14,38 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 unset TRITON_INTERPRET
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv || true
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-python3 -m pytest -x -q -p no:cacheprovider tests/test_triton_conv.py tests/test_pnnh_conv.py 2>&1 | tail -25
-tests_status=${PIPESTATUS[0]}
 perf_dir="${OUT:+$OUT/perf}"
 out_dir="${perf_dir:-docs/perf}"
 mkdir -p "$out_dir"
+# 0. Build the CUDA extension here (nvcc, cmake, pybind11 are on the machine) into a cache folder
+#    that pnnh_kernels.cuda loads, with its ptxas resource report.
+export PNNH_CUDA_CACHE="${TMPDIR:-/tmp}/pnnh_cuda_cache"
+timeout 300 python3 -m pnnh_kernels.cuda.build --report "$out_dir/cuda_resources.md" > "$out_dir/cuda_build.log" 2>&1
+build_status=$?
+tail -3 "$out_dir/cuda_build.log"
+python3 -c "import pnnh_kernels.cuda as c; print('cuda backend available:', c.is_available(), c.why_unavailable() or '')"
+# 1. GPU tests: Triton and CUDA backends against the float64 reference.
+python3 -m pytest -q -p no:cacheprovider tests/test_triton_conv.py tests/test_cuda_conv.py tests/test_pnnh_conv.py \
+    2>&1 | tail -40
+tests_status=${PIPESTATUS[0]}
+# 1b. compute-sanitizer on one small forward + backward of the CUDA backend (fp32 and bf16).
+cat > "${TMPDIR:-/tmp}/pnnh_sanitize.py" <<'PY'
+import torch
+from pnnh_kernels import FusedPNNHConv
+for dtype in (torch.float32, torch.bfloat16):
+    layer = FusedPNNHConv(40, 40, norm="batch", backend="cuda", coder_init="he").cuda().to(dtype)
+    for training in (False, True):
+        layer.train(training)
+        x = torch.randn(2, 40, 9, 7, device="cuda", dtype=dtype).requires_grad_(True)
+        layer(x).sum().backward()
+torch.cuda.synchronize()
+print("sanitized run finished")
+PY
+for tool in memcheck racecheck; do
+    timeout 240 compute-sanitizer --tool "$tool" --error-exitcode 7 python3 "${TMPDIR:-/tmp}/pnnh_sanitize.py" \
+        > "$out_dir/sanitizer_$tool.log" 2>&1
+    echo "compute-sanitizer $tool exit $?"; tail -4 "$out_dir/sanitizer_$tool.log"
+done
 # 2. The benchmark suite on the CIFAR shapes (batch 256), eager only: torch.compile of every shape
 #    would not fit the device budget. Then the claims report from its JSON.
 python3 -m pytest bench/ --benchmark-only -q -p no:cacheprovider -k "not compile and (x32x32 or x16x16 or x8x8 or x4x4 or cifar)" \
@@ -34,5 +62,5 @@ done
 # 4. The side-by-side timing table, printed last.
 python3 -m bench.time_pnnh_conv --out "$out_dir"
 timing_status=$?
-echo "tests exit ${tests_status}, bench exit ${bench_status}, timing exit ${timing_status}"
-exit $(( tests_status != 0 || bench_status != 0 || timing_status != 0 ))
+echo "cuda build exit ${build_status}, tests exit ${tests_status}, bench exit ${bench_status}, timing exit ${timing_status}"
+exit $(( build_status != 0 || tests_status != 0 || bench_status != 0 || timing_status != 0 ))

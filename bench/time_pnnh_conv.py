@@ -4,6 +4,8 @@ Per ResNet-18 CIFAR stage shape (batch 256, bf16, channels_last), the median of 
 of the forward and the forward + backward of:
 
 - ``triton``: FusedPNNHConv(C, C, norm="batch", coder C/2), Triton backend;
+- ``cuda``: the same layer on the CUDA C++ backend, when its extension is built (a failure there is
+  recorded in the table and does not stop the other rows);
 - ``torch``: the same layer on the eager torch backend;
 - ``cudnn``: relu(bn(conv3x3(x)) + x), the ResNet layer in PyTorch (cuDNN).
 
@@ -27,6 +29,7 @@ from torch import nn
 
 from bench.implementations import ResNetLayer
 from pnnh_kernels import FusedPNNHConv, FusedPNNHLinear
+from pnnh_kernels import cuda as cuda_backend
 
 SHAPES = [(64, 32), (128, 16), (256, 8), (512, 4)]  # (channels, spatial size), batch 256
 
@@ -62,12 +65,15 @@ def measure(
     def training(x: torch.Tensor) -> None:
         layer(x.detach().requires_grad_(True)).backward(grads)
 
-    row = {
-        "shape": shape,
-        "layer": name,
-        "forward_ms": time_ms(forward, inputs, repeats),
-        "forward_backward_ms": time_ms(training, inputs, repeats),
-    }
+    try:
+        row = {
+            "shape": shape,
+            "layer": name,
+            "forward_ms": time_ms(forward, inputs, repeats),
+            "forward_backward_ms": time_ms(training, inputs, repeats),
+        }
+    except Exception as error:  # one failing backend must not lose the others' timings
+        row = {"shape": shape, "layer": name, "error": f"{type(error).__name__}: {error}"[:300]}
     print(row, flush=True)
     return row
 
@@ -91,7 +97,7 @@ def vit_mlp_rows(device: torch.device, dtype: torch.dtype, repeats: int) -> list
     inputs = [torch.randn(tokens, width, device=device, dtype=dtype) for _ in range(4)]
     grads = torch.randn(tokens, width, device=device, dtype=dtype)
     rows = []
-    for backend in ("triton", "torch"):
+    for backend in (*fused_backends(), "torch"):
         torch.manual_seed(0)
         pnnh = nn.Sequential(
             FusedPNNHLinear(width, hidden, backend=backend, coder_init="he"),
@@ -101,6 +107,13 @@ def vit_mlp_rows(device: torch.device, dtype: torch.dtype, repeats: int) -> list
     baseline = ResidualMLP(width, hidden).to(device, dtype)
     rows.append(measure("ViT-S MLP", "cudnn", baseline, inputs, grads, repeats))
     return rows
+
+
+def fused_backends() -> tuple[str, ...]:
+    if cuda_backend.is_available():
+        return ("triton", "cuda")
+    print(f"cuda backend skipped: {cuda_backend.why_unavailable()}")
+    return ("triton",)
 
 
 def main() -> None:
@@ -129,11 +142,17 @@ def main() -> None:
         eager.load_state_dict(fused.state_dict())
         eager = eager.to(device, dtype, memory_format=torch.channels_last).eval()
         cudnn = ResNetLayer(channels).to(device, dtype, memory_format=torch.channels_last).eval()
+        layers = [("triton", fused), ("torch", eager), ("cudnn", cudnn)]
+        if "cuda" in fused_backends():
+            native = FusedPNNHConv(channels, channels, norm="batch", backend="cuda", coder_init="he")
+            native.load_state_dict(fused.state_dict())
+            native = native.to(device, dtype, memory_format=torch.channels_last).eval()
+            layers.insert(1, ("cuda", native))
         label = f"{channels}x{size}x{size}"
-        for name, layer in (("triton", fused), ("torch", eager), ("cudnn", cudnn)):
+        for name, layer in layers:
             rows.append(measure(label, name, layer, inputs, grads, args.repeats))
         # Training-mode BatchNorm (batch statistics, running-statistics update) in every layer.
-        for name, layer in (("triton", fused), ("torch", eager), ("cudnn", cudnn)):
+        for name, layer in layers:
             rows.append(measure(f"{label} train-BN", name, layer.train(), inputs, grads, args.repeats))
     rows += vit_mlp_rows(device, dtype, args.repeats)
 
@@ -156,6 +175,9 @@ def main() -> None:
         row["shape"]: row for row in rows if row["layer"] == "cudnn"
     }  # "cudnn": PyTorch's layer
     for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['shape']} | {row['layer']} | failed: {row['error']} | | |")
+            continue
         ratio = row["forward_backward_ms"] / reference[row["shape"]]["forward_backward_ms"]
         lines.append(
             f"| {row['shape']} | {row['layer']} | {row['forward_ms']:.3f} | "
