@@ -58,7 +58,10 @@ def curves(depth: int, width: int, samples: int = 256) -> list[LayerCurvePoint]:
     for variant in VARIANTS:
         for name, batch in (("digits", digits), ("gaussian", gaussian)):
             torch.manual_seed(0)
-            points += layer_curves(he_stack(depth, width, variant), batch, name)
+            # float64: without normalisation the residual stack's activations double in variance per
+            # layer and overflow float32 past layer ~115, which made the bounds NaN at depth 128.
+            stack = he_stack(depth, width, variant).double()
+            points += layer_curves(stack, batch.double(), name)
     return points
 
 
@@ -204,6 +207,7 @@ def run(args: argparse.Namespace) -> None:
     curve_depth = args.curve_depth or max(config.depths)
     points = curves(curve_depth, config.width)
     rows: list[dict[str, Any]] = []
+    reused = 0
     if not args.skip_training:
         data = load_digits_split()
         runs = list(study.planned_runs(config))
@@ -217,6 +221,7 @@ def run(args: argparse.Namespace) -> None:
             saved = saved_runs / f"{study.run_id(single, config)}.json"
             if saved.exists() and not args.no_resume:
                 rows.append(json.loads(saved.read_text()))
+                reused += 1
             else:
                 row = study.execute_run(single, config, data)
                 # Written per run (temp file + rename) so an interrupted study resumes where it stopped.
@@ -229,6 +234,7 @@ def run(args: argparse.Namespace) -> None:
         if bar is not None:
             bar.close()
     written = figures(points, rows, out)
+    # NaN never passes: a bound that could not be computed counts as not respected.
     bound_holds = all(p.survival >= p.bound for p in points)
     summary = {
         "preset": args.preset,
@@ -236,6 +242,7 @@ def run(args: argparse.Namespace) -> None:
         "curve_depth": curve_depth,
         "curves": [p.as_dict() for p in points],
         "runs": rows,
+        "runs_reused": reused,
         "bounds_respected": bound_holds,
         "seconds": time.perf_counter() - start,
     }
@@ -244,7 +251,14 @@ def run(args: argparse.Namespace) -> None:
         f"# Dissipating inputs: analysis ({args.preset} preset)",
         "",
         f"Command: `pnnh analyze --preset {args.preset}`; {summary['seconds']:.0f} s on "
-        f"{torch.get_num_threads()} CPU threads.",
+        f"{torch.get_num_threads()} CPU threads for this invocation"
+        + (
+            f"; the {len(rows)} training runs took {sum(r['seconds'] for r in rows):.0f} s in all, "
+            f"{reused} of them reused from an earlier invocation (OUT/runs/)"
+            if reused
+            else ""
+        )
+        + ".",
         "",
         f"## Per-layer curves at He initialisation (depth {curve_depth}, width {config.width}, no norm)",
         "",
