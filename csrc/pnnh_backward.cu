@@ -11,7 +11,7 @@ namespace {
 // code = relu(W_E x_s + b_E) and grad_pre = (W_D^T dp) * (pre > 0) for 64 pixels x 64 code channels.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) pnnh_coder_backward_kernel(CoderBackwardArgs args, Vectorised vec) {
-  __shared__ alignas(16) unsigned char smem[smem_bytes<T>()];
+  __shared__ __align__(16) unsigned char smem[smem_bytes<T>()];
   __shared__ int64_t row_input[kBlockM];
   T* smem_a = reinterpret_cast<T*>(smem);
   T* smem_b = smem_a + 2 * kBlockM * padded_k<T>();
@@ -81,7 +81,7 @@ __global__ void __launch_bounds__(kThreads) pnnh_coder_backward_kernel(CoderBack
 // pixel, times the tap's weights; plus W_E^T grad_pre where the pixel is a strided (coder) sample.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) pnnh_conv_dgrad_kernel(DgradArgs args, Vectorised vec) {
-  __shared__ alignas(16) unsigned char smem[smem_bytes<T>()];
+  __shared__ __align__(16) unsigned char smem[smem_bytes<T>()];
   __shared__ int row_image[kBlockM], row_h[kBlockM], row_w[kBlockM];
   T* smem_a = reinterpret_cast<T*>(smem);
   T* smem_b = smem_a + 2 * kBlockM * padded_k<T>();
@@ -164,8 +164,8 @@ __global__ void __launch_bounds__(kThreads) pnnh_conv_dgrad_kernel(DgradArgs arg
 template <typename T>
 __global__ void __launch_bounds__(kThreads) pnnh_conv_wgrad_kernel(WgradArgs args) {
   constexpr int kLd = padded_k<T>();
-  __shared__ alignas(16) T tile_a[kBlockM * kLd];
-  __shared__ alignas(16) T tile_b[kBlockN * kLd];
+  __shared__ __align__(16) T tile_a[kBlockM * kLd];
+  __shared__ __align__(16) T tile_b[kBlockN * kLd];
   __shared__ int64_t image_offset[kBlockK], grad_offset[kBlockK];
   const ConvShape& s = args.shape;
   const int taps = s.kernel_h * s.kernel_w;
@@ -232,13 +232,13 @@ __global__ void __launch_bounds__(kThreads) pnnh_conv_wgrad_kernel(WgradArgs arg
 #define PNNH_DISPATCH(dtype, KERNEL, ...)                                  \
   switch (dtype) {                                                         \
     case DType::kFloat32:                                                  \
-      KERNEL<float><<<grid, kThreads, 0, stream>>>(__VA_ARGS__);           \
+      PNNH_LAUNCH(KERNEL<float>, grid, kThreads, stream, __VA_ARGS__);           \
       break;                                                               \
     case DType::kFloat16:                                                  \
-      KERNEL<__half><<<grid, kThreads, 0, stream>>>(__VA_ARGS__);          \
+      PNNH_LAUNCH(KERNEL<__half>, grid, kThreads, stream, __VA_ARGS__);          \
       break;                                                               \
     case DType::kBFloat16:                                                 \
-      KERNEL<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(__VA_ARGS__);   \
+      PNNH_LAUNCH(KERNEL<__nv_bfloat16>, grid, kThreads, stream, __VA_ARGS__);   \
       break;                                                               \
   }
 

@@ -3,9 +3,14 @@
 // ownership computed with FMAs for fp32, so that every kernel shares one epilogue layout).
 #pragma once
 
+#ifdef PNNH_EMULATE
+#include "cuda_emulation.h"
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#define PNNH_LAUNCH(kernel, grid, threads, stream, ...) kernel<<<(grid), (threads), 0, (stream)>>>(__VA_ARGS__)
+#endif
 
 #include <cstdint>
 
@@ -77,6 +82,7 @@ struct FragmentCoords {
 // ---------------------------------------------------------------------------------------------
 // Global -> shared copies
 
+#ifndef PNNH_EMULATE
 __device__ __forceinline__ void cp_async_16(void* smem, const void* global, bool fill) {
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   const int src_bytes = fill ? 16 : 0;  // 0: the 16 bytes are zero-filled, nothing is read
@@ -87,6 +93,18 @@ template <int Pending>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(Pending));
 }
+#else
+inline void cp_async_16(void* smem, const void* global, bool fill) {
+  if (fill) {
+    std::memcpy(smem, global, 16);
+  } else {
+    std::memset(smem, 0, 16);
+  }
+}
+inline void cp_async_commit() {}
+template <int Pending>
+inline void cp_async_wait() {}
+#endif
 
 // Copy one 16-byte chunk of a row: ``valid`` elements of ``src`` (nullptr: a row outside the
 // tensor), zero beyond. ``vectorised``: the row start and stride are 16-byte aligned (checked by
@@ -132,6 +150,7 @@ struct WarpProduct;
 template <typename T>
 __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]);
 
+#ifndef PNNH_EMULATE
 template <>
 __device__ __forceinline__ void mma_16816<__half>(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
   asm volatile(
@@ -149,6 +168,16 @@ __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&c)[4], const ui
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
+#else
+template <>
+inline void mma_16816<__half>(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  emulation::mma_16816<__half>(c, a, b);
+}
+template <>
+inline void mma_16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  emulation::mma_16816<__nv_bfloat16>(c, a, b);
+}
+#endif
 
 // acc += A[warp rows][k0 : k0 + kBlockK] * B[warp cols][k0 : k0 + kBlockK]^T on tensor cores.
 template <typename T>

@@ -19,7 +19,7 @@ namespace {
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) pnnh_conv_forward_kernel(ForwardArgs args, Vectorised vec) {
-  __shared__ alignas(16) unsigned char smem[smem_bytes<T>()];
+  __shared__ __align__(16) unsigned char smem[smem_bytes<T>()];
   __shared__ int row_image[kBlockM], row_oh[kBlockM], row_ow[kBlockM];
   T* smem_a = reinterpret_cast<T*>(smem);
   T* smem_b = smem_a + 2 * kBlockM * padded_k<T>();
@@ -196,13 +196,13 @@ void launch_forward(const ForwardArgs& args, DType dtype, cudaStream_t stream) {
   if (pixels == 0 || s.out_channels == 0) return;
   switch (dtype) {
     case DType::kFloat32:
-      pnnh_conv_forward_kernel<float><<<grid, kThreads, 0, stream>>>(args, vec);
+      PNNH_LAUNCH(pnnh_conv_forward_kernel<float>, grid, kThreads, stream, args, vec);
       break;
     case DType::kFloat16:
-      pnnh_conv_forward_kernel<__half><<<grid, kThreads, 0, stream>>>(args, vec);
+      PNNH_LAUNCH(pnnh_conv_forward_kernel<__half>, grid, kThreads, stream, args, vec);
       break;
     case DType::kBFloat16:
-      pnnh_conv_forward_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(args, vec);
+      PNNH_LAUNCH(pnnh_conv_forward_kernel<__nv_bfloat16>, grid, kThreads, stream, args, vec);
       break;
   }
   check_launch("pnnh_conv_forward_kernel", dtype);

@@ -3,7 +3,11 @@
 // values, so the extension does not link libtorch and works beside any torch version.
 #pragma once
 
+#ifdef PNNH_EMULATE
+#include "cuda_emulation.h"
+#else
 #include <cuda_runtime.h>
+#endif
 
 #include <cstdint>
 #include <string>

@@ -1,7 +1,11 @@
 // Launch-side helpers shared by the kernel files: 16-byte vectorisation checks and error reporting.
 #pragma once
 
+#ifdef PNNH_EMULATE
+#include "cuda_emulation.h"
+#else
 #include <cuda_runtime.h>
+#endif
 
 #include <cstdint>
 #include <stdexcept>
@@ -45,6 +49,11 @@ inline void check_grid(const dim3& grid, const char* kernel) {
 }
 
 inline void check_launch(const char* kernel, DType dtype) {
+#ifdef PNNH_EMULATE
+  (void)kernel;
+  (void)dtype;
+  return;  // the emulation ran the kernel on the host: there is no launch to check
+#endif
   const cudaError_t error = cudaGetLastError();
   if (error != cudaSuccess) {
     throw std::runtime_error(std::string(kernel) + "<" + dtype_name(dtype) + ">: " + cudaGetErrorName(error) +

@@ -49,10 +49,15 @@ std::tuple<int, int> compute_capability(int device) {
 
 }  // namespace
 
-PYBIND11_MODULE(_C, m) {
+#ifndef PNNH_MODULE_NAME
+#define PNNH_MODULE_NAME _C
+#endif
+
+PYBIND11_MODULE(PNNH_MODULE_NAME, m) {
   m.doc() = "PNNH fused CUDA kernels (pointer-level interface; see pnnh_kernels.cuda)";
 
-  py::class_<ConvShape>(m, "ConvShape")
+  // module_local: the emulation module (_C_emu) may be loaded beside _C in one process.
+  py::class_<ConvShape>(m, "ConvShape", py::module_local())
       .def(py::init([](int64_t batch, int height, int width, int in_channels, int out_height, int out_width,
                        int out_channels, int kernel_h, int kernel_w, int stride_h, int stride_w, int pad_h,
                        int pad_w, int dilation_h, int dilation_w) {
@@ -147,4 +152,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("kernel_names", &pnnh::kernel_names);
   m.attr("cuda_architectures") = PNNH_CUDA_ARCHITECTURES;
   m.attr("cuda_version") = CUDART_VERSION;
+#ifdef PNNH_EMULATE
+  m.attr("emulated") = true;
+#else
+  m.attr("emulated") = false;
+#endif
 }

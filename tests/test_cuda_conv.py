@@ -11,30 +11,28 @@ import torch
 from pnnh_kernels import FusedPNNHConv
 from pnnh_kernels import cuda as cuda_backend
 from pnnh_kernels.backends.fused_common import poisoned_outputs
-from tests.conv_cases import CASES, TRAINING_CASES, Case, check_case, check_linear, check_training_case
+from tests.conv_cases import (
+    CASES,
+    CUDA_TILE_CASES,
+    TRAINING_CASES,
+    Case,
+    check_case,
+    check_linear,
+    check_training_case,
+)
 
 pytestmark = pytest.mark.skipif(
     not cuda_backend.is_available(), reason=f"CUDA backend unavailable: {cuda_backend.why_unavailable()}"
 )
 
-# Channel counts around the 64-channel tiles and 32-channel slices; 16-byte aligned (cp.async) and
-# ragged (element-wise copies) rows; several code chunks; strided; large enough for many pixel tiles.
-TILE_CASES = [
-    Case(2, 72, 70, 40, 3, 1, 1, 9, 11),
-    Case(1, 96, 96, 80, 3, 2, 1, 13, 9, norm=True),  # code in two 64-channel chunks
-    Case(3, 130, 66, 33, 1, 1, 1, 5, 7, tied=False),
-    Case(2, 64, 64, 32, 3, 1, 1, 16, 16),  # every row vectorised
-    Case(1, 33, 129, 17, 3, 2, 2, 11, 13, tied=False, relu=False),
-]
 
-
-@pytest.mark.parametrize("case", CASES + TILE_CASES, ids=str)
+@pytest.mark.parametrize("case", CASES + CUDA_TILE_CASES, ids=str)
 def test_forward_and_gradients_fp32(case):
     check_case(case, backend="cuda")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("case", [CASES[0], CASES[4], *TILE_CASES], ids=str)
+@pytest.mark.parametrize("case", [CASES[0], CASES[4], *CUDA_TILE_CASES], ids=str)
 def test_tensor_core_dtypes(case, dtype):
     check_case(case, dtype=dtype, backend="cuda")
 

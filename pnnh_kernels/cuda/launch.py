@@ -9,7 +9,9 @@ device, dtype or shape raises ValueError naming the argument, never an illegal m
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from types import ModuleType
 from typing import Optional
 
@@ -33,7 +35,25 @@ WGRAD_ROWS = 32  # pixels per reduction step of the weight-gradient kernel
 WGRAD_TARGET_CTAS = 512  # enough CTAs to fill an H100 (132 SMs) several times over
 
 
+# The CPU emulation of the kernels (pnnh_kernels.cuda.emulation), when a test has switched it on:
+# the same kernel source compiled for the host, run on CPU tensors.
+_emulator: Optional[ModuleType] = None
+
+
+@contextlib.contextmanager
+def emulated(module: ModuleType) -> Iterator[None]:
+    """Run the launchers on ``module`` (an emulation build of the kernels) with CPU tensors."""
+    global _emulator
+    previous, _emulator = _emulator, module
+    try:
+        yield
+    finally:
+        _emulator = previous
+
+
 def _module() -> ModuleType:
+    if _emulator is not None:
+        return _emulator
     module = extension()
     if module is None:
         raise RuntimeError(unavailable_reason(torch.device("cuda"), torch.float32, "conv2d"))
@@ -64,8 +84,9 @@ def _check_call(
     encoder_bias: Optional[Tensor],
     decoder_weight: Optional[Tensor],
 ) -> None:
-    if x.device.type != "cuda":
-        raise ValueError(f"x: the CUDA kernels need a CUDA tensor, got one on {x.device}")
+    expected = "cpu" if _emulator is not None else "cuda"
+    if x.device.type != expected:
+        raise ValueError(f"x: the CUDA kernels need a {expected.upper()} tensor, got one on {x.device}")
     if x.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"x: expected float32, float16 or bfloat16, got {x.dtype}")
     if x.dim() != 4 or weight.dim() != 4 or weight.shape[1] != x.shape[1]:
@@ -89,6 +110,8 @@ def _pointer(tensor: Optional[Tensor]) -> int:
 
 
 def _stream(device: torch.device) -> int:
+    if _emulator is not None:
+        return 0
     return torch.cuda.current_stream(device).cuda_stream
 
 

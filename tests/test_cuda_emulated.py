@@ -1,0 +1,106 @@
+"""The CUDA kernels' own source, compiled for the host with csrc/cuda_emulation.h (threads, shared
+memory, barriers, cp.async and mma.sync m16n8k16 emulated), against the float64 reference on CPU
+tensors: the same checks tests/test_cuda_conv.py runs on a GPU, so that a machine without one still
+verifies the kernels' indexing, tiling, fragment loads, epilogues and launch glue.
+
+What this cannot verify: races and missing cp.async waits (emulated copies are synchronous), the
+hardware's rounding inside an MMA, anything about speed. Those need the GPU tests.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pnnh_kernels.backends import _REGISTRY, Backend, register_backend
+from pnnh_kernels.cuda import emulation, launch
+from pnnh_kernels.cuda import ops as cuda_ops
+from tests.conv_cases import (
+    CASES,
+    CUDA_TILE_CASES,
+    TRAINING_CASES,
+    Case,
+    check_case,
+    check_linear,
+    check_training_case,
+)
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs the real kernels instead")
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+    missing = emulation.missing_tools()
+    if missing:
+        pytest.skip(f"cannot build the CUDA emulation here: missing {', '.join(missing)}")
+    return emulation.load_emulator(emulation.build_emulator(tmp_path_factory.mktemp("cuda_emulation")))
+
+
+@pytest.fixture
+def emulated_cuda_backend(emulator):
+    """backend="cuda" on CPU tensors, through the real ops and launchers, onto the emulation."""
+    real = _REGISTRY["cuda"]
+    register_backend(
+        Backend("cuda", cuda_ops.conv2d, cuda_ops.linear, lambda *_: None, auto_device_types=())
+    )
+    try:
+        with launch.emulated(emulator):
+            yield
+    finally:
+        register_backend(real)
+
+
+def test_the_module_is_the_emulation(emulator):
+    assert emulator.emulated is True
+    assert emulator.kernel_names() == [
+        "pnnh_conv_forward_kernel",
+        "pnnh_coder_backward_kernel",
+        "pnnh_conv_dgrad_kernel",
+        "pnnh_conv_wgrad_kernel",
+    ]
+
+
+@pytest.mark.usefixtures("emulated_cuda_backend")
+@pytest.mark.parametrize("case", CASES + CUDA_TILE_CASES, ids=str)
+def test_forward_and_gradients_fp32(case):
+    check_case(case, backend="cuda")
+
+
+@pytest.mark.usefixtures("emulated_cuda_backend")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", [CASES[0], CASES[4], *CUDA_TILE_CASES], ids=str)
+def test_tensor_core_path(case, dtype):
+    check_case(case, dtype=dtype, backend="cuda")
+
+
+@pytest.mark.usefixtures("emulated_cuda_backend")
+@pytest.mark.parametrize(
+    "case", [*TRAINING_CASES, Case(2, 72, 72, 36, 3, 1, 1, 9, 9, norm=True)], ids=str
+)
+def test_training_batchnorm(case):
+    check_training_case(case, backend="cuda")
+
+
+@pytest.mark.usefixtures("emulated_cuda_backend")
+@pytest.mark.parametrize(
+    ("leading", "c_in", "c_out", "c_b"), [((7,), 9, 9, 4), ((2, 5), 13, 6, 5), ((70,), 40, 72, 24)]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_linear(leading, c_in, c_out, c_b, dtype):
+    check_linear(leading, c_in, c_out, c_b, dtype, backend="cuda")
+
+
+@pytest.mark.usefixtures("emulated_cuda_backend")
+def test_launchers_reject_bad_arguments():
+    from pnnh_kernels.conv_geometry import ConvGeometry
+
+    geometry = ConvGeometry((3, 3), (1, 1), (1, 1), (1, 1))
+    x = torch.randn(1, 4, 5, 5)
+    weight = torch.randn(4, 4, 3, 3)
+    with pytest.raises(ValueError, match="weight: expected dtype"):
+        launch.conv_forward(x, weight.half(), None, None, None, None, None, geometry, True)
+    encoder, wide = torch.randn(2, 3), torch.randn(6, 4, 3, 3)
+    with pytest.raises(ValueError, match="encoder_weight: expected shape"):
+        launch.conv_forward(x, weight, None, None, encoder, None, None, geometry, True)
+    with pytest.raises(ValueError, match="decoder_weight: a tied coder needs C_out == C_in"):
+        launch.conv_forward(x, wide, None, None, torch.randn(2, 4), None, None, geometry, True)
