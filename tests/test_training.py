@@ -278,6 +278,19 @@ def test_trains_on_a_generated_cifar_dataset(tmp_path):
     assert summary["epochs_completed"] == 1
 
 
+def test_trains_on_an_image_folder(tmp_path):
+    write_folder(tmp_path / "data", classes=3, per_class=6)
+    summary = _train(
+        tmp_path / "run", "--data", "folder", "--data-dir", str(tmp_path / "data"), "--epochs", "1",
+        "--batch-size", "6", "--model", "resnet18", "--variant", "plain",
+    )  # fmt: skip
+    assert summary["num_classes"] == 3
+    assert summary["stem"] == "cifar"  # 16-pixel crops take the small-image stem
+    history = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(history) == 1
+    assert np.isfinite(json.loads(history[0])["test_loss"])
+
+
 def test_torchrun_with_two_cpu_processes_keeps_the_ranks_in_step(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
