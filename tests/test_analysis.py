@@ -136,3 +136,31 @@ def test_interrupted_analysis_resumes_from_saved_runs(tmp_path):
     analysis_run.run(args)
     rows = json.loads((tmp_path / "analysis.json").read_text())["runs"]
     assert all(r["test_accuracy"] >= 0 for r in rows)
+
+
+def test_learning_rate_sweep_trains_each_run_at_its_rate(monkeypatch):
+    from pnnh_kernels.analysis import study
+
+    runs = list(study.planned_lr_runs(TINY, lrs=(0.01, 0.2)))
+    assert len(runs) == len(TINY.depths) * 2 * 3 * len(TINY.seeds)
+    assert len({study.run_id(r, TINY) for r in runs}) == len(runs)
+    seen = []
+
+    def fake_train(model, data, **kwargs):
+        seen.append(kwargs["max_lr"])
+        return _FakeResult()
+
+    monkeypatch.setattr(study, "train_classifier", fake_train)
+    for run in runs[:2] + runs[-1:]:
+        study.execute_run(run, TINY, None)
+    assert seen == [0.01, 0.01, 0.2]
+    rows = [
+        {"study": "lr", "variant": "pnnh", "lr": 0.2, "depth": 4},
+        {"study": "depth", "variant": "pnnh", "depth": 4},
+    ]
+    assert study.rows_for(rows, "lr", TINY) == rows[:1]
+    assert study.rows_for(rows, "depth", TINY) == rows[1:]
+
+
+class _FakeResult:
+    train_loss, test_accuracy, diverged, seconds = 1.0, 0.5, False, 0.0

@@ -18,7 +18,7 @@ from pnnh_kernels.analysis.curves import LayerCurvePoint, he_stack, layer_curves
 from pnnh_kernels.experiments.digits import load_digits_split
 
 VARIANTS = ("plain", "residual", "pnnh")
-PRESETS = {"quick": study.QUICK, "full": study.FULL, "tiny": study.TINY}
+PRESETS = {"quick": study.QUICK, "full": study.FULL, "tiny": study.TINY, "lr": study.LR_SWEEP}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,7 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=list(PRESETS),
         default="quick",
         help="quick: under 10 minutes on 2 CPU cores (default); full: depths to 128, 2 seeds, "
-        "12 epochs, 1 to 1.5 hours; tiny: a seconds-long end-to-end check",
+        "12 epochs, 1 to 1.5 hours; lr: the three variants at depth 64 for peak learning rates "
+        "0.01, 0.02, 0.05 (about 20 minutes); tiny: a seconds-long end-to-end check",
     )
     parser.add_argument("--curve-depth", type=int, default=None, help="depth of the He-init curves")
     parser.add_argument("--out", type=Path, default=Path("analysis_output"))
@@ -87,11 +88,14 @@ def study_tables(rows: list[dict[str, Any]], config: study.StudyConfig) -> str:
             ("coder_width",),
         ),
         ("tying", f"Tied vs untied coder (PNNH, depth {config.init_depth})", ("tied",)),
+        ("lr", "Peak learning rate", ("depth", "lr", "variant")),
     ]
     for name, title, keys in specs:
         groups: dict[tuple, list[dict]] = defaultdict(list)
         for row in study.rows_for(rows, name, config):
             groups[tuple(row[k] for k in keys)].append(row)
+        if not groups:  # a preset without this study
+            continue
         table_rows = []
         for key in sorted(groups, key=lambda k: tuple(str(v).zfill(4) for v in k)):
             runs = groups[key]
@@ -156,7 +160,7 @@ def figures(points: list[LayerCurvePoint], rows: list[dict[str, Any]], out: Path
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
-    depth_rows = [r for r in rows if "variant" in r]
+    depth_rows = [r for r in rows if "variant" in r and r["study"] != "lr"]
     if depth_rows:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         for variant in VARIANTS:
@@ -210,7 +214,7 @@ def run(args: argparse.Namespace) -> None:
     reused = 0
     if not args.skip_training:
         data = load_digits_split()
-        runs = list(study.planned_runs(config))
+        runs = list(study.planned_lr_runs(config) if args.preset == "lr" else study.planned_runs(config))
         bar = _progress(len(runs), "training runs")
 
         saved_runs = out / "runs"

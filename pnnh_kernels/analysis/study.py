@@ -42,6 +42,10 @@ FULL = StudyConfig(
 )
 # End-to-end check for the test suite: seconds.
 TINY = StudyConfig(depths=(2, 4), seeds=(0,), epochs=1, sharing_depths=(4,), init_depth=4, width=4)
+# The peak-learning-rate sweep (preset "lr"): the three variants at depth 64, the full study's recipe
+# otherwise; 0.05 repeats the full study's own runs (a reproducibility check).
+LR_SWEEP = StudyConfig(depths=(64,), seeds=(0, 1), epochs=12, sharing_depths=(), init_depth=64)
+LR_VALUES = (0.01, 0.02, 0.05)
 
 CODER_WIDTHS = {"C/8": 8, "C/4": 4, "C/2": 2, "C": 1}  # divisor of the layer width
 
@@ -53,6 +57,7 @@ class Run:
     depth: int
     seed: int
     model_kwargs: dict[str, Any]
+    max_lr: Optional[float] = None  # None: the config's (in the label when set, hence in run_id)
 
 
 def run_id(run: Run, config: StudyConfig) -> str:
@@ -128,6 +133,16 @@ def planned_runs(config: StudyConfig) -> Iterator[Run]:
     return (c for c in candidates if c is not None)
 
 
+def planned_lr_runs(config: StudyConfig, lrs: tuple[float, ...] = LR_VALUES) -> Iterator[Run]:
+    """The learning-rate sweep: every variant at each depth of ``config`` and each peak rate."""
+    for depth in config.depths:
+        for lr in lrs:
+            for variant in ("plain", "residual", "pnnh"):
+                for seed in config.seeds:
+                    label = {"variant": variant, "lr": lr}
+                    yield Run("lr", label, depth, seed, {"variant": variant}, max_lr=lr)
+
+
 def execute(
     config: StudyConfig, data: DigitsSplit, progress: Optional[Callable[[Run], None]] = None
 ) -> list[dict[str, Any]]:
@@ -151,7 +166,7 @@ def execute_run(run: Run, config: StudyConfig, data: DigitsSplit) -> dict[str, A
         data,
         epochs=config.epochs,
         batch_size=config.batch_size,
-        max_lr=config.max_lr,
+        max_lr=run.max_lr if run.max_lr is not None else config.max_lr,
         seed=run.seed,
     )
     return {
@@ -172,7 +187,9 @@ def execute_run(run: Run, config: StudyConfig, data: DigitsSplit) -> dict[str, A
 def rows_for(rows: list[dict[str, Any]], study: str, config: StudyConfig) -> list[dict[str, Any]]:
     """The rows a study's table shows, including the runs it shares with other studies."""
     if study == "depth":
-        return [r for r in rows if "variant" in r]
+        return [r for r in rows if "variant" in r and r["study"] != "lr"]
+    if study == "lr":
+        return [r for r in rows if r["study"] == "lr"]
     if study == "sharing":
         shared = [
             r | {"sharing": "averaged"}
