@@ -73,6 +73,31 @@ def merge_tile_statistics(counts: Tensor, means: Tensor, m2: Tensor) -> tuple[Te
     return mean, m2_total / total
 
 
+def batch_norm_from_tiles(
+    means: Tensor,
+    m2: Tensor,
+    tile_rows: int,
+    pixels: int,
+    eps: float,
+    norm_weight: Optional[Tensor],
+    norm_bias: Optional[Tensor],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(mean, biased variance, scale, shift) of training-mode BatchNorm from the statistics pass's
+    per-tile partials (every tile holds ``tile_rows`` pixels but the last): ``scale`` and ``shift``
+    are what the apply pass multiplies and adds to z."""
+    tiles = means.shape[0]
+    counts = torch.full((tiles,), float(tile_rows), device=means.device)
+    counts[-1] = pixels - (tiles - 1) * tile_rows
+    mean, variance = merge_tile_statistics(counts, means, m2)
+    scale = torch.rsqrt(variance + eps)
+    if norm_weight is not None:
+        scale = scale * norm_weight.float()
+    shift = -mean * scale
+    if norm_bias is not None:
+        shift = shift + norm_bias.float()
+    return mean, variance, scale, shift
+
+
 @dataclass
 class ConvGradients:
     """Gradients of the fused op's inputs; the learner's are unscaled (see :func:`conv_backward`)."""

@@ -21,8 +21,8 @@ from torch import Tensor
 from pnnh_kernels.backends.fused_common import (
     ConvGradients,
     TrainingForward,
+    batch_norm_from_tiles,
     decoder_rows,
-    merge_tile_statistics,
     nhwc,
     output_buffer,
 )
@@ -248,15 +248,7 @@ def conv_forward_train(
     _launch_forward(
         x, weight, None, bias, None, None, None, geometry, False, mode=STATISTICS, z=z, partials=partials
     )
-    counts = torch.full((tiles,), float(rows), device=x.device)
-    counts[-1] = m - (tiles - 1) * rows
-    mean, variance = merge_tile_statistics(counts, *partials)
-    scale = torch.rsqrt(variance + eps)
-    if norm_weight is not None:
-        scale = scale * norm_weight.float()
-    shift = -mean * scale
-    if norm_bias is not None:
-        shift = shift + norm_bias.float()
+    mean, variance, scale, shift = batch_norm_from_tiles(*partials, rows, m, eps, norm_weight, norm_bias)
     y = output_buffer((n, oh, ow, c_out), x.dtype, x.device)
     _launch_forward(
         x, weight, scale, shift, encoder_weight, encoder_bias, decoder_weight, geometry, relu,

@@ -18,8 +18,8 @@ from torch import Tensor
 from pnnh_kernels.backends.fused_common import (
     ConvGradients,
     TrainingForward,
+    batch_norm_from_tiles,
     decoder_rows,
-    merge_tile_statistics,
     nhwc,
     permuted_weight,
 )
@@ -311,15 +311,9 @@ def conv_forward_train(
     _launch_forward(
         x, weight, None, shift, None, None, None, geometry, False, z=z, partials=partials, config=config
     )
-    counts = torch.full((tiles,), float(config.block_m), device=x.device)
-    counts[-1] = m - (tiles - 1) * config.block_m
-    mean, variance = merge_tile_statistics(counts, *partials)
-    scale = torch.rsqrt(variance + eps)
-    if norm_weight is not None:
-        scale = scale * norm_weight.float()
-    shift = -mean * scale
-    if norm_bias is not None:
-        shift = shift + norm_bias.float()
+    mean, variance, scale, shift = batch_norm_from_tiles(
+        *partials, config.block_m, m, eps, norm_weight, norm_bias
+    )
     y = _output((n, oh, ow, c_out), x.dtype, x.device)
     _launch_forward(
         x, weight, scale, shift, encoder_weight, encoder_bias, decoder_weight, geometry, relu,
