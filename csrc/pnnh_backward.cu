@@ -61,20 +61,13 @@ __global__ void __launch_bounds__(kThreads) pnnh_coder_backward_kernel(CoderBack
 
   T* code = static_cast<T*>(args.code);
   T* grad_pre = static_cast<T*>(args.grad_pre);
-  const FragmentCoords at;
-#pragma unroll
-  for (int i = 0; i < kWarpTilesM; ++i)
-#pragma unroll
-    for (int j = 0; j < kWarpTilesN; ++j)
-#pragma unroll
-      for (int v = 0; v < 4; ++v) {
-        const int r = at.row(i, v), c = at.col(j, v);
-        if (m0 + r >= pixels || b0 + c >= c_b) continue;
-        float value = pre[i][j][v] + (args.encoder_bias != nullptr ? args.encoder_bias[b0 + c] : 0.f);
-        const int64_t o = (m0 + r) * c_b + b0 + c;
-        code[o] = Num<T>::from_float(fmaxf(value, 0.f));
-        grad_pre[o] = Num<T>::from_float(value > 0.f ? grad_code[i][j][v] : 0.f);
-      }
+  for_each_fragment_value([&](int i, int j, int v, int r, int c) {
+    if (m0 + r >= pixels || b0 + c >= c_b) return;
+    float value = pre[i][j][v] + (args.encoder_bias != nullptr ? args.encoder_bias[b0 + c] : 0.f);
+    const int64_t o = (m0 + r) * c_b + b0 + c;
+    code[o] = Num<T>::from_float(fmaxf(value, 0.f));
+    grad_pre[o] = Num<T>::from_float(value > 0.f ? grad_code[i][j][v] : 0.f);
+  });
 }
 
 // dx for 64 input pixels x 64 input channels: every tap's output pixel that reads this input
@@ -93,14 +86,7 @@ __global__ void __launch_bounds__(kThreads) pnnh_conv_dgrad_kernel(DgradArgs arg
   const T* wt = static_cast<const T*>(args.weight_t);
   const int taps = s.kernel_h * s.kernel_w;
 
-  if (threadIdx.x < kBlockM) {
-    const int64_t p = p0 + threadIdx.x;
-    const int64_t per_image = static_cast<int64_t>(s.height) * s.width;
-    row_image[threadIdx.x] = p < pixels ? static_cast<int>(p / per_image) : -1;
-    const int rest = static_cast<int>(p % per_image);
-    row_h[threadIdx.x] = rest / s.width;
-    row_w[threadIdx.x] = rest % s.width;
-  }
+  decode_tile_row(p0, pixels, s.height, s.width, row_image, row_h, row_w);
   __syncthreads();
 
   Accumulators acc;
@@ -144,18 +130,11 @@ __global__ void __launch_bounds__(kThreads) pnnh_conv_dgrad_kernel(DgradArgs arg
   }
 
   T* dx = static_cast<T*>(args.grad_input);
-  const FragmentCoords at;
-#pragma unroll
-  for (int i = 0; i < kWarpTilesM; ++i)
-#pragma unroll
-    for (int j = 0; j < kWarpTilesN; ++j)
-#pragma unroll
-      for (int v = 0; v < 4; ++v) {
-        const int r = at.row(i, v), c = at.col(j, v);
-        if (p0 + r < pixels && n0 + c < s.in_channels) {
-          dx[(p0 + r) * s.in_channels + n0 + c] = Num<T>::from_float(acc[i][j][v]);
-        }
-      }
+  for_each_fragment_value([&](int i, int j, int v, int r, int c) {
+    if (p0 + r < pixels && n0 + c < s.in_channels) {
+      dx[(p0 + r) * s.in_channels + n0 + c] = Num<T>::from_float(acc[i][j][v]);
+    }
+  });
 }
 
 // Partial weight gradients: out[split][tap][cx][cg] = sum over the split's pixels of
@@ -215,16 +194,9 @@ __global__ void __launch_bounds__(kThreads) pnnh_conv_wgrad_kernel(WgradArgs arg
   }
 
   float* out = args.out + (static_cast<int64_t>(split) * taps + tap) * c_x * c_g;
-  const FragmentCoords at;
-#pragma unroll
-  for (int i = 0; i < kWarpTilesM; ++i)
-#pragma unroll
-    for (int j = 0; j < kWarpTilesN; ++j)
-#pragma unroll
-      for (int v = 0; v < 4; ++v) {
-        const int r = at.row(i, v), c = at.col(j, v);
-        if (x0 + r < c_x && g0 + c < c_g) out[static_cast<int64_t>(x0 + r) * c_g + g0 + c] = acc[i][j][v];
-      }
+  for_each_fragment_value([&](int i, int j, int v, int r, int c) {
+    if (x0 + r < c_x && g0 + c < c_g) out[static_cast<int64_t>(x0 + r) * c_g + g0 + c] = acc[i][j][v];
+  });
 }
 
 }  // namespace

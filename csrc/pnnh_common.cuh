@@ -79,6 +79,32 @@ struct FragmentCoords {
   __device__ __forceinline__ int col(int j, int v) const { return col0 + j * 8 + (v & 1); }
 };
 
+// Calls f(i, j, v, row, col) for every accumulator value this thread owns: acc[i][j][v] sits at
+// (row, col) of the CTA tile. Fully unrolled, so the accumulators stay in registers.
+template <class F>
+__device__ __forceinline__ void for_each_fragment_value(F f) {
+  const FragmentCoords at;
+#pragma unroll
+  for (int i = 0; i < kWarpTilesM; ++i)
+#pragma unroll
+    for (int j = 0; j < kWarpTilesN; ++j)
+#pragma unroll
+      for (int v = 0; v < 4; ++v) f(i, j, v, at.row(i, v), at.col(j, v));
+}
+
+// Splits the pixel index first + threadIdx.x (for threads below kBlockM) of a [batch, height, width]
+// grid into its image, row and column; image -1 past ``pixels``. The caller synchronises.
+__device__ __forceinline__ void decode_tile_row(int64_t first, int64_t pixels, int height, int width, int* image,
+                                                int* row, int* col) {
+  if (threadIdx.x >= kBlockM) return;
+  const int64_t p = first + threadIdx.x;
+  const int64_t per_image = static_cast<int64_t>(height) * width;
+  const int rest = static_cast<int>(p % per_image);
+  image[threadIdx.x] = p < pixels ? static_cast<int>(p / per_image) : -1;
+  row[threadIdx.x] = rest / width;
+  col[threadIdx.x] = rest % width;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Global -> shared copies
 

@@ -29,14 +29,7 @@ __global__ void __launch_bounds__(kThreads) pnnh_conv_forward_kernel(ForwardArgs
   const int n0 = blockIdx.y * kBlockN;
   const T* x = static_cast<const T*>(args.x);
 
-  if (threadIdx.x < kBlockM) {
-    const int64_t m = m0 + threadIdx.x;
-    const int64_t per_image = static_cast<int64_t>(s.out_height) * s.out_width;
-    row_image[threadIdx.x] = m < pixels ? static_cast<int>(m / per_image) : -1;
-    const int rest = static_cast<int>(m % per_image);
-    row_oh[threadIdx.x] = rest / s.out_width;
-    row_ow[threadIdx.x] = rest % s.out_width;
-  }
+  decode_tile_row(m0, pixels, s.out_height, s.out_width, row_image, row_oh, row_ow);
   __syncthreads();
   // The input pixel a tile row reads at offset (dy, dx) from its strided position; nullptr outside.
   auto input_row = [&](int r, int dy, int dx, int c0) -> const T* {
@@ -64,25 +57,18 @@ __global__ void __launch_bounds__(kThreads) pnnh_conv_forward_kernel(ForwardArgs
       });
     });
   }
-  const FragmentCoords at;
   auto valid = [&](int r, int c) { return m0 + r < pixels && n0 + c < s.out_channels; };
   auto offset = [&](int r, int c) { return (m0 + r) * s.out_channels + n0 + c; };
 
   if (args.mode == ForwardMode::kStatistics) {
     T* z = static_cast<T*>(args.z);
     float* stats = reinterpret_cast<float*>(smem);  // the operand stages are drained
-#pragma unroll
-    for (int i = 0; i < kWarpTilesM; ++i)
-#pragma unroll
-      for (int j = 0; j < kWarpTilesN; ++j)
-#pragma unroll
-        for (int v = 0; v < 4; ++v) {
-          const int r = at.row(i, v), c = at.col(j, v);
-          float value = learner[i][j][v];
-          if (args.shift != nullptr && n0 + c < s.out_channels) value += args.shift[n0 + c];
-          if (valid(r, c)) z[offset(r, c)] = Num<T>::from_float(value);
-          stats[r * kStatsStride + c] = value;
-        }
+    for_each_fragment_value([&](int i, int j, int v, int r, int c) {
+      float value = learner[i][j][v];
+      if (args.shift != nullptr && n0 + c < s.out_channels) value += args.shift[n0 + c];
+      if (valid(r, c)) z[offset(r, c)] = Num<T>::from_float(value);
+      stats[r * kStatsStride + c] = value;
+    });
     __syncthreads();
     // Per channel of the tile: mean and sum of squared deviations over the tile's valid pixels,
     // two passes over shared memory (merged across tiles with Chan's formula on the Python side).
@@ -105,15 +91,9 @@ __global__ void __launch_bounds__(kThreads) pnnh_conv_forward_kernel(ForwardArgs
 
   if (args.mode == ForwardMode::kApply) {
     const T* z = static_cast<const T*>(args.z);
-#pragma unroll
-    for (int i = 0; i < kWarpTilesM; ++i)
-#pragma unroll
-      for (int j = 0; j < kWarpTilesN; ++j)
-#pragma unroll
-        for (int v = 0; v < 4; ++v) {
-          const int r = at.row(i, v), c = at.col(j, v);
-          learner[i][j][v] = valid(r, c) ? Num<T>::to_float(z[offset(r, c)]) : 0.f;
-        }
+    for_each_fragment_value([&](int i, int j, int v, int r, int c) {
+      learner[i][j][v] = valid(r, c) ? Num<T>::to_float(z[offset(r, c)]) : 0.f;
+    });
   }
 
   Accumulators decoded;
@@ -136,20 +116,14 @@ __global__ void __launch_bounds__(kThreads) pnnh_conv_forward_kernel(ForwardArgs
         });
       });
       T* code = smem_a;  // [kBlockM][kCodeStride], over the drained A stages
-#pragma unroll
-      for (int i = 0; i < kWarpTilesM; ++i)
-#pragma unroll
-        for (int j = 0; j < kWarpTilesN; ++j)
-#pragma unroll
-          for (int v = 0; v < 4; ++v) {
-            const int r = at.row(i, v), c = at.col(j, v);
-            float value = 0.f;  // code channels past C_B stay zero: they add nothing to the decode
-            if (b0 + c < c_b) {
-              value = pre[i][j][v] + (args.encoder_bias != nullptr ? args.encoder_bias[b0 + c] : 0.f);
-              value = fmaxf(value, 0.f);
-            }
-            code[r * kCodeStride + c] = Num<T>::from_float(value);
-          }
+      for_each_fragment_value([&](int i, int j, int v, int r, int c) {
+        float value = 0.f;  // code channels past C_B stay zero: they add nothing to the decode
+        if (b0 + c < c_b) {
+          value = pre[i][j][v] + (args.encoder_bias != nullptr ? args.encoder_bias[b0 + c] : 0.f);
+          value = fmaxf(value, 0.f);
+        }
+        code[r * kCodeStride + c] = Num<T>::from_float(value);
+      });
       __syncthreads();
       pipelined_product_resident_a<T>(decoded, code, kCodeStride, smem_b, kBlockN / kBlockK, [&](T* sb, int step) {
         const int k0 = b0 + step * kBlockK;
@@ -162,21 +136,15 @@ __global__ void __launch_bounds__(kThreads) pnnh_conv_forward_kernel(ForwardArgs
   }
 
   T* y = static_cast<T*>(args.y);
-#pragma unroll
-  for (int i = 0; i < kWarpTilesM; ++i)
-#pragma unroll
-    for (int j = 0; j < kWarpTilesN; ++j)
-#pragma unroll
-      for (int v = 0; v < 4; ++v) {
-        const int r = at.row(i, v), c = at.col(j, v);
-        if (!valid(r, c)) continue;
-        float value = learner[i][j][v];
-        if (args.scale != nullptr) value *= args.scale[n0 + c];
-        if (args.shift != nullptr) value += args.shift[n0 + c];
-        value += decoded[i][j][v];
-        if (args.relu) value = fmaxf(value, 0.f);
-        y[offset(r, c)] = Num<T>::from_float(value);
-      }
+  for_each_fragment_value([&](int i, int j, int v, int r, int c) {
+    if (!valid(r, c)) return;
+    float value = learner[i][j][v];
+    if (args.scale != nullptr) value *= args.scale[n0 + c];
+    if (args.shift != nullptr) value += args.shift[n0 + c];
+    value += decoded[i][j][v];
+    if (args.relu) value = fmaxf(value, 0.f);
+    y[offset(r, c)] = Num<T>::from_float(value);
+  });
 }
 
 }  // namespace
