@@ -310,6 +310,12 @@ class ImageData:
                 f"training images"
             )
         self._resident: dict[str, Tensor] = {}
+        # Built once: normalise() runs every step, and a host-to-device copy there would be per step.
+        mean, std = NORMALISATION[spec.name]
+        self._normalisation = (
+            torch.tensor(mean, device=device).view(1, 3, 1, 1),
+            torch.tensor(std, device=device).view(1, 3, 1, 1),
+        )
 
     @property
     def num_classes(self) -> int:
@@ -372,8 +378,6 @@ class ImageData:
             yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 
     def normalise(self, images: Tensor, channels_last: bool) -> Tensor:
-        mean, std = NORMALISATION[self.spec.name]
-        mean_t = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
-        std_t = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
-        out = (images.float() / 255 - mean_t) / std_t
+        mean, std = self._normalisation
+        out = (images.float() / 255 - mean) / std
         return out.contiguous(memory_format=torch.channels_last) if channels_last else out
