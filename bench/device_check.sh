@@ -5,7 +5,7 @@
 # 1. the GPU tests of the Triton and CUDA backends, compute-sanitizer memcheck/racecheck on the CUDA one,
 # 2. the benchmark suite on the CIFAR shapes and its claims report,
 # 3. ResNet-18 training throughput per variant (pnnh train, synthetic CIFAR-shaped data),
-# 4. the timing table of bench/time_pnnh_conv.py, printed last.
+# (1a. the timing table of bench/time_pnnh_conv.py runs right after the tests.)
 # Everything is written to docs/perf/ (or $OUT/perf when the device tool's $OUT is set, so that it
 # comes back to the developer's machine).
 set -uo pipefail
@@ -17,17 +17,29 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 perf_dir="${OUT:+$OUT/perf}"
 out_dir="${perf_dir:-docs/perf}"
 mkdir -p "$out_dir"
+# Each step runs under a time limit and the whole check under a deadline, so that a lease of a few
+# minutes returns what finished instead of nothing: PNNH_CHECK_DEADLINE (seconds since the epoch,
+# default: 40 minutes from now) caps every step's limit at the time left.
+deadline="${PNNH_CHECK_DEADLINE:-$(( $(date +%s) + 2400 ))}"
+step_limit() {  # the smaller of the step's own limit ($1 s) and the time left before the deadline
+    local left=$(( deadline - $(date +%s) ))
+    (( left < 1 )) && left=1
+    echo $(( $1 < left ? $1 : left ))
+}
 # 0. Build the CUDA extension here (nvcc, cmake, pybind11 are on the machine) into a cache folder
 #    that pnnh_kernels.cuda loads, with its ptxas resource report.
 export PNNH_CUDA_CACHE="${TMPDIR:-/tmp}/pnnh_cuda_cache"
-timeout 300 python3 -m pnnh_kernels.cuda.build --report "$out_dir/cuda_resources.md" > "$out_dir/cuda_build.log" 2>&1
+timeout "$(step_limit 300)" python3 -m pnnh_kernels.cuda.build --report "$out_dir/cuda_resources.md" > "$out_dir/cuda_build.log" 2>&1
 build_status=$?
 tail -3 "$out_dir/cuda_build.log"
 python3 -c "import pnnh_kernels.cuda as c; print('cuda backend available:', c.is_available(), c.why_unavailable() or '')"
 # 1. GPU tests: Triton and CUDA backends against the float64 reference.
-python3 -m pytest -q -p no:cacheprovider tests/test_triton_conv.py tests/test_cuda_conv.py tests/test_pnnh_conv.py \
+timeout "$(step_limit 150)" python3 -m pytest -q -p no:cacheprovider tests/test_triton_conv.py tests/test_cuda_conv.py tests/test_pnnh_conv.py \
     2>&1 | tail -40
 tests_status=${PIPESTATUS[0]}
+# 1a. The side-by-side timing table (run early: it is the measurement a short lease must not lose).
+timeout "$(step_limit 150)" python3 -m bench.time_pnnh_conv --out "$out_dir"
+timing_status=$?
 # 1b. compute-sanitizer on one small forward + backward of the CUDA backend (fp32 and bf16).
 cat > "${TMPDIR:-/tmp}/pnnh_sanitize.py" <<'PY'
 import torch
@@ -42,25 +54,22 @@ torch.cuda.synchronize()
 print("sanitized run finished")
 PY
 for tool in memcheck racecheck; do
-    timeout 240 compute-sanitizer --tool "$tool" --error-exitcode 7 python3 "${TMPDIR:-/tmp}/pnnh_sanitize.py" \
+    timeout "$(step_limit 120)" compute-sanitizer --tool "$tool" --error-exitcode 7 python3 "${TMPDIR:-/tmp}/pnnh_sanitize.py" \
         > "$out_dir/sanitizer_$tool.log" 2>&1
     echo "compute-sanitizer $tool exit $?"; tail -4 "$out_dir/sanitizer_$tool.log"
 done
 # 2. The benchmark suite on the CIFAR shapes (batch 256), eager only: torch.compile of every shape
 #    would not fit the device budget. Then the claims report from its JSON.
-python3 -m pytest bench/ --benchmark-only -q -p no:cacheprovider -k "not compile and (x32x32 or x16x16 or x8x8 or x4x4 or cifar)" \
+timeout "$(step_limit 240)" python3 -m pytest bench/ --benchmark-only -q -p no:cacheprovider -k "not compile and (x32x32 or x16x16 or x8x8 or x4x4 or cifar)" \
     --benchmark-json="$out_dir/bench.json" 2>&1 | tail -15
 bench_status=${PIPESTATUS[0]}
-python3 -m pnnh_kernels.bench_report "$out_dir/bench.json" --out "$out_dir/bench_report" | tail -40
+timeout "$(step_limit 60)" python3 -m pnnh_kernels.bench_report "$out_dir/bench.json" --out "$out_dir/bench_report" | tail -40
 # 3. Training throughput of ResNet-18 at the CIFAR shape (synthetic data, bf16, batch 256), one epoch
 #    of 10,240 images per variant: the per-epoch wall time of docs/training.md's recipes.
 for variant in residual plain pnnh; do
-    timeout 240 python3 -m pnnh_kernels train --data synthetic --synthetic-train-size 10240 \
+    timeout "$(step_limit 120)" python3 -m pnnh_kernels train --data synthetic --synthetic-train-size 10240 \
         --synthetic-test-size 1024 --epochs 1 --batch-size 256 --model resnet18 --variant "$variant" \
         --out "$out_dir/train_$variant" 2>/dev/null | tail -1
 done
-# 4. The side-by-side timing table, printed last.
-python3 -m bench.time_pnnh_conv --out "$out_dir"
-timing_status=$?
 echo "cuda build exit ${build_status}, tests exit ${tests_status}, bench exit ${bench_status}, timing exit ${timing_status}"
 exit $(( build_status != 0 || tests_status != 0 || bench_status != 0 || timing_status != 0 ))
