@@ -434,7 +434,10 @@ def define_fused_ops(library: str, kernels: FusedKernels) -> FusedOps:
         return (
             grad_x,
             grad_weight.permute(3, 2, 0, 1).to(weight.dtype),
-            grad_bias if has_bias else None,
+            # Exactly zero: training BatchNorm subtracts the batch mean, which cancels any
+            # per-channel constant before it. Summing learner_grad would only return its rounding
+            # (it failed an fp32 check on an H200, 1.7e-5 where PyTorch's own error was 6.7e-6).
+            torch.zeros_like(grad_bias) if has_bias else None,
             grad_norm_weight.to(norm_weight.dtype) if has_norm_weight else None,
             grad_norm_bias if has_norm_bias else None,
             None if encoder_weight is None else grad_encoder_weight.to(encoder_weight.dtype),
