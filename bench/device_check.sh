@@ -33,10 +33,22 @@ timeout "$(step_limit 300)" python3 -m pnnh_kernels.cuda.build --report "$out_di
 build_status=$?
 tail -3 "$out_dir/cuda_build.log"
 python3 -c "import pnnh_kernels.cuda as c; print('cuda backend available:', c.is_available(), c.why_unavailable() or '')"
-# 1. GPU tests: Triton and CUDA backends against the float64 reference.
-timeout "$(step_limit 150)" python3 -m pytest -q -p no:cacheprovider tests/test_triton_conv.py tests/test_cuda_conv.py tests/test_pnnh_conv.py \
-    2>&1 | tail -40
-tests_status=${PIPESTATUS[0]}
+# 1. GPU tests: Triton and CUDA backends against the float64 reference, in four parallel groups
+#    (the time goes to compiling kernels on the CPU; each group's log lands in the output folder).
+tests_status=0
+pids=()
+run_tests() {  # $1: log name; the rest: pytest arguments
+    local log="$out_dir/tests_$1.log"; shift
+    timeout "$(step_limit 200)" python3 -m pytest -q -p no:cacheprovider --tb=short "$@" > "$log" 2>&1
+}
+run_tests triton_fp32 tests/test_triton_conv.py -k "fp32" & pids+=($!)
+run_tests triton_other tests/test_triton_conv.py -k "not fp32" & pids+=($!)
+run_tests cuda tests/test_cuda_conv.py & pids+=($!)
+run_tests layers tests/test_pnnh_conv.py tests/test_pnnh_linear.py & pids+=($!)
+for pid in "${pids[@]}"; do wait "$pid" || tests_status=1; done
+for log in "$out_dir"/tests_*.log; do
+    echo "== $log: $(tail -1 "$log")"; grep -E "^(FAILED|ERROR)" "$log" | head -10
+done
 # 1a. The side-by-side timing table (run early: it is the measurement a short lease must not lose).
 timeout "$(step_limit 150)" python3 -m bench.time_pnnh_conv --out "$out_dir"
 timing_status=$?
