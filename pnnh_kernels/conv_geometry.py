@@ -5,12 +5,19 @@ That lines up with the learner only when the padding centres the dilated kernel 
 i.e. ``2 * padding == dilation * (kernel_size - 1)`` in each spatial dimension ("same"-like padding).
 Every backend receives a :class:`ConvGeometry` that has already passed these checks, so kernels never
 see a geometry they cannot compute.
+
+Without a coder, "same" padding may be asymmetric: when ``dilation * (kernel_size - 1)`` is odd,
+nn.Conv2d puts the extra row (column) at the bottom (right). The geometry then carries the padding
+before the image (``padding``, top/left) apart from the padding after it (``padding_end``,
+bottom/right). The kernels only ever use the top/left offset and the output size (which the end
+padding sets): an input pixel's output rows are found from the top offset and bounded by the output
+height, so forward, dgrad and wgrad need no copy of a padded input.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
+from typing import Optional, Union
 
 IntOrPair = Union[int, tuple[int, int]]
 Padding = Union[IntOrPair, str, None]
@@ -36,12 +43,48 @@ def _pair(value: IntOrPair, name: str, *, minimum: int) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class ConvGeometry:
-    """Normalised convolution geometry; every field is a (height, width) pair of ints."""
+    """Normalised convolution geometry; every field is a (height, width) pair of ints.
+
+    ``padding`` is the zero padding before the image (top, left), ``padding_end`` the one after it
+    (bottom, right); ``padding_end=None`` means the same as ``padding`` (symmetric, as nn.Conv2d's
+    int padding) and is resolved to that pair on construction.
+    """
 
     kernel_size: tuple[int, int]
     stride: tuple[int, int]
     padding: tuple[int, int]
     dilation: tuple[int, int]
+    padding_end: Optional[tuple[int, int]] = None
+
+    def __post_init__(self) -> None:
+        if self.padding_end is None:
+            object.__setattr__(self, "padding_end", self.padding)
+
+    @property
+    def is_symmetric(self) -> bool:
+        return self.padding_end == self.padding
+
+    @property
+    def op_padding(self) -> list[int]:
+        """``[top, left, bottom, right]``: the padding as the fused torch.library ops take it."""
+        return [*self.padding, *self.padding_end]
+
+    @classmethod
+    def from_op_padding(
+        cls,
+        kernel_size: tuple[int, int],
+        stride: list[int],
+        padding: list[int],
+        dilation: list[int],
+    ) -> ConvGeometry:
+        """The inverse of :attr:`op_padding`, for an already validated geometry."""
+        return cls(
+            (kernel_size[0], kernel_size[1]),
+            (stride[0], stride[1]),
+            (padding[0], padding[1]),
+            (dilation[0], dilation[1]),
+            (padding[2], padding[3]),
+        )
 
     @classmethod
     def from_args(
@@ -55,9 +98,11 @@ class ConvGeometry:
     ) -> ConvGeometry:
         """Normalise nn.Conv2d-style arguments.
 
-        ``padding=None`` means "same"-like padding ``dilation * (kernel_size - 1) // 2``, the only
-        padding a coder accepts. ``"same"`` and ``"valid"`` follow nn.Conv2d; ``"same"`` needs
-        stride 1 and a symmetric padding (``dilation * (kernel_size - 1)`` even).
+        ``padding=None`` means "same"-like padding: ``dilation * (kernel_size - 1)`` zeros in all,
+        half before the image and the rest after it, the only padding a coder accepts. ``"same"`` and
+        ``"valid"`` follow nn.Conv2d; ``"same"`` needs stride 1. When ``dilation * (kernel_size - 1)``
+        is odd the "same" padding is asymmetric, one more row/column at the bottom/right as nn.Conv2d
+        pads it; that is supported only without a coder (``NotImplementedError`` with one).
         """
         kernel = _pair(kernel_size, "kernel_size", minimum=1)
         strides = _pair(stride, "stride", minimum=1)
@@ -66,13 +111,19 @@ class ConvGeometry:
         if padding is None or padding == "same":
             if padding == "same" and strides != (1, 1):
                 raise ValueError("padding: 'same' is not supported for strided convolutions")
-            if span[0] % 2 or span[1] % 2:
-                raise NotImplementedError(
-                    f"padding: {padding!r} needs dilation * (kernel_size - 1) even in each dimension "
-                    f"for a symmetric padding, got kernel_size={kernel}, dilation={dilations}; "
-                    "asymmetric padding is not supported: pad the input explicitly"
-                )
             pads = (span[0] // 2, span[1] // 2)
+            pads_end = (span[0] - pads[0], span[1] - pads[1])
+            if pads_end != pads:
+                if with_coder:
+                    raise NotImplementedError(
+                        f"padding: {padding!r} with a coder needs dilation * (kernel_size - 1) even in "
+                        f"each dimension, got kernel_size={kernel}, dilation={dilations}: the padding "
+                        f"would be asymmetric (top/left {pads}, bottom/right {pads_end}), so the "
+                        "learner's receptive field would not be centred on the pixel the coder "
+                        "samples. Use an odd kernel_size or an even dilation, or coder_channels=0 "
+                        "(asymmetric 'same' padding is supported without a coder)"
+                    )
+                return cls(kernel, strides, pads, dilations, pads_end)
         elif padding == "valid":
             pads = (0, 0)
         elif isinstance(padding, str):
@@ -93,8 +144,13 @@ class ConvGeometry:
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         """Spatial size of the output for an input of ``height`` x ``width`` (nn.Conv2d's formula)."""
         sizes = []
-        for size, k, s, p, d in zip(
-            (height, width), self.kernel_size, self.stride, self.padding, self.dilation
+        for size, k, s, p, p_end, d in zip(
+            (height, width),
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.padding_end,
+            self.dilation,
         ):
-            sizes.append((size + 2 * p - d * (k - 1) - 1) // s + 1)
+            sizes.append((size + p + p_end - d * (k - 1) - 1) // s + 1)
         return sizes[0], sizes[1]

@@ -121,7 +121,8 @@ def pnnh_conv2d(
         encoder_weight: W_E, (C_B, C_in); None for a layer without a coder (plain conv + act).
         encoder_bias: b_E, (C_B,). decoder_weight: W_D, (C_out, C_B); None means tied, W_D = W_E^T.
         stride, padding, dilation: as nn.Conv2d; ``padding=None`` is "same"-like padding, the only one
-            a coder accepts.
+            a coder accepts. An asymmetric "same" padding (``dilation * (kernel_size - 1)`` odd; the
+            extra row/column at the bottom/right, as nn.Conv2d) is supported without a coder only.
         norm: batch-norm arguments for the learner branch, or None.
         activation: "relu" or None.
         backend: "auto", "torch", "triton" or "cuda".
@@ -171,8 +172,8 @@ def pnnh_conv2d(
     if out_h < 1 or out_w < 1:
         raise ValueError(
             f"input: spatial size {tuple(input.shape[-2:])} is too small for kernel_size "
-            f"{geometry.kernel_size}, dilation {geometry.dilation} and padding {geometry.padding} "
-            f"(output would be {out_h}x{out_w})"
+            f"{geometry.kernel_size}, dilation {geometry.dilation} and padding (top, left, bottom, "
+            f"right) {tuple(geometry.op_padding)}: the output would be {out_h}x{out_w}"
         )
     _check_vector("bias", bias, out_channels)
     if norm is not None:

@@ -50,8 +50,11 @@ class FusedPNNHConv(nn.Module):
 
     Args:
         in_channels, out_channels, kernel_size, stride, dilation, bias: as nn.Conv2d.
-        padding: as nn.Conv2d, or None (default) for "same"-like padding ``dilation * (k - 1) // 2``;
-            a layer with a coder accepts only "same"-like padding.
+        padding: as nn.Conv2d, or None (default) for "same"-like padding, ``dilation * (k - 1)``
+            zeros in all, half before the image; a layer with a coder accepts only "same"-like
+            padding. When ``dilation * (k - 1)`` is odd that padding is asymmetric (one more row and
+            column at the bottom and right, as nn.Conv2d's ``"same"``): supported without a coder,
+            NotImplementedError with one.
         coder_channels: C_B; default C_in // 2; 0 for no coder. Ignored in favour of ``coder``'s width
             when a shared ``coder`` is given (passing a different number raises).
         coder: a PNNHCoder to share with other layers (maps in_channels -> out_channels).
@@ -111,6 +114,9 @@ class FusedPNNHConv(nn.Module):
         self.geometry = ConvGeometry.from_args(
             kernel_size, stride, padding, dilation, with_coder=wants_coder
         )
+        # As given: forward hands it to pnnh_conv2d, which resolves it to self.geometry's pads again
+        # (geometry.padding alone would lose the bottom/right part of an asymmetric padding).
+        self.padding: Padding = padding
         factory = {"device": device, "dtype": dtype}
         self.in_channels = in_channels
         self.out_channels = out_channels
@@ -160,7 +166,7 @@ class FusedPNNHConv(nn.Module):
             self.bias,
             *coder,
             stride=self.geometry.stride,
-            padding=self.geometry.padding,
+            padding=self.padding,
             dilation=self.geometry.dilation,
             norm=None if self.norm is None else batch_norm_params(self.norm),
             activation=self.activation,
@@ -169,9 +175,10 @@ class FusedPNNHConv(nn.Module):
 
     def extra_repr(self) -> str:
         g = self.geometry
+        padding = f"padding={g.padding}" + ("" if g.is_symmetric else f", padding_end={g.padding_end}")
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={g.kernel_size}, "
-            f"stride={g.stride}, padding={g.padding}, dilation={g.dilation}, "
+            f"stride={g.stride}, {padding}, dilation={g.dilation}, "
             f"bias={self.bias is not None}, code_channels={self.code_channels}, "
             f"activation={self.activation!r}, backend={self.backend!r}"
         )

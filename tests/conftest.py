@@ -30,3 +30,33 @@ def _exact_fp32_on_gpu():
         yield
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+@pytest.fixture(scope="session")
+def emulator(tmp_path_factory):
+    """The CPU emulation of the CUDA kernels (pnnh_kernels.cuda.emulation), compiled once per session:
+    the build takes a while and several test modules use it."""
+    from pnnh_kernels.cuda import emulation
+
+    missing = emulation.missing_tools()
+    if missing:
+        pytest.skip(f"cannot build the CUDA emulation here: missing {', '.join(missing)}")
+    return emulation.load_emulator(emulation.build_emulator(tmp_path_factory.mktemp("cuda_emulation")))
+
+
+@pytest.fixture
+def emulated_cuda_backend(emulator):
+    """backend="cuda" on CPU tensors, through the real ops and launchers, onto the emulation."""
+    from pnnh_kernels.backends import _REGISTRY, Backend, register_backend
+    from pnnh_kernels.cuda import launch
+    from pnnh_kernels.cuda import ops as cuda_ops
+
+    real = _REGISTRY["cuda"]
+    register_backend(
+        Backend("cuda", cuda_ops.conv2d, cuda_ops.linear, lambda *_: None, auto_device_types=())
+    )
+    try:
+        with launch.emulated(emulator):
+            yield
+    finally:
+        register_backend(real)

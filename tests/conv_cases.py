@@ -15,6 +15,7 @@ from pnnh_kernels.backends.fused_common import poisoned_outputs
 from pnnh_kernels.functional import pnnh_conv2d
 from tests.reference import (
     assert_matches,
+    conv2d_by_taps,
     pnnh_conv2d_reference,
     random_layer_tensors,
     relu_deciding_like,
@@ -90,6 +91,74 @@ CUDA_TILE_CASES = [
     Case(2, 64, 64, 32, 3, 1, 1, 16, 16),  # every row vectorised
     Case(1, 33, 129, 17, 3, 2, 2, 11, 13, tied=False, relu=False),
 ]
+
+
+@dataclasses.dataclass(frozen=True)
+class PaddingCase:
+    """A layer without a coder whose "same"-like padding is asymmetric: ``dilation * (kernel - 1)``
+    odd in a dimension, so the padding after the image (bottom/right) is one more than before it."""
+
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    dilation: tuple[int, int]
+    padding: Optional[str]  # "same" (stride 1) or None ("same"-like, any stride)
+    h: int
+    w: int
+
+    def __str__(self) -> str:
+        k, s, d = ("x".join(map(str, pair)) for pair in (self.kernel, self.stride, self.dilation))
+        return f"k{k}-s{s}-d{d}-{self.padding}-{self.h}x{self.w}"
+
+
+ASYMMETRIC_PADDING_CASES = [
+    PaddingCase((2, 2), (1, 1), (1, 1), "same", 6, 7),
+    PaddingCase((4, 3), (1, 1), (1, 3), "same", 7, 5),  # asymmetric in height only
+    PaddingCase((2, 5), (2, 2), (3, 1), None, 7, 8),  # strided, asymmetric in height only
+    PaddingCase((4, 2), (1, 2), (1, 1), None, 5, 9),
+]
+
+
+def check_asymmetric_padding(
+    case: PaddingCase, dtype: torch.dtype = torch.float32, backend: str = "triton"
+) -> None:
+    """FusedPNNHConv without a coder against the float64 reference with the padding nn.Conv2d uses
+    for "same": ``dilation * (kernel - 1)`` zeros, the extra one at the bottom/right; output and the
+    gradients of input, weight and bias."""
+    spans = [d * (k - 1) for d, k in zip(case.dilation, case.kernel)]
+    top_left = (spans[0] // 2, spans[1] // 2)
+    bottom_right = (spans[0] - top_left[0], spans[1] - top_left[1])
+    assert top_left != bottom_right, f"{case}: the padding is symmetric"
+    c_in, c_out = 5, 6
+    layer = FusedPNNHConv(
+        c_in,
+        c_out,
+        case.kernel,
+        stride=case.stride,
+        padding=case.padding,
+        dilation=case.dilation,
+        coder_channels=0,
+        activation=None,
+        backend=backend,
+        device=DEVICE,
+        dtype=dtype,
+    )
+    weight64 = layer.weight.detach().double().cpu().requires_grad_(True)
+    bias64 = layer.bias.detach().double().cpu().requires_grad_(True)
+    x64 = torch.randn(2, c_in, case.h, case.w, dtype=torch.float64).to(dtype).double()
+    x64.requires_grad_(True)
+    expected = conv2d_by_taps(
+        x64, weight64, bias64, case.stride, top_left, case.dilation, padding_end=bottom_right
+    )
+    grad_out = torch.randn_like(expected).to(dtype).double()
+    expected.backward(grad_out)
+    x = x64.detach().to(DEVICE, dtype).requires_grad_(True)
+    with poisoned_outputs():
+        out = layer(x)
+        out.backward(grad_out.to(DEVICE, dtype))
+    assert_matches(out.cpu(), expected.detach(), dtype, f"{case}: output")
+    assert_matches(x.grad.cpu(), x64.grad, dtype, f"{case}: grad input")
+    assert_matches(layer.weight.grad.cpu(), weight64.grad, dtype, f"{case}: grad weight")
+    assert_matches(layer.bias.grad.cpu(), bias64.grad, dtype, f"{case}: grad bias")
 
 
 def _norm_state(c_out: int) -> dict:

@@ -25,13 +25,17 @@ def conv2d_by_taps(
     stride: tuple[int, int],
     padding: tuple[int, int],
     dilation: tuple[int, int],
+    padding_end: Optional[tuple[int, int]] = None,
 ) -> Tensor:
+    """``padding``: zeros before the image (top, left); ``padding_end``: after it (bottom, right),
+    the same as ``padding`` when None."""
     n, _, h, w = x.shape
     out_channels, _, kh, kw = weight.shape
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
-    out_h = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    out_w = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    padded = F.pad(x, (pw, pw, ph, ph))
+    ph_end, pw_end = padding if padding_end is None else padding_end
+    out_h = (h + ph + ph_end - dh * (kh - 1) - 1) // sh + 1
+    out_w = (w + pw + pw_end - dw * (kw - 1) - 1) // sw + 1
+    padded = F.pad(x, (pw, pw_end, ph, ph_end))
     out = x.new_zeros(n, out_channels, out_h, out_w)
     for i in range(kh):
         for j in range(kw):

@@ -12,10 +12,12 @@ from pnnh_kernels import FusedPNNHConv
 from pnnh_kernels import cuda as cuda_backend
 from pnnh_kernels.backends.fused_common import poisoned_outputs
 from tests.conv_cases import (
+    ASYMMETRIC_PADDING_CASES,
     CASES,
     CUDA_TILE_CASES,
     TRAINING_CASES,
     Case,
+    check_asymmetric_padding,
     check_case,
     check_linear,
     check_training_case,
@@ -29,6 +31,11 @@ pytestmark = pytest.mark.skipif(
 @pytest.mark.parametrize("case", CASES + CUDA_TILE_CASES, ids=str)
 def test_forward_and_gradients_fp32(case):
     check_case(case, backend="cuda")
+
+
+@pytest.mark.parametrize("case", ASYMMETRIC_PADDING_CASES, ids=str)
+def test_asymmetric_same_padding_without_coder(case):
+    check_asymmetric_padding(case, backend="cuda")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)

@@ -12,14 +12,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pnnh_kernels.backends import _REGISTRY, Backend, register_backend
-from pnnh_kernels.cuda import emulation, launch
-from pnnh_kernels.cuda import ops as cuda_ops
+from pnnh_kernels.cuda import launch
 from tests.conv_cases import (
+    ASYMMETRIC_PADDING_CASES,
     CASES,
     CUDA_TILE_CASES,
     TRAINING_CASES,
     Case,
+    check_asymmetric_padding,
     check_case,
     check_linear,
     check_training_case,
@@ -27,27 +27,8 @@ from tests.conv_cases import (
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs the real kernels instead")
 
-
-@pytest.fixture(scope="module")
-def emulator(tmp_path_factory):
-    missing = emulation.missing_tools()
-    if missing:
-        pytest.skip(f"cannot build the CUDA emulation here: missing {', '.join(missing)}")
-    return emulation.load_emulator(emulation.build_emulator(tmp_path_factory.mktemp("cuda_emulation")))
-
-
-@pytest.fixture
-def emulated_cuda_backend(emulator):
-    """backend="cuda" on CPU tensors, through the real ops and launchers, onto the emulation."""
-    real = _REGISTRY["cuda"]
-    register_backend(
-        Backend("cuda", cuda_ops.conv2d, cuda_ops.linear, lambda *_: None, auto_device_types=())
-    )
-    try:
-        with launch.emulated(emulator):
-            yield
-    finally:
-        register_backend(real)
+# The fixtures ``emulator`` (built once per session) and ``emulated_cuda_backend`` are in conftest.py,
+# shared with tests/test_conv2d_opinfo.py.
 
 
 def test_the_module_is_the_emulation(emulator):
@@ -64,6 +45,12 @@ def test_the_module_is_the_emulation(emulator):
 @pytest.mark.parametrize("case", CASES + CUDA_TILE_CASES, ids=str)
 def test_forward_and_gradients_fp32(case):
     check_case(case, backend="cuda")
+
+
+@pytest.mark.usefixtures("emulated_cuda_backend")
+@pytest.mark.parametrize("case", ASYMMETRIC_PADDING_CASES, ids=str)
+def test_asymmetric_same_padding_without_coder(case):
+    check_asymmetric_padding(case, backend="cuda")
 
 
 @pytest.mark.usefixtures("emulated_cuda_backend")

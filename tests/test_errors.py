@@ -27,7 +27,12 @@ def conv(**overrides):
         ({"backend": "fastest"}, ValueError, "backend"),
         ({"padding": 0}, ValueError, "padding: a layer with a coder needs 'same'-like"),
         ({"kernel_size": 3, "dilation": 2, "padding": 1}, ValueError, "padding"),
-        ({"kernel_size": 2}, NotImplementedError, "padding"),
+        ({"kernel_size": 2}, NotImplementedError, "padding: None with a coder .* asymmetric"),
+        (
+            {"kernel_size": (2, 3), "padding": "same", "dilation": 3},
+            NotImplementedError,
+            "padding: 'same' with a coder .* coder_channels=0",
+        ),
         ({"padding": "same", "stride": 2}, ValueError, "padding"),
         ({"padding": "full"}, ValueError, "padding"),
         ({"kernel_size": 0}, ValueError, "kernel_size"),

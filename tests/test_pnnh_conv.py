@@ -10,6 +10,7 @@ from torch import nn
 
 from pnnh_kernels import FusedPNNHConv, PNNHCoder
 from pnnh_kernels.functional import pnnh_conv2d
+from tests.conv_cases import ASYMMETRIC_PADDING_CASES, check_asymmetric_padding
 from tests.reference import assert_matches, backends_for, pnnh_conv2d_reference, random_layer_tensors
 
 # (C_in, C_out, C_B, kernel, stride, dilation, H, W): odd sizes on purpose
@@ -182,6 +183,12 @@ def test_without_coder_and_activation_equals_nn_conv2d(conv_kwargs, unbatched, b
     expected.backward(grad)
     assert_matches(x.grad, x_ref.grad, torch.float64, "grad input")
     assert_matches(layer.weight.grad, reference.weight.grad, torch.float64, "grad weight")
+
+
+@pytest.mark.parametrize("case", ASYMMETRIC_PADDING_CASES, ids=str)
+@pytest.mark.parametrize("backend", backends_for(torch.float32))
+def test_asymmetric_same_padding_without_coder_matches_float64_reference(case, backend):
+    check_asymmetric_padding(case, torch.float64 if backend == "torch" else torch.float32, backend)
 
 
 @pytest.mark.parametrize("backend", backends_for(torch.float32))

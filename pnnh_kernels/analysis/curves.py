@@ -6,11 +6,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from pnnh_kernels.analysis.bounds import cantelli_survival_bound
 from pnnh_kernels.analysis.probes import mean_cosine_similarity, ridge_r2
+from pnnh_kernels.backends.reference import learner_conv2d
 from pnnh_kernels.models.deep_cnn import DeepCNN, ResidualLayer, deep_cnn
 from pnnh_kernels.pnnh_conv import FusedPNNHConv
 
@@ -41,15 +41,14 @@ def he_stack(depth: int, width: int, variant: str, coder_init: str = "rectified_
 
 
 def _learner(layer: FusedPNNHConv, x: Tensor) -> Tensor:
-    g = layer.geometry
-    return F.conv2d(x, layer.weight, layer.bias, g.stride, g.padding, g.dilation)
+    return learner_conv2d(x, layer.weight, layer.bias, layer.geometry)
 
 
 def _patch_variance(layer: FusedPNNHConv, x: Tensor) -> Tensor:
     """Var(w . x_patch) for w ~ N(0, 2 / fan_in) at each output position: 2 |x_patch|^2 / fan_in."""
     g = layer.geometry
     ones = x.new_ones(1, x.shape[1], *g.kernel_size)
-    energy = F.conv2d(x.square(), ones, None, g.stride, g.padding, g.dilation)
+    energy = learner_conv2d(x.square(), ones, None, g)
     return 2.0 * energy / layer.weight[0].numel()
 
 

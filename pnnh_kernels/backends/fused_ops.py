@@ -6,7 +6,9 @@ launchers (``conv_forward``, ``conv_forward_train``, ``conv_backward``).
 ``<library>::conv2d_fused_backward`` its gradients. Both are ``torch.library.custom_op``s with fake
 implementations, so ``torch.compile(fullgraph=True)`` traces a model built from the modules without
 graph breaks and without looking inside the kernels (which also makes the CPU interpreter work
-under torch.compile, where ``triton_op`` would try to trace the kernel with fake tensors).
+under torch.compile, where ``triton_op`` would try to trace the kernel with fake tensors). Their
+``padding`` is ``[top, left, bottom, right]`` (ConvGeometry.op_padding): the bottom/right part sets
+only the output size, which an asymmetric "same" padding needs and the fake implementations compute.
 
 Training-mode BatchNorm has its own op, ``<library>::conv2d_fused_train`` (see _train_backward and
 docs/kernels.md). The learner's bias and an eval-mode BatchNorm are folded, in PyTorch and with
@@ -98,11 +100,9 @@ class FusedOps:
 def _geometry(
     weight: Tensor, stride: list[int], padding: list[int], dilation: list[int]
 ) -> ConvGeometry:
-    """The op's geometry; the functional entry point has already validated it."""
-    kernel = (weight.shape[2], weight.shape[3])
-    return ConvGeometry(
-        kernel, (stride[0], stride[1]), (padding[0], padding[1]), (dilation[0], dilation[1])
-    )
+    """The op's geometry (``padding`` is [top, left, bottom, right], ConvGeometry.op_padding); the
+    functional entry point has already validated it."""
+    return ConvGeometry.from_op_padding((weight.shape[2], weight.shape[3]), stride, padding, dilation)
 
 
 def _coder_in(coder: Optional[CoderTensors], dtype: torch.dtype) -> tuple[Optional[Tensor], ...]:
@@ -473,7 +473,7 @@ def define_fused_ops(library: str, kernels: FusedKernels) -> FusedOps:
             norm.bias,
             *_coder_in(coder, compute_dtype),
             list(geometry.stride),
-            list(geometry.padding),
+            geometry.op_padding,
             list(geometry.dilation),
             call.activation == "relu",
             norm.eps,
@@ -514,7 +514,7 @@ def define_fused_ops(library: str, kernels: FusedKernels) -> FusedOps:
             shift,
             *_coder_in(coder, compute_dtype),
             list(call.geometry.stride),
-            list(call.geometry.padding),
+            call.geometry.op_padding,
             list(call.geometry.dilation),
             call.activation == "relu",
         )
@@ -540,7 +540,7 @@ def define_fused_ops(library: str, kernels: FusedKernels) -> FusedOps:
             None if call.bias is None else call.bias.float(),
             *_coder_in(coder, compute_dtype),
             [1, 1],
-            [0, 0],
+            [0, 0, 0, 0],
             [1, 1],
             call.activation == "relu",
         )

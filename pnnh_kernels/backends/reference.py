@@ -3,7 +3,7 @@
 It is the reference every kernel is checked against and runs on any device and floating dtype.
 It follows the layer's definition (docs/pnnh.md) literally::
 
-    z    = conv2d(x, W_L, b_L, stride, padding, dilation)
+    z    = conv2d(x, W_L, b_L, stride, padding, dilation)  # padding may be asymmetric
     z    = batch_norm(z)                        # when a norm is given
     code = relu(conv1x1(x[:, :, ::sh, ::sw], W_E) + b_E)
     y    = act(z + conv1x1(code, W_D))
@@ -20,6 +20,7 @@ from torch import Tensor
 # The registry imports this module once Backend is defined, so this import sees it.
 from pnnh_kernels.backends import Backend
 from pnnh_kernels.backends.call import ConvCall, LinearCall
+from pnnh_kernels.conv_geometry import ConvGeometry
 
 
 def _activate(tensor: Tensor, activation: Optional[str]) -> Tensor:
@@ -33,11 +34,21 @@ def memory_format_of(tensor: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def learner_conv2d(
+    input: Tensor, weight: Tensor, bias: Optional[Tensor], geometry: ConvGeometry
+) -> Tensor:
+    """F.conv2d with the geometry's padding. An asymmetric padding pads the input with zeros first,
+    as nn.Conv2d does for an asymmetric "same" padding (this is the reference, not a fused kernel)."""
+    if geometry.is_symmetric:
+        return F.conv2d(input, weight, bias, geometry.stride, geometry.padding, geometry.dilation)
+    (top, left), (bottom, right) = geometry.padding, geometry.padding_end
+    padded = F.pad(input, (left, right, top, bottom))
+    return F.conv2d(padded, weight, bias, geometry.stride, 0, geometry.dilation)
+
+
 def conv2d(call: ConvCall) -> Tensor:
     geometry = call.geometry
-    z = F.conv2d(
-        call.input, call.weight, call.bias, geometry.stride, geometry.padding, geometry.dilation
-    )
+    z = learner_conv2d(call.input, call.weight, call.bias, geometry)
     if call.norm is not None:
         norm = call.norm
         z = F.batch_norm(
