@@ -184,13 +184,7 @@ def pnnh_conv2d(
 
     unbatched = input.dim() == 3
     batched = input.unsqueeze(0) if unbatched else input
-    chosen = resolve_backend(
-        backend,
-        input.device,
-        input.dtype,
-        "conv2d",
-        batch_norm_training=norm is not None and norm.training,
-    )
+    chosen = resolve_backend(backend, input.device, input.dtype, "conv2d")
     call = ConvCall(batched, weight, bias, coder, geometry, norm, activation)
     if profiling.nvtx_enabled():
         label = (

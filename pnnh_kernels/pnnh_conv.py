@@ -147,16 +147,7 @@ class FusedPNNHConv(nn.Module):
     @property
     def backend_in_use(self) -> str:
         """The backend that runs this layer for inputs on its parameters' device and dtype."""
-        norm = self.norm
-        batch_norm_training = norm is not None and uses_batch_statistics(norm)
-        return resolve_backend(
-            self.backend,
-            self.weight.device,
-            self.weight.dtype,
-            "conv2d",
-            batch_norm_training=batch_norm_training,
-            warn=False,
-        ).name
+        return resolve_backend(self.backend, self.weight.device, self.weight.dtype, "conv2d").name
 
     def forward(self, input: Tensor) -> Tensor:
         coder = self.coder.tensors() if self.coder is not None else (None, None, None)

@@ -47,11 +47,11 @@ def emulator(tmp_path_factory):
 @pytest.fixture
 def emulated_cuda_backend(emulator):
     """backend="cuda" on CPU tensors, through the real ops and launchers, onto the emulation."""
-    from pnnh_kernels.backends import _REGISTRY, Backend, register_backend
+    from pnnh_kernels.backends import Backend, backend_named, register_backend
     from pnnh_kernels.cuda import launch
     from pnnh_kernels.cuda import ops as cuda_ops
 
-    real = _REGISTRY["cuda"]
+    real = backend_named("cuda")
     register_backend(
         Backend("cuda", cuda_ops.conv2d, cuda_ops.linear, lambda *_: None, auto_device_types=())
     )

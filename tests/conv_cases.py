@@ -240,10 +240,8 @@ def check_case(
         if not x.is_contiguous():  # unambiguously channels_last (not C == 1 or H == W == 1)
             assert out.is_contiguous(memory_format=torch.channels_last)
         out.backward(grad_out.to(DEVICE, dtype))
-    # The output ReLU's on/off decisions taken from the op: in bf16/fp16 a pre-activation within
-    # rounding of zero may go either way, and its gradient then differs by a whole term (a wrong
-    # decision far from zero still fails on the output itself).
-    expected = relu_deciding_like(pre, out.cpu()) if case.relu else pre
+    # The reference decides the output ReLU, except within rounding of zero (see relu_deciding_like).
+    expected = relu_deciding_like(pre, out.cpu(), dtype) if case.relu else pre
     expected.backward(grad_out)
     assert_matches(out.cpu(), expected.detach(), dtype, f"{case}: output")
     assert_matches(x.grad.cpu(), x64.grad, dtype, f"{case}: grad input")
@@ -344,7 +342,7 @@ def check_linear(
     with poisoned_outputs():
         out = pnnh_linear(x, **{k: leaves.get(k) for k in tensors}, backend=backend)
     pre = pnnh_linear_reference(x64, **{k: leaves64.get(k) for k in tensors}, activation=None)
-    expected = relu_deciding_like(pre, out.cpu())
+    expected = relu_deciding_like(pre, out.cpu(), dtype)
     grad_out = torch.randn_like(expected).to(dtype).double()
     expected.backward(grad_out)
     with poisoned_outputs():

@@ -144,15 +144,20 @@ def random_layer_tensors(
     return tensors
 
 
-def relu_deciding_like(pre: Tensor, tested_output: Tensor) -> Tensor:
-    """The reference's output ReLU with the on/off decision taken from the tested output.
+def relu_deciding_like(pre: Tensor, tested_output: Tensor, dtype: torch.dtype) -> Tensor:
+    """The reference's output ReLU, deciding on/off itself except within rounding of zero.
 
-    Where a pre-activation lies within rounding error of zero, a bf16 op may decide either way, and
-    the gradient then differs by a whole term. Taking those decisions from the op under test keeps
-    every other comparison exact: an op that got a decision really wrong (or skipped the ReLU) still
-    fails on its output, whose value there is far from the reference's.
+    Where a pre-activation lies within the dtype's rounding band of zero (``TOLERANCES[dtype]``
+    times the reference's largest magnitude: the band the comparison already allows), a low-precision
+    op may decide either way, and the gradient then differs by a whole term; there, and only there,
+    the decision is taken from the op under test. Everywhere else the reference decides, so an
+    epilogue that switches outputs on or off wrongly fails on the output itself.
     """
-    return pre * (tested_output.detach().to(pre.dtype) > 0)
+    reference = pre.detach()
+    band = TOLERANCES[dtype] * max(float(reference.abs().max()), 1.0) if reference.numel() else 0.0
+    tested_on = tested_output.detach().to(pre.dtype) > 0
+    on = torch.where(reference.abs() <= band, tested_on, reference > 0)
+    return pre * on
 
 
 TOLERANCES = {
@@ -173,12 +178,12 @@ TOLERANCES = {
 def backends_for(dtype: torch.dtype, op: str = "conv2d", device: str = "cpu") -> list[str]:
     """The registered backends that can run ``op`` on ``device`` in ``dtype`` (Triton runs in its
     interpreter on the CPU: conftest turns it on)."""
-    from pnnh_kernels.backends import _REGISTRY, registered_backends
+    from pnnh_kernels.backends import backend_named, registered_backends
 
     return [
         name
         for name in registered_backends()
-        if _REGISTRY[name].unavailable_reason(torch.device(device), dtype, op) is None
+        if backend_named(name).unavailable_reason(torch.device(device), dtype, op) is None
     ]
 
 

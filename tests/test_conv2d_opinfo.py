@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
 from pnnh_kernels import FusedPNNHConv
-from pnnh_kernels.backends import _REGISTRY
+from pnnh_kernels.backends import backend_named
 from pnnh_kernels.backends.fused_common import poisoned_outputs
 from tests.reference import assert_matches
 
@@ -76,7 +76,7 @@ def _ready(backend: str, request: pytest.FixtureRequest, monkeypatch: pytest.Mon
     if backend == "cuda" and DEVICE == "cpu":
         request.getfixturevalue("emulated_cuda_backend")
         return
-    reason = _REGISTRY[backend].unavailable_reason(
+    reason = backend_named(backend).unavailable_reason(
         torch.device(DEVICE), BACKEND_DTYPES[backend], "conv2d"
     )
     if reason is not None:

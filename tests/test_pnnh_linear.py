@@ -49,7 +49,7 @@ def test_forward_and_gradients_match_float64_reference(
     assert actual.dtype == dtype
     expected = pnnh_linear_reference(x64, **{k: leaves64.get(k) for k in tensors}, activation=None)
     if activation == "relu":
-        expected = relu_deciding_like(expected, actual)
+        expected = relu_deciding_like(expected, actual, dtype)
     grad_out = torch.randn_like(expected).to(dtype).double()
     expected.backward(grad_out)
     actual.backward(grad_out.to(dtype))
@@ -60,7 +60,7 @@ def test_forward_and_gradients_match_float64_reference(
         x_twin, **{k: twins.get(k) for k in tensors}, activation=None, backend="torch"
     )
     if activation == "relu":
-        torch_out = relu_deciding_like(torch_out, actual)
+        torch_out = relu_deciding_like(torch_out, actual, dtype)
     torch_out.backward(grad_out.to(dtype))
     assert_matches(actual, expected.detach(), dtype, "output", torch_out)
     assert_matches(x.grad, x64.grad, dtype, "grad input", x_twin.grad)

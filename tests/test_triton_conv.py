@@ -8,7 +8,6 @@ a kernel forgets to write fails the comparison.
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch
@@ -17,7 +16,6 @@ from torch import nn
 pytest.importorskip("triton")
 
 from pnnh_kernels import FusedPNNHConv
-from pnnh_kernels.backends import _warned_reroutes
 from pnnh_kernels.triton.pnnh_conv import ConvConfig
 from tests.conv_cases import (
     CASES,
@@ -77,40 +75,6 @@ def test_module_eval_batchnorm_runs_on_triton_and_matches_torch_backend():
     assert layer.backend_in_use == "triton"
     x = torch.randn(2, 6, 5, 5, device=DEVICE).relu()
     torch.testing.assert_close(layer(x), reference(x), rtol=1e-5, atol=1e-5)
-
-
-def test_backend_without_training_batchnorm_reroutes_to_torch_and_warns_once():
-    from pnnh_kernels.backends import _REGISTRY, Backend, register_backend
-
-    torch_backend = _REGISTRY["torch"]
-    real_cuda = _REGISTRY.get("cuda")
-    # A stand-in backend without a training-mode BatchNorm kernel, under the name cuda.
-    register_backend(
-        Backend(
-            "cuda",
-            torch_backend.conv2d,
-            torch_backend.linear,
-            lambda *_: None,
-            batch_norm_training=False,
-        )
-    )
-    _warned_reroutes.discard("cuda")
-    try:
-        layer = FusedPNNHConv(4, 4, norm="batch", backend="cuda", coder_init="he").train()
-        assert layer.backend_in_use == "torch"
-        x = torch.randn(2, 4, 5, 5)
-        with pytest.warns(UserWarning, match="training-mode BatchNorm"):
-            layer(x)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            layer(x)  # once per process
-        layer.eval()
-        assert layer.backend_in_use == "cuda"
-    finally:
-        _REGISTRY.pop("cuda")
-        if real_cuda is not None:
-            register_backend(real_cuda)
-        _warned_reroutes.discard("cuda")
 
 
 @pytest.mark.parametrize("small_tiles", [False, True])

@@ -14,7 +14,6 @@ fallback hides a slow path.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Optional
@@ -39,8 +38,8 @@ class Backend:
     ``unavailable_reason(device, dtype, op)`` returns None when the backend can run ``op`` ("conv2d"
     or "linear") on tensors of that device and dtype, else a sentence saying why not.
     ``auto_device_types``: where "auto" may pick it (None: everywhere); the Triton interpreter runs
-    on the CPU but is far slower there than PyTorch, so "auto" only picks Triton on GPUs.
-    ``batch_norm_training``: whether it computes training-mode BatchNorm itself.
+    on the CPU but is far slower there than PyTorch, so "auto" only picks Triton on GPUs. Every
+    backend computes training-mode BatchNorm itself.
     """
 
     name: str
@@ -48,7 +47,6 @@ class Backend:
     linear: Callable[[LinearCall], torch.Tensor]
     unavailable_reason: Callable[[torch.device, torch.dtype, str], Optional[str]]
     auto_device_types: Optional[tuple[str, ...]] = None
-    batch_norm_training: bool = True
 
 
 _REGISTRY: dict[str, Backend] = {}
@@ -58,6 +56,22 @@ def register_backend(backend: Backend) -> None:
     if backend.name not in AUTO_PREFERENCE:
         raise ValueError(f"backend.name: expected one of {AUTO_PREFERENCE}, got {backend.name!r}")
     _REGISTRY[backend.name] = backend
+
+
+def unregister_backend(name: str) -> Optional[Backend]:
+    """Remove the backend registered under ``name`` and return it (None if there was none): an
+    installation without it, e.g. for a test; :func:`register_backend` puts it back."""
+    return _REGISTRY.pop(name, None)
+
+
+def backend_named(name: str) -> Backend:
+    """The backend registered under ``name`` (a concrete name, not "auto")."""
+    check_backend_name(name)
+    if name not in _REGISTRY:
+        raise BackendUnavailableError(
+            f"backend={name!r}: no {name} kernels are registered in this installation of pnnh_kernels"
+        )
+    return _REGISTRY[name]
 
 
 def check_backend_name(name: str) -> str:
@@ -78,22 +92,13 @@ def _why_unavailable(name: str, device: torch.device, dtype: torch.dtype, op: st
     return backend.unavailable_reason(device, dtype, op)
 
 
-_warned_reroutes: set[str] = set()
-
-
 def resolve_backend(
     name: str,
     device: torch.device,
     dtype: torch.dtype,
     op: str,
-    *,
-    batch_norm_training: bool = False,
-    warn: bool = True,
 ) -> Backend:
     """The backend that runs ``op`` for tensors on ``device`` of ``dtype``.
-
-    A call with training-mode BatchNorm on a backend that cannot compute it runs on the torch
-    backend instead; when that backend was asked for by name, a warning says so once per process.
 
     Raises:
         ValueError: ``name`` is not a known backend.
@@ -108,8 +113,6 @@ def resolve_backend(
             allowed = backend.auto_device_types
             if allowed is not None and device.type not in allowed:
                 continue
-            if batch_norm_training and not backend.batch_norm_training:
-                continue
             return backend
         raise BackendUnavailableError(f"no backend can run {op} on {device} with {dtype}")
     reason = _why_unavailable(name, device, dtype, op)
@@ -117,17 +120,7 @@ def resolve_backend(
         raise BackendUnavailableError(
             f"backend={name!r} cannot run {op} on {device} with {dtype}: {reason}"
         )
-    backend = _REGISTRY[name]
-    if batch_norm_training and not backend.batch_norm_training:
-        if warn and name not in _warned_reroutes:
-            _warned_reroutes.add(name)
-            warnings.warn(
-                f"backend={name!r} has no training-mode BatchNorm kernel yet: layers with "
-                "norm='batch' in training mode run on the torch backend (backend_in_use says so)",
-                stacklevel=3,
-            )
-        return _REGISTRY["torch"]
-    return backend
+    return _REGISTRY[name]
 
 
 def _triton_conv2d(call: ConvCall) -> torch.Tensor:
@@ -196,7 +189,9 @@ __all__ = [
     "BackendUnavailableError",
     "ConvCall",
     "LinearCall",
+    "backend_named",
     "register_backend",
     "registered_backends",
     "resolve_backend",
+    "unregister_backend",
 ]

@@ -1,10 +1,20 @@
-"""Ahead-of-time compile report of the PNNH Triton kernels, no GPU needed.
+"""Ahead-of-time compile report of the PNNH Triton kernels against named cards' limits, no GPU needed.
 
-``python -m pnnh_kernels.triton.report`` compiles every kernel with ``triton.compile`` for sm_80 and
-sm_90 at the default (GPU) configuration of a ResNet stage shape, and prints per kernel, target and
-dtype: registers, shared memory, stack and local memory (spills), and the instructions that matter
-(tensor-core MMAs, async copies). The resource numbers come from the cubin, read with the
-``cuobjdump`` that ships inside the triton wheel.
+``python -m pnnh_kernels.triton.report`` compiles, with ``triton.compile`` for sm_80 (A100) and sm_90
+(H100, H200), every launch the launchers would make for the layer shapes it is given: the fused
+forward (ReLU on and off, every autotune candidate), the training BatchNorm's statistics and apply
+passes, the coder backward, the input gradient (every autotune candidate; eval and training mode)
+and the three weight gradients (learner, encoder, decoder), in bf16, fp16 and fp32. It prints per
+compile the registers, shared memory, stack and local memory (spills) and the instructions that
+matter (tensor-core MMAs, async copies), and checks each against the limits of the cards:
+
+    python -m pnnh_kernels.triton.report --shape 256,128,128,16,16  # N,C_in,C_out,H,W[,K[,S[,C_B]]]
+    python -m pnnh_kernels.triton.report --grid resnet --check      # exit 1 if a compile does not fit
+
+``--grid resnet`` is every conv of ResNet-18/34/50 (PNNH variant) at the CIFAR shape (batch 256,
+32 x 32) and the ImageNet shape (batch 64, 224 x 224). The resource numbers come from the cubin, read
+with the ``cuobjdump`` that ships inside the triton wheel. Launches that compile to the same kernel
+(same tiles, flags and specialisation) are compiled once and listed with the shapes that use them.
 """
 
 from __future__ import annotations
@@ -14,8 +24,11 @@ import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -25,15 +38,36 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from pnnh_kernels.triton import kernels
-from pnnh_kernels.triton.pnnh_conv import ConvConfig, choose_config, wgrad_reduction_block
+from pnnh_kernels.triton.pnnh_conv import (
+    ConvConfig,
+    _block,
+    choose_config,
+    tuning_configs,
+    wgrad_tiles,
+)
 
 TARGETS = {"sm_80": GPUTarget("cuda", 80, 32), "sm_90": GPUTarget("cuda", 90, 32)}
-# Most dynamic shared memory one block may use (A100: 163 KiB, H100: 227 KiB).
-SHARED_MEMORY_LIMIT = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}
+
+
+@dataclass(frozen=True)
+class Card:
+    name: str
+    target: str
+    shared_memory_per_block: int  # the opt-in maximum of dynamic shared memory one block may use
+    registers_per_block: int = 65536
+    registers_per_thread: int = 255
+
+
+# One documented place for the limits (CUDA programming guide, compute capabilities 8.0 and 9.0).
+CARDS = {
+    "A100": Card("A100", "sm_80", 166_912),
+    "H100": Card("H100", "sm_90", 232_448),
+    "H200": Card("H200", "sm_90", 232_448),
+}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-# Pointers that are float32 whatever the data dtype (folded BatchNorm vectors, weight gradients).
-FLOAT32_POINTERS = {"scale_ptr", "shift_ptr", "out_ptr"}
+# Pointers that are float32 whatever the data dtype (folded BatchNorm vectors, statistics, partials).
+FLOAT32_POINTERS = {"scale_ptr", "shift_ptr", "out_ptr", "mean_part_ptr", "m2_part_ptr"}
 INSTRUCTIONS = {
     "mma.sync": r"\bmma\.sync\b",
     "wgmma": r"\bwgmma\.mma_async\b",
@@ -44,154 +78,272 @@ INSTRUCTIONS = {
 
 
 @dataclass(frozen=True)
-class KernelSpec:
-    name: str
-    fn: Any
-    constexprs: dict[str, Any]
+class LayerShape:
+    """One conv layer as the launchers see it (square kernel, stride and dilation)."""
+
+    n: int
+    c_in: int
+    c_out: int
+    h: int
+    w: int
+    kernel: int = 3
+    stride: int = 1
+    c_b: int = -1  # code channels; -1: half of c_out, as the models' coders
+    dilation: int = 1
+
+    @property
+    def code_channels(self) -> int:
+        return self.c_out // 2 if self.c_b < 0 else self.c_b
+
+    @property
+    def padding(self) -> int:
+        return self.dilation * (self.kernel - 1) // 2
+
+    def output_size(self) -> tuple[int, int]:
+        reach = self.dilation * (self.kernel - 1)
+        return (
+            (self.h + 2 * self.padding - reach - 1) // self.stride + 1,
+            (self.w + 2 * self.padding - reach - 1) // self.stride + 1,
+        )
+
+    def __str__(self) -> str:
+        tail = f"k{self.kernel}s{self.stride}" + (f"d{self.dilation}" if self.dilation > 1 else "")
+        return f"{self.n}x{self.c_in}->{self.c_out}(b{self.code_channels})@{self.h}x{self.w}/{tail}"
+
+
+def parse_shape(text: str) -> LayerShape:
+    """``N,C_IN,C_OUT,H,W[,K[,STRIDE[,C_B]]]``"""
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        values = []
+    if not 5 <= len(values) <= 8 or min(values[:5]) < 1:
+        raise argparse.ArgumentTypeError(
+            f"--shape: expected N,C_IN,C_OUT,H,W[,K[,STRIDE[,C_B]]] with positive integers, got {text!r}"
+        )
+    return LayerShape(*values)
+
+
+def resnet_grid() -> list[LayerShape]:
+    """Every distinct conv of ResNet-18/34/50 (pnnh_kernels.models.resnet, PNNH variant: a coder of
+    half the input width on every conv but the stem's) at the CIFAR shape (batch 256, 32 x 32, 3x3
+    stem) and the ImageNet shape (batch 64, 224 x 224, 7x7 stride-2 stem and max-pool), with the
+    stride on the block's 3x3 conv (torchvision's v1.5 Bottleneck). Written out rather than read
+    from built models: building them pretrains their coders, minutes on a CPU
+    (tests/test_triton_report.py checks the two agree on ResNet-18)."""
+    shapes: dict[LayerShape, None] = {}
+
+    def conv(n: int, c_in: int, c_out: int, size: int, kernel: int, stride: int) -> None:
+        shapes[LayerShape(n, c_in, c_out, size, size, kernel, stride, c_in // 2)] = None
+
+    for blocks, bottleneck in (((2, 2, 2, 2), False), ((3, 4, 6, 3), False), ((3, 4, 6, 3), True)):
+        for n, size, imagenet in ((256, 32, False), (64, 224, True)):
+            if imagenet:
+                shapes[LayerShape(n, 3, 64, size, size, 7, 2, 0)] = None
+                size //= 4  # the stem's stride 2 and the max-pool's
+            else:
+                shapes[LayerShape(n, 3, 64, size, size, 3, 1, 0)] = None
+            channels = 64
+            for stage, count in enumerate(blocks):
+                width = 64 * 2**stage
+                for block in range(count):
+                    stride = 2 if stage > 0 and block == 0 else 1
+                    if bottleneck:
+                        conv(n, channels, width, size, 1, 1)
+                        conv(n, width, width, size, 3, stride)
+                        size //= stride
+                        conv(n, width, 4 * width, size, 1, 1)
+                        channels = 4 * width
+                    else:
+                        conv(n, channels, width, size, 3, stride)
+                        size //= stride
+                        conv(n, width, width, size, 3, 1)
+                        channels = width
+    return list(shapes)
+
+
+def model_shapes(model: torch.nn.Module, batch: int, size: int) -> list[LayerShape]:
+    """The FusedPNNHConv shapes of ``model`` on a ``batch`` of ``size`` x ``size`` images, read with
+    forward hooks on a one-image batch."""
+    from pnnh_kernels.pnnh_conv import FusedPNNHConv
+
+    shapes: dict[LayerShape, None] = {}
+
+    def record(layer: FusedPNNHConv, inputs: tuple, _output: Any) -> None:
+        _, c_in, h, w = inputs[0].shape
+        geometry = layer.geometry
+        shapes[
+            LayerShape(batch, c_in, layer.out_channels, h, w, geometry.kernel_size[0],
+                       geometry.stride[0], layer.code_channels, geometry.dilation[0])
+        ] = None  # fmt: skip
+
+    hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, FusedPNNHConv)]
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, size, size))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return list(shapes)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch a launcher would make: the kernel, its compile-time arguments, its runtime
+    integers (for the JIT's specialisation) and its warps and stages."""
+
+    name: str  # the kernel and the variant, e.g. "_conv_wgrad_kernel[learner, relu]"
+    kernel: str  # its name in pnnh_kernels.triton.kernels (a name, so that launches pickle)
+    constexprs: tuple[tuple[str, Any], ...]
+    ints: tuple[tuple[str, int], ...]
     num_warps: int
     num_stages: int
-    ints: Optional[dict[str, int]] = None  # runtime ints of the launch; default STAGE_INTS
+
+    @property
+    def fn(self) -> Any:
+        return getattr(kernels, self.kernel)
+
+    def compile_key(self, dtype: torch.dtype) -> tuple:
+        """Launches with equal keys compile to the same kernel up to the JIT's integer hints (which
+        runtime integers are 1 or multiples of 16): the report compiles one of them, specialised
+        like the first shape that makes it. The hints change how loads are vectorised, not the tiles
+        that set the shared memory."""
+        return (self.name, self.constexprs, self.num_warps, self.num_stages, dtype)
 
 
-# The runtime integers of a ResNet-18 CIFAR first-stage layer (batch 256, 64 x 32 x 32, 3x3, C_B 32)
-# as the launchers pass them. The report specialises them the way Triton's JIT does at a launch:
-# an int equal to 1 becomes a constant, a multiple of 16 is marked divisible by 16 (as are the
-# pointers), which is what lets the compiler vectorise loads. Without these hints the compiled code
-# differs from what a GPU launch compiles (per-element pointers, and spills that never happen).
-STAGE_INTS = {
-    "M": 256 * 32 * 32,
-    "m_per_split": 4480,  # the wgrad split an H100 (132 SMs) gets for this shape
-    "NHW": 256 * 32 * 32,
-    "H": 32,
-    "W": 32,
-    "OH": 32,
-    "OW": 32,
-    "C_in": 64,
-    "C_out": 64,
-    "C_B": 32,
-    "C_x": 64,
-    "C_g": 64,
-    "stride_h": 1,
-    "stride_w": 1,
-    "pad_h": 1,
-    "pad_w": 1,
-    "dil_h": 1,
-    "dil_w": 1,
-}
+def _int_arguments(fn: Any, constexprs: dict[str, Any]) -> list[str]:
+    return [name for name in fn.arg_names if name not in constexprs and not name.endswith("_ptr")]
 
 
-def kernel_specs(dtype: torch.dtype, channels: int = 64) -> list[KernelSpec]:
-    """The four kernels at the launchers' GPU configuration for a ``channels -> channels`` 3x3 layer
-    with a half-width coder (ResNet-18's first stage)."""
+def _config(shape: LayerShape, dtype: torch.dtype) -> ConvConfig:
     previous = os.environ.pop("TRITON_INTERPRET", None)  # the GPU configuration, not the interpreter's
     try:
-        config: ConvConfig = choose_config(channels, channels, channels // 2, dtype)
+        return choose_config(shape.c_in, shape.c_out, shape.code_channels, dtype)
     finally:
         if previous is not None:
             os.environ["TRITON_INTERPRET"] = previous
-    precision = "tf32" if dtype == torch.float32 else "ieee"
-    common = {"INPUT_PRECISION": precision, "UPCAST_DOT": False}
-    code_block = max(16, min(config.block_b, triton.next_power_of_2(channels // 2)))
+
+
+def launches(shape: LayerShape, dtype: torch.dtype) -> list[Launch]:
+    """Every launch of a training step and an eval forward of ``shape`` in ``dtype``, with the
+    launchers' tile choices (pnnh_kernels.triton.pnnh_conv) and every autotune candidate."""
+    config = _config(shape, dtype)
+    c_b = shape.code_channels
+    has_coder = c_b > 0
+    oh, ow = shape.output_size()
+    m = shape.n * oh * ow
+    geometry = {
+        "stride_h": shape.stride,
+        "stride_w": shape.stride,
+        "pad_h": shape.padding,
+        "pad_w": shape.padding,
+        "dil_h": shape.dilation,
+        "dil_w": shape.dilation,
+    }
+    ints = {
+        "M": m,
+        "NHW": shape.n * shape.h * shape.w,
+        "H": shape.h,
+        "W": shape.w,
+        "OH": oh,
+        "OW": ow,
+        "C_in": shape.c_in,
+        "C_out": shape.c_out,
+        "C_B": c_b,
+        **geometry,
+    }
+    common = {"INPUT_PRECISION": "tf32" if dtype == torch.float32 else "ieee", "UPCAST_DOT": False}
+    result: list[Launch] = []
+
+    def add(variant: str, fn: Any, constexprs: dict, warps: int, stages: int, **extra: int) -> None:
+        constexprs = {**common, **constexprs}
+        wanted = {**ints, **extra}
+        used = {k: wanted[k] for k in _int_arguments(fn, constexprs)}
+        name = f"{fn.__name__}[{variant}]"
+        result.append(
+            Launch(
+                name,
+                fn.__name__,
+                tuple(sorted(constexprs.items())),
+                tuple(sorted(used.items())),
+                warps,
+                stages,
+            )
+        )
+
+    def candidates() -> Iterable[tuple[dict, int, int]]:
+        for candidate in tuning_configs(config):
+            yield dict(candidate.kwargs), candidate.num_warps, candidate.num_stages
+
+    default = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k}
     forward = {
-        **common,
-        "KH": 3,
-        "KW": 3,
+        "KH": shape.kernel,
+        "KW": shape.kernel,
         "HAS_SCALE": True,
         "HAS_SHIFT": True,
-        "HAS_CODER": True,
-        "HAS_ENCODER_BIAS": True,
-        "CODE_IN_MAIN_LOOP": channels // 2 <= config.block_b,
+        "HAS_CODER": has_coder,
+        "HAS_ENCODER_BIAS": has_coder,
         "WRITE_STATS": False,
-        "Z_INPUT": False,
-        "RELU": True,
-        "BLOCK_M": config.block_m,
-        "BLOCK_N": config.block_n,
-        "BLOCK_K": config.block_k,
         "BLOCK_B": config.block_b,
     }
-    # Training-mode BatchNorm: the convolution with tile statistics, then the apply pass from z.
-    statistics = {**forward, "HAS_SCALE": False, "HAS_CODER": False, "HAS_ENCODER_BIAS": False}
-    statistics.update({"CODE_IN_MAIN_LOOP": False, "WRITE_STATS": True, "RELU": False})
-    apply = {**forward, "CODE_IN_MAIN_LOOP": False, "Z_INPUT": True}
-    # FusedPNNHLinear: the same kernel on a 1x1 image per row (tokens x channels).
-    linear = {**forward, "KH": 1, "KW": 1, "HAS_SCALE": False}
-    linear_ints = {**STAGE_INTS, "H": 1, "W": 1, "OH": 1, "OW": 1, "pad_h": 0, "pad_w": 0}
-    return [
-        *(
-            KernelSpec(
-                name, kernels._pnnh_conv_fwd_kernel, constexprs, config.num_warps, config.num_stages
-            )
-            for name, constexprs in (
-                ("_pnnh_conv_fwd_kernel", forward),
-                ("_pnnh_conv_fwd_kernel[bn stats]", statistics),
-                ("_pnnh_conv_fwd_kernel[bn apply]", apply),
-            )
-        ),
-        KernelSpec(
-            "_pnnh_conv_fwd_kernel[linear]",
-            kernels._pnnh_conv_fwd_kernel,
-            linear,
-            config.num_warps,
-            config.num_stages,
-            linear_ints,
-        ),
-        KernelSpec(
-            "_pnnh_coder_bwd_kernel",
-            kernels._pnnh_coder_bwd_kernel,
-            {
-                **common,
-                "HAS_ENCODER_BIAS": True,
-                "RELU": True,
-                "BLOCK_M": config.block_m,
-                "BLOCK_B": code_block,
-                "BLOCK_K": config.block_k,
-            },
-            config.num_warps,
-            config.num_stages,
-        ),
-        KernelSpec(
-            "_conv_wgrad_kernel",
-            kernels._conv_wgrad_kernel,
-            {
-                **common,
-                "KH": 3,
-                "KW": 3,
-                "RELU": True,
-                "BLOCK_X": config.block_n,
-                "BLOCK_G": config.block_n,
-                "BLOCK_M": wgrad_reduction_block(config),
-            },
-            config.num_warps,
-            config.num_stages,
-        ),
-        KernelSpec(
-            "_pnnh_conv_dgrad_kernel",
-            kernels._pnnh_conv_dgrad_kernel,
-            {
-                **common,
-                "KH": 3,
-                "KW": 3,
-                "HAS_SCALE": True,
-                "HAS_CODER": True,
-                "RELU": True,
-                "BLOCK_M": config.block_m,
-                "BLOCK_N": config.block_n,
-                "BLOCK_K": config.block_k,
-            },
-            config.num_warps,
-            config.num_stages,
-        ),
-    ]
+    code_in_main_loop = has_coder and shape.kernel % 2 == 1 and c_b <= config.block_b
+    for relu in (True, False):
+        for tiles, warps, stages in candidates():
+            fused = {**forward, **tiles, "CODE_IN_MAIN_LOOP": code_in_main_loop, "Z_INPUT": False}
+            add("relu" if relu else "linear", kernels._pnnh_conv_fwd_kernel,
+                {**fused, "RELU": relu}, warps, stages)  # fmt: skip
+            applied = {**forward, **tiles, "CODE_IN_MAIN_LOOP": False, "Z_INPUT": True}
+            add("bn apply, relu" if relu else "bn apply, linear", kernels._pnnh_conv_fwd_kernel,
+                {**applied, "RELU": relu}, warps, stages)  # fmt: skip
+    statistics = {**forward, **default, "HAS_SCALE": False, "HAS_CODER": False}
+    statistics.update(HAS_ENCODER_BIAS=False, CODE_IN_MAIN_LOOP=False, WRITE_STATS=True)
+    add("bn stats", kernels._pnnh_conv_fwd_kernel, {**statistics, "Z_INPUT": False, "RELU": False},
+        config.num_warps, config.num_stages)  # fmt: skip
+    # Input gradient: eval mode (scale folded, ReLU mask), training mode (dz given, no mask), and a
+    # layer without an output ReLU.
+    for has_scale, relu in ((True, True), (True, False), (False, False)):
+        for tiles, warps, stages in candidates():
+            dgrad = {"KH": shape.kernel, "KW": shape.kernel, "HAS_SCALE": has_scale,
+                     "HAS_CODER": has_coder, "RELU": relu, **tiles}  # fmt: skip
+            label = ("eval" if has_scale else "train-BN") + (", relu" if relu else "")
+            add(label, kernels._pnnh_conv_dgrad_kernel, dgrad, warps, stages)
+    wgrads = [("learner, relu", shape.c_in, shape.c_out, shape.kernel, True, shape.h, shape.w),
+              ("learner", shape.c_in, shape.c_out, shape.kernel, False, shape.h, shape.w)]  # fmt: skip
+    if has_coder:
+        block_b = _block(c_b, config.block_b)
+        for relu in (True, False):
+            coder = {"HAS_ENCODER_BIAS": True, "RELU": relu, "BLOCK_M": config.block_m,
+                     "BLOCK_B": block_b, "BLOCK_K": config.block_k}  # fmt: skip
+            add("relu" if relu else "linear", kernels._pnnh_coder_bwd_kernel, coder,
+                config.num_warps, config.num_stages)  # fmt: skip
+        wgrads += [("encoder", shape.c_in, c_b, 1, False, shape.h, shape.w),
+                   ("decoder, relu", c_b, shape.c_out, 1, True, oh, ow),
+                   ("decoder", c_b, shape.c_out, 1, False, oh, ow)]  # fmt: skip
+    for label, c_x, c_g, kernel, relu, height, width in wgrads:
+        tiles = wgrad_tiles(config, c_x, c_g, dtype, relu)
+        wgrad = {"KH": kernel, "KW": kernel, "RELU": relu, "BLOCK_X": tiles.block_x,
+                 "BLOCK_G": tiles.block_g, "BLOCK_M": tiles.block_m}  # fmt: skip
+        extra = {"C_x": c_x, "C_g": c_g, "H": height, "W": width, "m_per_split": 8 * tiles.block_m}
+        if label.startswith("decoder"):
+            extra.update(stride_h=1, stride_w=1)
+        if kernel == 1:
+            extra.update(pad_h=0, pad_w=0, dil_h=1, dil_w=1)
+        add(label, kernels._conv_wgrad_kernel, wgrad, config.num_warps, tiles.num_stages,
+            **extra)  # fmt: skip
+    return result
 
 
-def specialise(spec: KernelSpec, dtype: torch.dtype) -> tuple[dict[str, str], dict[str, Any], dict]:
-    """(signature, constexprs, attrs) for ``ASTSource``, specialised like a JIT launch."""
+def specialise(launch: Launch, dtype: torch.dtype) -> tuple[dict[str, str], dict[str, Any], dict]:
+    """(signature, constexprs, attrs) for ``ASTSource``, specialised like a JIT launch: an int equal
+    to 1 becomes a constant, a multiple of 16 is marked divisible by 16 (as are the pointers), which
+    is what lets the compiler vectorise loads. Without these hints the compiled code differs from
+    what a GPU launch compiles (per-element pointers, and spills that never happen)."""
     types: dict[str, str] = {}
-    constexprs = dict(spec.constexprs)
+    constexprs = dict(launch.constexprs)
     attrs: dict[tuple[int, ...], list] = {}
     divisible = [["tt.divisibility", 16]]
-    ints = spec.ints or STAGE_INTS
-    for index, name in enumerate(spec.fn.arg_names):
+    ints = dict(launch.ints)
+    for index, name in enumerate(launch.fn.arg_names):
         if name in constexprs:
             types[name] = "constexpr"
         elif name.endswith("_ptr"):
@@ -207,12 +359,11 @@ def specialise(spec: KernelSpec, dtype: torch.dtype) -> tuple[dict[str, str], di
     return types, constexprs, attrs
 
 
-def compile_kernel(spec: KernelSpec, dtype: torch.dtype, target: GPUTarget) -> Any:
-    types, constexprs, attrs = specialise(spec, dtype)
-    source = ASTSource(spec.fn, types, constexprs, attrs)
-    return triton.compile(
-        source, target=target, options={"num_warps": spec.num_warps, "num_stages": spec.num_stages}
-    )
+def compile_launch(launch: Launch, dtype: torch.dtype, target: str) -> Any:
+    types, constexprs, attrs = specialise(launch, dtype)
+    source = ASTSource(launch.fn, types, constexprs, attrs)
+    options = {"num_warps": launch.num_warps, "num_stages": launch.num_stages}
+    return triton.compile(source, target=TARGETS[target], options=options)
 
 
 def _cuobjdump() -> Path:
@@ -233,66 +384,141 @@ def resource_usage(cubin: bytes) -> dict[str, int]:
     return {key: int(value) for key, value in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", text)}
 
 
-def report_rows(dtype_names: list[str], target_names: list[str]) -> list[dict[str, Any]]:
-    rows = []
+@dataclass
+class Row:
+    kernel: str
+    dtype: str
+    target: str
+    tiles: str
+    warps: int
+    stages: int
+    registers: int
+    shared_bytes: int
+    stack: int
+    local: int
+    instructions: dict[str, int]
+    shapes: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+def _compile_row(job: tuple[Launch, str, str]) -> Row:
+    launch, dtype_name, target = job
+    compiled = compile_launch(launch, DTYPES[dtype_name], target)
+    usage = resource_usage(compiled.asm["cubin"])
+    ptx = compiled.asm["ptx"]
+    constexprs = dict(launch.constexprs)
+    return Row(
+        kernel=launch.name,
+        dtype=dtype_name,
+        target=target,
+        tiles=",".join(f"{k[6:]}={v}" for k, v in constexprs.items() if k.startswith("BLOCK_")),
+        warps=launch.num_warps,
+        stages=launch.num_stages,
+        registers=usage.get("REG", -1),
+        shared_bytes=int(compiled.metadata.shared),
+        stack=usage.get("STACK", -1),
+        local=usage.get("LOCAL", -1),
+        instructions={name: len(re.findall(pattern, ptx)) for name, pattern in INSTRUCTIONS.items()},
+    )
+
+
+def problems(row: Row, card: Card) -> list[str]:
+    """What keeps the compiled kernel from launching well on ``card`` (empty: it fits)."""
+    found = []
+    if row.shared_bytes > card.shared_memory_per_block:
+        found.append(f"{card.name}: shared memory {row.shared_bytes} > {card.shared_memory_per_block}")
+    if row.registers * 32 * row.warps > card.registers_per_block:
+        found.append(f"{card.name}: {row.registers} registers x {32 * row.warps} threads > 65536")
+    if row.stack or row.local:
+        found.append(f"spills (stack {row.stack}, local {row.local})")
+    return found
+
+
+def report_rows(
+    shapes: list[LayerShape],
+    dtype_names: list[str],
+    card_names: list[str],
+    jobs: int = 1,
+    only: Optional[str] = None,
+) -> list[Row]:
+    """One row per distinct compile of the launches of ``shapes`` (those whose name matches the
+    regular expression ``only``, if given), checked against the named cards."""
+    targets = sorted({CARDS[name].target for name in card_names})
+    unique: dict[tuple, tuple[Launch, str, str]] = {}
+    used_by: dict[tuple, list[str]] = {}
     for dtype_name in dtype_names:
-        dtype = DTYPES[dtype_name]
-        for spec in kernel_specs(dtype):
-            for target_name in target_names:
-                compiled = compile_kernel(spec, dtype, TARGETS[target_name])
-                ptx = compiled.asm["ptx"]
-                usage = resource_usage(compiled.asm["cubin"])
-                rows.append(
-                    {
-                        "kernel": spec.name,
-                        "dtype": dtype_name,
-                        "target": target_name,
-                        "blocks": ",".join(
-                            f"{k[6:]}={v}" for k, v in spec.constexprs.items() if k.startswith("BLOCK_")
-                        ),
-                        "warps": spec.num_warps,
-                        "stages": spec.num_stages,
-                        "registers": usage.get("REG", -1),
-                        "shared_bytes": int(compiled.metadata.shared),
-                        "stack": usage.get("STACK", -1),
-                        "local": usage.get("LOCAL", -1),
-                        "instructions": {
-                            name: len(re.findall(pattern, ptx)) for name, pattern in INSTRUCTIONS.items()
-                        },
-                    }
-                )
+        for shape in shapes:
+            for launch in launches(shape, DTYPES[dtype_name]):
+                if only is not None and not re.search(only, launch.name):
+                    continue
+                for target in targets:
+                    key = (*launch.compile_key(DTYPES[dtype_name]), target)
+                    unique.setdefault(key, (launch, dtype_name, target))
+                    used_by.setdefault(key, []).append(str(shape))
+    keys = list(unique)
+    if jobs > 1:
+        with ProcessPoolExecutor(jobs) as pool:
+            rows = list(pool.map(_compile_row, [unique[k] for k in keys]))
+    else:
+        rows = [_compile_row(unique[k]) for k in keys]
+    for key, row in zip(keys, rows):
+        row.shapes = sorted(set(used_by[key]))
+        for name in card_names:
+            if CARDS[name].target == row.target:
+                row.problems += problems(row, CARDS[name])
     return rows
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
+def format_table(rows: list[Row]) -> str:
     header = (
         "| kernel | dtype | target | tiles | warps/stages | regs | smem (B) "
-        "| stack/local (spills) | instructions |"
+        "| stack/local (spills) | instructions | shapes | fits |"
     )
-    lines = [header, "|" + "---|" * 9]
-    for row in rows:
-        used = ", ".join(f"{name} x{count}" for name, count in row["instructions"].items() if count)
+    lines = [header, "|" + "---|" * 11]
+    for row in sorted(rows, key=lambda r: (r.kernel, r.dtype, r.target, -r.shared_bytes)):
+        used = ", ".join(f"{name} x{count}" for name, count in row.instructions.items() if count)
+        shapes = row.shapes[0] + (f" (+{len(row.shapes) - 1})" if len(row.shapes) > 1 else "")
         lines.append(
-            f"| {row['kernel']} | {row['dtype']} | {row['target']} | {row['blocks']} | "
-            f"{row['warps']}/{row['stages']} | {row['registers']} | {row['shared_bytes']} | "
-            f"{row['stack']}/{row['local']} | {used or 'no tensor-core MMA'} |"
+            f"| {row.kernel} | {row.dtype} | {row.target} | {row.tiles} | {row.warps}/{row.stages} "
+            f"| {row.registers} | {row.shared_bytes} | {row.stack}/{row.local} "
+            f"| {used or 'no tensor-core MMA'} | {shapes} | {'; '.join(row.problems) or 'yes'} |"
         )
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m pnnh_kernels.triton.report", description=__doc__.splitlines()[0]
+    )
+    shape_help = "N,C_IN,C_OUT,H,W[,K[,STRIDE[,C_B]]] (C_B default C_OUT/2); repeatable"
+    parser.add_argument("--shape", type=parse_shape, action="append", default=[], help=shape_help)
+    grid_help = "every conv of ResNet-18/34/50, CIFAR and ImageNet"
+    parser.add_argument("--grid", choices=["resnet"], help=grid_help)
     parser.add_argument("--dtype", choices=list(DTYPES), action="append")
-    parser.add_argument("--target", choices=list(TARGETS), action="append")
+    parser.add_argument("--card", choices=list(CARDS), action="append")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
+    parser.add_argument("--only", metavar="REGEX", help="only the launches whose name matches")
     parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
+    parser.add_argument("--check", action="store_true", help="exit 1 if a compile does not fit a card")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         parser.error("unset TRITON_INTERPRET: interpreted kernels cannot be compiled ahead of time")
-    rows = report_rows(args.dtype or ["bf16", "fp32"], args.target or list(TARGETS))
+    shapes = list(args.shape) + (resnet_grid() if args.grid == "resnet" else [])
+    if not shapes:
+        shapes = [LayerShape(256, 64, 64, 32, 32)]  # ResNet-18's first CIFAR stage
+    cards = args.card or list(CARDS)
+    rows = report_rows(shapes, args.dtype or list(DTYPES), cards, args.jobs, args.only)
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
-    print(f"triton {triton.__version__}, ResNet stage 64 -> 64, 3x3, C_B = 32\n")
+        args.json.write_text(json.dumps([row.__dict__ for row in rows], indent=1))
+    print(f"triton {triton.__version__}; {len(shapes)} layer shapes, {len(rows)} distinct compiles; "
+          f"cards: {', '.join(cards)}\n")  # fmt: skip
     print(format_table(rows))
+    failing = [row for row in rows if row.problems]
+    print(
+        f"\n{len(failing)} of {len(rows)} compiles do not fit." if failing else "\nEvery compile fits."
+    )
+    if args.check and failing:
+        sys.exit(1)
 
 
 if __name__ == "__main__":
