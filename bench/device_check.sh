@@ -75,7 +75,7 @@ done
 timeout "$(step_limit 240)" python3 -m pytest bench/ --benchmark-only -q -p no:cacheprovider -k "not compile and (x32x32 or x16x16 or x8x8 or x4x4 or cifar)" \
     --benchmark-json="$out_dir/bench.json" 2>&1 | tail -15
 bench_status=${PIPESTATUS[0]}
-timeout "$(step_limit 60)" python3 -m pnnh_kernels.bench_report "$out_dir/bench.json" --out "$out_dir/bench_report" | tail -40
+timeout "$(step_limit 60)" python3 -m pnnh_kernels report "$out_dir/bench.json" --out "$out_dir/bench_report" | tail -40
 # 3. Training throughput of ResNet-18 at the CIFAR shape (synthetic data, bf16, batch 256), one epoch
 #    of 10,240 images per variant: the per-epoch wall time of docs/training.md's recipes.
 for variant in residual plain pnnh; do

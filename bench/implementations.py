@@ -77,9 +77,9 @@ def unavailable(backend: str, device: torch.device, dtype: torch.dtype) -> Optio
 def build(name: str, channels: int, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """``name``: "resnet-layer", "resnet-block", "pnnh-<backend>" or "pnnh-block-<backend>".
 
-    BatchNorm is in eval mode everywhere: the Triton backend folds eval BatchNorm into its kernel
-    and sends training-mode BatchNorm to the torch backend until that kernel lands, so eval mode is
-    where every implementation runs its own code.
+    BatchNorm is in eval mode everywhere (the fused backends fold it into their kernels). Every
+    backend also computes training-mode BatchNorm itself; bench/time_pnnh_conv.py's train-BN rows
+    time that path.
     """
     if name == "resnet-layer":
         module: nn.Module = ResNetLayer(channels)

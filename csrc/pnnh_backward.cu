@@ -262,6 +262,8 @@ void launch_wgrad(const WgradArgs& args, DType dtype, cudaStream_t stream) {
 
 int tile_rows() { return kBlockM; }
 
+TileSizes tile_sizes() { return {kBlockM, kBlockN, kBlockK, kMaxGridYZ}; }
+
 std::vector<std::string> kernel_names() {
   return {"pnnh_conv_forward_kernel", "pnnh_coder_backward_kernel", "pnnh_conv_dgrad_kernel",
           "pnnh_conv_wgrad_kernel"};

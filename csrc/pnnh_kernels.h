@@ -90,6 +90,19 @@ void launch_wgrad(const WgradArgs& args, DType dtype, cudaStream_t stream);
 
 // Tile sizes the Python side needs (the statistics pass writes one row per kTileRows pixels).
 int tile_rows();
+
+constexpr int kMaxGridYZ = 65535;  // CUDA's largest gridDim.y and gridDim.z
+
+// What the launchers size their grids by: the CTA tile (block_m pixels or, in the weight gradient,
+// image channels; block_n output, code or gradient channels; block_k the reduction step) and CUDA's
+// largest grid y/z dimension.
+struct TileSizes {
+  int block_m;
+  int block_n;
+  int block_k;
+  int max_grid_yz;
+};
+TileSizes tile_sizes();
 std::vector<std::string> kernel_names();
 
 }  // namespace pnnh

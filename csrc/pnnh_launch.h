@@ -41,7 +41,7 @@ inline bool rows_vectorisable(const void* base, int64_t row_elements, int elemen
 }
 
 inline void check_grid(const dim3& grid, const char* kernel) {
-  if (grid.y > 65535 || grid.z > 65535) {
+  if (grid.y > kMaxGridYZ || grid.z > kMaxGridYZ) {
     throw std::invalid_argument(std::string(kernel) + ": grid " + std::to_string(grid.x) + " x " +
                                 std::to_string(grid.y) + " x " + std::to_string(grid.z) +
                                 " exceeds CUDA's 65535 limit in y or z (too many channels or taps)");

@@ -1,3 +1,3 @@
-from pnnh_kernels.cli import main
+from pnnh_kernels.commands import main
 
 main()

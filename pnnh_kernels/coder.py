@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pnnh_kernels.validation import check_positive_int
+
 CODER_INITS = ("rectified_normal", "identity", "he")
 
 # The rectified-normal pretraining: a few hundred Adam steps on fresh batches of relu(N(0, 1)).
@@ -99,12 +101,10 @@ class PNNHCoder(nn.Module):
         dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
-        for name, value in (("in_channels", in_channels), ("code_channels", code_channels)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        check_positive_int("in_channels", in_channels)
+        check_positive_int("code_channels", code_channels)
         out_channels = in_channels if out_channels is None else out_channels
-        if not isinstance(out_channels, int) or out_channels < 1:
-            raise ValueError(f"out_channels: expected a positive int, got {out_channels!r}")
+        check_positive_int("out_channels", out_channels)
         if tied and out_channels != in_channels:
             raise ValueError(
                 f"tied: a tied coder decodes with W_E^T and needs out_channels == in_channels, got "

@@ -22,10 +22,7 @@ __all__ = ["BatchNormParams", "CoderTensors", "pnnh_conv2d", "pnnh_linear"]
 
 
 def _autocast_enabled(device: torch.device) -> bool:
-    try:
-        return torch.is_autocast_enabled(device.type)
-    except TypeError:  # torch < 2.4 only knows the CUDA flag
-        return device.type == "cuda" and torch.is_autocast_enabled()
+    return torch.is_autocast_enabled(device.type)
 
 
 def _check_tensors(

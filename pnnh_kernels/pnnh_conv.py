@@ -13,6 +13,7 @@ from pnnh_kernels.backends.call import ACTIVATIONS, BatchNormParams
 from pnnh_kernels.coder import PNNHCoder, coder_for_layer, default_code_channels
 from pnnh_kernels.conv_geometry import ConvGeometry, IntOrPair, Padding
 from pnnh_kernels.functional import pnnh_conv2d
+from pnnh_kernels.validation import check_positive_int
 
 NORMS = (None, "batch")
 
@@ -89,9 +90,8 @@ class FusedPNNHConv(nn.Module):
         dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
-        for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        check_positive_int("in_channels", in_channels)
+        check_positive_int("out_channels", out_channels)
         if groups != 1:
             raise NotImplementedError(
                 f"groups: only groups=1 is supported, got {groups}; the coder mixes all input "

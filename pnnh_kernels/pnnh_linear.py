@@ -12,6 +12,7 @@ from pnnh_kernels.backends import check_backend_name, resolve_backend
 from pnnh_kernels.backends.call import ACTIVATIONS
 from pnnh_kernels.coder import PNNHCoder, coder_for_layer
 from pnnh_kernels.functional import pnnh_linear
+from pnnh_kernels.validation import check_positive_int
 
 
 class FusedPNNHLinear(nn.Module):
@@ -43,9 +44,8 @@ class FusedPNNHLinear(nn.Module):
         dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
-        for name, value in (("in_features", in_features), ("out_features", out_features)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        check_positive_int("in_features", in_features)
+        check_positive_int("out_features", out_features)
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
         self.backend = check_backend_name(backend)

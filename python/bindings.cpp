@@ -149,6 +149,18 @@ PYBIND11_MODULE(PNNH_MODULE_NAME, m) {
   m.def("device_count", &device_count, "(number of CUDA devices, the CUDA error when counting failed)");
   m.def("compute_capability", &compute_capability, py::arg("device"));
   m.def("tile_rows", &pnnh::tile_rows, "Pixels per CTA tile (rows of the statistics partials).");
+  m.def(
+      "tile_sizes",
+      [] {
+        const pnnh::TileSizes t = pnnh::tile_sizes();
+        py::dict sizes;
+        sizes["block_m"] = t.block_m;
+        sizes["block_n"] = t.block_n;
+        sizes["block_k"] = t.block_k;
+        sizes["max_grid_yz"] = t.max_grid_yz;
+        return sizes;
+      },
+      "The CTA tile (block_m, block_n, block_k) and CUDA's largest grid y/z dimension.");
   m.def("kernel_names", &pnnh::kernel_names);
   m.attr("cuda_architectures") = PNNH_CUDA_ARCHITECTURES;
   m.attr("cuda_version") = CUDART_VERSION;

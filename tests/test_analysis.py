@@ -17,11 +17,11 @@ from pnnh_kernels.analysis import (
     mean_cosine_similarity,
     ridge_r2,
 )
-from pnnh_kernels.analysis import run as analysis_run
 from pnnh_kernels.analysis.study import TINY, planned_runs
 from pnnh_kernels.coder import PNNHCoder
-from pnnh_kernels.experiments.digits import load_digits_split
+from pnnh_kernels.commands import analyze as analysis_run
 from pnnh_kernels.models import deep_cnn
+from pnnh_kernels.training.digits import load_digits_split
 
 
 def test_cantelli_bound_formula_and_zero_for_non_positive_mean():

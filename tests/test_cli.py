@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from pnnh_kernels.cli import main
+from pnnh_kernels.commands import main
 
 
 def test_help_lists_demo(capsys):

@@ -12,8 +12,8 @@ import math
 import pytest
 import torch
 
-from pnnh_kernels.experiments.digits import load_digits_split, train_classifier
 from pnnh_kernels.models import deep_cnn
+from pnnh_kernels.training.digits import load_digits_split, train_classifier
 
 
 @pytest.mark.slow

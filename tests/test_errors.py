@@ -217,3 +217,15 @@ def test_linear_constructor_errors():
         FusedPNNHLinear(4, 4, coder_features=-2)
     with pytest.raises(ValueError, match="weight: expected a 2-D"):
         pnnh_linear(torch.randn(2, 4), torch.randn(4, 4, 1))
+
+
+@pytest.mark.parametrize("value", [True, 0, -1, 2.0, "4"])
+def test_channel_counts_are_held_to_one_rule_everywhere(value):
+    for build in (
+        lambda: PNNHCoder(value, 2),
+        lambda: PNNHCoder(4, value),
+        lambda: FusedPNNHConv(value, 4),
+        lambda: FusedPNNHLinear(4, value),
+    ):
+        with pytest.raises(ValueError, match="expected a positive int"):
+            build()

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from pnnh_kernels.cli import main as pnnh_main
+from pnnh_kernels.commands import main as pnnh_main
 from pnnh_kernels.training.checkpoint import load_for_resume
 from pnnh_kernels.training.data import ImageFolder, load_cifar, random_crop_flip, synthetic
 from pnnh_kernels.training.optim import WarmupSchedule, parameter_groups

@@ -1,6 +1,6 @@
 """Training studies on scikit-learn's digits: depth scaling, coder sharing, coder initialisation.
 
-Every run uses the same recipe (experiments.digits.train_classifier: SGD with momentum, one-cycle
+Every run uses the same recipe (training.digits.train_classifier: SGD with momentum, one-cycle
 learning rate, fixed train/test split); only the studied factor changes. Results are reported as
 measured, whichever way they fall.
 """
@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 
 from pnnh_kernels.coder import PNNHCoder
-from pnnh_kernels.experiments.digits import DigitsSplit, train_classifier
 from pnnh_kernels.models import deep_cnn
 from pnnh_kernels.models.deep_cnn import DeepCNN
+from pnnh_kernels.training.digits import DigitsSplit, train_classifier
 
 
 @dataclass(frozen=True)
@@ -141,18 +141,6 @@ def planned_lr_runs(config: StudyConfig, lrs: tuple[float, ...] = LR_VALUES) -> 
                 for seed in config.seeds:
                     label = {"variant": variant, "lr": lr}
                     yield Run("lr", label, depth, seed, {"variant": variant}, max_lr=lr)
-
-
-def execute(
-    config: StudyConfig, data: DigitsSplit, progress: Optional[Callable[[Run], None]] = None
-) -> list[dict[str, Any]]:
-    """Train every planned run; ``progress`` is called before each."""
-    rows = []
-    for run in planned_runs(config):
-        if progress:
-            progress(run)
-        rows.append(execute_run(run, config, data))
-    return rows
 
 
 def execute_run(run: Run, config: StudyConfig, data: DigitsSplit) -> dict[str, Any]:

@@ -7,7 +7,6 @@ measurement does not support them.
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections import defaultdict
 from dataclasses import dataclass
@@ -257,20 +256,3 @@ def write_report(bench_json: Path, out_dir: Path) -> Path:
     path = out_dir / "report.md"
     path.write_text(markdown(data, results, figures))
     return path
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("bench_json", type=Path, help="output of pytest bench/ --benchmark-json=FILE")
-    parser.add_argument("--out", type=Path, default=Path("bench_report"), help="output folder")
-
-
-def run(args: argparse.Namespace) -> None:
-    path = write_report(args.bench_json, args.out)
-    print(path.read_text())
-    print(f"written to {path}")
-
-
-def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    run(parser.parse_args(argv))

@@ -31,7 +31,7 @@ from pnnh_kernels.cuda import SUPPORTED_DTYPES, extension, unavailable_reason
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 FUSED, STATISTICS, APPLY = 0, 1, 2
-WGRAD_ROWS = 32  # pixels per reduction step of the weight-gradient kernel
+WGRAD_MIN_STEPS = 8  # reduction steps (of tile_sizes()["block_k"] pixels) per weight-gradient split
 WGRAD_TARGET_CTAS = 512  # enough CTAs to fill an H100 (132 SMs) several times over
 
 
@@ -273,9 +273,13 @@ def _wgrad(
     if m == 0:
         return torch.zeros((*kernel, c_x, c_g), dtype=torch.float32, device=image.device)
     taps = kernel[0] * kernel[1]
-    tiles = math.ceil(c_x / 64) * math.ceil(c_g / 64) * taps
-    splits = max(1, min(math.ceil(WGRAD_TARGET_CTAS / tiles), math.ceil(m / 256), 65535 // taps))
-    per_split = math.ceil(math.ceil(m / splits) / WGRAD_ROWS) * WGRAD_ROWS
+    sizes = module.tile_sizes()  # image channels x gradient channels per CTA, pixels per step
+    tiles = math.ceil(c_x / sizes["block_m"]) * math.ceil(c_g / sizes["block_n"]) * taps
+    # Enough CTAs to fill the GPU, each still reducing at least WGRAD_MIN_STEPS steps of pixels, and
+    # no more splits than grid.z holds.
+    steps = math.ceil(m / (WGRAD_MIN_STEPS * sizes["block_k"]))
+    splits = max(1, min(math.ceil(WGRAD_TARGET_CTAS / tiles), steps, sizes["max_grid_yz"] // taps))
+    per_split = math.ceil(math.ceil(m / splits) / sizes["block_k"]) * sizes["block_k"]
     splits = math.ceil(m / per_split)
     partial = output_buffer((splits, *kernel, c_x, c_g), torch.float32, image.device)
     shape = module.ConvShape(

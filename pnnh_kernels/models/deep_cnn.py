@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from pnnh_kernels.models.coder_bank import CoderBank, check_variant
 from pnnh_kernels.pnnh_conv import FusedPNNHConv
+from pnnh_kernels.validation import check_positive_int
 
 CODER_SHARINGS = ("shared", "per_layer")
 
@@ -49,8 +50,7 @@ class DeepCNN(nn.Module):
     ) -> None:
         super().__init__()
         check_variant(variant)
-        if not isinstance(depth, int) or depth < 1:
-            raise ValueError(f"depth: expected a positive int, got {depth!r}")
+        check_positive_int("depth", depth)
         if coder_sharing not in CODER_SHARINGS:
             raise ValueError(f"coder_sharing: expected one of {CODER_SHARINGS}, got {coder_sharing!r}")
         self.variant = variant

@@ -14,9 +14,9 @@ import time
 
 import torch
 
-from pnnh_kernels.experiments.digits import load_digits_split, train_classifier
 from pnnh_kernels.models import VARIANTS, count_parameters, deep_cnn, parameter_breakdown
 from pnnh_kernels.models.resnet import resnet18, resnet34, resnet50
+from pnnh_kernels.training.digits import load_digits_split, train_classifier
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,4 +1,4 @@
-"""``pnnh analyze`` (also ``python -m pnnh_kernels.analysis``): curves, bounds and studies, written as
+"""``pnnh analyze``: curves, bounds and studies, written as
 PNG figures, a JSON file and a Markdown summary."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 
 from pnnh_kernels.analysis import study
 from pnnh_kernels.analysis.curves import LayerCurvePoint, he_stack, layer_curves
-from pnnh_kernels.experiments.digits import load_digits_split
+from pnnh_kernels.training.digits import load_digits_split
 
 VARIANTS = ("plain", "residual", "pnnh")
 PRESETS = {"quick": study.QUICK, "full": study.FULL, "tiny": study.TINY, "lr": study.LR_SWEEP}

@@ -1,4 +1,5 @@
-"""The ``pnnh`` command (also ``python -m pnnh_kernels``)."""
+"""The ``pnnh`` command (also ``python -m pnnh_kernels``): one module per subcommand in this package,
+named after it, each with ``add_arguments(parser)`` and ``run(args)``."""
 
 from __future__ import annotations
 
@@ -8,26 +9,30 @@ from typing import Optional
 
 # name, help, module with add_arguments(parser) and run(args)
 SUBCOMMANDS = (
-    ("demo", "train plain, residual and PNNH deep nets on real digits and compare", "pnnh_kernels.demo"),
+    (
+        "demo",
+        "train plain, residual and PNNH deep nets on real digits and compare",
+        "pnnh_kernels.commands.demo",
+    ),
     (
         "analyze",
         "dissipating-input curves, Cantelli bounds and depth/coder studies on digits",
-        "pnnh_kernels.analysis.run",
+        "pnnh_kernels.commands.analyze",
     ),
     (
         "train",
         "train a PNNH, plain or residual ResNet on CIFAR-10/100, image folders or synthetic data",
-        "pnnh_kernels.training.command",
+        "pnnh_kernels.commands.train",
     ),
     (
         "report",
         "Markdown report and plots from a pytest bench/ --benchmark-json file",
-        "pnnh_kernels.benchmarking.report",
+        "pnnh_kernels.commands.report",
     ),
     (
         "profile",
         "run one warmed-up layer or training step for Nsight (docs/profiling.md)",
-        "pnnh_kernels.profile_step",
+        "pnnh_kernels.commands.profile",
     ),
 )
 

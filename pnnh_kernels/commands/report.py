@@ -1,0 +1,20 @@
+"""``pnnh report BENCH.json``: the Markdown report and plots of a benchmark run, with the paper's
+claims checked (pnnh_kernels.benchmarking.report)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from pnnh_kernels.benchmarking.report import write_report
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("bench_json", type=Path, help="output of pytest bench/ --benchmark-json=FILE")
+    parser.add_argument("--out", type=Path, default=Path("bench_report"), help="output folder")
+
+
+def run(args: argparse.Namespace) -> None:
+    path = write_report(args.bench_json, args.out)
+    print(path.read_text())
+    print(f"written to {path}")
