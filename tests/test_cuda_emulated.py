@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pnnh_kernels.backends import _REGISTRY, Backend, register_backend
-from pnnh_kernels.cuda import emulation, launch
+from pnnh_kernels.cuda import launch
 from pnnh_kernels.cuda import ops as cuda_ops
 from tests.conv_cases import (
     CASES,
@@ -28,31 +28,23 @@ from tests.conv_cases import (
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs the real kernels instead")
 
 
-@pytest.fixture(scope="module")
-def emulator(tmp_path_factory):
-    missing = emulation.missing_tools()
-    if missing:
-        pytest.skip(f"cannot build the CUDA emulation here: missing {', '.join(missing)}")
-    return emulation.load_emulator(emulation.build_emulator(tmp_path_factory.mktemp("cuda_emulation")))
-
-
 @pytest.fixture
-def emulated_cuda_backend(emulator):
+def emulated_cuda_backend(cuda_emulator):
     """backend="cuda" on CPU tensors, through the real ops and launchers, onto the emulation."""
     real = _REGISTRY["cuda"]
     register_backend(
         Backend("cuda", cuda_ops.conv2d, cuda_ops.linear, lambda *_: None, auto_device_types=())
     )
     try:
-        with launch.emulated(emulator):
+        with launch.emulated(cuda_emulator):
             yield
     finally:
         register_backend(real)
 
 
-def test_the_module_is_the_emulation(emulator):
-    assert emulator.emulated is True
-    assert emulator.kernel_names() == [
+def test_the_module_is_the_emulation(cuda_emulator):
+    assert cuda_emulator.emulated is True
+    assert cuda_emulator.kernel_names() == [
         "pnnh_conv_forward_kernel",
         "pnnh_coder_backward_kernel",
         "pnnh_conv_dgrad_kernel",
