@@ -27,13 +27,13 @@ from tests.conv_cases import (
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs the real kernels instead")
 
-# The fixtures ``emulator`` (built once per session) and ``emulated_cuda_backend`` are in conftest.py,
-# shared with tests/test_conv2d_opinfo.py.
+# The fixtures ``cuda_emulator`` (built once, cached) and ``emulated_cuda_backend`` are in
+# conftest.py, shared with tests/test_conv2d_opinfo.py and tests/test_opcheck.py.
 
 
-def test_the_module_is_the_emulation(emulator):
-    assert emulator.emulated is True
-    assert emulator.kernel_names() == [
+def test_the_module_is_the_emulation(cuda_emulator):
+    assert cuda_emulator.emulated is True
+    assert cuda_emulator.kernel_names() == [
         "pnnh_conv_forward_kernel",
         "pnnh_coder_backward_kernel",
         "pnnh_conv_dgrad_kernel",

@@ -387,14 +387,18 @@ def define_fused_ops(library: str, kernels: FusedKernels) -> FusedOps:
         )
         ctx.arguments = (stride, padding, dilation, relu, eps)
         ctx.present = (bias is not None, norm_weight is not None, norm_bias is not None)
+        # z, mean and variance feed only the running statistics (under no_grad), and _train_backward
+        # ignores their gradients: marked non-differentiable, a loss built on them raises instead of
+        # silently getting zero gradients.
+        ctx.mark_non_differentiable(learner, mean, variance)
 
     def _train_backward(ctx: Any, grad_output: Tensor, *unused: Optional[Tensor]) -> tuple:
         """BatchNorm's backward in PyTorch (two per-channel reductions and one elementwise pass, fp32),
         then the fused kernels with dz for the learner and the masked dy for the coder.
 
         dz = gamma * rstd * (dp - mean(dp) - x_hat * mean(dp * x_hat)), with dp = dy * (y > 0).
-        The gradients of the returned z, mean and variance are ignored: they feed only the running
-        statistics, under no_grad.
+        z, mean and variance are non-differentiable outputs (see _setup_train_context): they feed
+        only the running statistics, under no_grad.
         """
         x, output, learner, mean, variance, weight, norm_weight = ctx.saved_tensors[:7]
         encoder_weight, encoder_bias, decoder_weight = ctx.saved_tensors[7:]
