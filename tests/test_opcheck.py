@@ -138,7 +138,7 @@ def _layer_tensors(case: Case, device: str) -> dict[str, Optional[Tensor]]:
 
 
 def _geometry(layer: Layer) -> tuple[list[int], list[int], list[int]]:
-    return [layer.stride] * 2, [layer.padding] * 2, [1, 1]
+    return [layer.stride] * 2, [layer.padding] * 4, [1, 1]  # padding: top, left, bottom, right
 
 
 def _coder(t: dict[str, Optional[Tensor]]) -> tuple[Optional[Tensor], ...]:
