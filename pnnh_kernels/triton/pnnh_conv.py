@@ -83,7 +83,10 @@ def choose_config(c_in: int, c_out: int, c_b: int, dtype: torch.dtype) -> ConvCo
         block_m=128,
         block_n=_block(c_out, 128),
         block_k=_block(c_in, deep),
-        block_b=_block(c_b, 64),
+        # A 64-channel code chunk encoded in the main loop beside a 128 x 128 accumulator spilled
+        # 112 bytes on sm_80 (bf16, 255 registers); with 128-wide output tiles the code is encoded
+        # in 32-channel chunks instead.
+        block_b=_block(c_b, 64 if c_out <= 64 else 32),
         # 4 warps spilled (255 registers) on the 128-pixel tiles in the sm_90 compile report; 8 do not.
         num_warps=8,
         num_stages=3,
@@ -122,8 +125,14 @@ def wgrad_tiles(config: ConvConfig, c_x: int, c_g: int, dtype: torch.dtype, relu
     tile, and a reduction step two K-chunks deep, halved until the pipeline's shared memory fits
     ``WGRAD_SHARED_MEMORY_BUDGET`` (at 128 x 128 channel tiles a 128-pixel step needed 256 KiB with
     the ReLU mask: more than any card has)."""
+    # 128 x 128 channel tiles spilled on sm_80 (bf16: 16 bytes at 128 registers), and fp32 spilled
+    # at 64 x 128: the image tile stays at 64 channels, the gradient tile at 128 (bf16/fp16) or 64.
+    gradient_cap = 128 if torch.finfo(dtype).bits <= 16 else 64
     tiles = WgradTiles(
-        _block(c_x, config.block_n), _block(c_g, config.block_n), 2 * config.block_k, config.num_stages
+        _block(c_x, min(config.block_n, 64)),
+        _block(c_g, min(config.block_n, gradient_cap)),
+        2 * config.block_k,
+        config.num_stages,
     )
     while tiles.block_m > 16 and wgrad_shared_bytes(tiles, dtype, relu) > WGRAD_SHARED_MEMORY_BUDGET:
         tiles = replace(tiles, block_m=tiles.block_m // 2)
@@ -179,20 +188,23 @@ _TUNING_KEYS = {
     ],
 }  # fmt: skip
 _tuned_kernels: dict[tuple, object] = {}
-# Alternatives to the default, as (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); BLOCK_N and BLOCK_K are
-# capped at the default's.
+# Alternatives to the default for bf16/fp16, as (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); BLOCK_N and
+# BLOCK_K are capped at the default's. The ahead-of-time report over the ResNet grid
+# (docs/perf/triton_resources.md) removed two kinds: 256-pixel tiles spilled on sm_80 and sm_90
+# (up to 208 bytes at 255 registers), and in fp32 every alternative spilled somewhere on sm_80, so
+# fp32 (not the fast path: bf16 is) runs its default alone.
 _ALTERNATIVE_TILES = (
     (128, 64, 64, 8, 3),
     (128, 128, 32, 8, 3),
     (64, 64, 64, 4, 4),
-    (256, 64, 32, 8, 3),
 )
 
 
-def tuning_configs(config: ConvConfig) -> list[triton.Config]:
-    """The autotuner's candidates for a shape whose default configuration is ``config``."""
+def tuning_configs(config: ConvConfig, dtype: torch.dtype) -> list[triton.Config]:
+    """The autotuner's candidates for a shape in ``dtype`` whose default configuration is ``config``."""
     candidates = [(config.block_m, config.block_n, config.block_k, config.num_warps, config.num_stages)]
-    for block_m, block_n, block_k, warps, stages in _ALTERNATIVE_TILES:
+    alternatives = _ALTERNATIVE_TILES if dtype != torch.float32 else ()
+    for block_m, block_n, block_k, warps, stages in alternatives:
         tiles = (block_m, min(block_n, config.block_n), min(block_k, config.block_k), warps, stages)
         if tiles not in candidates:
             candidates.append(tiles)
@@ -202,18 +214,17 @@ def tuning_configs(config: ConvConfig) -> list[triton.Config]:
     ]
 
 
-def _tuned_or_fixed(kernel, config: ConvConfig):
+def _tuned_or_fixed(kernel, config: ConvConfig, dtype: torch.dtype):
     """(kernel to launch, tile keyword arguments): on a GPU the kernel autotuned over the shape's
     candidates, else the plain kernel with the configuration's tiles."""
     if interpreter_enabled() or _forced_config is not None:
         tiles = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k}
         return kernel, {**tiles, **_launch_kwargs(config)}
     name = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
-    key = (name, config)
+    key = (name, config, dtype)
     if key not in _tuned_kernels:
-        _tuned_kernels[key] = triton.autotune(configs=tuning_configs(config), key=_TUNING_KEYS[name])(
-            kernel
-        )
+        configs = tuning_configs(config, dtype)
+        _tuned_kernels[key] = triton.autotune(configs=configs, key=_TUNING_KEYS[name])(kernel)
     return _tuned_kernels[key], {}
 
 
@@ -255,7 +266,7 @@ def _launch_forward(
         kernel, tiles = _pnnh_conv_fwd_kernel, {**tiles, **_launch_kwargs(config)}
         grid = (triton.cdiv(m, config.block_m), triton.cdiv(c_out, config.block_n))
     else:
-        kernel, tiles = _tuned_or_fixed(_pnnh_conv_fwd_kernel, config)
+        kernel, tiles = _tuned_or_fixed(_pnnh_conv_fwd_kernel, config, x.dtype)
         grid = _grid(m, c_out, config)
     kernel[grid](
         nhwc(x),
@@ -512,7 +523,7 @@ def conv_backward(
         learner_nhwc, learner_relu, learner_scale = dy_nhwc, relu, scale
     learner_rows = learner_nhwc.reshape(m, c_out)
     dx = _output((n, height, width, c_in), x.dtype, x.device)
-    kernel, tiles = _tuned_or_fixed(_pnnh_conv_dgrad_kernel, config)
+    kernel, tiles = _tuned_or_fixed(_pnnh_conv_dgrad_kernel, config, x.dtype)
     grid = _grid(n * height * width, c_in, config)
     kernel[grid](
         learner_nhwc,

@@ -272,7 +272,7 @@ def launches(shape: LayerShape, dtype: torch.dtype) -> list[Launch]:
         )
 
     def candidates() -> Iterable[tuple[dict, int, int]]:
-        for candidate in tuning_configs(config):
+        for candidate in tuning_configs(config, dtype):
             yield dict(candidate.kwargs), candidate.num_warps, candidate.num_stages
 
     default = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k}
