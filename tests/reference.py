@@ -148,13 +148,15 @@ def relu_deciding_like(pre: Tensor, tested_output: Tensor, dtype: torch.dtype) -
     """The reference's output ReLU, deciding on/off itself except within rounding of zero.
 
     Where a pre-activation lies within the dtype's rounding band of zero (``TOLERANCES[dtype]``
-    times the reference's largest magnitude: the band the comparison already allows), a low-precision
+    times the largest reference output after the ReLU: the scale assert_matches gives the output's
+    tolerance, so the band never exceeds what the comparison already allows), a low-precision
     op may decide either way, and the gradient then differs by a whole term; there, and only there,
     the decision is taken from the op under test. Everywhere else the reference decides, so an
     epilogue that switches outputs on or off wrongly fails on the output itself.
     """
     reference = pre.detach()
-    band = TOLERANCES[dtype] * max(float(reference.abs().max()), 1.0) if reference.numel() else 0.0
+    largest_output = float(reference.clamp(min=0).max()) if reference.numel() else 0.0
+    band = TOLERANCES[dtype] * max(largest_output, 1.0)
     tested_on = tested_output.detach().to(pre.dtype) > 0
     on = torch.where(reference.abs() <= band, tested_on, reference > 0)
     return pre * on

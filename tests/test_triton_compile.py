@@ -3,11 +3,13 @@
 ``python -m pnnh_kernels.triton.report`` compiles the launches the launchers would make for a layer
 shape and checks each against the cards' limits (shared memory per block, registers, spills). The
 whole ResNet-18/34/50 grid (docs/perf/triton_resources.md) takes about half an hour on two cores;
-CI checks the shape at which every tile reaches its cap (512 -> 512 channels, code 256: channel
-tiles 128, K chunks 64 in bf16 and 32 in fp32, code chunks 64), in bf16 and fp32, with every
-autotune candidate. The launches left out here are the twins without an output ReLU (forward, apply
-pass, eval-mode input gradient, coder backward): in the full report they never needed more shared
-memory than their ReLU twins and more registers in 9 of 312 compiles; the full report checks them.
+CI checks the shapes at which each variant's tiles reach their caps: 512 -> 512 channels with code
+256 (channel tiles 128, K chunks 64 in bf16 and 32 in fp32), the same with code 32 (the code
+encoded in the main loop beside 128-wide tiles), a 1x1 256 -> 64 layer with code 128 (64-channel
+code chunks) and a strided layer, in bf16 with every autotune candidate, and the first in fp32.
+The launches left out here are the twins without an output ReLU (forward, apply pass, eval-mode
+input gradient, coder backward): in the first full report they never needed more shared memory
+than their ReLU twins, and more registers in 9 of 312 compiles; the full report checks them.
 
 The compiles run in a subprocess without TRITON_INTERPRET: this test process has the interpreter on,
 and interpreted kernels cannot be compiled.
@@ -28,7 +30,15 @@ pytest.importorskip("triton")
 from pnnh_kernels.triton import report
 from pnnh_kernels.triton.pnnh_conv import ConvConfig, tuning_configs
 
-LARGEST = "256,512,512,4,4"
+SHAPES = {
+    "bf16": [
+        "256,512,512,4,4",
+        "256,512,512,4,4,3,1,32",
+        "64,256,64,56,56,1,1,128",
+        "256,256,512,8,8,3,2",
+    ],
+    "fp32": ["256,512,512,4,4"],
+}
 CHECKED = (
     r"fwd_kernel\[(relu|bn apply, relu|bn stats)\]|dgrad_kernel\[(eval, relu|train-BN)\]"
     r"|coder_bwd_kernel\[relu\]|wgrad_kernel"
@@ -39,8 +49,9 @@ CHECKED = (
 def test_every_variant_fits_every_card_at_the_largest_tiles(dtype, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "rows.json"
+    shapes = [argument for shape in SHAPES[dtype] for argument in ("--shape", shape)]
     command = [
-        sys.executable, "-m", "pnnh_kernels.triton.report", "--shape", LARGEST, "--dtype", dtype,
+        sys.executable, "-m", "pnnh_kernels.triton.report", *shapes, "--dtype", dtype,
         "--only", CHECKED, "--jobs", str(min(2, os.cpu_count() or 1)), "--check", "--json", str(out),
     ]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1200)
@@ -69,12 +80,25 @@ def test_every_variant_fits_every_card_at_the_largest_tiles(dtype, tmp_path):
             assert row["instructions"][tensor_core] > 0, row
 
 
+def test_the_written_out_grid_matches_the_model():
+    from pnnh_kernels.models import resnet18
+
+    torch.manual_seed(0)
+    model = resnet18(variant="pnnh", stem="cifar", num_classes=10).eval()
+    built = report.model_shapes(model, batch=256, size=32)
+    assert set(built) == set(report.resnet_shapes((2, 2, 2, 2), False, 256, 32, imagenet=False))
+
+
 def test_the_check_fails_on_a_config_over_a_card_limit():
     row = report.Row("k", "bf16", "sm_80", "", 8, 3, 128, 200_000, 0, 0, {})
     assert report.problems(row, report.CARDS["A100"]) == ["A100: shared memory 200000 > 166912"]
     assert report.problems(row, report.CARDS["H100"]) == []
     spilled = report.Row("k", "bf16", "sm_90", "", 8, 3, 255, 1024, 16, 16, {})
     assert report.problems(spilled, report.CARDS["H100"]) == ["spills (stack 16, local 16)"]
+    unread = report.Row("k", "bf16", "sm_90", "", 8, 3, -1, 1024, -1, -1, {})
+    assert report.problems(unread, report.CARDS["H100"])[0].startswith("resources unreadable")
+    with pytest.raises(ValueError, match="no launch matches"):
+        report.report_rows([report.LayerShape(2, 16, 16, 4, 4)], ["bf16"], ["H100"], only="nothing")
 
 
 def test_shapes_parse_and_the_resnet_grid_has_every_stage():

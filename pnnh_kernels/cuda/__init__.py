@@ -74,6 +74,13 @@ def extension() -> Optional[ModuleType]:
                 _extension = load_module_from(built)
             except ImportError as error:
                 _load_error = f"the built extension {built} does not load: {error}"
+    if _extension is not None and not hasattr(_extension, "tile_sizes"):
+        # Built from older sources: the launchers would fail mid-backward on the missing function.
+        _load_error = (
+            f"the extension {getattr(_extension, '__file__', 'pnnh_kernels._C')} was built from "
+            "older sources (it has no tile_sizes()): rebuild it with `python -m pnnh_kernels.cuda.build`"
+        )
+        _extension = None
     return _extension
 
 

@@ -85,9 +85,8 @@ def choose_config(c_in: int, c_out: int, c_b: int, dtype: torch.dtype) -> ConvCo
         block_m=128,
         block_n=_block(c_out, 128),
         block_k=_block(c_in, deep),
-        # A 64-channel code chunk encoded in the main loop beside a 128 x 128 accumulator spilled
-        # 112 bytes on sm_80 (bf16, 255 registers); with 128-wide output tiles the code is encoded
-        # in 32-channel chunks instead.
+        # Beside 128-wide output tiles the code is encoded in the epilogue (code_in_main_loop), in
+        # 32-channel chunks: a 64-channel chunk in the main loop there spilled 112 bytes on sm_80.
         block_b=_block(c_b, 64 if c_out <= 64 else 32),
         # 4 warps spilled (255 registers) on the 128-pixel tiles in the sm_90 compile report; 8 do not.
         num_warps=8,
@@ -158,6 +157,14 @@ def input_precision(dtype: torch.dtype, device: torch.device) -> str:
     if dtype == torch.float32 and device.type == "cuda" and torch.backends.cudnn.allow_tf32:
         return "tf32"
     return "ieee"
+
+
+def code_in_main_loop(config: ConvConfig, c_b: int, kh: int, kw: int) -> bool:
+    """Whether the fused forward encodes the code in its main loop (from the centre tap, in one code
+    chunk) rather than in the epilogue. Not beside 128-wide output tiles: there the second
+    accumulator spilled on sm_80 (bf16, 32 bytes at 255 registers with a 32-channel code)."""
+    centred = kh % 2 == 1 and kw % 2 == 1
+    return 0 < c_b <= config.block_b and centred and config.block_n <= 64
 
 
 def upcast_dot(dtype: torch.dtype) -> bool:
@@ -299,9 +306,7 @@ def _launch_forward(
         HAS_SHIFT=shift is not None,
         HAS_CODER=has_coder,
         HAS_ENCODER_BIAS=encoder_bias is not None,
-        CODE_IN_MAIN_LOOP=(
-            has_coder and not z_input and kh % 2 == 1 and kw % 2 == 1 and c_b <= config.block_b
-        ),
+        CODE_IN_MAIN_LOOP=not z_input and code_in_main_loop(config, c_b, kh, kw),
         WRITE_STATS=write_stats,
         Z_INPUT=z_input,
         RELU=relu,

@@ -42,6 +42,7 @@ from pnnh_kernels.triton.pnnh_conv import (
     ConvConfig,
     _block,
     choose_config,
+    code_in_main_loop,
     tuning_configs,
     wgrad_tiles,
 )
@@ -130,36 +131,45 @@ def resnet_grid() -> list[LayerShape]:
     stem) and the ImageNet shape (batch 64, 224 x 224, 7x7 stride-2 stem and max-pool), with the
     stride on the block's 3x3 conv (torchvision's v1.5 Bottleneck). Written out rather than read
     from built models: building them pretrains their coders, minutes on a CPU
-    (tests/test_triton_report.py checks the two agree on ResNet-18)."""
+    (tests/test_triton_compile.py checks the two agree on ResNet-18 at the CIFAR shape)."""
     shapes: dict[LayerShape, None] = {}
-
-    def conv(n: int, c_in: int, c_out: int, size: int, kernel: int, stride: int) -> None:
-        shapes[LayerShape(n, c_in, c_out, size, size, kernel, stride, c_in // 2)] = None
-
     for blocks, bottleneck in (((2, 2, 2, 2), False), ((3, 4, 6, 3), False), ((3, 4, 6, 3), True)):
         for n, size, imagenet in ((256, 32, False), (64, 224, True)):
-            if imagenet:
-                shapes[LayerShape(n, 3, 64, size, size, 7, 2, 0)] = None
-                size //= 4  # the stem's stride 2 and the max-pool's
-            else:
-                shapes[LayerShape(n, 3, 64, size, size, 3, 1, 0)] = None
-            channels = 64
-            for stage, count in enumerate(blocks):
-                width = 64 * 2**stage
-                for block in range(count):
-                    stride = 2 if stage > 0 and block == 0 else 1
-                    if bottleneck:
-                        conv(n, channels, width, size, 1, 1)
-                        conv(n, width, width, size, 3, stride)
-                        size //= stride
-                        conv(n, width, 4 * width, size, 1, 1)
-                        channels = 4 * width
-                    else:
-                        conv(n, channels, width, size, 3, stride)
-                        size //= stride
-                        conv(n, width, width, size, 3, 1)
-                        channels = width
+            shapes.update(dict.fromkeys(resnet_shapes(blocks, bottleneck, n, size, imagenet)))
     return list(shapes)
+
+
+def resnet_shapes(
+    blocks: tuple[int, ...], bottleneck: bool, n: int, size: int, imagenet: bool
+) -> list[LayerShape]:
+    """The convs of one ResNet (see :func:`resnet_grid`), in order, repeats included."""
+    shapes: list[LayerShape] = []
+
+    def conv(c_in: int, c_out: int, kernel: int, stride: int) -> None:
+        shapes.append(LayerShape(n, c_in, c_out, size, size, kernel, stride, c_in // 2))
+
+    if imagenet:
+        shapes.append(LayerShape(n, 3, 64, size, size, 7, 2, 0))
+        size //= 4  # the stem's stride 2 and the max-pool's
+    else:
+        shapes.append(LayerShape(n, 3, 64, size, size, 3, 1, 0))
+    channels = 64
+    for stage, count in enumerate(blocks):
+        width = 64 * 2**stage
+        for block in range(count):
+            stride = 2 if stage > 0 and block == 0 else 1
+            if bottleneck:
+                conv(channels, width, 1, 1)
+                conv(width, width, 3, stride)
+                size //= stride
+                conv(width, 4 * width, 1, 1)
+                channels = 4 * width
+            else:
+                conv(channels, width, 3, stride)
+                size //= stride
+                conv(width, width, 3, 1)
+                channels = width
+    return shapes
 
 
 def model_shapes(model: torch.nn.Module, batch: int, size: int) -> list[LayerShape]:
@@ -204,11 +214,10 @@ class Launch:
         return getattr(kernels, self.kernel)
 
     def compile_key(self, dtype: torch.dtype) -> tuple:
-        """Launches with equal keys compile to the same kernel up to the JIT's integer hints (which
-        runtime integers are 1 or multiples of 16): the report compiles one of them, specialised
-        like the first shape that makes it. The hints change how loads are vectorised, not the tiles
-        that set the shared memory."""
-        return (self.name, self.constexprs, self.num_warps, self.num_stages, dtype)
+        """Launches with equal keys compile to the same kernel: the same compile-time arguments and
+        the same JIT specialisation of the runtime integers (which are 1, which multiples of 16)."""
+        hints = tuple((name, value == 1, value % 16 == 0) for name, value in self.ints)
+        return (self.name, self.constexprs, hints, self.num_warps, self.num_stages, dtype)
 
 
 def _int_arguments(fn: Any, constexprs: dict[str, Any]) -> list[str]:
@@ -286,16 +295,17 @@ def launches(shape: LayerShape, dtype: torch.dtype) -> list[Launch]:
         "WRITE_STATS": False,
         "BLOCK_B": config.block_b,
     }
-    code_in_main_loop = has_coder and shape.kernel % 2 == 1 and c_b <= config.block_b
+    in_main_loop = code_in_main_loop(config, c_b, shape.kernel, shape.kernel)
     for relu in (True, False):
         for tiles, warps, stages in candidates():
-            fused = {**forward, **tiles, "CODE_IN_MAIN_LOOP": code_in_main_loop, "Z_INPUT": False}
+            fused = {**forward, **tiles, "CODE_IN_MAIN_LOOP": in_main_loop, "Z_INPUT": False}
             add("relu" if relu else "linear", kernels._pnnh_conv_fwd_kernel,
                 {**fused, "RELU": relu}, warps, stages)  # fmt: skip
             applied = {**forward, **tiles, "CODE_IN_MAIN_LOOP": False, "Z_INPUT": True}
             add("bn apply, relu" if relu else "bn apply, linear", kernels._pnnh_conv_fwd_kernel,
                 {**applied, "RELU": relu}, warps, stages)  # fmt: skip
-    statistics = {**forward, **default, "HAS_SCALE": False, "HAS_CODER": False}
+    # The models' convs have no bias before BatchNorm: no shift in the statistics pass.
+    statistics = {**forward, **default, "HAS_SCALE": False, "HAS_SHIFT": False, "HAS_CODER": False}
     statistics.update(HAS_ENCODER_BIAS=False, CODE_IN_MAIN_LOOP=False, WRITE_STATS=True)
     add("bn stats", kernels._pnnh_conv_fwd_kernel, {**statistics, "Z_INPUT": False, "RELU": False},
         config.num_warps, config.num_stages)  # fmt: skip
@@ -425,6 +435,8 @@ def _compile_row(job: tuple[Launch, str, str]) -> Row:
 def problems(row: Row, card: Card) -> list[str]:
     """What keeps the compiled kernel from launching well on ``card`` (empty: it fits)."""
     found = []
+    if min(row.registers, row.stack, row.local) < 0:
+        found.append("resources unreadable: cuobjdump's report did not parse")
     if row.shared_bytes > card.shared_memory_per_block:
         found.append(f"{card.name}: shared memory {row.shared_bytes} > {card.shared_memory_per_block}")
     if row.registers * 32 * row.warps > card.registers_per_block:
@@ -456,6 +468,8 @@ def report_rows(
                     unique.setdefault(key, (launch, dtype_name, target))
                     used_by.setdefault(key, []).append(str(shape))
     keys = list(unique)
+    if not keys:
+        raise ValueError(f"no launch matches --only {only!r}" if only else "no launches to compile")
     if jobs > 1:
         with ProcessPoolExecutor(jobs) as pool:
             rows = list(pool.map(_compile_row, [unique[k] for k in keys]))
