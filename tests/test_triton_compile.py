@@ -75,9 +75,9 @@ def test_every_variant_fits_every_card_at_the_largest_tiles(dtype, tmp_path):
     for row in rows:
         assert not row["problems"], row
         assert row["registers"] > 0, row
-        if dtype == "bf16":
-            tensor_core = "wgmma" if row["target"] == "sm_90" else "mma.sync"
-            assert row["instructions"][tensor_core] > 0, row
+        if dtype == "bf16":  # tensor cores: wgmma on sm_90 where the tile allows, else mma.sync
+            mma = row["instructions"]["mma.sync"] + row["instructions"]["wgmma"]
+            assert mma > 0, row
 
 
 def test_the_written_out_grid_matches_the_model():
