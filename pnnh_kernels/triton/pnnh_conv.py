@@ -199,11 +199,12 @@ _TUNING_KEYS = {
 _tuned_kernels: dict[tuple, object] = {}
 # Alternatives to the default for bf16/fp16, as (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); BLOCK_N and
 # BLOCK_K are capped at the default's. The ahead-of-time report over the ResNet grid
-# (docs/perf/triton_resources.md) removed two kinds: 256-pixel tiles spilled on sm_80 and sm_90
-# (up to 208 bytes at 255 registers), and in fp32 every alternative spilled somewhere on sm_80, so
-# fp32 (not the fast path: bf16 is) runs its default alone.
+# (docs/perf/triton_resources.md) removed three kinds: 256-pixel tiles spilled on sm_80 and sm_90
+# (up to 208 bytes at 255 registers); 128 x 64 x 64 tiles as an alternative spilled 8 bytes in the
+# strided layers' input gradient on sm_80 (it stays the default of 64-channel layers, where it fits);
+# and in fp32 every alternative spilled somewhere on sm_80, so fp32 (not the fast path: bf16 is)
+# runs its default alone.
 _ALTERNATIVE_TILES = (
-    (128, 64, 64, 8, 3),
     (128, 128, 32, 8, 3),
     (64, 64, 64, 4, 4),
 )
