@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from pnnh_kernels.backends import Backend, backend_named, register_backend
+from pnnh_kernels.backends.reference import memory_format_of
 from tests.conv_cases import Case, check_case, check_linear
 
 Corruption = Callable[[Tensor], Tensor]
@@ -45,17 +46,11 @@ def nan_at(position: int) -> Corruption:
 class _Corrupted(torch.autograd.Function):
     @staticmethod
     def forward(ctx, out: Tensor, corrupt: Corruption) -> Tensor:
-        return corrupt(out.detach()).contiguous(memory_format=_memory_format(out))
+        return corrupt(out.detach()).contiguous(memory_format=memory_format_of(out))
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         return grad, None
-
-
-def _memory_format(tensor: Tensor) -> torch.memory_format:
-    if tensor.dim() == 4 and tensor.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 @contextlib.contextmanager

@@ -338,7 +338,7 @@ def launches(shape: LayerShape, dtype: torch.dtype) -> list[Launch]:
             extra.update(stride_h=1, stride_w=1)
         if kernel == 1:
             extra.update(pad_h=0, pad_w=0, dil_h=1, dil_w=1)
-        add(label, kernels._conv_wgrad_kernel, wgrad, config.num_warps, tiles.num_stages,
+        add(label, kernels._conv_wgrad_kernel, wgrad, config.num_warps, config.num_stages,
             **extra)  # fmt: skip
     return result
 
