@@ -57,7 +57,7 @@ cat > "${TMPDIR:-/tmp}/pnnh_sanitize.py" <<'PY'
 import torch
 from pnnh_kernels import FusedPNNHConv
 for dtype in (torch.float32, torch.bfloat16):
-    layer = FusedPNNHConv(40, 40, norm="batch", backend="cuda", coder_init="he").cuda().to(dtype)
+    layer = FusedPNNHConv(40, 40, norm="batch", backend="cuda", coder_init="he", coder_trainable=True).cuda().to(dtype)
     for training in (False, True):
         layer.train(training)
         x = torch.randn(2, 40, 9, 7, device="cuda", dtype=dtype).requires_grad_(True)

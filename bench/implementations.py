@@ -48,7 +48,7 @@ def pnnh_layer(channels: int, backend: str, coder: Optional[PNNHCoder] = None) -
         bias=False,
         norm="batch",
         coder=coder,
-        coder_init="he",  # the init does not change the speed; rectified_normal costs start-up time
+        # the default coder (rectified_isometry, fixed): what users train
         backend="torch" if backend == "torch-compile" else backend,
     )
 

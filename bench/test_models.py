@@ -35,7 +35,7 @@ def _model(name: str, variant: str, stem: str, classes: int) -> torch.nn.Module:
             pytest.skip("torchvision's ResNet has the ImageNet stem only")
         return getattr(torchvision.models, name)(num_classes=classes)
     # The coder's init does not change the speed; "he" skips the rectified-normal pretraining.
-    return MODELS[name](variant=variant, stem=stem, num_classes=classes, coder_init="he")
+    return MODELS[name](variant=variant, stem=stem, num_classes=classes)
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -100,8 +100,8 @@ def vit_mlp_rows(device: torch.device, dtype: torch.dtype, repeats: int) -> list
     for backend in (*fused_backends(), "torch"):
         torch.manual_seed(0)
         pnnh = nn.Sequential(
-            FusedPNNHLinear(width, hidden, backend=backend, coder_init="he"),
-            FusedPNNHLinear(hidden, width, activation=None, backend=backend, coder_init="he"),
+            FusedPNNHLinear(width, hidden, backend=backend),
+            FusedPNNHLinear(hidden, width, activation=None, backend=backend),
         ).to(device, dtype)
         rows.append(measure("ViT-S MLP", f"pnnh-{backend}", pnnh, inputs, grads, repeats))
     baseline = ResidualMLP(width, hidden).to(device, dtype)
@@ -136,15 +136,15 @@ def main() -> None:
         ]
         grads = torch.randn(shape, device=device, dtype=dtype).to(memory_format=torch.channels_last)
         torch.manual_seed(0)
-        fused = FusedPNNHConv(channels, channels, norm="batch", backend="triton", coder_init="he")
+        fused = FusedPNNHConv(channels, channels, norm="batch", backend="triton")
         fused = fused.to(device, dtype, memory_format=torch.channels_last).eval()
-        eager = FusedPNNHConv(channels, channels, norm="batch", backend="torch", coder_init="he")
+        eager = FusedPNNHConv(channels, channels, norm="batch", backend="torch")
         eager.load_state_dict(fused.state_dict())
         eager = eager.to(device, dtype, memory_format=torch.channels_last).eval()
         cudnn = ResNetLayer(channels).to(device, dtype, memory_format=torch.channels_last).eval()
         layers = [("triton", fused), ("torch", eager), ("cudnn", cudnn)]
         if "cuda" in fused_backends():
-            native = FusedPNNHConv(channels, channels, norm="batch", backend="cuda", coder_init="he")
+            native = FusedPNNHConv(channels, channels, norm="batch", backend="cuda")
             native.load_state_dict(fused.state_dict())
             native = native.to(device, dtype, memory_format=torch.channels_last).eval()
             layers.insert(1, ("cuda", native))

@@ -4,9 +4,21 @@ A coder encodes the C_in input channels of a layer into C_B code channels, ``cod
 and decodes them into the layer's C_out output channels, ``W_D code``. It is *tied* when
 ``W_D = W_E^T`` (one matrix, needs C_out == C_in) and *untied* otherwise.
 
-Sharing and gradient averaging: the PNNH models let every layer of one shape in a stage use the same
-coder. With the plain summed gradient, a coder used by L layers receives the sum of L gradients and,
-at depth 64, the prototype diverged to NaN. So by default a shared coder's gradient is *averaged* over
+The default coder is a *fixed rectified isometry* (``init="rectified_isometry"``, ``trainable=False``):
+W_E has non-negative orthonormal rows (each code unit is the normalised sum of a group of input
+channels), so on the non-negative inputs of a PNNH layer the path ``W_E^T relu(W_E x)`` is the
+orthogonal projection of x onto the group means: it reconstructs rectified Gaussian inputs with a
+relative error of 0.34 at C_B = C_in / 2 and its gain is exactly 1, never above. The path reaches the
+layer's output without a norm, so over L layers sharing a coder its gain compounds as ``gain ** L``;
+a pretrained coder (gain 1.08-1.19) diverged at depth 64, and a *trained* shared coder drifts away
+from gain 1 and loses most of what it carried (docs/analysis.md, the coder ablation). Built in closed
+form, it costs nothing to construct. ``init="rectified_normal"`` (pretraining) and
+``trainable=True`` remain available.
+
+Sharing and gradient averaging (trained coders): the PNNH models let every layer of one shape in a
+stage use the same coder. With the plain summed gradient, a coder used by L layers receives the sum
+of L gradients and, at depth 64, the prototype diverged to NaN. So by default a shared coder's
+gradient is *averaged* over
 its uses: every layer that adopts the coder calls :meth:`PNNHCoder.attach`, and :meth:`tensors` hands
 out the weights behind an identity whose backward multiplies the gradient by ``1 / num_uses``. The
 forward values are untouched, and every backend sees ordinary tensors, so the averaging needs nothing
@@ -24,7 +36,8 @@ from torch import Tensor, nn
 
 from pnnh_kernels.validation import check_positive_int
 
-CODER_INITS = ("rectified_normal", "identity", "he")
+CODER_INITS = ("rectified_isometry", "rectified_normal", "identity", "he")
+DEFAULT_CODER_INIT = "rectified_isometry"
 
 # The rectified-normal pretraining: a few hundred Adam steps on fresh batches of relu(N(0, 1)).
 # The learning rate shrinks as 1/sqrt(C_in): at a fixed rate wide coders overshoot and their codes die
@@ -66,7 +79,7 @@ class _ScaleGradient(torch.autograd.Function):
 
 def scale_gradient(tensor: Tensor, scale: float) -> Tensor:
     """Return ``tensor`` unchanged, with its gradient multiplied by ``scale`` on the way back."""
-    if scale == 1.0:
+    if scale == 1.0 or not tensor.requires_grad:
         return tensor
     return _ScaleGradient.apply(tensor, scale)
 
@@ -80,12 +93,19 @@ class PNNHCoder(nn.Module):
         out_channels: C_out, the channels it decodes to (default C_in).
         tied: use ``W_D = W_E^T``; needs ``out_channels == in_channels``.
         bias: learn the encoder bias b_E.
-        init: ``"rectified_normal"`` (pretrain to reconstruct relu(N(0, 1)) samples), ``"identity"``
-            (pass the first C_B channels through exactly) or ``"he"`` (He-normal).
+        init: ``"rectified_isometry"`` (default, closed form: W_E's rows are the normalised sums of
+            min(C_B, C_in) groups of consecutive input channels, see the module docstring; with
+            C_B >= C_in every group is one channel and the path passes non-negative inputs through
+            unchanged, i.e. it is an identity shortcut), ``"rectified_normal"`` (pretrain to
+            reconstruct relu(N(0, 1)) samples; seconds at C_in = 1024), ``"identity"`` (pass the
+            first C_B channels through exactly) or ``"he"`` (He-normal).
         average_shared_gradient: divide the gradient by the number of layers that use the coder.
+        trainable: whether its parameters require gradients (default False: the coder keeps its
+            initialisation; its parameters are then not trained and not counted as trainable).
 
-    After ``init="rectified_normal"``, ``init_reconstruction_error`` holds the relative error
-    ``||x - x_hat||^2 / ||x||^2`` reached on a held-out batch (None for the other inits).
+    ``reconstruction_error()`` measures the relative error ``||x - x_hat||^2 / ||x||^2`` on
+    rectified Gaussian inputs; after ``init="rectified_normal"``, ``init_reconstruction_error`` holds
+    the one its pretraining reached on a held-out batch (None for the other inits).
     """
 
     def __init__(
@@ -95,8 +115,9 @@ class PNNHCoder(nn.Module):
         out_channels: Optional[int] = None,
         tied: bool = True,
         bias: bool = True,
-        init: str = "rectified_normal",
+        init: str = DEFAULT_CODER_INIT,
         average_shared_gradient: bool = True,
+        trainable: bool = False,
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
     ) -> None:
@@ -127,6 +148,12 @@ class PNNHCoder(nn.Module):
             None if tied else nn.Parameter(torch.empty(out_channels, code_channels, **factory))
         )
         self.reset_parameters()
+        self.requires_grad_(trainable)
+
+    @property
+    def trainable(self) -> bool:
+        """Whether the optimizer sees the coder: False (the default) keeps it at its initialisation."""
+        return any(p.requires_grad for p in self.parameters())
 
     def attach(self) -> None:
         """Record one more layer that uses this coder (layers call this when they adopt it)."""
@@ -165,6 +192,19 @@ class PNNHCoder(nn.Module):
             )
         return F.linear(self.encode(features), self.decoder())
 
+    @torch.no_grad()
+    def reconstruction_error(self, samples: int = 4096, seed: int = 0) -> float:
+        """Relative error ``||target(x) - coder(x)||^2 / ||target(x)||^2`` on ``samples`` fresh
+        ``x ~ relu(N(0, I))``, the rectified inputs a coder sees (its own generator: the global RNG
+        is untouched). 0 is a perfect autoencoder, 1 no better than outputting zeros."""
+        check_positive_int("samples", samples)
+        generator = torch.Generator().manual_seed(seed)
+        x = torch.randn(samples, self.in_channels, generator=generator).relu()
+        target = self.reconstruction_target(x)
+        weight = self.encoder_weight
+        reconstruction = self(x.to(weight.device, weight.dtype)).to("cpu", torch.float32)
+        return float((reconstruction - target).square().sum() / target.square().sum())
+
     def reconstruction_target(self, features: Tensor) -> Tensor:
         """What the coder is trained to output for ``features``: the input itself, or, when
         C_out != C_in, the input in the first min(C_in, C_out) channels and zeros elsewhere (the
@@ -181,6 +221,9 @@ class PNNHCoder(nn.Module):
         self.init_reconstruction_error = None
         if self.init == "identity":
             self._init_identity()
+            return
+        if self.init == "rectified_isometry":
+            self._init_rectified_isometry()
             return
         nn.init.kaiming_normal_(self.encoder_weight, nonlinearity="relu")
         if self.decoder_weight is not None:
@@ -201,6 +244,30 @@ class PNNHCoder(nn.Module):
             self.decoder_weight.zero_()
             diagonal = min(self.code_channels, self.out_channels, self.in_channels)
             self.decoder_weight[:diagonal, :diagonal] = torch.eye(diagonal)
+
+    def _init_rectified_isometry(self) -> None:
+        # Split the input channels into min(C_B, C_in) groups of consecutive channels; code unit j is
+        # its group's sum over sqrt(group size). W_E then has non-negative orthonormal rows, so on the
+        # non-negative inputs of a PNNH layer relu(W_E x) = W_E x and W_E^T W_E x is the orthogonal
+        # projection of x onto the group means: the path's gain is exactly 1 on that subspace and 0
+        # across it, never above 1, at any depth. Code units beyond C_in (C_B > C_in) stay zero.
+        groups = min(self.code_channels, self.in_channels)
+        cpu = torch.device("cpu")  # explicit: a torch.device("meta") context must not capture these
+        channel = torch.arange(self.in_channels, device=cpu)
+        group_of = channel * groups // self.in_channels
+        sizes = torch.bincount(group_of, minlength=groups).to(torch.float32)
+        encoder = torch.zeros(self.code_channels, self.in_channels, device=cpu)
+        encoder[group_of, channel] = sizes[group_of].rsqrt()
+        self.encoder_weight.copy_(encoder)
+        if self.encoder_bias is not None:
+            self.encoder_bias.zero_()
+        if self.decoder_weight is not None:
+            # Untied (C_out != C_in or strided): decode onto the first min(C_in, C_out) channels, the
+            # reconstruction target's (see reconstruction_target), zero elsewhere.
+            decoder = torch.zeros(self.out_channels, self.code_channels, device=cpu)
+            shared = min(self.in_channels, self.out_channels)
+            decoder[:shared] = encoder.t()[:shared]
+            self.decoder_weight.copy_(decoder)
 
     def _pretrain_on_rectified_normal(self) -> float:
         """Minimise ||target(x) - W_D relu(W_E x + b_E)||^2 for x ~ relu(N(0, I)).
@@ -274,6 +341,7 @@ def coder_for_layer(
     coder: Optional[PNNHCoder],
     coder_init: str,
     *,
+    coder_trainable: bool = False,
     factory: dict[str, Any],
     channels_word: str = "channels",
 ) -> Optional[PNNHCoder]:
@@ -308,6 +376,7 @@ def coder_for_layer(
             out_channels,
             tied=out_channels == in_channels,
             init=coder_init,
+            trainable=coder_trainable,
             **factory,
         )
     coder.attach()

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from pnnh_kernels.backends import check_backend_name, resolve_backend
 from pnnh_kernels.backends.call import ACTIVATIONS, BatchNormParams
-from pnnh_kernels.coder import PNNHCoder, coder_for_layer, default_code_channels
+from pnnh_kernels.coder import DEFAULT_CODER_INIT, PNNHCoder, coder_for_layer, default_code_channels
 from pnnh_kernels.conv_geometry import ConvGeometry, IntOrPair, Padding
 from pnnh_kernels.functional import pnnh_conv2d
 from pnnh_kernels.validation import check_positive_int
@@ -63,6 +63,8 @@ class FusedPNNHConv(nn.Module):
         activation: "relu" (default) or None.
         backend: "auto", "torch", "triton" or "cuda"; ``backend_in_use`` says which one runs.
         coder_init: init of a coder this layer creates (see PNNHCoder).
+        coder_trainable: whether a coder this layer creates is trained (default False: it keeps its
+            initialisation, see docs/pnnh.md); a given shared ``coder`` keeps its own setting.
         groups, padding_mode: only 1 and "zeros" are supported.
 
     Input: (N, C_in, H, W) in contiguous or channels_last memory format (the output keeps it), or
@@ -85,7 +87,8 @@ class FusedPNNHConv(nn.Module):
         backend: str = "auto",
         groups: int = 1,
         padding_mode: str = "zeros",
-        coder_init: str = "rectified_normal",
+        coder_init: str = DEFAULT_CODER_INIT,
+        coder_trainable: bool = False,
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
     ) -> None:
@@ -127,7 +130,13 @@ class FusedPNNHConv(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
         self.norm = nn.BatchNorm2d(out_channels, **factory) if norm == "batch" else None
         self.coder = coder_for_layer(
-            in_channels, out_channels, coder_channels, coder, coder_init, factory=factory
+            in_channels,
+            out_channels,
+            coder_channels,
+            coder,
+            coder_init,
+            coder_trainable=coder_trainable,
+            factory=factory,
         )
         self.reset_parameters()
 

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from pnnh_kernels.backends import check_backend_name, resolve_backend
 from pnnh_kernels.backends.call import ACTIVATIONS
-from pnnh_kernels.coder import PNNHCoder, coder_for_layer
+from pnnh_kernels.coder import DEFAULT_CODER_INIT, PNNHCoder, coder_for_layer
 from pnnh_kernels.functional import pnnh_linear
 from pnnh_kernels.validation import check_positive_int
 
@@ -26,6 +26,8 @@ class FusedPNNHLinear(nn.Module):
         activation: "relu" (default) or None.
         backend: "auto", "torch", "triton" or "cuda"; ``backend_in_use`` says which one runs.
         coder_init: init of a coder this layer creates (see PNNHCoder).
+        coder_trainable: whether a coder this layer creates is trained (default False: it keeps its
+            initialisation, see docs/pnnh.md); a given shared ``coder`` keeps its own setting.
 
     Input: (..., in_features), any leading dimensions.
     """
@@ -39,7 +41,8 @@ class FusedPNNHLinear(nn.Module):
         bias: bool = True,
         activation: Optional[str] = "relu",
         backend: str = "auto",
-        coder_init: str = "rectified_normal",
+        coder_init: str = DEFAULT_CODER_INIT,
+        coder_trainable: bool = False,
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
     ) -> None:
@@ -61,6 +64,7 @@ class FusedPNNHLinear(nn.Module):
             coder_features,
             coder,
             coder_init,
+            coder_trainable=coder_trainable,
             factory=factory,
             channels_word="features",
         )

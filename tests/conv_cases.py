@@ -260,9 +260,12 @@ TRAINING_CASES = [
 ]
 
 
-def check_training_case(case: Case, config: Optional[Any] = None, backend: str = "triton") -> None:
+def check_training_case(
+    case: Case, config: Optional[Any] = None, backend: str = "triton", coder_trainable: bool = True
+) -> None:
     """Training-mode BatchNorm on a fused backend against the float64 reference and
-    nn.BatchNorm2d's running statistics."""
+    nn.BatchNorm2d's running statistics. ``coder_trainable=False``: the default fixed
+    rectified-isometry coder, whose parameters must get no gradient."""
     torch.manual_seed(1)
     layer = FusedPNNHConv(
         case.c_in,
@@ -275,7 +278,7 @@ def check_training_case(case: Case, config: Optional[Any] = None, backend: str =
         norm="batch",
         activation="relu" if case.relu else None,
         backend=backend,
-        coder_init="he",
+        **({"coder_init": "he", "coder_trainable": True} if coder_trainable else {}),
     ).to(DEVICE)
     if case.c_b and not case.is_tied:
         assert not layer.coder.tied
@@ -308,6 +311,10 @@ def check_training_case(case: Case, config: Optional[Any] = None, backend: str =
     for (name, param), twin, own in zip(
         layer.named_parameters(), reference.parameters(), baseline.parameters()
     ):
+        if not param.requires_grad:  # a fixed coder
+            assert param.grad is None, f"{case}: {name} got a gradient"
+            assert twin.grad is None, f"{case}: the reference's {name} got a gradient"
+            continue
         assert_matches(
             param.grad.cpu(), twin.grad, torch.float32, f"{case}: grad {name}", own.grad.cpu()
         )

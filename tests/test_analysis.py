@@ -16,6 +16,7 @@ from pnnh_kernels.analysis import (
     layer_curves,
     mean_cosine_similarity,
     ridge_r2,
+    study,
 )
 from pnnh_kernels.analysis.study import TINY, planned_runs
 from pnnh_kernels.coder import PNNHCoder
@@ -63,7 +64,7 @@ def test_probes_return_documented_values():
 
 
 def test_dissipation_report_hooks_every_relu_call():
-    model = deep_cnn(5, 4, "residual", coder_init="he")
+    model = deep_cnn(5, 4, "residual", coder_init="he", coder_trainable=True)
     report = dissipation_report(model, torch.randn(8, 1, 8, 8))
     assert len(report) == 6  # stem + 5 shortcut ReLUs
     assert all(0.0 <= r.survival <= 1.0 for r in report)
@@ -83,6 +84,22 @@ def test_dissipation_report_hooks_every_relu_call():
     assert report[0].ridge_r2 is not None
 
 
+def test_dissipation_report_gives_each_pnnh_layers_coder_gain():
+    default = dissipation_report(deep_cnn(4, 8, "pnnh"), torch.randn(6, 1, 8, 8))
+    assert default[0].coder_gain is None  # the stem has no coder
+    assert [r.coder_gain for r in default[1:]] == pytest.approx([1.0] * 4, abs=1e-6)
+    torch.manual_seed(0)
+    pretrained = deep_cnn(3, 8, "pnnh", coder_init="he")
+    encoder = pretrained.layers[0].coder.encoder_weight.detach().double()
+    # Independently: the tied path W_E^T W_E is symmetric PSD, its largest eigenvalue is its gain.
+    expected = float(torch.linalg.eigvalsh(encoder.t() @ encoder).max())
+    report = dissipation_report(pretrained, torch.randn(6, 1, 8, 8))
+    assert expected > 1.5  # He-normal coders amplify: the net heads for divergence
+    assert [r.coder_gain for r in report[1:]] == pytest.approx([expected] * 3, rel=1e-9)
+    residual = dissipation_report(deep_cnn(2, 8, "residual"), torch.randn(6, 1, 8, 8))
+    assert all(r.coder_gain is None for r in residual)
+
+
 def test_measured_survival_respects_the_bound_layer_by_layer():
     data = load_digits_split()
     for variant in ("residual", "pnnh"):
@@ -96,15 +113,29 @@ def test_measured_survival_respects_the_bound_layer_by_layer():
 
 def test_plan_shares_runs_between_studies():
     runs = list(planned_runs(TINY))
-    keys = [(r.depth, r.seed, tuple(sorted(r.model_kwargs.items()))) for r in runs]
+    keys = [(r.depth, r.seed, r.width, tuple(sorted(r.model_kwargs.items()))) for r in runs]
     assert len(keys) == len(set(keys))
-    assert {r.study for r in runs} == {"depth", "sharing", "init", "coder_width", "tying"}
+    assert {r.study for r in runs} == {
+        "depth", "ablation", "width_check", "sharing", "init", "coder_width", "tying"
+    }  # fmt: skip
+    # The ablation's default setting is the depth study's PNNH run, planned once.
+    rows = [
+        {"study": r.study, "model": r.model_kwargs, "depth": r.depth, "width": r.width or TINY.width}
+        | r.label
+        for r in runs
+    ]
+    ablation = study.rows_for(rows, "ablation", TINY)
+    settings = {r["setting"] for r in ablation}
+    assert settings == {*study.ABLATION, "residual net", "plain net"}
+    assert all(r["depth"] in TINY.ablation_depths for r in ablation)
+    widths = {r["width"] for r in study.rows_for(rows, "width_check", TINY)}
+    assert widths == {TINY.check_width}
 
 
 def test_tiny_analysis_end_to_end(tmp_path):
     args = argparse.Namespace(
         preset="tiny", curve_depth=4, out=tmp_path, skip_training=False, threads=None,
-        no_resume=False,
+        no_resume=False, jobs=1,
     )  # fmt: skip
     analysis_run.run(args)
     summary = json.loads((tmp_path / "analysis.json").read_text())
@@ -117,10 +148,11 @@ def test_tiny_analysis_end_to_end(tmp_path):
 
 def test_interrupted_analysis_resumes_from_saved_runs(tmp_path):
     args = argparse.Namespace(
-        preset="tiny", curve_depth=2, out=tmp_path, skip_training=False, threads=None,
-        no_resume=False,
+        preset="tiny", curve_depth=2, out=tmp_path, skip_training=False, threads=1,
+        no_resume=False, jobs=1,
     )  # fmt: skip
     analysis_run.run(args)
+    first = json.loads((tmp_path / "analysis.json").read_text())["runs"]
     saved = sorted((tmp_path / "runs").glob("*.json"))
     assert len(saved) == len(list(planned_runs(TINY)))
     # Mark one saved row: a resumed study must report it instead of retraining that run.
@@ -133,14 +165,21 @@ def test_interrupted_analysis_resumes_from_saved_runs(tmp_path):
     assert sum(r["test_accuracy"] == -1.0 for r in rows) == 1
     assert saved[1].exists()
     args.no_resume = True
+    args.jobs = 2  # retrain all, two processes: the same numbers as one process
     analysis_run.run(args)
     rows = json.loads((tmp_path / "analysis.json").read_text())["runs"]
     assert all(r["test_accuracy"] >= 0 for r in rows)
 
+    def key(row: dict) -> str:
+        return json.dumps([row["study"], row["model"], row["depth"], row["width"], row["seed"]])
+
+    def outcome(row: dict) -> tuple:
+        return row["train_loss"], row["test_accuracy"], row["coder_error_after"]
+
+    assert {key(r): outcome(r) for r in rows} == {key(r): outcome(r) for r in first}
+
 
 def test_learning_rate_sweep_trains_each_run_at_its_rate(monkeypatch):
-    from pnnh_kernels.analysis import study
-
     runs = list(study.planned_lr_runs(TINY, lrs=(0.01, 0.2)))
     assert len(runs) == len(TINY.depths) * 2 * 3 * len(TINY.seeds)
     assert len({study.run_id(r, TINY) for r in runs}) == len(runs)
@@ -155,8 +194,8 @@ def test_learning_rate_sweep_trains_each_run_at_its_rate(monkeypatch):
         study.execute_run(run, TINY, None)
     assert seen == [0.01, 0.01, 0.2]
     rows = [
-        {"study": "lr", "variant": "pnnh", "lr": 0.2, "depth": 4},
-        {"study": "depth", "variant": "pnnh", "depth": 4},
+        {"study": "lr", "variant": "pnnh", "lr": 0.2, "depth": 4, "model": {"variant": "pnnh"}},
+        {"study": "depth", "variant": "pnnh", "depth": 4, "model": {"variant": "pnnh"}},
     ]
     assert study.rows_for(rows, "lr", TINY) == rows[:1]
     assert study.rows_for(rows, "depth", TINY) == rows[1:]

@@ -44,7 +44,7 @@ def test_nvtx_ranges_are_harmless_without_a_gpu():
 
     from pnnh_kernels import FusedPNNHConv, profiling
 
-    layer = FusedPNNHConv(4, 4, coder_init="he")
+    layer = FusedPNNHConv(4, 4, coder_init="he", coder_trainable=True)
     x = torch.randn(1, 4, 5, 5)
     expected = layer(x)
     profiling.enable_nvtx()

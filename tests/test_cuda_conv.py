@@ -51,6 +51,13 @@ def test_training_batchnorm(case):
     check_training_case(case, backend="cuda")
 
 
+@pytest.mark.parametrize("case", TRAINING_CASES[:2], ids=str)
+def test_training_step_with_the_default_fixed_coder(case):
+    # The default coder requires no gradient: the fused backward must still give the learner, norm
+    # and input gradients of the reference, and none to the coder.
+    check_training_case(case, backend="cuda", coder_trainable=False)
+
+
 @pytest.mark.parametrize(
     ("leading", "c_in", "c_out", "c_b"), [((7,), 9, 9, 4), ((2, 5), 13, 6, 5), ((300,), 96, 160, 48)]
 )
@@ -88,7 +95,9 @@ def test_more_than_2_31_elements_index_with_64_bits():
     if free < 24 * 2**30:
         pytest.skip(f"needs 24 GiB of free GPU memory, has {free / 2**30:.0f}")
     torch.manual_seed(0)
-    layer = FusedPNNHConv(16, 16, coder_init="he", backend="cuda").cuda().bfloat16()
+    layer = (
+        FusedPNNHConv(16, 16, coder_init="he", coder_trainable=True, backend="cuda").cuda().bfloat16()
+    )
     x = torch.randn(1, 16, 12_000, 12_000, device="cuda", dtype=torch.bfloat16).relu()
     x = x.contiguous(memory_format=torch.channels_last)
     assert x.numel() > 2**31

@@ -155,7 +155,7 @@ def test_explicit_triton_backend_with_unsupported_dtype_raises():
 
 def test_auto_backend_says_which_runs():
     assert conv().backend_in_use == "torch"
-    assert FusedPNNHLinear(3, 3, coder_init="he").backend_in_use == "torch"
+    assert FusedPNNHLinear(3, 3, coder_init="he", coder_trainable=True).backend_in_use == "torch"
 
 
 @pytest.mark.parametrize(
@@ -207,7 +207,7 @@ def test_functional_norm_shape_is_checked():
 )
 def test_linear_forward_errors(x, error, match):
     with pytest.raises(error, match=match):
-        FusedPNNHLinear(4, 4, coder_init="he")(x)
+        FusedPNNHLinear(4, 4, coder_init="he", coder_trainable=True)(x)
 
 
 def test_linear_constructor_errors():

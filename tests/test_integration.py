@@ -14,7 +14,7 @@ from pnnh_kernels.models import deep_cnn
     ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)],
 )
 def test_compile_fullgraph_of_a_pnnh_model_in_train_mode(compiler):
-    model = deep_cnn(3, 8, "pnnh", coder_init="he").train()
+    model = deep_cnn(3, 8, "pnnh", coder_init="he", coder_trainable=True).train()
     compiled = torch.compile(model, fullgraph=True, backend=compiler)
     x = torch.randn(2, 1, 8, 8)
     out = compiled(x)
@@ -30,7 +30,8 @@ def test_compile_fullgraph_of_a_pnnh_model_in_train_mode(compiler):
 
 def test_compile_fullgraph_of_linear_stack():
     stack = torch.nn.Sequential(
-        FusedPNNHLinear(6, 6, coder_init="he"), FusedPNNHLinear(6, 9, coder_init="he")
+        FusedPNNHLinear(6, 6, coder_init="he", coder_trainable=True),
+        FusedPNNHLinear(6, 9, coder_init="he", coder_trainable=True),
     )
     compiled = torch.compile(stack, fullgraph=True, backend="aot_eager")
     x = torch.randn(2, 3, 6)
@@ -38,7 +39,7 @@ def test_compile_fullgraph_of_linear_stack():
 
 
 def test_bf16_autocast_gives_bf16_output_close_to_fp32():
-    layer = FusedPNNHConv(8, 8, coder_init="he")
+    layer = FusedPNNHConv(8, 8, coder_init="he", coder_trainable=True)
     x = torch.randn(2, 8, 7, 7).relu()
     expected = layer(x).detach()
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -49,6 +49,24 @@ def test_plain_is_residual_without_shortcuts_and_pnnh_is_plain_plus_coders(const
     parts = parameter_breakdown(pnnh)
     assert parts["other"] == count_parameters(plain)
     assert parts["coder"] == sum(count_parameters(c) for c in coders_of(pnnh))
+    # The default coders are fixed: a PNNH net trains exactly the plain net's parameters.
+    assert parts["trainable"] == count_parameters(plain)
+    with torch.device("meta"):
+        trained = constructor(variant="pnnh", coder_trainable=True)
+    assert parameter_breakdown(trained)["trainable"] == parts["total"]
+
+
+def test_building_a_pnnh_resnet50_runs_no_coder_pretraining(monkeypatch):
+    # The build cost was the coders' pretraining (21.7 s of 22 on 2 cores); the default coders are
+    # closed form. Counted, not timed: any pretraining step fails the build here.
+    def refuse(self):
+        raise AssertionError("a default coder ran its pretraining")
+
+    monkeypatch.setattr(PNNHCoder, "_pretrain_on_rectified_normal", refuse)
+    model = resnet50(variant="pnnh")
+    coders = coders_of(model)
+    assert coders
+    assert all(c.init == "rectified_isometry" and not c.trainable for c in coders)
 
 
 def test_resnet18_pnnh_coder_sharing_layout():
@@ -79,7 +97,9 @@ def test_resnet50_pnnh_has_one_coder_per_bottleneck_position_per_shape():
 @pytest.mark.parametrize("variant", ["residual", "plain", "pnnh"])
 @pytest.mark.parametrize("constructor", [resnet18, resnet50], ids=lambda f: f.__name__)
 def test_resnet_forward_backward_on_small_input(variant, constructor):
-    model = constructor(variant=variant, stem="cifar", num_classes=10, coder_init="he")
+    model = constructor(
+        variant=variant, stem="cifar", num_classes=10, coder_init="he", coder_trainable=True
+    )
     x = torch.randn(2, 3, 16, 16).to(memory_format=torch.channels_last)
     out = model(x)
     assert out.shape == (2, 10)
@@ -94,7 +114,7 @@ def test_imagenet_stem_shapes():
 
 @pytest.mark.parametrize("variant", ["residual", "plain", "pnnh"])
 def test_deep_cnn_variants(variant):
-    model = deep_cnn(12, 8, variant, coder_init="he")
+    model = deep_cnn(12, 8, variant, coder_init="he", coder_trainable=True)
     out = model(torch.randn(3, 1, 8, 8))
     assert out.shape == (3, 10)
     coders = coders_of(model)
@@ -107,14 +127,14 @@ def test_deep_cnn_variants(variant):
 
 
 def test_deep_cnn_per_layer_coders_and_summed_gradient_option():
-    per_layer = deep_cnn(5, 8, "pnnh", coder_init="he", coder_sharing="per_layer")
+    per_layer = deep_cnn(5, 8, "pnnh", coder_init="he", coder_trainable=True, coder_sharing="per_layer")
     assert len(coders_of(per_layer)) == 5
-    summed = deep_cnn(5, 8, "pnnh", coder_init="he", average_shared_gradient=False)
+    summed = deep_cnn(5, 8, "pnnh", coder_init="he", coder_trainable=True, average_shared_gradient=False)
     assert coders_of(summed)[0].gradient_scale == 1.0
 
 
 def test_deep_cnn_reaches_depth_128():
-    model = deep_cnn(128, 4, "pnnh", coder_init="he")
+    model = deep_cnn(128, 4, "pnnh", coder_init="he", coder_trainable=True)
     assert len(model.layers) == 128
     assert torch.isfinite(model(torch.randn(2, 1, 8, 8))).all()
 

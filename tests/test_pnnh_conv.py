@@ -194,7 +194,7 @@ def test_asymmetric_same_padding_without_coder_matches_float64_reference(case, b
 @pytest.mark.parametrize("backend", backends_for(torch.float32))
 @pytest.mark.parametrize("stride", [1, 2])
 def test_channels_last_in_channels_last_out(backend, stride):
-    layer = FusedPNNHConv(8, 8, stride=stride, backend=backend, coder_init="he")
+    layer = FusedPNNHConv(8, 8, stride=stride, backend=backend, coder_init="he", coder_trainable=True)
     x = torch.randn(2, 8, 9, 7)
     out_contiguous = layer(x)
     out_channels_last = layer(x.to(memory_format=torch.channels_last))
@@ -205,14 +205,14 @@ def test_channels_last_in_channels_last_out(backend, stride):
 
 @pytest.mark.parametrize("backend", backends_for(torch.float32))
 def test_unbatched_input_equals_batch_of_one(backend):
-    layer = FusedPNNHConv(4, 6, stride=2, backend=backend, coder_init="he")
+    layer = FusedPNNHConv(4, 6, stride=2, backend=backend, coder_init="he", coder_trainable=True)
     x = torch.randn(4, 9, 8)
     torch.testing.assert_close(layer(x), layer(x.unsqueeze(0)).squeeze(0))
 
 
 @pytest.mark.parametrize("average", [True, False])
 def test_shared_coder_gradient_accumulates_from_every_layer(average):
-    coder = PNNHCoder(6, 3, init="he", average_shared_gradient=average)
+    coder = PNNHCoder(6, 3, init="he", average_shared_gradient=average, trainable=True)
     shared = nn.Sequential(*(FusedPNNHConv(6, 6, coder=coder) for _ in range(3)))
     assert coder.num_uses == 3
     # The same network with a private copy of the coder in every layer: each copy's gradient is
@@ -243,7 +243,7 @@ def test_state_dict_round_trip_keeps_values_and_sharing():
     model = nn.Sequential(
         FusedPNNHConv(4, 4, coder=coder, norm="batch"),
         FusedPNNHConv(4, 4, coder=coder, norm="batch"),
-        FusedPNNHConv(4, 6, stride=2, norm="batch", coder_init="he"),
+        FusedPNNHConv(4, 6, stride=2, norm="batch", coder_init="he", coder_trainable=True),
     )
     model(torch.randn(3, 4, 6, 6))  # move the running statistics away from their init
     model.eval()
@@ -251,7 +251,7 @@ def test_state_dict_round_trip_keeps_values_and_sharing():
     fresh = nn.Sequential(
         FusedPNNHConv(4, 4, coder=fresh_coder, norm="batch"),
         FusedPNNHConv(4, 4, coder=fresh_coder, norm="batch"),
-        FusedPNNHConv(4, 6, stride=2, norm="batch", coder_init="he"),
+        FusedPNNHConv(4, 6, stride=2, norm="batch", coder_init="he", coder_trainable=True),
     ).eval()
     fresh.load_state_dict(model.state_dict())
     assert fresh[0].coder is fresh[1].coder

@@ -95,17 +95,17 @@ def test_without_coder_and_activation_equals_nn_linear(bias, backend):
 
 
 def test_default_coder_is_tied_half_width_and_untied_when_shapes_differ():
-    square = FusedPNNHLinear(8, 8, coder_init="he")
+    square = FusedPNNHLinear(8, 8, coder_init="he", coder_trainable=True)
     assert square.code_features == 4
     assert square.coder.tied
     assert square.coder.decoder_weight is None
-    wide = FusedPNNHLinear(8, 12, coder_init="he")
+    wide = FusedPNNHLinear(8, 12, coder_init="he", coder_trainable=True)
     assert not wide.coder.tied
     assert tuple(wide.coder.decoder_weight.shape) == (12, 4)
 
 
 def test_shared_coder_between_linear_layers_averages_gradient():
-    coder = PNNHCoder(6, 3, init="he")
+    coder = PNNHCoder(6, 3, init="he", trainable=True)
     first, second = FusedPNNHLinear(6, 6, coder=coder), FusedPNNHLinear(6, 6, coder=coder)
     x = torch.randn(4, 6)
     second(first(x)).sum().backward()

@@ -175,6 +175,13 @@ def test_schedules_warm_up_then_decay():
         WarmupSchedule("cosine", total_steps=10, warmup_steps=11)
 
 
+def test_coder_loss_needs_trainable_coders():
+    config = TrainConfig(data="synthetic", coder_loss_weight=0.1)
+    with pytest.raises(ValueError, match=r"--coder-loss-weight.*--coder-trainable"):
+        config.validate()
+    TrainConfig(data="synthetic", coder_loss_weight=0.1, coder_trainable=True).validate()
+
+
 def test_no_weight_decay_on_biases_and_norms():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(4, 2))
     decay, no_decay = parameter_groups(model, 5e-4)
@@ -208,7 +215,15 @@ def _model_state(path: Path) -> dict[str, torch.Tensor]:
 
 
 def test_resume_continues_exactly(tmp_path):
-    common = ["--epochs", "2", "--coder-loss-weight", "0.1", "--schedule", "onecycle"]
+    common = [
+        "--epochs",
+        "2",
+        "--coder-trainable",
+        "--coder-loss-weight",
+        "0.1",
+        "--schedule",
+        "onecycle",
+    ]
     _train(tmp_path / "straight", *common)
     _train(tmp_path / "split", *common, "--stop-after", "1")
     assert json.loads((tmp_path / "split" / "summary.json").read_text())["epochs_completed"] == 1

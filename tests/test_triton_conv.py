@@ -65,7 +65,9 @@ def test_low_precision(case, dtype):
 
 
 def test_module_eval_batchnorm_runs_on_triton_and_matches_torch_backend():
-    layer = FusedPNNHConv(6, 6, norm="batch", backend="triton", coder_init="he").to(DEVICE)
+    layer = FusedPNNHConv(
+        6, 6, norm="batch", backend="triton", coder_init="he", coder_trainable=True
+    ).to(DEVICE)
     with torch.no_grad():
         layer.norm.running_mean.normal_()
         layer.norm.running_var.uniform_(0.5, 2.0)
@@ -83,8 +85,19 @@ def test_training_batchnorm_matches_reference_and_nn_batchnorm(case, small_tiles
     check_training_case(case, SMALL_TILES if small_tiles else None)
 
 
+@pytest.mark.parametrize("case", TRAINING_CASES[:2], ids=str)
+def test_training_step_with_the_default_fixed_coder(case):
+    # The default coder requires no gradient: the fused backward must still give the learner, norm
+    # and input gradients of the reference, and none to the coder.
+    check_training_case(case, coder_trainable=False)
+
+
 def test_training_batchnorm_rejects_one_value_per_channel_like_nn_batchnorm():
-    layer = FusedPNNHConv(4, 4, norm="batch", backend="triton", coder_init="he").to(DEVICE).train()
+    layer = (
+        FusedPNNHConv(4, 4, norm="batch", backend="triton", coder_init="he", coder_trainable=True)
+        .to(DEVICE)
+        .train()
+    )
     x = torch.randn(1, 4, 1, 1, device=DEVICE)
     with pytest.raises(ValueError, match="Expected more than 1 value per channel when training") as ours:
         layer(x)
@@ -94,7 +107,11 @@ def test_training_batchnorm_rejects_one_value_per_channel_like_nn_batchnorm():
 
 
 def test_training_batchnorm_variance_is_accurate_at_large_means():
-    layer = FusedPNNHConv(8, 8, norm="batch", backend="triton", coder_init="he").to(DEVICE).train()
+    layer = (
+        FusedPNNHConv(8, 8, norm="batch", backend="triton", coder_init="he", coder_trainable=True)
+        .to(DEVICE)
+        .train()
+    )
     with torch.no_grad():
         layer.bias.fill_(1e3)  # the learner output: mean 1e3, standard deviation about 1
     layer.norm.momentum = 1.0  # running_var becomes this batch's unbiased variance
@@ -111,8 +128,8 @@ def test_training_batchnorm_variance_is_accurate_at_large_means():
 
 def test_compile_fullgraph_with_training_batchnorm():
     layers = nn.Sequential(
-        FusedPNNHConv(6, 6, norm="batch", backend="triton", coder_init="he"),
-        FusedPNNHConv(6, 6, norm="batch", backend="triton", coder_init="he"),
+        FusedPNNHConv(6, 6, norm="batch", backend="triton", coder_init="he", coder_trainable=True),
+        FusedPNNHConv(6, 6, norm="batch", backend="triton", coder_init="he", coder_trainable=True),
     ).to(DEVICE)
     twin = copy.deepcopy(layers)
     compiled = torch.compile(layers, fullgraph=True, backend="aot_eager")
@@ -128,7 +145,7 @@ def test_compile_fullgraph_with_training_batchnorm():
 
 
 def test_contiguous_input_gives_contiguous_output():
-    layer = FusedPNNHConv(5, 5, backend="triton", coder_init="he").to(DEVICE)
+    layer = FusedPNNHConv(5, 5, backend="triton", coder_init="he", coder_trainable=True).to(DEVICE)
     x = torch.randn(2, 5, 6, 4, device=DEVICE)
     out = layer(x)
     assert out.is_contiguous()
@@ -138,7 +155,7 @@ def test_contiguous_input_gives_contiguous_output():
 
 
 def test_bf16_autocast_in_bf16_out():
-    layer = FusedPNNHConv(16, 16, backend="triton", coder_init="he").to(DEVICE)
+    layer = FusedPNNHConv(16, 16, backend="triton", coder_init="he", coder_trainable=True).to(DEVICE)
     x = torch.randn(2, 16, 5, 5, device=DEVICE).relu()
     expected = layer(x).detach()
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
@@ -168,7 +185,11 @@ def _saved_activation_bytes(layer: nn.Module, x: torch.Tensor) -> int:
 
 
 def test_triton_op_keeps_only_input_and_output_alive():
-    layer = FusedPNNHConv(32, 32, norm="batch", backend="triton", coder_init="he").to(DEVICE).eval()
+    layer = (
+        FusedPNNHConv(32, 32, norm="batch", backend="triton", coder_init="he", coder_trainable=True)
+        .to(DEVICE)
+        .eval()
+    )
     reference = copy.deepcopy(layer)
     reference.backend = "torch"
     x = torch.randn(2, 32, 16, 16, device=DEVICE).to(memory_format=torch.channels_last).relu()
@@ -202,8 +223,8 @@ def assert_compiled_matches_eager(module: nn.Module, x: torch.Tensor) -> None:
 
 def test_compile_fullgraph_traces_the_triton_op():
     layers = nn.Sequential(
-        FusedPNNHConv(8, 8, backend="triton", coder_init="he"),
-        FusedPNNHConv(8, 12, stride=2, backend="triton", coder_init="he"),
+        FusedPNNHConv(8, 8, backend="triton", coder_init="he", coder_trainable=True),
+        FusedPNNHConv(8, 12, stride=2, backend="triton", coder_init="he", coder_trainable=True),
     ).to(DEVICE)
     assert_compiled_matches_eager(layers, torch.randn(2, 8, 6, 6, device=DEVICE))
 
@@ -220,7 +241,7 @@ def test_compile_fullgraph_of_a_triton_linear_stack():
     from pnnh_kernels import FusedPNNHLinear
 
     stack = nn.Sequential(
-        FusedPNNHLinear(12, 12, backend="triton", coder_init="he"),
-        FusedPNNHLinear(12, 20, backend="triton", coder_init="he"),
+        FusedPNNHLinear(12, 12, backend="triton", coder_init="he", coder_trainable=True),
+        FusedPNNHLinear(12, 20, backend="triton", coder_init="he", coder_trainable=True),
     ).to(DEVICE)
     assert_compiled_matches_eager(stack, torch.randn(2, 5, 12, device=DEVICE))

@@ -4,6 +4,7 @@ from pnnh_kernels.analysis.bounds import cantelli_survival_bound
 from pnnh_kernels.analysis.curves import he_stack, layer_curves
 from pnnh_kernels.analysis.probes import (
     ReluSiteStats,
+    coder_gain,
     dissipation_report,
     mean_cosine_similarity,
     ridge_r2,
@@ -13,6 +14,7 @@ from pnnh_kernels.analysis.probes import (
 __all__ = [
     "ReluSiteStats",
     "cantelli_survival_bound",
+    "coder_gain",
     "dissipation_report",
     "he_stack",
     "layer_curves",

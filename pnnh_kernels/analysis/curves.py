@@ -11,6 +11,7 @@ from torch import Tensor
 from pnnh_kernels.analysis.bounds import cantelli_survival_bound
 from pnnh_kernels.analysis.probes import mean_cosine_similarity, ridge_r2
 from pnnh_kernels.backends.reference import learner_conv2d
+from pnnh_kernels.coder import DEFAULT_CODER_INIT
 from pnnh_kernels.models.deep_cnn import DeepCNN, ResidualLayer, deep_cnn
 from pnnh_kernels.pnnh_conv import FusedPNNHConv
 
@@ -29,7 +30,7 @@ class LayerCurvePoint:
         return asdict(self)
 
 
-def he_stack(depth: int, width: int, variant: str, coder_init: str = "rectified_normal") -> DeepCNN:
+def he_stack(depth: int, width: int, variant: str, coder_init: str = DEFAULT_CODER_INIT) -> DeepCNN:
     """deep_cnn without normalisation and with zero biases: the He-initialised stack that the
     bounds are derived for (docs/analysis.md)."""
     model = deep_cnn(depth, width, variant, norm=None, coder_init=coder_init)

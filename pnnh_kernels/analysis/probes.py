@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from pnnh_kernels.coder import PNNHCoder
 from pnnh_kernels.pnnh_conv import FusedPNNHConv
 from pnnh_kernels.pnnh_linear import FusedPNNHLinear
 
@@ -61,6 +62,20 @@ def ridge_r2(
     return float(1 - residual / total)
 
 
+def coder_gain(coder: PNNHCoder) -> float:
+    """Largest singular value of the coder path's linear part, ``W_D W_E`` (``W_E^T W_E`` when tied).
+
+    It is the path's gain on inputs whose code units are all active (on non-negative inputs, for the
+    default rectified-isometry coder, all of them are). The coder path reaches the layer's output
+    without a norm, so over L layers that share a coder its gain compounds as ``gain ** L``: 1.05 at
+    depth 64 is a factor of 23, which is how the pretrained shared coder (gain 1.08-1.19) diverged.
+    """
+    weights = coder.tensors()
+    with torch.no_grad():
+        path = weights.decoder().double() @ weights.encoder_weight.double()
+        return float(torch.linalg.matrix_norm(path, 2))
+
+
 @dataclass(frozen=True)
 class ReluSiteStats:
     index: int  # order of the call in the forward pass
@@ -68,6 +83,7 @@ class ReluSiteStats:
     survival: float
     cosine_similarity: float
     ridge_r2: Optional[float]
+    coder_gain: Optional[float] = None  # coder_gain() of a fused PNNH layer's coder, else None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -83,8 +99,10 @@ def _is_relu_site(module: nn.Module) -> bool:
 def dissipation_report(
     model: nn.Module, batch: Tensor, probe_inputs: bool = False, max_features: int = 4096
 ) -> list[ReluSiteStats]:
-    """Per ReLU call of ``model`` on ``batch``: survival, cosine similarity between samples and,
-    with ``probe_inputs``, the ridge R^2 of reconstructing ``batch`` from that layer's output.
+    """Per ReLU call of ``model`` on ``batch``: survival, cosine similarity between samples,
+    with ``probe_inputs`` the ridge R^2 of reconstructing ``batch`` from that layer's output and, for
+    a fused PNNH layer with a coder, the coder path's gain (:func:`coder_gain`; a product of gains
+    above 1 over the layers is a net heading for divergence, visible before training).
 
     Works on any nn.Module: it hooks every nn.ReLU module (torchvision's ResNets included) and the
     fused PNNH layers whose activation is a ReLU. ReLUs called as functions (torch.relu) are not
@@ -92,10 +110,18 @@ def dissipation_report(
     probe (the survival and similarity use all of them).
     """
     names = {module: name for name, module in model.named_modules()}
-    records: list[tuple[str, Tensor]] = []
+    records: list[tuple[str, Tensor, Optional[float]]] = []
+    gains: dict[int, float] = {}  # per coder: a shared coder is measured once
 
     def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
-        records.append((names.get(module, type(module).__name__), output.detach().float().cpu()))
+        coder = getattr(module, "coder", None)
+        gain = None
+        if isinstance(coder, PNNHCoder):
+            if id(coder) not in gains:
+                gains[id(coder)] = coder_gain(coder)
+            gain = gains[id(coder)]
+        name = names.get(module, type(module).__name__)
+        records.append((name, output.detach().float().cpu(), gain))
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if _is_relu_site(m)]
     was_training = model.training
@@ -107,7 +133,7 @@ def dissipation_report(
         for handle in handles:
             handle.remove()
     stats = []
-    for index, (site, output) in enumerate(records):
+    for index, (site, output, gain) in enumerate(records):
         r2 = None
         if probe_inputs:
             features = output
@@ -115,6 +141,8 @@ def dissipation_report(
                 features = nn.functional.avg_pool2d(features, 2, ceil_mode=True)
             r2 = ridge_r2(features, batch.detach().float().cpu())
         stats.append(
-            ReluSiteStats(index, site, survival_fraction(output), mean_cosine_similarity(output), r2)
+            ReluSiteStats(
+                index, site, survival_fraction(output), mean_cosine_similarity(output), r2, gain
+            )
         )
     return stats

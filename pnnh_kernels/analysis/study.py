@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import torch
 
-from pnnh_kernels.coder import PNNHCoder
+from pnnh_kernels.coder import CODER_INITS, PNNHCoder
 from pnnh_kernels.models import deep_cnn
 from pnnh_kernels.models.deep_cnn import DeepCNN
 from pnnh_kernels.training.digits import DigitsSplit, train_classifier
@@ -23,31 +23,63 @@ from pnnh_kernels.training.digits import DigitsSplit, train_classifier
 
 @dataclass(frozen=True)
 class StudyConfig:
-    depths: tuple[int, ...]
+    depths: tuple[int, ...]  # the depth study: plain, residual and PNNH (the default layer)
     seeds: tuple[int, ...]
     epochs: int
-    sharing_depths: tuple[int, ...]
-    init_depth: int
+    sharing_depths: tuple[int, ...] = ()  # how a *trained* shared coder's gradient is handled
+    init_depth: Optional[int] = None  # coder init, width and tying studies (None: none)
     width: int = 16
     batch_size: int = 64
     max_lr: float = 0.05
+    ablation_depths: tuple[int, ...] = ()  # the coder ablation (ABLATION)
+    check_width: Optional[int] = None  # the depth study's three variants again at this width ...
+    check_depth: Optional[int] = None  # ... and this depth
 
 
 # Under 10 minutes on 2 CPU cores.
 QUICK = StudyConfig(depths=(8, 16, 32, 64), seeds=(0,), epochs=6, sharing_depths=(64,), init_depth=64)
-# The full study: depths to 128, two seeds, the demo's 12 epochs (estimated 1 to 1.5 hours on 2 CPU
-# cores from the quick run's cost per layer and epoch; the prototype behind the studies used 20).
+# The full study: depths to 128, three seeds, the demo's 12 epochs, the coder ablation at depths 16 to
+# 128 and the three variants again at width 32, depth 64 (about 2.5 hours of one CPU core per job;
+# `--jobs 2` on 2 cores: about 80 minutes).
 FULL = StudyConfig(
-    depths=(8, 16, 32, 64, 128), seeds=(0, 1), epochs=12, sharing_depths=(64, 128), init_depth=128
+    depths=(8, 16, 32, 64, 128),
+    seeds=(0, 1, 2),
+    epochs=12,
+    ablation_depths=(16, 32, 64, 128),
+    check_width=32,
+    check_depth=64,
 )
+# The coder studies of the default layer (init, coder width, tying; trained-coder sharing), depth 64.
+CODERS = StudyConfig(depths=(), seeds=(0, 1, 2), epochs=12, sharing_depths=(64,), init_depth=64)
 # End-to-end check for the test suite: seconds.
-TINY = StudyConfig(depths=(2, 4), seeds=(0,), epochs=1, sharing_depths=(4,), init_depth=4, width=4)
+TINY = StudyConfig(
+    depths=(2, 4),
+    seeds=(0,),
+    epochs=1,
+    sharing_depths=(4,),
+    init_depth=4,
+    width=4,
+    ablation_depths=(4,),
+    check_width=6,
+    check_depth=2,
+)
 # The peak-learning-rate sweep (preset "lr"): the three variants at depth 64, the full study's recipe
 # otherwise; 0.05 repeats the full study's own runs (a reproducibility check).
-LR_SWEEP = StudyConfig(depths=(64,), seeds=(0, 1), epochs=12, sharing_depths=(), init_depth=64)
+LR_SWEEP = StudyConfig(depths=(64,), seeds=(0, 1), epochs=12, init_depth=64)
 LR_VALUES = (0.01, 0.02, 0.05)
 
 CODER_WIDTHS = {"C/8": 8, "C/4": 4, "C/2": 2, "C": 1}  # divisor of the layer width
+
+# The coder ablation: the coder's initialisation crossed with whether it is trained, every other
+# setting the default's (shared by all layers, tied, C/2). "rectified_normal, trained" is the
+# default before 2026-11-28; "rectified_isometry, fixed" is the default since.
+DEFAULT_LABEL = "rectified_isometry, fixed (default)"
+ABLATION = {
+    "rectified_normal, trained": {"coder_init": "rectified_normal", "coder_trainable": True},
+    "rectified_normal, fixed": {"coder_init": "rectified_normal"},
+    "rectified_isometry, trained": {"coder_trainable": True},
+    DEFAULT_LABEL: {},
+}
 
 
 @dataclass(frozen=True)
@@ -58,6 +90,11 @@ class Run:
     seed: int
     model_kwargs: dict[str, Any]
     max_lr: Optional[float] = None  # None: the config's (in the label when set, hence in run_id)
+    width: Optional[int] = None  # None: the config's (in the label when set, hence in run_id)
+
+    def cost(self, config: StudyConfig) -> int:
+        """Relative training cost (layers x width^2), to start the longest runs first."""
+        return self.depth * (self.width or config.width) ** 2
 
 
 def run_id(run: Run, config: StudyConfig) -> str:
@@ -73,12 +110,7 @@ def run_id(run: Run, config: StudyConfig) -> str:
 
 def coder_reconstruction_error(coder: PNNHCoder, samples: int = 4096, seed: int = 0) -> float:
     """Relative error ||target - coder(x)||^2 / ||target||^2 on fresh x ~ relu(N(0, 1))."""
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(samples, coder.in_channels, generator=generator).relu()
-    target = coder.reconstruction_target(x)
-    with torch.no_grad():
-        reconstruction = coder(x.to(coder.encoder_weight.dtype))
-    return float((reconstruction - target).square().sum() / target.square().sum())
+    return coder.reconstruction_error(samples, seed)
 
 
 def _first_coder(model: DeepCNN) -> Optional[PNNHCoder]:
@@ -89,22 +121,45 @@ def _first_coder(model: DeepCNN) -> Optional[PNNHCoder]:
 
 
 def planned_runs(config: StudyConfig) -> Iterator[Run]:
-    """All runs of the three studies; runs shared between studies are listed once."""
+    """All runs of the studies ``config`` asks for; runs shared between studies are listed once."""
     seen = set()
 
-    def run(study: str, label: dict, depth: int, seed: int, **kwargs: Any) -> Optional[Run]:
-        key = (depth, seed, tuple(sorted(kwargs.items())))
+    def run(
+        study: str, label: dict, depth: int, seed: int, width: Optional[int] = None, **kwargs: Any
+    ) -> Optional[Run]:
+        key = (depth, seed, width, tuple(sorted(kwargs.items())))
         if key in seen:
             return None
         seen.add(key)
-        return Run(study, label, depth, seed, kwargs)
+        return Run(study, label, depth, seed, kwargs, width=width)
 
     candidates = []
     for depth in config.depths:
         for variant in ("plain", "residual", "pnnh"):
             for seed in config.seeds:
                 candidates.append(run("depth", {"variant": variant}, depth, seed, variant=variant))
+    for depth in config.ablation_depths:
+        for setting, kwargs in ABLATION.items():
+            for seed in config.seeds:
+                candidates.append(
+                    run("ablation", {"setting": setting}, depth, seed, variant="pnnh", **kwargs)
+                )
+    if config.check_width is not None and config.check_depth is not None:
+        for variant in ("plain", "residual", "pnnh"):
+            for seed in config.seeds:
+                label = {"variant": variant, "width": config.check_width}
+                candidates.append(
+                    run(
+                        "width_check",
+                        label,
+                        config.check_depth,
+                        seed,
+                        config.check_width,
+                        variant=variant,
+                    )
+                )
     for depth in config.sharing_depths:
+        # Only a trained coder has a gradient to share: the three ways of handling it.
         for sharing, kwargs in (
             ("averaged", {}),
             ("summed", {"average_shared_gradient": False}),
@@ -112,14 +167,22 @@ def planned_runs(config: StudyConfig) -> Iterator[Run]:
         ):
             for seed in config.seeds:
                 candidates.append(
-                    run("sharing", {"sharing": sharing}, depth, seed, variant="pnnh", **kwargs)
+                    run(
+                        "sharing",
+                        {"sharing": sharing},
+                        depth,
+                        seed,
+                        variant="pnnh",
+                        coder_trainable=True,
+                        **kwargs,
+                    )
                 )
     depth = config.init_depth
-    for seed in config.seeds:
-        for init in ("rectified_normal", "identity", "he"):
+    for seed in config.seeds if depth is not None else ():
+        for init in CODER_INITS:
             kwargs = (
                 {"variant": "pnnh"}
-                if init == "rectified_normal"
+                if init == "rectified_isometry"
                 else {"variant": "pnnh", "coder_init": init}
             )
             candidates.append(run("init", {"init": init}, depth, seed, **kwargs))
@@ -146,7 +209,8 @@ def planned_lr_runs(config: StudyConfig, lrs: tuple[float, ...] = LR_VALUES) -> 
 def execute_run(run: Run, config: StudyConfig, data: DigitsSplit) -> dict[str, Any]:
     """Train one run and return its row."""
     torch.manual_seed(run.seed)
-    model = deep_cnn(run.depth, config.width, **run.model_kwargs)
+    width = run.width or config.width
+    model = deep_cnn(run.depth, width, **run.model_kwargs)
     coder = _first_coder(model)
     error_at_init = coder_reconstruction_error(coder) if coder else None
     result = train_classifier(
@@ -161,6 +225,7 @@ def execute_run(run: Run, config: StudyConfig, data: DigitsSplit) -> dict[str, A
         "study": run.study,
         **run.label,
         "depth": run.depth,
+        "width": width,
         "seed": run.seed,
         "model": run.model_kwargs,
         "train_loss": result.train_loss,
@@ -172,35 +237,41 @@ def execute_run(run: Run, config: StudyConfig, data: DigitsSplit) -> dict[str, A
     }
 
 
+def _is_default_pnnh(row: dict[str, Any], config: StudyConfig) -> bool:
+    """A run of the default PNNH layer at the config's width (whichever study planned it)."""
+    return row["model"] == {"variant": "pnnh"} and row.get("width", config.width) == config.width
+
+
 def rows_for(rows: list[dict[str, Any]], study: str, config: StudyConfig) -> list[dict[str, Any]]:
     """The rows a study's table shows, including the runs it shares with other studies."""
-    if study == "depth":
-        return [r for r in rows if "variant" in r and r["study"] != "lr"]
-    if study == "lr":
-        return [r for r in rows if r["study"] == "lr"]
+    if study in ("depth", "lr", "width_check"):
+        return [r for r in rows if r["study"] == study]
     if study == "sharing":
-        shared = [
+        # The "averaged" run is the ablation's "rectified_isometry, trained" where both are planned.
+        averaged = {"variant": "pnnh", "coder_trainable": True}
+        return [
             r | {"sharing": "averaged"}
             for r in rows
-            if r.get("variant") == "pnnh"
-            and r["depth"] in config.sharing_depths
-            and r["study"] == "depth"
-        ]
-        return shared + [r for r in rows if r["study"] == "sharing"]
-    at_init_depth = [r for r in rows if r["depth"] == config.init_depth]
-    default_pnnh = [
-        r for r in at_init_depth if r.get("variant") == "pnnh" and r["study"] in ("depth", "sharing")
-    ]
-    if study == "init":
-        return [r | {"init": "rectified_normal"} for r in default_pnnh if r["study"] == "depth"] + [
-            r for r in rows if r["study"] == "init"
-        ]
-    if study == "coder_width":
-        return [r | {"coder_width": "C/2"} for r in default_pnnh if r["study"] == "depth"] + [
-            r for r in rows if r["study"] == "coder_width"
-        ]
-    if study == "tying":
-        return [r | {"tied": True} for r in default_pnnh if r["study"] == "depth"] + [
-            r for r in rows if r["study"] == "tying"
+            if r["model"] == averaged and r["depth"] in config.sharing_depths and r["study"] != "sharing"
+        ] + [r for r in rows if r["study"] == "sharing"]
+    if study == "ablation":
+        names = {"residual": "residual net", "plain": "plain net"}
+        out = []
+        for r in rows:
+            if r["depth"] not in config.ablation_depths:
+                continue
+            if r["study"] == "ablation":
+                out.append(r)
+            elif _is_default_pnnh(r, config):
+                out.append(r | {"setting": DEFAULT_LABEL})
+            elif r["study"] == "depth" and r["variant"] in names:
+                out.append(r | {"setting": names[r["variant"]]})
+        return out
+    at_init_depth = [r for r in rows if r["depth"] == config.init_depth and _is_default_pnnh(r, config)]
+    defaults = {"init": "rectified_isometry", "coder_width": "C/2", "tied": True}
+    if study in ("init", "coder_width", "tying"):
+        key = "tied" if study == "tying" else study
+        return [r | {key: defaults[key]} for r in at_init_depth] + [
+            r for r in rows if r["study"] == study
         ]
     raise ValueError(f"study: unknown {study!r}")

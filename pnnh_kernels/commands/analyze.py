@@ -8,6 +8,7 @@ import json
 import statistics
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +16,18 @@ import torch
 
 from pnnh_kernels.analysis import study
 from pnnh_kernels.analysis.curves import LayerCurvePoint, he_stack, layer_curves
+from pnnh_kernels.analysis.probes import coder_gain
+from pnnh_kernels.coder import CODER_INITS, PNNHCoder, default_code_channels
 from pnnh_kernels.training.digits import load_digits_split
 
 VARIANTS = ("plain", "residual", "pnnh")
-PRESETS = {"quick": study.QUICK, "full": study.FULL, "tiny": study.TINY, "lr": study.LR_SWEEP}
+PRESETS = {
+    "quick": study.QUICK,
+    "full": study.FULL,
+    "coders": study.CODERS,
+    "tiny": study.TINY,
+    "lr": study.LR_SWEEP,
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,14 +35,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--preset",
         choices=list(PRESETS),
         default="quick",
-        help="quick: under 10 minutes on 2 CPU cores (default); full: depths to 128, 2 seeds, "
-        "12 epochs, 1 to 1.5 hours; lr: the three variants at depth 64 for peak learning rates "
-        "0.01, 0.02, 0.05 (about 20 minutes); tiny: a seconds-long end-to-end check",
+        help="quick: under 10 minutes on 2 CPU cores (default); full: depths to 128, 3 seeds, "
+        "12 epochs, the coder ablation and a width-32 check (about 80 minutes with --jobs 2 on 2 "
+        "cores); coders: the coder's init, width, tying and trained-coder sharing at depth 64; "
+        "lr: the three variants at depth 64 for peak learning rates 0.01, 0.02, 0.05 (about 20 "
+        "minutes); tiny: a seconds-long end-to-end check",
     )
     parser.add_argument("--curve-depth", type=int, default=None, help="depth of the He-init curves")
     parser.add_argument("--out", type=Path, default=Path("analysis_output"))
     parser.add_argument("--skip-training", action="store_true", help="curves and bounds only")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads per training run (default: torch's; 1 with --jobs)",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="training runs at once, each in its own process (results do not depend on it when "
+        "--threads is the same)",
+    )
     parser.add_argument(
         "--no-resume",
         action="store_true",
@@ -66,6 +89,18 @@ def curves(depth: int, width: int, samples: int = 256) -> list[LayerCurvePoint]:
     return points
 
 
+def coder_gains_at_init(width: int, seeds: tuple[int, ...] = (0, 1, 2)) -> list[list[str]]:
+    """Rows: coder init, seed, the shared coder's gain (coder_gain) and that gain to the power 64
+    and 128, what it compounds to over a deep_cnn of that depth."""
+    rows = []
+    for init in CODER_INITS:
+        for seed in seeds:
+            torch.manual_seed(seed)
+            gain = coder_gain(PNNHCoder(width, default_code_channels(width), init=init))
+            rows.append([init, str(seed), f"{gain:.4f}", f"{gain**64:.3g}", f"{gain**128:.3g}"])
+    return rows
+
+
 def _mean(values: list[float]) -> float:
     return statistics.fmean(values) if values else float("nan")
 
@@ -80,7 +115,6 @@ def study_tables(rows: list[dict[str, Any]], config: study.StudyConfig) -> str:
     out = []
     specs = [
         ("depth", "Depth scaling", ("depth", "variant")),
-        ("sharing", "Coder sharing (PNNH)", ("depth", "sharing")),
         ("init", f"Coder initialisation (PNNH, depth {config.init_depth})", ("init",)),
         (
             "coder_width",
@@ -88,6 +122,17 @@ def study_tables(rows: list[dict[str, Any]], config: study.StudyConfig) -> str:
             ("coder_width",),
         ),
         ("tying", f"Tied vs untied coder (PNNH, depth {config.init_depth})", ("tied",)),
+        (
+            "ablation",
+            "Coder ablation (PNNH; residual and plain nets for reference)",
+            ("setting", "depth"),
+        ),
+        ("width_check", f"The three variants at width {config.check_width}", ("depth", "variant")),
+        (
+            "sharing",
+            "Trained shared coder: its gradient averaged, summed, or one coder per layer",
+            ("depth", "sharing"),
+        ),
         ("lr", "Peak learning rate", ("depth", "lr", "variant")),
     ]
     for name, title, keys in specs:
@@ -107,6 +152,7 @@ def study_tables(rows: list[dict[str, Any]], config: study.StudyConfig) -> str:
                     *(str(v) for v in key),
                     f"{_mean([r['train_loss'] for r in finite]):.3f}" if finite else "diverged",
                     f"{_mean([r['test_accuracy'] for r in runs]):.3f}",
+                    f"{min(r['test_accuracy'] for r in runs):.3f}",
                     f"{diverged}/{len(runs)}",
                     f"{_mean(errors):.3f}" if errors else "-",
                 ]
@@ -114,7 +160,14 @@ def study_tables(rows: list[dict[str, Any]], config: study.StudyConfig) -> str:
         out.append(
             f"### {title}\n\n"
             + _table(
-                [*keys, "train loss", "test accuracy", "diverged", "coder error after training"],
+                [
+                    *keys,
+                    "train loss",
+                    "test accuracy (mean)",
+                    "(min)",
+                    "diverged",
+                    "coder error after training",
+                ],
                 table_rows,
             )
         )
@@ -160,7 +213,7 @@ def figures(points: list[LayerCurvePoint], rows: list[dict[str, Any]], out: Path
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
-    depth_rows = [r for r in rows if "variant" in r and r["study"] != "lr"]
+    depth_rows = [r for r in rows if r["study"] == "depth"]
     if depth_rows:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         for variant in VARIANTS:
@@ -201,40 +254,96 @@ def figures(points: list[LayerCurvePoint], rows: list[dict[str, Any]], out: Path
     return written
 
 
+def _save(row: dict[str, Any], saved: Path) -> None:
+    # Written per run (temp file + rename) so an interrupted study resumes where it stopped.
+    partial = saved.with_suffix(".tmp")
+    partial.write_text(json.dumps(row, indent=1))
+    partial.replace(saved)
+
+
+_worker_data = None
+
+
+def _worker_start(threads: int) -> None:
+    global _worker_data
+    torch.set_num_threads(threads)
+    _worker_data = load_digits_split()
+
+
+def _worker_run(single: study.Run, config: study.StudyConfig) -> dict[str, Any]:
+    return study.execute_run(single, config, _worker_data)
+
+
+def _train(
+    pending: list[tuple[study.Run, Path]],
+    config: study.StudyConfig,
+    args: argparse.Namespace,
+    bar: Any,
+) -> Iterator[tuple[study.Run, dict[str, Any]]]:
+    """Train the pending runs, saving each row as it finishes; ``--jobs`` processes at once."""
+    if args.jobs <= 1 or len(pending) <= 1:
+        data = load_digits_split()
+        for single, saved in pending:
+            if bar is not None:
+                bar.set_postfix_str(f"{single.study} depth {single.depth} {single.label}")
+            row = study.execute_run(single, config, data)
+            _save(row, saved)
+            if bar is not None:
+                bar.update(1)
+            yield single, row
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    # spawn: a forked child would inherit the parent's torch thread pool state.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(
+        args.jobs, mp_context=context, initializer=_worker_start, initargs=(args.threads or 1,)
+    ) as pool:
+        futures = {
+            pool.submit(_worker_run, single, config): (single, saved) for single, saved in pending
+        }
+        for future in as_completed(futures):
+            single, saved = futures[future]
+            row = future.result()
+            _save(row, saved)
+            if bar is not None:
+                bar.update(1)
+            yield single, row
+
+
 def run(args: argparse.Namespace) -> None:
+    if args.jobs < 1:
+        raise ValueError(f"--jobs: expected a positive number of processes, got {args.jobs}")
     if args.threads:
         torch.set_num_threads(args.threads)
     config = PRESETS[args.preset]
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    curve_depth = args.curve_depth or max(config.depths)
+    curve_depth = args.curve_depth or max(config.depths or (config.init_depth or 8,))
     points = curves(curve_depth, config.width)
     rows: list[dict[str, Any]] = []
     reused = 0
     if not args.skip_training:
-        data = load_digits_split()
         runs = list(study.planned_lr_runs(config) if args.preset == "lr" else study.planned_runs(config))
         bar = _progress(len(runs), "training runs")
 
         saved_runs = out / "runs"
         saved_runs.mkdir(exist_ok=True)
+        pending = []
         for single in runs:
-            if bar is not None:
-                bar.set_postfix_str(f"{single.study} depth {single.depth} {single.label}")
             saved = saved_runs / f"{study.run_id(single, config)}.json"
             if saved.exists() and not args.no_resume:
                 rows.append(json.loads(saved.read_text()))
                 reused += 1
+                if bar is not None:
+                    bar.update(1)
             else:
-                row = study.execute_run(single, config, data)
-                # Written per run (temp file + rename) so an interrupted study resumes where it stopped.
-                partial = saved.with_suffix(".tmp")
-                partial.write_text(json.dumps(row, indent=1))
-                partial.replace(saved)
-                rows.append(row)
-            if bar is not None:
-                bar.update(1)
+                pending.append((single, saved))
+        # Longest first, so that parallel jobs finish together.
+        pending.sort(key=lambda item: -item[0].cost(config))
+        rows += [row for _, row in _train(pending, config, args, bar)]
         if bar is not None:
             bar.close()
     written = figures(points, rows, out)
@@ -277,6 +386,14 @@ def run(args: argparse.Namespace) -> None:
                 if p.layer in (1, 2, 4, 8, 16, 32, 64, 128, curve_depth)
             ],
         ),
+        "",
+        f"## The shared coder's gain at initialisation (width {config.width}, C_B = C/2)",
+        "",
+        "The largest singular value of the coder path (`pnnh_kernels.analysis.coder_gain`); the "
+        "path reaches each layer's output without a norm, so its gain compounds over the layers "
+        "that share it.",
+        "",
+        _table(["init", "seed", "gain", "gain^64", "gain^128"], coder_gains_at_init(config.width)),
     ]  # fmt: skip
     if rows:
         markdown += [

@@ -43,9 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _layer_step(args: argparse.Namespace, device: torch.device):
     channels, size, batch = (int(v) for v in args.layer.split(","))
     dtype = DTYPES[args.dtype]
-    layer = FusedPNNHConv(
-        channels, channels, bias=False, norm="batch", backend=args.backend, coder_init="he"
-    )
+    layer = FusedPNNHConv(channels, channels, bias=False, norm="batch", backend=args.backend)
     # Eval BatchNorm: the mode in which the fused backends run their own kernels.
     layer = layer.to(device, dtype, memory_format=torch.channels_last).eval()
     x = torch.randn(batch, channels, size, size, device=device, dtype=dtype).relu()
@@ -65,9 +63,7 @@ def _layer_step(args: argparse.Namespace, device: torch.device):
 
 def _model_step(args: argparse.Namespace, device: torch.device):
     classes, size = (10, 32) if args.stem == "cifar" else (1000, 224)
-    model: nn.Module = MODELS[args.model](
-        variant=args.variant, stem=args.stem, num_classes=classes, coder_init="he"
-    )
+    model: nn.Module = MODELS[args.model](variant=args.variant, stem=args.stem, num_classes=classes)
     model = model.to(device, memory_format=torch.channels_last).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     images = torch.randn(args.batch, 3, size, size, device=device).to(memory_format=torch.channels_last)

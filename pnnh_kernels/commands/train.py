@@ -56,6 +56,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--channels-last", action=argparse.BooleanOptionalAction, default=DEFAULTS.channels_last)
     add("--compile", action="store_true", help="torch.compile the model")
     add(
+        "--coder-trainable",
+        action="store_true",
+        help="train the coders (default: each keeps its fixed rectified-isometry initialisation, "
+        "the setting that trains at depth, docs/analysis.md)",
+    )
+    add(
         "--coder-loss-weight",
         type=float,
         default=DEFAULTS.coder_loss_weight,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Hashable
 from typing import Optional
 
-from pnnh_kernels.coder import PNNHCoder, default_code_channels
+from pnnh_kernels.coder import DEFAULT_CODER_INIT, PNNHCoder, default_code_channels
 
 VARIANTS = ("residual", "plain", "pnnh")
 
@@ -29,12 +29,14 @@ class CoderBank:
     def __init__(
         self,
         enabled: bool,
-        init: str = "rectified_normal",
+        init: str = DEFAULT_CODER_INIT,
         shared: bool = True,
         average_shared_gradient: bool = True,
         code_channels: Optional[int] = None,
         tied: bool = True,
+        trainable: bool = False,
     ) -> None:
+        self.trainable = trainable
         self.enabled = enabled
         self.tied = tied
         self.init = init
@@ -59,6 +61,7 @@ class CoderBank:
             tied=self.tied and in_channels == out_channels and stride == 1,
             init=self.init,
             average_shared_gradient=self.average_shared_gradient,
+            trainable=self.trainable,
         )
         self._coders[group] = coder
         return coder

@@ -6,6 +6,7 @@ from typing import Optional
 
 from torch import Tensor, nn
 
+from pnnh_kernels.coder import DEFAULT_CODER_INIT
 from pnnh_kernels.models.coder_bank import CoderBank, check_variant
 from pnnh_kernels.pnnh_conv import FusedPNNHConv
 from pnnh_kernels.validation import check_positive_int
@@ -42,11 +43,12 @@ class DeepCNN(nn.Module):
         in_channels: int = 1,
         num_classes: int = 10,
         coder_channels: Optional[int] = None,
-        coder_init: str = "rectified_normal",
+        coder_init: str = DEFAULT_CODER_INIT,
         coder_sharing: str = "shared",
         average_shared_gradient: bool = True,
         norm: Optional[str] = "batch",
         coder_tied: bool = True,
+        coder_trainable: bool = False,
     ) -> None:
         super().__init__()
         check_variant(variant)
@@ -62,6 +64,7 @@ class DeepCNN(nn.Module):
             average_shared_gradient=average_shared_gradient,
             code_channels=coder_channels,
             tied=coder_tied,
+            trainable=coder_trainable,
         )
         self.stem = FusedPNNHConv(in_channels, width, 3, bias=norm is None, coder_channels=0, norm=norm)
         layers: list[nn.Module] = []

@@ -17,7 +17,8 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
 
 
 def parameter_breakdown(model: nn.Module) -> dict[str, int]:
-    """Parameters split into ``coder`` (shared coders counted once) and ``other``, and ``total``."""
+    """Parameters split into ``coder`` (shared coders counted once) and ``other``, their ``total``,
+    and the ``trainable`` ones (requiring gradients; the default coders are fixed)."""
     coder_ids = {
         id(p) for module in model.modules() if isinstance(module, PNNHCoder) for p in module.parameters()
     }
@@ -27,4 +28,5 @@ def parameter_breakdown(model: nn.Module) -> dict[str, int]:
             coder += p.numel()
         else:
             other += p.numel()
-    return {"coder": coder, "other": other, "total": coder + other}
+    trainable = count_parameters(model, trainable_only=True)
+    return {"coder": coder, "other": other, "total": coder + other, "trainable": trainable}

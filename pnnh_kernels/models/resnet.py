@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from pnnh_kernels.coder import DEFAULT_CODER_INIT
 from pnnh_kernels.models.coder_bank import CoderBank, check_variant
 from pnnh_kernels.pnnh_conv import FusedPNNHConv
 
@@ -130,7 +131,8 @@ class ResNet(nn.Module):
         stem: str = "imagenet",
         num_classes: int = 1000,
         in_channels: int = 3,
-        coder_init: str = "rectified_normal",
+        coder_init: str = DEFAULT_CODER_INIT,
+        coder_trainable: bool = False,
         average_shared_gradient: bool = True,
     ) -> None:
         super().__init__()
@@ -151,6 +153,7 @@ class ResNet(nn.Module):
             bank = CoderBank(
                 enabled=variant == "pnnh",
                 init=coder_init,
+                trainable=coder_trainable,
                 average_shared_gradient=average_shared_gradient,
             )
             blocks = []

@@ -52,6 +52,7 @@ class TrainConfig:
     precision: str = "bf16"
     channels_last: bool = True
     compile: bool = False
+    coder_trainable: bool = False  # train the coders (default: fixed rectified isometries)
     coder_loss_weight: float = 0.0
     coder_loss_samples: int = 256
     backend: str = "auto"
@@ -81,6 +82,11 @@ class TrainConfig:
         for name in ("lr", "weight_decay", "coder_loss_weight", "warmup_epochs", "momentum"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"--{name.replace('_', '-')}: expected >= 0, got {getattr(self, name)}")
+        if self.coder_loss_weight > 0 and not self.coder_trainable:
+            raise ValueError(
+                f"--coder-loss-weight: {self.coder_loss_weight} trains the coders' autoencoder loss, "
+                "but the coders are fixed by default; add --coder-trainable"
+            )
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(
                 f"--label-smoothing: expected a value in [0, 1), got {self.label_smoothing}"
@@ -99,7 +105,12 @@ class TrainConfig:
 
 
 def build_model(config: TrainConfig, num_classes: int) -> nn.Module:
-    model = MODELS[config.model](config.variant, stem=config.stem, num_classes=num_classes)
+    model = MODELS[config.model](
+        config.variant,
+        stem=config.stem,
+        num_classes=num_classes,
+        coder_trainable=config.coder_trainable,
+    )
     backend = check_backend_name(config.backend)
     for module in model.modules():
         if isinstance(module, (FusedPNNHConv, FusedPNNHLinear)):
