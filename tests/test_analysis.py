@@ -203,3 +203,26 @@ def test_learning_rate_sweep_trains_each_run_at_its_rate(monkeypatch):
 
 class _FakeResult:
     train_loss, test_accuracy, diverged, seconds = 1.0, 0.5, False, 0.0
+
+
+@pytest.mark.parametrize("preset", ["TINY", "QUICK", "FULL", "CODERS"])
+def test_every_study_table_lists_each_run_once(preset):
+    config = getattr(study, preset)
+    runs = list(planned_runs(config))
+    rows = [
+        {
+            "study": r.study,
+            "model": r.model_kwargs,
+            "depth": r.depth,
+            "width": r.width or config.width,
+            "seed": r.seed,
+        }
+        | r.label
+        for r in runs
+    ]
+    for name in ("depth", "ablation", "width_check", "sharing", "init", "coder_width", "tying"):
+        listed = [
+            (r["study"], json.dumps(r["model"], sort_keys=True), r["depth"], r["width"], r["seed"])
+            for r in study.rows_for(rows, name, config)
+        ]
+        assert len(listed) == len(set(listed)), name

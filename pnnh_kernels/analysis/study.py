@@ -271,7 +271,7 @@ def rows_for(rows: list[dict[str, Any]], study: str, config: StudyConfig) -> lis
     defaults = {"init": "rectified_isometry", "coder_width": "C/2", "tied": True}
     if study in ("init", "coder_width", "tying"):
         key = "tied" if study == "tying" else study
-        return [r | {key: defaults[key]} for r in at_init_depth] + [
-            r for r in rows if r["study"] == study
-        ]
+        # The default's run, planned by another study (or by this one: then listed once).
+        shared = [r | {key: defaults[key]} for r in at_init_depth if r["study"] != study]
+        return shared + [r for r in rows if r["study"] == study]
     raise ValueError(f"study: unknown {study!r}")
