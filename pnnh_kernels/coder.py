@@ -322,7 +322,8 @@ class PNNHCoder(nn.Module):
         text = (
             f"{self.in_channels}, {self.code_channels}, out_channels={self.out_channels}, "
             f"tied={self.tied}, bias={self.encoder_bias is not None}, init={self.init!r}, "
-            f"num_uses={self.num_uses}, average_shared_gradient={self.average_shared_gradient}"
+            f"trainable={self.trainable}, num_uses={self.num_uses}, "
+            f"average_shared_gradient={self.average_shared_gradient}"
         )
         if self.init_reconstruction_error is not None:
             text += f", init_reconstruction_error={self.init_reconstruction_error:.4f}"

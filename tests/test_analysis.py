@@ -141,7 +141,10 @@ def test_tiny_analysis_end_to_end(tmp_path):
     summary = json.loads((tmp_path / "analysis.json").read_text())
     assert summary["runs"]
     assert summary["bounds_respected"] in (True, False)
-    assert "Depth scaling" in (tmp_path / "analysis.md").read_text()
+    markdown = (tmp_path / "analysis.md").read_text()
+    assert "Depth scaling" in markdown
+    assert "Coder ablation, summary" in markdown
+    assert "The shared coder's gain at initialisation" in markdown
     for figure in ("curve_survival", "curve_cosine_similarity", "curve_ridge_r2", "depth_study"):
         assert (tmp_path / f"{figure}.png").stat().st_size > 1000
 

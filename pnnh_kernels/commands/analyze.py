@@ -171,7 +171,38 @@ def study_tables(rows: list[dict[str, Any]], config: study.StudyConfig) -> str:
                 table_rows,
             )
         )
+    ablation = ablation_summary(rows, config)
+    if ablation:
+        out.append(ablation)
     return "\n\n".join(out)
+
+
+def ablation_summary(rows: list[dict[str, Any]], config: study.StudyConfig) -> str:
+    """The ablation as one row per setting and one column per depth: mean test accuracy over the
+    seeds (a diverged run counts as its chance-level accuracy), the worst seed, diverged runs."""
+    runs = study.rows_for(rows, "ablation", config)
+    if not runs:
+        return ""
+    depths = sorted({r["depth"] for r in runs})
+    order = ["residual net", "plain net", *study.ABLATION]
+    table_rows = []
+    for setting in order:
+        cells = []
+        for depth in depths:
+            group = [r for r in runs if r["setting"] == setting and r["depth"] == depth]
+            if not group:
+                cells.append("-")
+                continue
+            accuracy = [r["test_accuracy"] for r in group]
+            diverged = sum(r["diverged"] for r in group)
+            cells.append(
+                f"{_mean(accuracy):.3f} (min {min(accuracy):.3f}; {diverged}/{len(group)} diverged)"
+            )
+        table_rows.append([setting, *cells])
+    return (
+        "### Coder ablation, summary: mean test accuracy over seeds (worst seed; diverged runs)\n\n"
+        + _table(["setting", *(f"depth {d}" for d in depths)], table_rows)
+    )
 
 
 def figures(points: list[LayerCurvePoint], rows: list[dict[str, Any]], out: Path) -> list[Path]:
