@@ -148,3 +148,20 @@ def test_invalid_model_arguments():
         deep_cnn(4, 8, "pnnh", coder_sharing="none")
     with pytest.raises(ValueError, match="depth"):
         deep_cnn(0, 8, "pnnh")
+
+
+def test_coder_layers_start_with_a_depth_scaled_norm_scale():
+    deep = deep_cnn(64, 4, "pnnh")
+    # gamma^2 * L = 16: the branches add what a 16-layer net's add at gamma = 1.
+    assert all(bool((layer.norm.weight == 0.5).all()) for layer in deep.layers)
+    assert bool((deep.stem.norm.weight == 1).all())  # no coder: untouched
+    shallow = deep_cnn(9, 4, "pnnh")
+    assert all(bool((layer.norm.weight == 1).all()) for layer in shallow.layers)
+    residual = deep_cnn(64, 4, "residual")
+    assert all(bool((block.layer.norm.weight == 1).all()) for block in residual.layers)
+    chosen = deep_cnn(64, 4, "pnnh", coder_layer_norm_scale=0.25)
+    assert all(bool((layer.norm.weight == 0.25).all()) for layer in chosen.layers)
+    with torch.device("meta"):
+        model = resnet50(variant="pnnh")
+    layers = [m for m in model.modules() if isinstance(m, FusedPNNHConv) and m.coder is not None]
+    assert len(layers) == 48

@@ -7,7 +7,7 @@ from typing import Optional
 from torch import Tensor, nn
 
 from pnnh_kernels.coder import DEFAULT_CODER_INIT
-from pnnh_kernels.models.coder_bank import CoderBank, check_variant
+from pnnh_kernels.models.coder_bank import CoderBank, check_variant, init_coder_layer_norms
 from pnnh_kernels.pnnh_conv import FusedPNNHConv
 from pnnh_kernels.validation import check_positive_int
 
@@ -32,7 +32,8 @@ class DeepCNN(nn.Module):
 
     ``variant`` "plain": conv + BN + ReLU; "residual": each layer adds its input before the ReLU;
     "pnnh": plain + coders, one shared by all layers (``coder_sharing="shared"``) or one per layer,
-    tied (default) or untied (``coder_tied=False``).
+    tied (default) or untied (``coder_tied=False``); ``coder_layer_norm_scale`` is the initial
+    BatchNorm scale of the layers with a coder (None: min(1, 4 / sqrt(depth)), see coder_bank).
     """
 
     def __init__(
@@ -49,6 +50,7 @@ class DeepCNN(nn.Module):
         norm: Optional[str] = "batch",
         coder_tied: bool = True,
         coder_trainable: bool = False,
+        coder_layer_norm_scale: Optional[float] = None,
     ) -> None:
         super().__init__()
         check_variant(variant)
@@ -84,6 +86,7 @@ class DeepCNN(nn.Module):
             layers.append(ResidualLayer(layer) if variant == "residual" else layer)
         self.layers = nn.Sequential(*layers)
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes))
+        init_coder_layer_norms(self, coder_layer_norm_scale)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.layers(self.stem(x)))

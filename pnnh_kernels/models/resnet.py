@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from pnnh_kernels.coder import DEFAULT_CODER_INIT
-from pnnh_kernels.models.coder_bank import CoderBank, check_variant
+from pnnh_kernels.models.coder_bank import CoderBank, check_variant, init_coder_layer_norms
 from pnnh_kernels.pnnh_conv import FusedPNNHConv
 
 STEMS = ("imagenet", "cifar")
@@ -134,6 +134,7 @@ class ResNet(nn.Module):
         coder_init: str = DEFAULT_CODER_INIT,
         coder_trainable: bool = False,
         average_shared_gradient: bool = True,
+        coder_layer_norm_scale: Optional[float] = None,
     ) -> None:
         super().__init__()
         self.variant = check_variant(variant)
@@ -168,6 +169,7 @@ class ResNet(nn.Module):
         for module in self.modules():
             if isinstance(module, FusedPNNHConv):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        init_coder_layer_norms(self, coder_layer_norm_scale)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.stages(self.stem(x))
