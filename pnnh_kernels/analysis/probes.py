@@ -70,9 +70,8 @@ def coder_gain(coder: PNNHCoder) -> float:
     without a norm, so over L layers that share a coder its gain compounds as ``gain ** L``: 1.05 at
     depth 64 is a factor of 23, which is how the pretrained shared coder (gain 1.08-1.19) diverged.
     """
-    weights = coder.tensors()
     with torch.no_grad():
-        path = weights.decoder().double() @ weights.encoder_weight.double()
+        path = coder.decoder().double() @ coder.encoder_weight.double()
         return float(torch.linalg.matrix_norm(path, 2))
 
 

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import torch
 
-from pnnh_kernels.coder import CODER_INITS, PNNHCoder
+from pnnh_kernels.coder import CODER_INITS, DEFAULT_CODER_INIT, PNNHCoder
 from pnnh_kernels.models import deep_cnn
 from pnnh_kernels.models.deep_cnn import DeepCNN
 from pnnh_kernels.training.digits import DigitsSplit, train_classifier
@@ -123,11 +123,6 @@ def run_id(run: Run, config: StudyConfig) -> str:
     return f"{run.study}-d{run.depth}-s{run.seed}-{digest}"
 
 
-def coder_reconstruction_error(coder: PNNHCoder, samples: int = 4096, seed: int = 0) -> float:
-    """Relative error ||target - coder(x)||^2 / ||target||^2 on fresh x ~ relu(N(0, 1))."""
-    return coder.reconstruction_error(samples, seed)
-
-
 def _first_coder(model: DeepCNN) -> Optional[PNNHCoder]:
     for module in model.modules():
         if isinstance(module, PNNHCoder):
@@ -197,7 +192,7 @@ def planned_runs(config: StudyConfig) -> Iterator[Run]:
         for init in CODER_INITS:
             kwargs = (
                 {"variant": "pnnh"}
-                if init == "rectified_isometry"
+                if init == DEFAULT_CODER_INIT
                 else {"variant": "pnnh", "coder_init": init}
             )
             candidates.append(run("init", {"init": init}, depth, seed, **kwargs))
@@ -227,7 +222,7 @@ def execute_run(run: Run, config: StudyConfig, data: DigitsSplit) -> dict[str, A
     width = run.width or config.width
     model = deep_cnn(run.depth, width, **run.model_kwargs)
     coder = _first_coder(model)
-    error_at_init = coder_reconstruction_error(coder) if coder else None
+    error_at_init = coder.reconstruction_error() if coder else None
     result = train_classifier(
         model,
         data,
@@ -248,7 +243,7 @@ def execute_run(run: Run, config: StudyConfig, data: DigitsSplit) -> dict[str, A
         "diverged": result.diverged,
         "seconds": result.seconds,
         "coder_error_at_init": error_at_init,
-        "coder_error_after": coder_reconstruction_error(coder) if coder else None,
+        "coder_error_after": coder.reconstruction_error() if coder else None,
     }
 
 
@@ -259,16 +254,8 @@ def _is_default_pnnh(row: dict[str, Any], config: StudyConfig) -> bool:
 
 def rows_for(rows: list[dict[str, Any]], study: str, config: StudyConfig) -> list[dict[str, Any]]:
     """The rows a study's table shows, including the runs it shares with other studies."""
-    if study in ("depth", "lr", "width_check"):
+    if study in ("depth", "lr", "width_check", "sharing"):
         return [r for r in rows if r["study"] == study]
-    if study == "sharing":
-        # The "averaged" run is the ablation's "rectified_isometry, trained" where both are planned.
-        averaged = {"variant": "pnnh", "coder_trainable": True}
-        return [
-            r | {"sharing": "averaged"}
-            for r in rows
-            if r["model"] == averaged and r["depth"] in config.sharing_depths and r["study"] != "sharing"
-        ] + [r for r in rows if r["study"] == "sharing"]
     if study == "ablation":
         names = {"residual": "residual net", "plain": "plain net"}
         out = []

@@ -305,23 +305,14 @@ def _worker_run(single: study.Run, config: study.StudyConfig) -> dict[str, Any]:
     return study.execute_run(single, config, _worker_data)
 
 
-def _train(
-    pending: list[tuple[study.Run, Path]],
-    config: study.StudyConfig,
-    args: argparse.Namespace,
-    bar: Any,
+def _trained_rows(
+    pending: list[study.Run], config: study.StudyConfig, args: argparse.Namespace
 ) -> Iterator[tuple[study.Run, dict[str, Any]]]:
-    """Train the pending runs, saving each row as it finishes; ``--jobs`` processes at once."""
+    """Train the pending runs, yielding each (run, row) as it finishes; ``--jobs`` processes."""
     if args.jobs <= 1 or len(pending) <= 1:
         data = load_digits_split()
-        for single, saved in pending:
-            if bar is not None:
-                bar.set_postfix_str(f"{single.study} depth {single.depth} {single.label}")
-            row = study.execute_run(single, config, data)
-            _save(row, saved)
-            if bar is not None:
-                bar.update(1)
-            yield single, row
+        for single in pending:
+            yield single, study.execute_run(single, config, data)
         return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -331,16 +322,9 @@ def _train(
     with ProcessPoolExecutor(
         args.jobs, mp_context=context, initializer=_worker_start, initargs=(args.threads or 1,)
     ) as pool:
-        futures = {
-            pool.submit(_worker_run, single, config): (single, saved) for single, saved in pending
-        }
+        futures = {pool.submit(_worker_run, single, config): single for single in pending}
         for future in as_completed(futures):
-            single, saved = futures[future]
-            row = future.result()
-            _save(row, saved)
-            if bar is not None:
-                bar.update(1)
-            yield single, row
+            yield futures[future], future.result()
 
 
 def run(args: argparse.Namespace) -> None:
@@ -371,10 +355,14 @@ def run(args: argparse.Namespace) -> None:
                 if bar is not None:
                     bar.update(1)
             else:
-                pending.append((single, saved))
+                pending.append(single)
         # Longest first, so that parallel jobs finish together.
-        pending.sort(key=lambda item: -item[0].cost(config))
-        rows += [row for _, row in _train(pending, config, args, bar)]
+        pending.sort(key=lambda single: -single.cost(config))
+        for single, row in _trained_rows(pending, config, args):
+            _save(row, saved_runs / f"{study.run_id(single, config)}.json")
+            rows.append(row)
+            if bar is not None:
+                bar.update(1)
         if bar is not None:
             bar.close()
     written = figures(points, rows, out)

@@ -20,9 +20,9 @@ VARIANTS = ("residual", "plain", "pnnh")
 # that is gamma^2 L of variance on top of the input. Scaled so that gamma^2 L <= 16, a deep net starts
 # with the input's share of the stream that a 16-layer net has at gamma = 1 (16 layers train at
 # gamma = 1: 0.96-0.98 on digits). Measured on digits, width 16, the fixed isometric coder: at depth
-# 128, gamma = 1 gave 0.21 / 0.52 / 0.96 test accuracy (seeds 0-2), this default (0.354) 0.94 / 0.93 /
-# 0.95; gamma =
-# 0 (the branches start silent) under-fitted at every depth (0.67-0.72 at depth 16). docs/analysis.md.
+# 128, gamma = 1 gave 0.21 / 0.52 / 0.96 test accuracy (seeds 0-2), this default (0.354) 0.94 / 0.93
+# / 0.95; gamma = 0 (the branches start silent) under-fitted at every depth tried (0.67-0.72 at depth
+# 16). docs/analysis.md.
 DEPTH_SCALED_NORM_BUDGET = 16.0
 
 
