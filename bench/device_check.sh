@@ -5,7 +5,9 @@
 # 1. the GPU tests of the Triton and CUDA backends, compute-sanitizer memcheck/racecheck on the CUDA one,
 # 2. the benchmark suite on the CIFAR shapes and its claims report,
 # 3. ResNet-18 training throughput per variant (pnnh train, synthetic CIFAR-shaped data),
-# (1a. the timing table of bench/time_pnnh_conv.py runs right after the tests.)
+# (0a. the DRAM bytes and launches of one training step, Nsight Compute, right after the build;
+#  1a. the timing table of bench/time_pnnh_conv.py right after the tests.)
+# PNNH_CHECK_SKIP="sanitizer bench train" (any of ncu tests timing sanitizer bench train) skips steps.
 # Everything is written to docs/perf/ (or $OUT/perf when the device tool's $OUT is set, so that it
 # comes back to the developer's machine).
 set -uo pipefail
@@ -21,6 +23,7 @@ mkdir -p "$out_dir"
 # minutes returns what finished instead of nothing: PNNH_CHECK_DEADLINE (seconds since the epoch,
 # default: 40 minutes from now) caps every step's limit at the time left.
 deadline="${PNNH_CHECK_DEADLINE:-$(( $(date +%s) + 2400 ))}"
+skip() { [[ " ${PNNH_CHECK_SKIP:-} " == *" $1 "* ]]; }
 step_limit() {  # the smaller of the step's own limit ($1 s) and the time left before the deadline
     local left=$(( deadline - $(date +%s) ))
     (( left < 1 )) && left=1
@@ -33,11 +36,15 @@ timeout "$(step_limit 300)" python3 -m pnnh_kernels.cuda.build --report "$out_di
 build_status=$?
 tail -3 "$out_dir/cuda_build.log"
 python3 -c "import pnnh_kernels.cuda as c; print('cuda backend available:', c.is_available(), c.why_unavailable() or '')"
+# 0a. DRAM bytes and kernel launches of one training step per implementation and CIFAR stage shape
+#     (Nsight Compute, caches flushed per kernel): the hardware check of the traffic model.
+skip ncu || timeout "$(step_limit 330)" python3 -m bench.ncu_step --timeout 80 --out "$out_dir" | tail -22
 # 1. GPU tests: Triton and CUDA backends against the float64 reference, in four parallel groups
 #    (the time goes to compiling kernels on the CPU; each group's log lands in the output folder).
 tests_status=0
 pids=()
 run_tests() {  # $1: log name; the rest: pytest arguments
+    skip tests && return 0
     local log="$out_dir/tests_$1.log"; shift
     timeout "$(step_limit 200)" python3 -m pytest -q -p no:cacheprovider --tb=short "$@" > "$log" 2>&1
 }
@@ -47,11 +54,15 @@ run_tests cuda tests/test_cuda_conv.py & pids+=($!)
 run_tests layers tests/test_pnnh_conv.py tests/test_pnnh_linear.py & pids+=($!)
 for pid in "${pids[@]}"; do wait "$pid" || tests_status=1; done
 for log in "$out_dir"/tests_*.log; do
+    [[ -f "$log" ]] || continue
     echo "== $log: $(tail -1 "$log")"; grep -E "^(FAILED|ERROR)" "$log" | head -10
 done
 # 1a. The side-by-side timing table (run early: it is the measurement a short lease must not lose).
-timeout "$(step_limit 150)" python3 -m bench.time_pnnh_conv --out "$out_dir"
-timing_status=$?
+timing_status=0
+if ! skip timing; then
+    timeout "$(step_limit 150)" python3 -m bench.time_pnnh_conv --out "$out_dir"
+    timing_status=$?
+fi
 # 1b. compute-sanitizer on one small forward + backward of the CUDA backend (fp32 and bf16).
 cat > "${TMPDIR:-/tmp}/pnnh_sanitize.py" <<'PY'
 import torch
@@ -66,19 +77,24 @@ torch.cuda.synchronize()
 print("sanitized run finished")
 PY
 for tool in memcheck racecheck; do
+    skip sanitizer && break
     timeout "$(step_limit 120)" compute-sanitizer --tool "$tool" --error-exitcode 7 python3 "${TMPDIR:-/tmp}/pnnh_sanitize.py" \
         > "$out_dir/sanitizer_$tool.log" 2>&1
     echo "compute-sanitizer $tool exit $?"; tail -4 "$out_dir/sanitizer_$tool.log"
 done
 # 2. The benchmark suite on the CIFAR shapes (batch 256), eager only: torch.compile of every shape
 #    would not fit the device budget. Then the claims report from its JSON.
+bench_status=0
+if ! skip bench; then
 timeout "$(step_limit 240)" python3 -m pytest bench/ --benchmark-only -q -p no:cacheprovider -k "not compile and (x32x32 or x16x16 or x8x8 or x4x4 or cifar)" \
     --benchmark-json="$out_dir/bench.json" 2>&1 | tail -15
 bench_status=${PIPESTATUS[0]}
 timeout "$(step_limit 60)" python3 -m pnnh_kernels report "$out_dir/bench.json" --out "$out_dir/bench_report" | tail -40
+fi
 # 3. Training throughput of ResNet-18 at the CIFAR shape (synthetic data, bf16, batch 256), one epoch
 #    of 10,240 images per variant: the per-epoch wall time of docs/training.md's recipes.
 for variant in residual plain pnnh; do
+    skip train && break
     timeout "$(step_limit 120)" python3 -m pnnh_kernels train --data synthetic --synthetic-train-size 10240 \
         --synthetic-test-size 1024 --epochs 1 --batch-size 256 --model resnet18 --variant "$variant" \
         --out "$out_dir/train_$variant" 2>/dev/null | tail -1
