@@ -79,7 +79,7 @@ def parse(log: str) -> list[dict]:
         kernel[row["Metric Name"]] = float(row["Metric Value"].replace(",", ""))
     shapes: list[dict] = []
     for kernel in kernels.values():  # in ncu's order: launch order
-        if kernel["name"].startswith(MARKER):
+        if MARKER in kernel["name"]:
             shapes.append({"kernels": 0, "read": 0.0, "write": 0.0, "time_ns": 0.0, "names": []})
             continue
         if not shapes:
@@ -98,14 +98,30 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--timeout", type=float, default=150.0, help="seconds per implementation")
     parser.add_argument("--out", type=Path, default=Path("docs/perf"))
+    parser.add_argument(
+        "--reparse",
+        metavar="CARD",
+        help="write the table again from the ncu_*.csv logs in --out (no GPU), naming CARD",
+    )
+    parser.add_argument("--torch-version", help="with --reparse: the torch version the logs ran")
     args = parser.parse_args()
     if args.child:
         child(args.child, args.batch)
         return
+    if args.reparse:
+        results: dict[str, list[dict] | str] = {}
+        for implementation in IMPLEMENTATIONS:
+            log_path = args.out / f"ncu_{implementation}.csv"
+            try:
+                results[implementation] = parse(log_path.read_text())
+            except (OSError, ValueError) as error:
+                results[implementation] = f"{log_path}: {error}"
+        write_table(results, args.out, args.reparse, args.torch_version or "unknown", args.batch)
+        return
     import torch
 
     args.out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, list[dict] | str] = {}
+    results = {}
     for implementation in IMPLEMENTATIONS:
         log_path = args.out / f"ncu_{implementation}.csv"
         command = [
@@ -129,12 +145,17 @@ def main() -> None:
         )
         print(implementation, summary, flush=True)
 
-    name = torch.cuda.get_device_name(0)
+    write_table(results, args.out, torch.cuda.get_device_name(0), torch.__version__, args.batch)
+
+
+def write_table(
+    results: dict[str, list[dict] | str], out: Path, card: str, torch_version: str, batch: int
+) -> None:
     today = datetime.date.today().isoformat()
     lines = [
-        f"# DRAM bytes of one training step, Nsight Compute, {name}, {today}",
+        f"# DRAM bytes of one training step, Nsight Compute, {card}, {today}",
         "",
-        f"torch {torch.__version__}; batch {args.batch}, bf16, channels_last, training BatchNorm; "
+        f"torch {torch_version}; batch {batch}, bf16, channels_last, training BatchNorm; "
         "one forward + backward per shape after warm-up, every kernel profiled with its caches "
         "flushed (ncu's default --cache-control all, --clock-control none). `kernels` counts every "
         "kernel launch of the step (copies and fills included, the marker excluded). "
@@ -169,8 +190,8 @@ def main() -> None:
         if isinstance(result, list) and len(result) > 1:
             lines.append(f"- {implementation}: " + "; ".join(result[1]["names"]))
     table = "\n".join(lines) + "\n"
-    slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
-    path = args.out / f"dram_bytes_{slug}_{today}.md"
+    slug = "".join(c if c.isalnum() else "-" for c in card.lower()).strip("-")
+    path = out / f"dram_bytes_{slug}_{today}.md"
     path.write_text(table)
     print(f"\nwritten to {path}\n\n" + "\n".join(lines[: 6 + 5 * len(SHAPES)]))
 

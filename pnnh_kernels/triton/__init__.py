@@ -16,8 +16,13 @@ import torch
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+# Looked up once at import: torch.compile (Dynamo, torch 2.11) refuses to trace importlib's find_spec,
+# and the answer cannot change within a process.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
 
 
 def interpreter_enabled() -> bool:
