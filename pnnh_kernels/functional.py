@@ -22,6 +22,8 @@ __all__ = ["BatchNormParams", "CoderTensors", "pnnh_conv2d", "pnnh_linear"]
 
 
 def _autocast_enabled(device: torch.device) -> bool:
+    if device.type == "meta":  # autocast has no meta device; shapes and the ledger run on meta
+        return False
     return torch.is_autocast_enabled(device.type)
 
 

@@ -37,6 +37,7 @@ from pnnh_kernels.backends.fused_common import ConvGradients, TrainingForward, p
 from pnnh_kernels.backends.reference import memory_format_of
 from pnnh_kernels.coder import CoderTensors
 from pnnh_kernels.conv_geometry import ConvGeometry
+from pnnh_kernels.ledger.record import register_implementation
 
 
 class FusedKernels(Protocol):
@@ -113,6 +114,8 @@ def _coder_in(coder: Optional[CoderTensors], dtype: torch.dtype) -> tuple[Option
 
 
 def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    if device.type == "meta":  # autocast has no meta device (the ledger runs steps on meta)
+        return None
     if not torch.is_autocast_enabled(device.type):
         return None
     return torch.get_autocast_dtype(device.type)
@@ -146,6 +149,8 @@ def define_fused_ops(library: str, kernels: FusedKernels) -> FusedOps:
             _geometry(weight, stride, padding, dilation),
             relu,
         )
+
+    register_implementation(getattr(torch.ops, library).conv2d_fused.default, conv2d_fused._init_fn)
 
     @conv2d_fused.register_fake
     def _conv2d_fused_fake(
@@ -209,6 +214,11 @@ def define_fused_ops(library: str, kernels: FusedKernels) -> FusedOps:
             or_empty(grads.encoder_bias),
             or_empty(grads.decoder_weight),
         ]
+
+    register_implementation(
+        getattr(torch.ops, library).conv2d_fused_backward.default,
+        conv2d_fused_backward._init_fn,
+    )
 
     @conv2d_fused_backward.register_fake
     def _conv2d_fused_backward_fake(
@@ -337,6 +347,10 @@ def define_fused_ops(library: str, kernels: FusedKernels) -> FusedOps:
             eps,
         )
         return result.output, result.learner, result.mean, result.variance
+
+    register_implementation(
+        getattr(torch.ops, library).conv2d_fused_train.default, conv2d_fused_train._init_fn
+    )
 
     @conv2d_fused_train.register_fake
     def _conv2d_fused_train_fake(

@@ -30,6 +30,11 @@ SUBCOMMANDS = (
         "pnnh_kernels.commands.report",
     ),
     (
+        "ledger",
+        "count every launch of a training step, its bytes and FLOPs, against the ResNet layer",
+        "pnnh_kernels.commands.ledger",
+    ),
+    (
         "profile",
         "run one warmed-up layer or training step for Nsight (docs/profiling.md)",
         "pnnh_kernels.commands.profile",

@@ -87,6 +87,12 @@ def extension() -> Optional[ModuleType]:
 def unavailable_reason(device: torch.device, dtype: torch.dtype, op: str) -> Optional[str]:
     if op not in ("conv2d", "linear"):
         return f"no CUDA kernel for {op}"
+    if device.type == "meta":
+        from pnnh_kernels.ledger.record import active
+
+        if active() is not None:
+            return None  # the ledger declares the launches on meta tensors without running them
+        return "meta tensors reach the CUDA launchers only under pnnh_kernels.ledger.recording()"
     if device.type != "cuda":
         return f"the CUDA kernels run on CUDA tensors, not on {device.type}"
     if dtype not in SUPPORTED_DTYPES:

@@ -27,7 +27,8 @@ from pnnh_kernels.backends.fused_common import (
     output_buffer,
 )
 from pnnh_kernels.conv_geometry import ConvGeometry
-from pnnh_kernels.cuda import SUPPORTED_DTYPES, extension, unavailable_reason
+from pnnh_kernels.cuda import SUPPORTED_DTYPES, cache_dir, extension, unavailable_reason
+from pnnh_kernels.ledger.record import kernel_launch, modelling, tensor_bytes
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 FUSED, STATISTICS, APPLY = 0, 1, 2
@@ -51,9 +52,17 @@ def emulated(module: ModuleType) -> Iterator[None]:
         _emulator = previous
 
 
-def _module() -> ModuleType:
+def _module(x: Optional[Tensor] = None) -> ModuleType:
+    """The kernels' module: the emulation a test switched on, else the built extension. For the
+    ledger's meta tensors (kernels declared, not run) only its tile sizes are read: the built
+    extension's, or on a machine without one the CPU emulation's (the same source; built once into
+    the cache, about 35 s)."""
     if _emulator is not None:
         return _emulator
+    if x is not None and modelling(x) and extension() is None:
+        from pnnh_kernels.cuda import emulation
+
+        return emulation.load_emulator(emulation.cached_emulator(cache_dir() / "emulation"))
     module = extension()
     if module is None:
         raise RuntimeError(unavailable_reason(torch.device("cuda"), torch.float32, "conv2d"))
@@ -85,7 +94,7 @@ def _check_call(
     decoder_weight: Optional[Tensor],
 ) -> None:
     expected = "cpu" if _emulator is not None else "cuda"
-    if x.device.type != expected:
+    if x.device.type != expected and not modelling(x):
         raise ValueError(f"x: the CUDA kernels need a {expected.upper()} tensor, got one on {x.device}")
     if x.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"x: expected float32, float16 or bfloat16, got {x.dtype}")
@@ -110,7 +119,7 @@ def _pointer(tensor: Optional[Tensor]) -> int:
 
 
 def _stream(device: torch.device) -> int:
-    if _emulator is not None:
+    if _emulator is not None or device.type == "meta":
         return 0
     return torch.cuda.current_stream(device).cuda_stream
 
@@ -155,10 +164,13 @@ def _launch_forward(
     z: Optional[Tensor] = None,
     partials: Optional[tuple[Tensor, Tensor]] = None,
 ) -> None:
-    module = _module()
+    module = _module(x)
     c_out = weight.shape[0]
-    x_rows = nhwc(x)
-    weight_rows = weight.permute(0, 2, 3, 1).contiguous()  # [C_out, KH, KW, C_in]
+    c_in, kh, kw = weight.shape[1], weight.shape[2], weight.shape[3]
+    reads_x = mode != APPLY or encoder_weight is not None
+    x_rows = nhwc(x) if reads_x else None
+    # [C_out, KH, KW, C_in]; the apply pass reads z instead of convolving, so no weight there.
+    weight_rows = weight.permute(0, 2, 3, 1).contiguous() if mode != APPLY else None
     scale_f, shift_f = _float_vector(scale), _float_vector(shift)
     for name, vector in (("scale", scale_f), ("shift", shift_f)):
         _check(name, vector, x.device, torch.float32, (c_out,))
@@ -171,25 +183,41 @@ def _launch_forward(
         decoder = (
             encoder_weight.t().contiguous() if decoder_weight is None else decoder_weight.contiguous()
         )
-    module.forward(
-        _shape(module, x, weight, geometry),
-        encoder.shape[0] if encoder is not None else 0,
-        mode,
-        relu,
-        DTYPE_CODES[x.dtype],
-        _pointer(x_rows),
-        _pointer(weight_rows),
-        _pointer(scale_f),
-        _pointer(shift_f),
-        _pointer(encoder),
-        _pointer(encoder_bias_f),
-        _pointer(decoder),
-        _pointer(y),
-        _pointer(z),
-        _pointer(partials[0] if partials else None),
-        _pointer(partials[1] if partials else None),
+    c_b = encoder.shape[0] if encoder is not None else 0
+    shape = _shape(module, x, weight, geometry)
+    arguments = (
+        shape, c_b, mode, relu, DTYPE_CODES[x.dtype], _pointer(x_rows), _pointer(weight_rows),
+        _pointer(scale_f), _pointer(shift_f), _pointer(encoder), _pointer(encoder_bias_f),
+        _pointer(decoder), _pointer(y), _pointer(z),
+        _pointer(partials[0] if partials else None), _pointer(partials[1] if partials else None),
         _stream(x.device),
-    )
+    )  # fmt: skip
+    sizes = module.tile_sizes()
+    oh, ow = geometry.output_size(x.shape[2], x.shape[3])
+    m = x.shape[0] * oh * ow
+    tiles_m, tiles_n = math.ceil(m / sizes["block_m"]), math.ceil(c_out / sizes["block_n"])
+    flops = 0 if mode == APPLY else 2 * m * c_out * c_in * kh * kw
+    flops += 2 * m * c_b * (c_in + c_out) * tiles_n if c_b else 0  # the code per channel tile
+    cached = 0
+    if mode != APPLY:  # every channel tile re-reads x per tap; every pixel tile the weight
+        cached += (tiles_n * kh * kw - 1) * tensor_bytes(x_rows) + (tiles_m - 1) * tensor_bytes(
+            weight_rows
+        )
+    elif c_b:
+        cached += (tiles_n - 1) * tensor_bytes(x_rows)
+    label = {FUSED: "fused", STATISTICS: "statistics", APPLY: "apply"}[mode]
+    kernel_launch(
+        f"pnnh_conv_forward_kernel ({label})",
+        "cuda",
+        lambda: module.forward(*arguments),
+        reads=[
+            x_rows, weight_rows, scale_f, shift_f, encoder, encoder_bias_f, decoder,
+            z if mode == APPLY else None,
+        ],
+        writes=[y, z if mode == STATISTICS else None, *(partials or ())],
+        flops=flops,
+        cached_read=cached,
+    )  # fmt: skip
 
 
 def conv_forward(
@@ -233,7 +261,7 @@ def conv_forward_train(
     """Training-mode BatchNorm in two launches of the forward kernel: convolution + per-tile
     statistics (mean, M2 per 64-pixel tile), then normalisation + coder + activation from z."""
     _check_call(x, weight, encoder_weight, encoder_bias, decoder_weight)
-    module = _module()
+    module = _module(x)
     n, _, height, width = x.shape
     c_out = weight.shape[0]
     oh, ow = geometry.output_size(height, width)
@@ -294,10 +322,22 @@ def _wgrad(
         *geometry.padding,
         *geometry.dilation,
     )
-    module.wgrad(
+    arguments = (
         shape, c_g, per_split, splits, DTYPE_CODES[image.dtype], _pointer(image), _pointer(grad),
         _pointer(partial), _stream(image.device),
     )  # fmt: skip
+    tiles_x, tiles_g = math.ceil(c_x / sizes["block_m"]), math.ceil(c_g / sizes["block_n"])
+    kernel_launch(
+        "pnnh_conv_wgrad_kernel",
+        "cuda",
+        lambda: module.wgrad(*arguments),
+        reads=[image, grad],
+        writes=[partial],
+        flops=2 * m * c_x * c_g * taps,
+        # every (image tile, gradient tile, tap) CTA reads its rows of both
+        cached_read=(tiles_g * taps - 1) * tensor_bytes(image)
+        + (tiles_x * taps - 1) * tensor_bytes(grad),
+    )
     return partial.sum(0) if splits > 1 else partial[0]
 
 
@@ -318,7 +358,7 @@ def conv_backward(
     learner's weight gradient unscaled, ``learner_grad`` replacing the masked dy for the learner)."""
     _check_call(x, weight, encoder_weight, encoder_bias, decoder_weight)
     _check("grad_output", grad_output, x.device, None, tuple(y.shape))
-    module = _module()
+    module = _module(x)
     dtype_code = DTYPE_CODES[x.dtype]
     stream = _stream(x.device)
     n, c_in, height, width = x.shape
@@ -348,10 +388,18 @@ def conv_backward(
         # could hand its memory to the next allocation while its pointer is in flight.
         encoder_bias_f = _float_vector(encoder_bias)
         decoder_t = decoder_rows(encoder_weight, decoder_weight)  # [C_B, C_out]
-        module.coder_backward(
+        arguments = (
             shape, c_b, dtype_code, _pointer(x_rows), _pointer(encoder), _pointer(encoder_bias_f),
             _pointer(decoder_t), _pointer(dp), _pointer(code), _pointer(grad_pre), stream,
         )  # fmt: skip
+        kernel_launch(
+            "pnnh_coder_backward_kernel",
+            "cuda",
+            lambda: module.coder_backward(*arguments),
+            reads=[x_rows, encoder, encoder_bias_f, decoder_t, dp],
+            writes=[code, grad_pre],
+            flops=2 * n * oh * ow * c_b * (c_in + weight.shape[0]),
+        )
         strided = ConvGeometry((1, 1), geometry.stride, (0, 0), (1, 1))
         unit = ConvGeometry((1, 1), (1, 1), (0, 0), (1, 1))
         encoder_grad = _wgrad(module, x_rows, grad_pre, (oh, ow), (1, 1), strided)[0, 0].t()
@@ -367,10 +415,24 @@ def conv_backward(
     dx = output_buffer((n, height, width, c_in), x.dtype, x.device)
     if dx.numel():
         weight_t = weight.permute(1, 2, 3, 0).contiguous()  # [C_in, KH, KW, C_out]
-        module.dgrad(
+        arguments = (
             shape, c_b, dtype_code, _pointer(learner_for_input), _pointer(weight_t), _pointer(grad_pre),
             _pointer(encoder_t_rows), _pointer(dx), stream,
         )  # fmt: skip
+        sizes = module.tile_sizes()
+        tiles_m = math.ceil(n * height * width / sizes["block_m"])
+        tiles_n = math.ceil(c_in / sizes["block_n"])
+        kernel_launch(
+            "pnnh_conv_dgrad_kernel",
+            "cuda",
+            lambda: module.dgrad(*arguments),
+            reads=[learner_for_input, weight_t, grad_pre, encoder_t_rows],
+            writes=[dx],
+            flops=2 * n * height * width * c_in * weight.shape[0] * kh * kw
+            + 2 * n * oh * ow * c_b * c_in,
+            cached_read=(tiles_n * kh * kw - 1) * tensor_bytes(learner_for_input)
+            + (tiles_m - 1) * tensor_bytes(weight_t),
+        )
     weight_unscaled = _wgrad(module, x_rows, learner_dp, (oh, ow), (kh, kw), geometry)
     return ConvGradients(
         dx.permute(0, 3, 1, 2),

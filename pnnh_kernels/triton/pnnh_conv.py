@@ -25,6 +25,7 @@ from pnnh_kernels.backends.fused_common import (
 )
 from pnnh_kernels.backends.fused_common import output_buffer as _output
 from pnnh_kernels.conv_geometry import ConvGeometry
+from pnnh_kernels.ledger.record import kernel_launch, placeholder, tensor_bytes
 from pnnh_kernels.triton import interpreter_enabled
 from pnnh_kernels.triton.kernels import (
     _conv_wgrad_kernel,
@@ -148,9 +149,15 @@ def wgrad_splits(config: ConvConfig, m: int, block_m: int, tiles: int, device: t
     still reducing at least 8 blocks of pixels), and 1 elsewhere."""
     if config.wgrad_splits is not None:
         return config.wgrad_splits
-    if device.type != "cuda":
+    if device.type == "meta":  # a ledger on meta tensors: the card it models
+        from pnnh_kernels.ledger.cards import MODELLED_CARD
+
+        multiprocessors = MODELLED_CARD.multiprocessors
+    elif device.type != "cuda":
         return 1
-    target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        multiprocessors = torch.cuda.get_device_properties(device).multi_processor_count
+    target = 4 * multiprocessors
     return max(1, min(triton.cdiv(m, 8 * block_m), triton.cdiv(target, tiles)))
 
 
@@ -272,7 +279,8 @@ def _launch_forward(
     has_coder = encoder_weight is not None
     write_stats = partials is not None
     z_input = z is not None and not write_stats
-    dummy = weight  # stands in for absent optional pointers; never read (constexpr-guarded)
+    # Absent pointer arguments get a placeholder the kernel never dereferences (constexpr-guarded).
+    dummy = placeholder(x.device, x.dtype)
     if write_stats:  # the partial buffers have one row per BLOCK_M tile: no autotuning of BLOCK_M
         tiles = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k}
         kernel, tiles = _pnnh_conv_fwd_kernel, {**tiles, **_launch_kwargs(config)}
@@ -280,29 +288,30 @@ def _launch_forward(
     else:
         kernel, tiles = _tuned_or_fixed(_pnnh_conv_fwd_kernel, config, x.dtype)
         grid = _grid(m, c_out, config)
-    kernel[grid](
-        nhwc(x),
-        permuted_weight(weight),
+    x_rows = nhwc(x)
+    # The apply pass (z given) reads z instead of convolving: no weight, and x only for the code.
+    w_perm = permuted_weight(weight) if not z_input else dummy
+    reads_x = not z_input or has_coder
+    encoder = encoder_weight.contiguous() if has_coder else None
+    decoder = decoder_rows(encoder_weight, decoder_weight) if has_coder else None
+    arguments = (
+        x_rows if reads_x else dummy,
+        w_perm,
         scale if scale is not None else dummy,
         shift if shift is not None else dummy,
-        encoder_weight.contiguous() if has_coder else dummy,
+        encoder if has_coder else dummy,
         encoder_bias if encoder_bias is not None else dummy,
-        decoder_rows(encoder_weight, decoder_weight) if has_coder else dummy,
+        decoder if has_coder else dummy,
         y if y is not None else dummy,
         z if z is not None else dummy,
         partials[0] if write_stats else dummy,
         partials[1] if write_stats else dummy,
-        m,
-        height,
-        width,
-        c_in,
-        oh,
-        ow,
-        c_out,
-        c_b,
-        *geometry.stride,
-        *geometry.padding,
-        *geometry.dilation,
+    )
+    scalars = (
+        m, height, width, c_in, oh, ow, c_out, c_b,
+        *geometry.stride, *geometry.padding, *geometry.dilation,
+    )  # fmt: skip
+    flags = dict(
         KH=kh,
         KW=kw,
         HAS_SCALE=scale is not None,
@@ -316,8 +325,28 @@ def _launch_forward(
         INPUT_PRECISION=input_precision(x.dtype, x.device),
         UPCAST_DOT=upcast_dot(x.dtype),
         BLOCK_B=config.block_b,
-        **tiles,
     )
+    tiles_m, tiles_n = triton.cdiv(m, config.block_m), triton.cdiv(c_out, config.block_n)
+    learner_flops = 0 if z_input else 2 * m * c_out * c_in * kh * kw
+    coder_flops = 2 * m * c_b * (c_in + c_out) * tiles_n if has_coder else 0  # code per channel tile
+    cached = 0
+    if not z_input:  # every channel tile re-reads x per tap; every pixel tile re-reads the weight
+        cached += (tiles_n * kh * kw - 1) * tensor_bytes(x_rows) + (tiles_m - 1) * tensor_bytes(w_perm)
+    elif has_coder:
+        cached += (tiles_n - 1) * tensor_bytes(x_rows)
+    mode = "statistics" if write_stats else ("apply" if z_input else "fused")
+    kernel_launch(
+        f"_pnnh_conv_fwd_kernel ({mode})",
+        "triton",
+        lambda: kernel[grid](*arguments, *scalars, **flags, **tiles),
+        reads=[
+            x_rows if reads_x else None, w_perm, scale, shift, encoder, encoder_bias, decoder,
+            z if z_input else None,
+        ],
+        writes=[y, z if write_stats else None, *(partials or ())],
+        flops=learner_flops + coder_flops,
+        cached_read=cached,
+    )  # fmt: skip
 
 
 def conv_forward(
@@ -411,21 +440,12 @@ def _wgrad(
     splits = triton.cdiv(m, m_per_split)
     partial = _output((splits, kernel[0], kernel[1], c_x, c_g), torch.float32, image.device)
     grid = (triton.cdiv(c_x, block_x), triton.cdiv(c_g, block_g), splits * taps)
-    _conv_wgrad_kernel[grid](
-        image,
-        grad_rows,
-        y_rows,
-        partial,
-        m,
-        m_per_split,
-        height,
-        width,
-        c_x,
-        *out_hw,
-        c_g,
-        *geometry.stride,
-        *geometry.padding,
-        *geometry.dilation,
+    arguments = (
+        image, grad_rows, y_rows if relu else placeholder(image.device, image.dtype), partial,
+        m, m_per_split, height, width, c_x, *out_hw, c_g,
+        *geometry.stride, *geometry.padding, *geometry.dilation,
+    )  # fmt: skip
+    flags = dict(
         KH=kernel[0],
         KW=kernel[1],
         RELU=relu,
@@ -435,6 +455,18 @@ def _wgrad(
         BLOCK_G=block_g,
         BLOCK_M=block_m,
         **_launch_kwargs(config),
+    )
+    # Every (image tile, gradient tile, tap) program reads its rows of the image and the gradient.
+    tiles_x, tiles_g = triton.cdiv(c_x, block_x), triton.cdiv(c_g, block_g)
+    gradient_bytes = tensor_bytes(grad_rows) + (tensor_bytes(y_rows) if relu else 0)
+    kernel_launch(
+        "_conv_wgrad_kernel",
+        "triton",
+        lambda: _conv_wgrad_kernel[grid](*arguments, **flags),
+        reads=[image, grad_rows, y_rows if relu else None],
+        writes=[partial],
+        flops=2 * m * c_x * c_g * taps,
+        cached_read=(tiles_g * taps - 1) * tensor_bytes(image) + (tiles_x * taps - 1) * gradient_bytes,
     )
     return partial.sum(0) if splits > 1 else partial[0]
 
@@ -475,7 +507,7 @@ def conv_backward(
     dy_nhwc = nhwc(grad_output.to(x.dtype))
     dy_rows, y_rows = dy_nhwc.reshape(m, c_out), y_nhwc.reshape(m, c_out)
     w_perm = permuted_weight(weight)
-    dummy = weight
+    dummy = placeholder(x.device, x.dtype)
 
     grads_coder: tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]] = (None, None, None)
     dpre = dummy
@@ -485,24 +517,13 @@ def conv_backward(
         dpre = _output((m, c_b), x.dtype, x.device)
         block_b = _block(c_b, config.block_b)
         grid = (triton.cdiv(m, config.block_m), triton.cdiv(c_b, block_b))
-        _pnnh_coder_bwd_kernel[grid](
-            x_nhwc,
-            we,
-            encoder_bias if encoder_bias is not None else dummy,
-            decoder_rows(encoder_weight, decoder_weight),
-            dy_rows,
-            y_rows,
-            code,
-            dpre,
-            m,
-            height,
-            width,
-            c_in,
-            oh,
-            ow,
-            c_out,
-            c_b,
-            *geometry.stride,
+        be = encoder_bias if encoder_bias is not None else None
+        decoder = decoder_rows(encoder_weight, decoder_weight)
+        arguments = (
+            x_nhwc, we, be if be is not None else dummy, decoder, dy_rows, y_rows if relu else dummy,
+            code, dpre, m, height, width, c_in, oh, ow, c_out, c_b, *geometry.stride,
+        )  # fmt: skip
+        flags = dict(
             HAS_ENCODER_BIAS=encoder_bias is not None,
             RELU=relu,
             INPUT_PRECISION=precision,
@@ -511,6 +532,17 @@ def conv_backward(
             BLOCK_B=block_b,
             BLOCK_K=config.block_k,
             **launch,
+        )
+        tiles_b = triton.cdiv(c_b, block_b)
+        kernel_launch(
+            "_pnnh_coder_bwd_kernel",
+            "triton",
+            lambda: _pnnh_coder_bwd_kernel[grid](*arguments, **flags),
+            reads=[x_nhwc, we, be, decoder, dy_rows, y_rows if relu else None],
+            writes=[code, dpre],
+            flops=2 * m * c_b * (c_in + c_out),
+            # every code-channel tile re-reads the pixels' x, dy and y rows
+            cached_read=(tiles_b - 1) * (tensor_bytes(x_nhwc) + tensor_bytes(dy_rows) * (1 + relu)),
         )
         one_by_one = ConvGeometry((1, 1), geometry.stride, (0, 0), (1, 1))
         # dW_E^T[c_in, c_b] = x_s^T @ dpre; dW_D^T[c_b, c_out] = code^T @ dp
@@ -535,34 +567,38 @@ def conv_backward(
     dx = _output((n, height, width, c_in), x.dtype, x.device)
     kernel, tiles = _tuned_or_fixed(_pnnh_conv_dgrad_kernel, config, x.dtype)
     grid = _grid(n * height * width, c_in, config)
-    kernel[grid](
-        learner_nhwc,
-        y_nhwc,
-        learner_scale if learner_scale is not None else dummy,
-        w_perm,
-        dpre,
-        encoder_weight.contiguous() if encoder_weight is not None else dummy,
-        dx,
-        n * height * width,
-        height,
-        width,
-        c_in,
-        oh,
-        ow,
-        c_out,
-        c_b,
-        *geometry.stride,
-        *geometry.padding,
-        *geometry.dilation,
+    has_coder = encoder_weight is not None
+    we_in = encoder_weight.contiguous() if has_coder else None
+    arguments = (
+        learner_nhwc, y_nhwc if learner_relu else dummy,
+        learner_scale if learner_scale is not None else dummy, w_perm,
+        dpre if has_coder else dummy, we_in if has_coder else dummy, dx,
+        n * height * width, height, width, c_in, oh, ow, c_out, c_b,
+        *geometry.stride, *geometry.padding, *geometry.dilation,
+    )  # fmt: skip
+    flags = dict(
         KH=kh,
         KW=kw,
         HAS_SCALE=learner_scale is not None,
-        HAS_CODER=encoder_weight is not None,
+        HAS_CODER=has_coder,
         RELU=learner_relu,
         INPUT_PRECISION=precision,
         UPCAST_DOT=upcast_dot(x.dtype),
-        **tiles,
     )
+    tiles_m, tiles_n = triton.cdiv(n * height * width, config.block_m), triton.cdiv(c_in, config.block_n)
+    gradient_bytes = tensor_bytes(learner_nhwc) + (tensor_bytes(y_nhwc) if learner_relu else 0)
+    kernel_launch(
+        "_pnnh_conv_dgrad_kernel",
+        "triton",
+        lambda: kernel[grid](*arguments, **flags, **tiles),
+        reads=[
+            learner_nhwc, y_nhwc if learner_relu else None, learner_scale, w_perm,
+            dpre if has_coder else None, we_in,
+        ],
+        writes=[dx],
+        flops=2 * n * height * width * c_in * c_out * kh * kw + (2 * m * c_b * c_in if has_coder else 0),
+        cached_read=(tiles_n * kh * kw - 1) * gradient_bytes + (tiles_m - 1) * tensor_bytes(w_perm),
+    )  # fmt: skip
     weight_unscaled = _wgrad(
         x_nhwc, learner_rows, y_rows, (oh, ow), (kh, kw), geometry, learner_relu, config
     )

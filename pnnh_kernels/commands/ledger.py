@@ -1,0 +1,68 @@
+"""``pnnh ledger``: every device launch of one training step of a PNNH layer (or block) and of the
+ResNet layer (or block) it replaces, with bytes, FLOPs and roofline times, counted on the CPU
+(pnnh_kernels.ledger)."""
+
+from __future__ import annotations
+
+import argparse
+
+from pnnh_kernels.ledger import CARDS, DEFAULT_CARDS, format_comparison, format_ledger, step_ledger
+from pnnh_kernels.ledger.steps import DTYPES
+
+# ResNet-18's CIFAR stages at batch 256: (channels, spatial size)
+CIFAR_STAGES = ((64, 32), (128, 16), (256, 8), (512, 4))
+
+
+def _shape(text: str) -> tuple[int, int, int]:
+    parts = text.lower().split("x")
+    if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts) or parts[2] != parts[3]:
+        raise argparse.ArgumentTypeError(f"expected NxCxSxS (e.g. 256x128x16x16), got {text!r}")
+    return int(parts[0]), int(parts[1]), int(parts[2])
+
+
+def _cards(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in names if name not in CARDS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"expected names among {sorted(CARDS)}, got {text!r}")
+    return names
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--shape", type=_shape, default=(256, 128, 16), help="NxCxSxS (default 256x128x16x16)"
+    )
+    parser.add_argument(
+        "--cifar-stages",
+        action="store_true",
+        help="the totals at ResNet-18's four CIFAR stage shapes (batch from --shape) instead",
+    )
+    parser.add_argument(
+        "--backend", choices=("triton", "cuda", "torch"), action="append",
+        help="PNNH backend(s) to count (repeatable; default: triton and cuda)",
+    )  # fmt: skip
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
+    parser.add_argument("--block", action="store_true", help="two layers (a BasicBlock) per step")
+    parser.add_argument("--eval", action="store_true", help="BatchNorm in eval mode")
+    parser.add_argument("--cards", type=_cards, default=DEFAULT_CARDS, help="e.g. H100,A100,H200")
+    parser.add_argument(
+        "--totals-only", action="store_true", help="only the comparison, not each launch"
+    )
+
+
+def run(args: argparse.Namespace) -> None:
+    backends = args.backend or ["triton", "cuda"]
+    kind = "block" if args.block else "layer"
+    batch = args.shape[0]
+    shapes = CIFAR_STAGES if args.cifar_stages else ((args.shape[1], args.shape[2]),)
+    for channels, size in shapes:
+        common = dict(dtype=args.dtype, training_norm=not args.eval)
+        baseline = step_ledger(f"resnet-{kind}", batch, channels, size, **common)
+        ledgers = [
+            step_ledger(f"pnnh-{kind}", batch, channels, size, backend=backend, **common)
+            for backend in backends
+        ]
+        if not (args.totals_only or args.cifar_stages):
+            for ledger in (baseline, *ledgers):
+                print(format_ledger(ledger, args.cards[0]))
+        print(format_comparison(ledgers, baseline, args.cards))

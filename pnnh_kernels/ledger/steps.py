@@ -1,0 +1,150 @@
+"""The steps a ledger counts: one training step (forward, then backward of a given output gradient)
+of a PNNH layer or block, or of the ResNet layer or block it replaces, built as the benchmarks
+build them (bias-free convolutions, BatchNorm, channels_last, the default coder)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pnnh_kernels.benchmarking.baselines import ResNetBasicBlock, ResNetLayer
+from pnnh_kernels.ledger.cards import Card
+from pnnh_kernels.ledger.record import Launch, Recorder, recording
+
+STEPS = ("pnnh-layer", "resnet-layer", "pnnh-block", "resnet-block")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class StepLedger:
+    """The launches of one step and what they were counted for."""
+
+    step: str
+    backend: str  # the PNNH backend ("" for the ResNet steps)
+    batch: int
+    channels: int
+    size: int
+    dtype: torch.dtype
+    training_norm: bool
+    launches: tuple[Launch, ...]
+
+    @property
+    def label(self) -> str:
+        name = f"{self.step} [{self.backend}]" if self.backend else self.step
+        return f"{name} {self.batch}x{self.channels}x{self.size}x{self.size}"
+
+    @property
+    def read(self) -> int:
+        return sum(launch.read for launch in self.launches)
+
+    @property
+    def written(self) -> int:
+        return sum(launch.written for launch in self.launches)
+
+    @property
+    def bytes(self) -> int:
+        return self.read + self.written
+
+    @property
+    def cached_read(self) -> int:
+        return sum(launch.cached_read for launch in self.launches)
+
+    @property
+    def flops(self) -> int:
+        return sum(launch.flops for launch in self.launches)
+
+    def seconds(self, card: Card) -> float:
+        """Roofline time: each launch at the larger of its memory and arithmetic time, summed (no
+        launch overhead, no overlap between launches)."""
+        bits = torch.finfo(self.dtype).bits
+        return sum(card.seconds(launch.bytes, launch.flops, bits) for launch in self.launches)
+
+
+def build_step_module(step: str, channels: int, backend: str, training_norm: bool = True) -> nn.Module:
+    """The module of ``step`` (see :data:`STEPS`) on the CPU, in training or eval mode."""
+    from pnnh_kernels import FusedPNNHConv
+    from pnnh_kernels.coder import PNNHCoder
+
+    if step not in STEPS:
+        raise ValueError(f"step: expected one of {STEPS}, got {step!r}")
+    if step == "resnet-layer":
+        module: nn.Module = ResNetLayer(channels)
+    elif step == "resnet-block":
+        module = ResNetBasicBlock(channels)
+    else:
+
+        def layer(coder: PNNHCoder | None = None) -> FusedPNNHConv:
+            return FusedPNNHConv(
+                channels, channels, bias=False, norm="batch", coder=coder, backend=backend
+            )
+
+        if step == "pnnh-layer":
+            module = layer()
+        else:  # two layers sharing one coder, as a PNNH stage shares it
+            coder = PNNHCoder(channels, channels // 2)
+            module = nn.Sequential(layer(coder), layer(coder))
+    return module.train(training_norm)
+
+
+def step_ledger(
+    step: str,
+    batch: int,
+    channels: int,
+    size: int,
+    backend: str = "triton",
+    dtype: str | torch.dtype = "bf16",
+    training_norm: bool = True,
+    device: str | torch.device = "meta",
+) -> StepLedger:
+    """The launches of one training step of ``step`` at [batch, channels, size, size], channels_last.
+
+    On ``device="meta"`` (the default) nothing is computed: PyTorch ops produce shapes and our
+    launchers declare their launches, so any shape is counted in well under a second. On a real
+    device the step runs, which the drift test does at small shapes.
+    """
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    pnnh = step.startswith("pnnh")
+    module = build_step_module(step, channels, backend if pnnh else "torch", training_norm)
+    launches = count_step(module, (batch, channels, size, size), dtype, device)
+    return StepLedger(
+        step, backend if pnnh else "", batch, channels, size, dtype, training_norm, launches
+    )  # fmt: skip
+
+
+def step_inputs(
+    shape: tuple[int, ...], dtype: torch.dtype, device: str | torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, grad): a non-negative input that requires grad (a ReLU layer's output, as a layer inside
+    a net receives) and an output gradient, channels_last."""
+    x = torch.randn(shape, dtype=dtype, device=device).relu()
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    grad = torch.randn(shape, dtype=dtype, device=device).contiguous(memory_format=torch.channels_last)
+    return x, grad
+
+
+def count_step(
+    module: nn.Module, shape: tuple[int, ...], dtype: torch.dtype, device: str | torch.device = "meta"
+) -> tuple[Launch, ...]:
+    """The launches of the forward of ``module`` on x and the backward of ``grad`` to the gradients of
+    x and of every trainable parameter, with x and grad of ``shape`` (channels_last) and the module
+    moved to ``device`` and ``dtype``. The gradients are returned, not accumulated into ``.grad``
+    (that copy, and the optimizer, are outside the step)."""
+    return tuple(record_step(module, shape, dtype, device).launches)
+
+
+def record_step(
+    module: nn.Module,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    device: str | torch.device,
+    instrument: bool = False,
+) -> Recorder:
+    """:func:`count_step`'s recording (``instrument``: see :func:`recording`)."""
+    module = module.to(device=device, dtype=dtype, memory_format=torch.channels_last)
+    x, grad = step_inputs(shape, dtype, device)
+    inputs = [x, *(p for p in module.parameters() if p.requires_grad)]
+    with recording(instrument) as recorder:
+        torch.autograd.grad(module(x), inputs, grad)
+    return recorder
