@@ -65,7 +65,7 @@ __global__ void __launch_bounds__(kThreads) pnnh_coder_backward_kernel(CoderBack
     if (m0 + r >= pixels || b0 + c >= c_b) return;
     float value = pre[i][j][v] + (args.encoder_bias != nullptr ? args.encoder_bias[b0 + c] : 0.f);
     const int64_t o = (m0 + r) * c_b + b0 + c;
-    code[o] = Num<T>::from_float(fmaxf(value, 0.f));
+    if (code != nullptr) code[o] = Num<T>::from_float(fmaxf(value, 0.f));  // only a trainable coder needs it
     grad_pre[o] = Num<T>::from_float(value > 0.f ? grad_code[i][j][v] : 0.f);
   });
 }
@@ -193,6 +193,16 @@ __global__ void __launch_bounds__(kThreads) pnnh_conv_wgrad_kernel(WgradArgs arg
     __syncthreads();
   }
 
+  if (args.final_out != nullptr) {  // one split: the gradient itself, in the weight's layout and dtype
+    T* final_out = static_cast<T*>(args.final_out);
+    const int64_t at_tap = ky * args.final_strides[2] + kx * args.final_strides[3];
+    for_each_fragment_value([&](int i, int j, int v, int r, int c) {
+      if (x0 + r < c_x && g0 + c < c_g)
+        final_out[(g0 + c) * args.final_strides[0] + (x0 + r) * args.final_strides[1] + at_tap] =
+            Num<T>::from_float(acc[i][j][v]);
+    });
+    return;
+  }
   float* out = args.out + (static_cast<int64_t>(split) * taps + tap) * c_x * c_g;
   for_each_fragment_value([&](int i, int j, int v, int r, int c) {
     if (x0 + r < c_x && g0 + c < c_g) out[static_cast<int64_t>(x0 + r) * c_g + g0 + c] = acc[i][j][v];
@@ -265,8 +275,10 @@ int tile_rows() { return kBlockM; }
 TileSizes tile_sizes() { return {kBlockM, kBlockN, kBlockK, kMaxGridYZ}; }
 
 std::vector<std::string> kernel_names() {
-  return {"pnnh_conv_forward_kernel", "pnnh_coder_backward_kernel", "pnnh_conv_dgrad_kernel",
-          "pnnh_conv_wgrad_kernel"};
+  return {"pnnh_conv_forward_kernel",    "pnnh_coder_backward_kernel",  "pnnh_conv_dgrad_kernel",
+          "pnnh_conv_wgrad_kernel",      "bn_finalize_forward_kernel",  "bn_running_update_kernel",
+          "bn_backward_reduce_kernel",   "bn_finalize_backward_kernel", "bn_input_grad_kernel",
+          "wgrad_reduce_kernel"};
 }
 
 }  // namespace pnnh

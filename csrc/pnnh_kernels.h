@@ -57,7 +57,7 @@ struct CoderBackwardArgs {
   const float* encoder_bias;   // [C_B] or nullptr
   const void* decoder_t;       // W_D^T [C_B, C_out]
   const void* grad;            // dp = dy masked by the output ReLU, [N, OH, OW, C_out]
-  void* code;                  // out: relu(W_E x_s + b_E), [N, OH, OW, C_B]
+  void* code;                  // out: relu(W_E x_s + b_E), [N, OH, OW, C_B], or nullptr (not written)
   void* grad_pre;              // out: (W_D^T dp) * (pre > 0), [N, OH, OW, C_B]
 };
 
@@ -79,7 +79,77 @@ struct WgradArgs {
   int splits;
   const void* image;
   const void* grad;
-  float* out;                  // [splits, KH, KW, C_x, C_g]
+  float* out;                  // [splits, KH, KW, C_x, C_g], unless final_out is given
+  void* final_out;             // with one split: T, the gradient as the weight [C_g, C_x, KH, KW], or nullptr
+  int64_t final_strides[4];    // final_out's strides (elements)
+};
+
+// Training-mode BatchNorm (pnnh_batch_norm.cu). Vectors are [C] fp32 unless marked P (the BatchNorm
+// parameters' and buffers' dtype, passed to the launcher) or T (the activations' dtype).
+struct BatchNormForwardArgs {
+  int tiles, channels, tile_rows;
+  int64_t pixels;
+  float eps;
+  const float* partial_mean;  // [tiles, C] per-tile means of z
+  const float* partial_m2;    // [tiles, C] per-tile sums of squared deviations
+  const void* weight;         // P gamma, or nullptr
+  const void* bias;           // P beta, or nullptr
+  float* mean;                // out
+  float* variance;            // out: biased
+  float* rstd;                // out: 1 / sqrt(variance + eps)
+  float* scale;               // out: gamma * rstd
+  float* shift;               // out: beta - mean * scale
+};
+
+struct RunningUpdateArgs {
+  int channels;
+  float momentum, unbiased_factor;  // unbiased_factor = N / (N - 1)
+  void* running_mean;               // P, updated in place
+  void* running_var;                // P, updated in place
+  const float* mean;
+  const float* variance;            // biased
+};
+
+struct BatchNormReduceArgs {
+  int64_t pixels;
+  int channels, tile_rows;
+  const void* grad;    // T dy [M, C]
+  const void* output;  // T y [M, C] (its ReLU mask), or nullptr without an output ReLU
+  const void* learner; // T z [M, C]
+  const float* mean;
+  float* sum_dp;       // out: [tiles, C]
+  float* sum_dpz;      // out: [tiles, C] sums of dp * (z - mean)
+  void* dp_out;        // out: T dp [M, C], or nullptr
+};
+
+struct BatchNormBackwardArgs {
+  int tiles, channels;
+  int64_t pixels;
+  const float* sum_dp;
+  const float* sum_dpz;
+  const float* mean;
+  const float* rstd;
+  const void* weight;   // P gamma, or nullptr
+  void* grad_weight;    // out: P, or nullptr
+  void* grad_bias;      // out: P, or nullptr
+  float* coefficients;  // out: [3, C] a, b, c of dz = a * dp + b * z + c
+};
+
+struct BatchNormInputGradArgs {
+  int64_t pixels;
+  int channels;
+  const void* grad;          // T dy (masked by ``output``) or dp [M, C]
+  const void* output;        // T y, or nullptr
+  const void* learner;       // T z
+  const float* coefficients; // [3, C]
+  void* grad_learner;        // out: T dz [M, C]
+};
+
+struct WgradReduceArgs {
+  int splits, kernel_h, kernel_w, c_x, c_g;
+  const float* partial;    // [splits, KH, KW, C_x, C_g]
+  void* out;               // T, the weight [C_g, C_x, KH, KW] with these strides (elements)
+  int64_t out_strides[4];
 };
 
 // Each launcher checks the launch (cudaGetLastError) and throws std::runtime_error naming the kernel.
@@ -87,6 +157,12 @@ void launch_forward(const ForwardArgs& args, DType dtype, cudaStream_t stream);
 void launch_coder_backward(const CoderBackwardArgs& args, DType dtype, cudaStream_t stream);
 void launch_dgrad(const DgradArgs& args, DType dtype, cudaStream_t stream);
 void launch_wgrad(const WgradArgs& args, DType dtype, cudaStream_t stream);
+void launch_bn_finalize_forward(const BatchNormForwardArgs& args, DType param_dtype, cudaStream_t stream);
+void launch_bn_running_update(const RunningUpdateArgs& args, DType param_dtype, cudaStream_t stream);
+void launch_bn_backward_reduce(const BatchNormReduceArgs& args, DType dtype, cudaStream_t stream);
+void launch_bn_finalize_backward(const BatchNormBackwardArgs& args, DType param_dtype, cudaStream_t stream);
+void launch_bn_input_grad(const BatchNormInputGradArgs& args, DType dtype, cudaStream_t stream);
+void launch_wgrad_reduce(const WgradReduceArgs& args, DType dtype, cudaStream_t stream);
 
 // Tile sizes the Python side needs (the statistics pass writes one row per kTileRows pixels).
 int tile_rows();

@@ -2,6 +2,8 @@
 // pointers (Python ints from tensor.data_ptr(), 0 for "absent"), the stream as
 // torch.cuda.current_stream().cuda_stream. Launch errors raise RuntimeError naming the kernel;
 // grids beyond CUDA's limits raise ValueError.
+#include <array>
+
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -134,17 +136,122 @@ PYBIND11_MODULE(PNNH_MODULE_NAME, m) {
   m.def(
       "wgrad",
       [](const ConvShape& shape, int grad_channels, int64_t pixels_per_split, int splits, int dtype,
-         uintptr_t image, uintptr_t grad, uintptr_t out, uintptr_t stream) {
+         uintptr_t image, uintptr_t grad, uintptr_t out, uintptr_t final_out, std::array<int64_t, 4> final_strides,
+         uintptr_t stream) {
+        if (final_out != 0 && splits != 1) throw py::value_error("final_out: needs exactly one split");
         pnnh::WgradArgs args{shape,
                              grad_channels,
                              pixels_per_split,
                              splits,
                              pointer<const void>(image),
                              pointer<const void>(grad),
-                             pointer<float>(out)};
+                             pointer<float>(out),
+                             pointer<void>(final_out),
+                             {final_strides[0], final_strides[1], final_strides[2], final_strides[3]}};
         pnnh::launch_wgrad(args, dtype_of(dtype), stream_of(stream));
       },
-      "Per-split partial weight gradients, fp32.");
+      "Per-split partial weight gradients, fp32, or with one split the gradient itself (final_out).");
+
+  m.def(
+      "bn_finalize_forward",
+      [](int tiles, int channels, int tile_rows, int64_t pixels, float eps, int param_dtype, uintptr_t partial_mean,
+         uintptr_t partial_m2, uintptr_t weight, uintptr_t bias, uintptr_t mean, uintptr_t variance, uintptr_t rstd,
+         uintptr_t scale, uintptr_t shift, uintptr_t stream) {
+        pnnh::BatchNormForwardArgs args{tiles,
+                                        channels,
+                                        tile_rows,
+                                        pixels,
+                                        eps,
+                                        pointer<const float>(partial_mean),
+                                        pointer<const float>(partial_m2),
+                                        pointer<const void>(weight),
+                                        pointer<const void>(bias),
+                                        pointer<float>(mean),
+                                        pointer<float>(variance),
+                                        pointer<float>(rstd),
+                                        pointer<float>(scale),
+                                        pointer<float>(shift)};
+        pnnh::launch_bn_finalize_forward(args, dtype_of(param_dtype), stream_of(stream));
+      },
+      "Batch mean, variance, rstd, scale and shift from the statistics pass's per-tile partials.");
+
+  m.def(
+      "bn_running_update",
+      [](int channels, float momentum, float unbiased_factor, int param_dtype, uintptr_t running_mean,
+         uintptr_t running_var, uintptr_t mean, uintptr_t variance, uintptr_t stream) {
+        pnnh::RunningUpdateArgs args{channels,
+                                     momentum,
+                                     unbiased_factor,
+                                     pointer<void>(running_mean),
+                                     pointer<void>(running_var),
+                                     pointer<const float>(mean),
+                                     pointer<const float>(variance)};
+        pnnh::launch_bn_running_update(args, dtype_of(param_dtype), stream_of(stream));
+      },
+      "The running statistics, updated in place.");
+
+  m.def(
+      "bn_backward_reduce",
+      [](int64_t pixels, int channels, int tile_rows, int dtype, uintptr_t grad, uintptr_t output, uintptr_t learner,
+         uintptr_t mean, uintptr_t sum_dp, uintptr_t sum_dpz, uintptr_t dp_out, uintptr_t stream) {
+        pnnh::BatchNormReduceArgs args{pixels,
+                                       channels,
+                                       tile_rows,
+                                       pointer<const void>(grad),
+                                       pointer<const void>(output),
+                                       pointer<const void>(learner),
+                                       pointer<const float>(mean),
+                                       pointer<float>(sum_dp),
+                                       pointer<float>(sum_dpz),
+                                       pointer<void>(dp_out)};
+        pnnh::launch_bn_backward_reduce(args, dtype_of(dtype), stream_of(stream));
+      },
+      "Per-tile sums of dp and dp * (z - mean) (and dp itself when dp_out is given).");
+
+  m.def(
+      "bn_finalize_backward",
+      [](int tiles, int channels, int64_t pixels, int param_dtype, uintptr_t sum_dp, uintptr_t sum_dpz, uintptr_t mean,
+         uintptr_t rstd, uintptr_t weight, uintptr_t grad_weight, uintptr_t grad_bias, uintptr_t coefficients,
+         uintptr_t stream) {
+        pnnh::BatchNormBackwardArgs args{tiles,
+                                         channels,
+                                         pixels,
+                                         pointer<const float>(sum_dp),
+                                         pointer<const float>(sum_dpz),
+                                         pointer<const float>(mean),
+                                         pointer<const float>(rstd),
+                                         pointer<const void>(weight),
+                                         pointer<void>(grad_weight),
+                                         pointer<void>(grad_bias),
+                                         pointer<float>(coefficients)};
+        pnnh::launch_bn_finalize_backward(args, dtype_of(param_dtype), stream_of(stream));
+      },
+      "The gradients of gamma and beta and the coefficients of dz.");
+
+  m.def(
+      "bn_input_grad",
+      [](int64_t pixels, int channels, int dtype, uintptr_t grad, uintptr_t output, uintptr_t learner,
+         uintptr_t coefficients, uintptr_t grad_learner, uintptr_t stream) {
+        pnnh::BatchNormInputGradArgs args{pixels,
+                                          channels,
+                                          pointer<const void>(grad),
+                                          pointer<const void>(output),
+                                          pointer<const void>(learner),
+                                          pointer<const float>(coefficients),
+                                          pointer<void>(grad_learner)};
+        pnnh::launch_bn_input_grad(args, dtype_of(dtype), stream_of(stream));
+      },
+      "dz = a * dp + b * z + c.");
+
+  m.def(
+      "wgrad_reduce",
+      [](int splits, int kernel_h, int kernel_w, int c_x, int c_g, int dtype, uintptr_t partial, uintptr_t out,
+         std::array<int64_t, 4> out_strides, uintptr_t stream) {
+        pnnh::WgradReduceArgs args{splits,      kernel_h, kernel_w, c_x, c_g, pointer<const float>(partial),
+                                   pointer<void>(out), {out_strides[0], out_strides[1], out_strides[2], out_strides[3]}};
+        pnnh::launch_wgrad_reduce(args, dtype_of(dtype), stream_of(stream));
+      },
+      "The weight gradient from the split partials, in the weight's layout and dtype.");
 
   m.def("device_count", &device_count, "(number of CUDA devices, the CUDA error when counting failed)");
   m.def("compute_capability", &compute_capability, py::arg("device"));

@@ -38,6 +38,12 @@ def test_the_module_is_the_emulation(cuda_emulator):
         "pnnh_coder_backward_kernel",
         "pnnh_conv_dgrad_kernel",
         "pnnh_conv_wgrad_kernel",
+        "bn_finalize_forward_kernel",
+        "bn_running_update_kernel",
+        "bn_backward_reduce_kernel",
+        "bn_finalize_backward_kernel",
+        "bn_input_grad_kernel",
+        "wgrad_reduce_kernel",
     ]
 
 

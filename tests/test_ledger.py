@@ -64,12 +64,24 @@ def triton_launches(monkeypatch):
     return ran
 
 
-CUDA_ENTRY_POINTS = {
+CUDA_ENTRY_POINTS = {  # the module's functions that launch a kernel, and the kernel
     "forward": "pnnh_conv_forward_kernel",
     "coder_backward": "pnnh_coder_backward_kernel",
     "dgrad": "pnnh_conv_dgrad_kernel",
     "wgrad": "pnnh_conv_wgrad_kernel",
+    "bn_finalize_forward": "bn_finalize_forward_kernel",
+    "bn_running_update": "bn_running_update_kernel",
+    "bn_backward_reduce": "bn_backward_reduce_kernel",
+    "bn_finalize_backward": "bn_finalize_backward_kernel",
+    "bn_input_grad": "bn_input_grad_kernel",
+    "wgrad_reduce": "wgrad_reduce_kernel",
 }
+
+
+def test_every_cuda_kernel_has_a_hooked_entry_point(cuda_emulator):
+    """The hook below sees every kernel of the module: a new entry point must be added to it."""
+    assert sorted(CUDA_ENTRY_POINTS.values()) == sorted(cuda_emulator.kernel_names())
+    assert all(callable(getattr(cuda_emulator, name)) for name in CUDA_ENTRY_POINTS)
 
 
 @pytest.fixture
@@ -100,6 +112,60 @@ def kernel_name(declared: str) -> str:
     return declared.split(" ")[0]
 
 
+# aten ops that launch no kernel on a GPU (allocation, views, metadata), as torch.profiler names them.
+PROFILER_NO_KERNEL = {
+    "aten::empty", "aten::empty_strided", "aten::empty_like", "aten::new_empty",
+    "aten::new_empty_strided", "aten::permute", "aten::view", "aten::reshape", "aten::_reshape_alias",
+    "aten::as_strided", "aten::expand", "aten::select", "aten::slice", "aten::t", "aten::transpose",
+    "aten::unsqueeze", "aten::squeeze", "aten::detach", "aten::alias", "aten::lift_fresh",
+    "aten::contiguous", "aten::to", "aten::result_type", "aten::resize_", "aten::set_",
+    "aten::item", "aten::_local_scalar_dense", "aten::is_nonzero", "aten::unbind", "aten::split",
+    "aten::narrow", "aten::flatten", "aten::movedim", "aten::view_as", "aten::expand_as",
+}  # fmt: skip
+
+
+def profiled_torch_launches(step) -> int:
+    """PyTorch ops that launch a kernel in the last recording of ``step``, counted by torch.profiler:
+    the innermost aten ops that are not views or allocations, inside the ledger's recording and
+    outside its unrecorded ranges (a kernel launch's host side, a check's own work). An instrument
+    independent of the ledger's dispatch mode."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from pnnh_kernels.ledger.record import RECORDED_RANGE, UNRECORDED_RANGE
+
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        step()
+
+    def launching(event) -> bool:
+        return event.name.startswith("aten::") and event.name not in PROFILER_NO_KERNEL
+
+    def has_launching_descendant(event) -> bool:
+        return any(launching(c) or has_launching_descendant(c) for c in event.cpu_children)
+
+    counts: dict[int, int] = {}  # per recording range (by its start time)
+    for event in profiler.events():
+        if not launching(event) or has_launching_descendant(event):
+            continue
+        parent, recording, unrecorded = event.cpu_parent, None, False
+        while parent is not None:
+            unrecorded = unrecorded or parent.name == UNRECORDED_RANGE
+            if parent.name == RECORDED_RANGE:
+                recording = parent.time_range.start
+            parent = parent.cpu_parent
+        if recording is not None and not unrecorded:
+            counts[recording] = counts.get(recording, 0) + 1
+    return counts[max(counts)] if counts else 0
+
+
+def ledger_torch_ops(launches) -> int:
+    """The ledger's PyTorch launches as ops: an op modelled as several launches counts once."""
+    names = [launch.name for launch in launches if launch.kind == "torch"]
+    return sum(
+        1 for index, name in enumerate(names)
+        if " (" not in name or index == 0 or names[index - 1].split(" (")[0] != name.split(" (")[0]
+    )  # fmt: skip
+
+
 def check_against_what_ran(meta: tuple, real: Recorder, ran: list[str], kind: str) -> None:
     # 1. The ledger at the same shape lists exactly the launches of the real step, with the same
     #    bytes and FLOPs (PyTorch ops and declared kernels alike).
@@ -107,7 +173,8 @@ def check_against_what_ran(meta: tuple, real: Recorder, ran: list[str], kind: st
     assert list(meta) == real.launches
     # 2. The kernels that really ran (seen below the launchers) are exactly the declared ones.
     declared = [kernel_name(launch.name) for launch in real.launches if launch.kind == kind]
-    assert ran == declared, "a kernel ran without being declared, or a declared one did not run"
+    # (record_step runs a warm-up step first: the same kernels, also seen by the hook)
+    assert ran == declared * 2, "a kernel ran without being declared, or a declared one did not run"
     assert len(real.instrumented) == len(declared)
     for record in real.instrumented:
         name = record.launch.name
@@ -138,6 +205,10 @@ def test_triton_ledger_matches_what_runs(layer, training, triton_launches):
             LAYERS[layer]("triton").train(training), SHAPE, torch.float32, "cpu", instrument=True
         )
     check_against_what_ran(meta, real, triton_launches, "triton")
+    profiled = profiled_torch_launches(
+        lambda: record_step(LAYERS[layer]("triton").train(training), SHAPE, torch.float32, "cpu")
+    )
+    assert profiled == ledger_torch_ops(meta)
 
 
 @pytest.mark.parametrize("layer", sorted(LAYERS))
@@ -150,6 +221,10 @@ def test_cuda_ledger_matches_what_runs(layer, training, cuda_launches):
             LAYERS[layer]("cuda").train(training), SHAPE, torch.float32, "cpu", instrument=True
         )
     check_against_what_ran(meta, real, cuda_launches, "cuda")
+    profiled = profiled_torch_launches(
+        lambda: record_step(LAYERS[layer]("cuda").train(training), SHAPE, torch.float32, "cpu")
+    )
+    assert profiled == ledger_torch_ops(meta)
 
 
 def test_resnet_layer_ledger_matches_what_runs():
@@ -199,3 +274,44 @@ def test_pnnh_ledger_command_prints_both_tables_in_under_a_minute(capsys, cuda_e
     assert "H100 SXM (us)" in out
     assert "A100 SXM 80GB (us)" in out
     assert out.count("**total:") == 3
+
+
+# The budget of issue #13: at ResNet-18's CIFAR stage shapes (batch 256, bf16, training BatchNorm),
+# one PNNH layer's training step moves at most 0.8x the ResNet layer's HBM bytes, issues no more
+# launches, and its roofline time on an H100 is at most 0.9x, counted by the same ledger.
+CIFAR_STAGES = [(64, 32), (128, 16), (256, 8), (512, 4)]
+OVER_BUDGET = {
+    ("cuda", 512): "the CUDA input-gradient kernel reads the weight permuted to [C_in, KH, KW, C_out] "
+    "(a 2 x 4.7 MB copy per step at 512 channels) and its coder backward reads a materialised dp: "
+    "0.89x the bytes and 1.03x the H100 time; the Triton kernels read the weight through its "
+    "strides and mask dy on load",
+}
+
+
+@pytest.mark.parametrize(
+    ("backend", "channels", "size"),
+    [
+        pytest.param(
+            backend, channels, size,
+            marks=pytest.mark.xfail(strict=True, reason=OVER_BUDGET[(backend, channels)])
+            if (backend, channels) in OVER_BUDGET else (),
+            id=f"{backend}-{channels}x{size}x{size}",
+        )
+        for backend in ("triton", "cuda")
+        for channels, size in CIFAR_STAGES
+    ],
+)  # fmt: skip
+def test_training_step_within_the_resnet_layer_budget(
+    backend, channels, size, monkeypatch, cuda_emulator
+):
+    from pnnh_kernels.cuda import launch
+
+    # The GPU's launch configuration, not the interpreter's (nothing runs: meta tensors).
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with launch.emulated(cuda_emulator):  # the CUDA kernels' tile sizes, where no extension is built
+        resnet = step_ledger("resnet-layer", 256, channels, size)
+        pnnh = step_ledger("pnnh-layer", 256, channels, size, backend=backend)
+    h100 = CARDS["H100"]
+    assert len(pnnh.launches) <= len(resnet.launches)
+    assert pnnh.bytes <= 0.8 * resnet.bytes, f"{pnnh.bytes / resnet.bytes:.3f}x the bytes"
+    assert pnnh.seconds(h100) <= 0.9 * resnet.seconds(h100)

@@ -33,7 +33,13 @@ import torch
 from torch import Tensor
 
 from pnnh_kernels.backends.call import ConvCall, LinearCall
-from pnnh_kernels.backends.fused_common import ConvGradients, TrainingForward, permuted_weight
+from pnnh_kernels.backends.fused_common import (
+    ConvGradients,
+    TrainingForward,
+    TrainingGradients,
+    TrainingNorm,
+    permuted_weight,
+)
 from pnnh_kernels.backends.reference import memory_format_of
 from pnnh_kernels.coder import CoderTensors
 from pnnh_kernels.conv_geometry import ConvGeometry
@@ -61,15 +67,23 @@ class FusedKernels(Protocol):
         x: Tensor,
         weight: Tensor,
         bias: Optional[Tensor],
-        norm_weight: Optional[Tensor],
-        norm_bias: Optional[Tensor],
+        norm: TrainingNorm,
         encoder_weight: Optional[Tensor],
         encoder_bias: Optional[Tensor],
         decoder_weight: Optional[Tensor],
         geometry: ConvGeometry,
         relu: bool,
-        eps: float,
     ) -> TrainingForward: ...
+
+    def update_running_statistics(
+        self,
+        running_mean: Tensor,
+        running_var: Tensor,
+        mean: Tensor,
+        variance: Tensor,
+        momentum: float,
+        pixels: int,
+    ) -> None: ...
 
     def conv_backward(
         self,
@@ -83,8 +97,27 @@ class FusedKernels(Protocol):
         decoder_weight: Optional[Tensor],
         geometry: ConvGeometry,
         relu: bool,
-        learner_grad: Optional[Tensor] = None,
+        coder_grads: bool = True,
     ) -> ConvGradients: ...
+
+    def conv_backward_train(
+        self,
+        grad_output: Tensor,
+        x: Tensor,
+        y: Tensor,
+        z: Tensor,
+        mean: Tensor,
+        rstd: Tensor,
+        weight: Tensor,
+        norm_weight: Optional[Tensor],
+        norm_bias: Optional[Tensor],
+        encoder_weight: Optional[Tensor],
+        encoder_bias: Optional[Tensor],
+        decoder_weight: Optional[Tensor],
+        geometry: ConvGeometry,
+        relu: bool,
+        coder_grads: bool = True,
+    ) -> TrainingGradients: ...
 
 
 @dataclass(frozen=True)
@@ -96,6 +129,8 @@ class FusedOps:
     conv2d_fused: Any
     conv2d_fused_backward: Any
     conv2d_fused_train: Any
+    conv2d_fused_train_backward: Any
+    batch_norm_running_update: Any
 
 
 def _geometry(
@@ -119,6 +154,17 @@ def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
     if not torch.is_autocast_enabled(device.type):
         return None
     return torch.get_autocast_dtype(device.type)
+
+
+def _coder_grads(
+    coder: tuple[Optional[Tensor], ...], grads: tuple[Tensor, ...]
+) -> tuple[Optional[Tensor], ...]:
+    """The coder's gradients in its parameters' dtypes; None for an absent parameter or where the op
+    returned an empty tensor (a fixed coder: nothing was computed)."""
+    return tuple(
+        None if parameter is None or grad.numel() == 0 else grad.to(parameter.dtype)
+        for parameter, grad in zip(coder, grads)
+    )
 
 
 def define_fused_ops(library: str, kernels: FusedKernels) -> FusedOps:
@@ -183,11 +229,10 @@ def define_fused_ops(library: str, kernels: FusedKernels) -> FusedOps:
         padding: list[int],
         dilation: list[int],
         relu: bool,
-        learner_grad: Optional[Tensor] = None,
+        coder_grads: bool = True,
     ) -> list[Tensor]:
-        """[dx, dW_unscaled [KH, KW, C_in, C_out] fp32, dshift, dW_E, db_E, dW_D]; absent ones are empty.
-
-        ``learner_grad``: see pnnh_conv.conv_backward (training-mode BatchNorm passes dz)."""
+        """[dx, dW_unscaled [KH, KW, C_in, C_out] fp32, dshift, dW_E, db_E, dW_D]; absent ones are empty
+        (the coder's also when ``coder_grads`` is False: a fixed coder)."""
         grads = kernels.conv_backward(
             grad_output,
             x,
@@ -199,7 +244,7 @@ def define_fused_ops(library: str, kernels: FusedKernels) -> FusedOps:
             decoder_weight,
             _geometry(weight, stride, padding, dilation),
             relu,
-            learner_grad,
+            coder_grads,
         )
 
         def or_empty(grad: Optional[Tensor]) -> Tensor:
@@ -234,13 +279,13 @@ def define_fused_ops(library: str, kernels: FusedKernels) -> FusedOps:
         padding,
         dilation,
         relu,
-        learner_grad=None,
+        coder_grads=True,
     ):
         n, c_in, height, width = x.shape
         c_out, _, kh, kw = weight.shape
 
         def like(tensor: Optional[Tensor]) -> Tensor:
-            shape = (0,) if tensor is None else tuple(tensor.shape)
+            shape = (0,) if tensor is None or not coder_grads else tuple(tensor.shape)
             return x.new_empty(shape, dtype=torch.float32)
 
         return [
@@ -293,6 +338,7 @@ def define_fused_ops(library: str, kernels: FusedKernels) -> FusedOps:
             padding,
             dilation,
             relu,
+            any(ctx.needs_input_grad[4:7]),
         )
         grad_scale = None
         if scale is not None:
@@ -305,9 +351,10 @@ def define_fused_ops(library: str, kernels: FusedKernels) -> FusedOps:
             grad_weight,
             grad_scale,
             grad_shift if ctx.has_shift else None,
-            None if encoder_weight is None else grad_encoder_weight.to(encoder_weight.dtype),
-            None if encoder_bias is None else grad_encoder_bias.to(encoder_bias.dtype),
-            None if decoder_weight is None else grad_decoder_weight.to(decoder_weight.dtype),
+            *_coder_grads(
+                (encoder_weight, encoder_bias, decoder_weight),
+                (grad_encoder_weight, grad_encoder_bias, grad_decoder_weight),
+            ),
             None,
             None,
             None,
@@ -331,22 +378,21 @@ def define_fused_ops(library: str, kernels: FusedKernels) -> FusedOps:
         dilation: list[int],
         relu: bool,
         eps: float,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Training-mode BatchNorm on the learner branch: (y, z, batch mean, biased batch variance)."""
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Training-mode BatchNorm on the learner branch: (y, z, batch mean, biased batch variance,
+        rstd)."""
         result = kernels.conv_forward_train(
             x,
             weight,
             bias,
-            norm_weight,
-            norm_bias,
+            TrainingNorm(norm_weight, norm_bias, eps),
             encoder_weight,
             encoder_bias,
             decoder_weight,
             _geometry(weight, stride, padding, dilation),
             relu,
-            eps,
         )
-        return result.output, result.learner, result.mean, result.variance
+        return result.output, result.learner, result.mean, result.variance, result.rstd
 
     register_implementation(
         getattr(torch.ops, library).conv2d_fused_train.default, conv2d_fused_train._init_fn
@@ -374,69 +420,164 @@ def define_fused_ops(library: str, kernels: FusedKernels) -> FusedOps:
         def image() -> Tensor:
             return x.new_empty((x.shape[0], oh, ow, c_out)).permute(0, 3, 1, 2)
 
-        return (
-            image(),
-            image(),
-            x.new_empty((c_out,), dtype=torch.float32),
-            x.new_empty((c_out,), dtype=torch.float32),
+        def vector() -> Tensor:
+            return x.new_empty((c_out,), dtype=torch.float32)
+
+        return image(), image(), vector(), vector(), vector()
+
+    @torch.library.custom_op(f"{library}::conv2d_fused_train_backward", mutates_args=())
+    def conv2d_fused_train_backward(
+        grad_output: Tensor,
+        x: Tensor,
+        output: Tensor,
+        learner: Tensor,
+        mean: Tensor,
+        rstd: Tensor,
+        weight: Tensor,
+        norm_weight: Optional[Tensor],
+        norm_bias: Optional[Tensor],
+        encoder_weight: Optional[Tensor],
+        encoder_bias: Optional[Tensor],
+        decoder_weight: Optional[Tensor],
+        stride: list[int],
+        padding: list[int],
+        dilation: list[int],
+        relu: bool,
+        coder_grads: bool,
+    ) -> list[Tensor]:
+        """[dx, dW (the weight's shape, dtype and layout), d gamma, d beta, dW_E, db_E, dW_D]; absent
+        ones (and the coder's when ``coder_grads`` is False) are empty."""
+        grads = kernels.conv_backward_train(
+            grad_output,
+            x,
+            output,
+            learner,
+            mean,
+            rstd,
+            weight,
+            norm_weight,
+            norm_bias,
+            encoder_weight,
+            encoder_bias,
+            decoder_weight,
+            _geometry(weight, stride, padding, dilation),
+            relu,
+            coder_grads,
         )
+
+        def or_empty(grad: Optional[Tensor]) -> Tensor:
+            # A distinct empty tensor each time: outputs of a custom op may not alias each other.
+            return x.new_empty((0,), dtype=torch.float32) if grad is None else grad
+
+        return [
+            grads.input,
+            grads.weight,
+            or_empty(grads.norm_weight),
+            or_empty(grads.norm_bias),
+            or_empty(grads.encoder_weight),
+            or_empty(grads.encoder_bias),
+            or_empty(grads.decoder_weight),
+        ]
+
+    register_implementation(
+        getattr(torch.ops, library).conv2d_fused_train_backward.default,
+        conv2d_fused_train_backward._init_fn,
+    )
+
+    @conv2d_fused_train_backward.register_fake
+    def _conv2d_fused_train_backward_fake(
+        grad_output,
+        x,
+        output,
+        learner,
+        mean,
+        rstd,
+        weight,
+        norm_weight,
+        norm_bias,
+        encoder_weight,
+        encoder_bias,
+        decoder_weight,
+        stride,
+        padding,
+        dilation,
+        relu,
+        coder_grads,
+    ):
+        n, c_in, height, width = x.shape
+
+        def like(tensor: Optional[Tensor], coder: bool = False) -> Tensor:
+            if tensor is None or (coder and not coder_grads):
+                return x.new_empty((0,), dtype=torch.float32)
+            return x.new_empty(tuple(tensor.shape), dtype=torch.float32 if coder else tensor.dtype)
+
+        return [
+            x.new_empty((n, height, width, c_in)).permute(0, 3, 1, 2),
+            torch.empty_like(weight),
+            like(norm_weight),
+            like(norm_bias),
+            like(encoder_weight, True),
+            like(encoder_bias, True),
+            like(decoder_weight, True),
+        ]
 
     def _setup_train_context(ctx: Any, inputs: tuple, output: tuple) -> None:
         x, weight, bias, norm_weight, norm_bias, encoder_weight, encoder_bias, decoder_weight = inputs[
             :8
         ]
-        stride, padding, dilation, relu, eps = inputs[8:]
-        output, learner, mean, variance = output
+        stride, padding, dilation, relu, _ = inputs[8:]
+        output, learner, mean, variance, rstd = output
         ctx.save_for_backward(
             x,
             output,
             learner,
             mean,
-            variance,
+            rstd,
             weight,
             norm_weight,
+            norm_bias,
             encoder_weight,
             encoder_bias,
             decoder_weight,
         )
-        ctx.arguments = (stride, padding, dilation, relu, eps)
-        ctx.present = (bias is not None, norm_weight is not None, norm_bias is not None)
-        # z, mean and variance feed only the running statistics (under no_grad), and _train_backward
-        # ignores their gradients: marked non-differentiable, a loss built on them raises instead of
-        # silently getting zero gradients.
-        ctx.mark_non_differentiable(learner, mean, variance)
+        ctx.arguments = (stride, padding, dilation, relu)
+        ctx.has_bias = bias is not None
+        # z, mean, variance and rstd are for the backward and the running statistics (under
+        # no_grad): non-differentiable, so a loss built on them raises instead of getting zero
+        # gradients, and no zero gradients are materialised for them (an activation-sized fill).
+        ctx.mark_non_differentiable(learner, mean, variance, rstd)
+        ctx.set_materialize_grads(False)
 
-    def _train_backward(ctx: Any, grad_output: Tensor, *unused: Optional[Tensor]) -> tuple:
-        """BatchNorm's backward in PyTorch (two per-channel reductions and one elementwise pass, fp32),
-        then the fused kernels with dz for the learner and the masked dy for the coder.
-
-        dz = gamma * rstd * (dp - mean(dp) - x_hat * mean(dp * x_hat)), with dp = dy * (y > 0).
-        z, mean and variance are non-differentiable outputs (see _setup_train_context): they feed
-        only the running statistics, under no_grad.
-        """
-        x, output, learner, mean, variance, weight, norm_weight = ctx.saved_tensors[:7]
-        encoder_weight, encoder_bias, decoder_weight = ctx.saved_tensors[7:]
-        stride, padding, dilation, relu, eps = ctx.arguments
-        has_bias, has_norm_weight, has_norm_bias = ctx.present
-        dp = grad_output.float()
-        if relu:
-            dp = torch.where(output > 0, dp, 0.0)
-        rstd = torch.rsqrt(variance + eps)
-        x_hat = (learner.float() - mean[:, None, None]) * rstd[:, None, None]
-        count = dp.shape[0] * dp.shape[2] * dp.shape[3]
-        grad_norm_bias = dp.sum((0, 2, 3))
-        grad_norm_weight = (dp * x_hat).sum((0, 2, 3))
-        gain = rstd if norm_weight is None else rstd * norm_weight.float()
-        centred = dp - (grad_norm_bias / count)[:, None, None]
-        learner_grad = gain[:, None, None] * (
-            centred - x_hat * (grad_norm_weight / count)[:, None, None]
-        )
-        grads = conv2d_fused_backward(
+    def _train_backward(ctx: Any, grad_output: Optional[Tensor], *unused: Optional[Tensor]) -> tuple:
+        """The fused training backward (kernels.conv_backward_train): BatchNorm's reductions and dz
+        in the kernels, the coder's weight gradients only for a trainable coder."""
+        nothing = (None,) * 13
+        if grad_output is None:
+            return nothing
+        (
+            x,
+            output,
+            learner,
+            mean,
+            rstd,
+            weight,
+            norm_weight,
+            norm_bias,
+            encoder_weight,
+            encoder_bias,
+            decoder_weight,
+        ) = ctx.saved_tensors
+        stride, padding, dilation, relu = ctx.arguments
+        grads = conv2d_fused_train_backward(
             grad_output,
             x,
             output,
+            learner,
+            mean,
+            rstd,
             weight,
-            None,
+            norm_weight,
+            norm_bias,
             encoder_weight,
             encoder_bias,
             decoder_weight,
@@ -444,23 +585,21 @@ def define_fused_ops(library: str, kernels: FusedKernels) -> FusedOps:
             padding,
             dilation,
             relu,
-            learner_grad.to(x.dtype),
+            any(ctx.needs_input_grad[5:8]),
         )
-        grad_x, grad_weight, grad_bias, grad_encoder_weight, grad_encoder_bias, grad_decoder_weight = (
-            grads
-        )
+        grad_x, grad_weight, grad_norm_weight, grad_norm_bias = grads[:4]
         return (
             grad_x,
-            grad_weight.permute(3, 2, 0, 1).to(weight.dtype),
+            grad_weight,
             # Exactly zero: training BatchNorm subtracts the batch mean, which cancels any
-            # per-channel constant before it. Summing learner_grad would only return its rounding
-            # (it failed an fp32 check on an H200, 1.7e-5 where PyTorch's own error was 6.7e-6).
-            torch.zeros_like(grad_bias) if has_bias else None,
-            grad_norm_weight.to(norm_weight.dtype) if has_norm_weight else None,
-            grad_norm_bias if has_norm_bias else None,
-            None if encoder_weight is None else grad_encoder_weight.to(encoder_weight.dtype),
-            None if encoder_bias is None else grad_encoder_bias.to(encoder_bias.dtype),
-            None if decoder_weight is None else grad_decoder_weight.to(decoder_weight.dtype),
+            # per-channel constant before it (a sum of dz would only return its rounding: it
+            # failed an fp32 check on an H200, 1.7e-5 where PyTorch's own error was 6.7e-6).
+            torch.zeros((weight.shape[0],), dtype=torch.float32, device=x.device)
+            if ctx.has_bias
+            else None,
+            grad_norm_weight if norm_weight is not None else None,
+            grad_norm_bias if norm_bias is not None else None,
+            *_coder_grads((encoder_weight, encoder_bias, decoder_weight), tuple(grads[4:])),
             None,
             None,
             None,
@@ -470,9 +609,30 @@ def define_fused_ops(library: str, kernels: FusedKernels) -> FusedOps:
 
     conv2d_fused_train.register_autograd(_train_backward, setup_context=_setup_train_context)
 
+    @torch.library.custom_op(
+        f"{library}::batch_norm_running_update", mutates_args=("running_mean", "running_var")
+    )
+    def batch_norm_running_update(
+        running_mean: Tensor,
+        running_var: Tensor,
+        mean: Tensor,
+        variance: Tensor,
+        momentum: float,
+        pixels: int,
+    ) -> None:
+        """nn.BatchNorm2d's update of the running statistics from a batch's mean and biased
+        variance over ``pixels`` values per channel, in place (its own op: an op that mutates its
+        inputs cannot carry the autograd formula of the training op)."""
+        kernels.update_running_statistics(running_mean, running_var, mean, variance, momentum, pixels)
+
+    register_implementation(
+        getattr(torch.ops, library).batch_norm_running_update.default,
+        batch_norm_running_update._init_fn,
+    )
+
     def _conv2d_training_norm(call: ConvCall, compute_dtype: torch.dtype) -> Tensor:
-        """Training-mode BatchNorm: batch statistics from the kernels, running statistics updated here
-        exactly as F.batch_norm updates them (momentum, unbiased variance)."""
+        """Training-mode BatchNorm: batch statistics from the kernels, running statistics updated
+        as F.batch_norm updates them (momentum, unbiased variance)."""
         norm, coder, geometry = call.norm, call.coder, call.geometry
         n = call.input.shape[0]
         oh, ow = geometry.output_size(call.input.shape[2], call.input.shape[3])
@@ -483,7 +643,7 @@ def define_fused_ops(library: str, kernels: FusedKernels) -> FusedOps:
                 f"{torch.Size([n, call.weight.shape[0], oh, ow])}"
             )
 
-        out, _, mean, variance = conv2d_fused_train(
+        out, _, mean, variance, _ = conv2d_fused_train(
             call.input.to(compute_dtype),
             call.weight.to(compute_dtype),
             None if call.bias is None else call.bias.float(),
@@ -498,13 +658,8 @@ def define_fused_ops(library: str, kernels: FusedKernels) -> FusedOps:
         )
         if norm.running_mean is not None and norm.running_var is not None:
             with torch.no_grad():
-                momentum = norm.momentum
-                norm.running_mean.mul_(1 - momentum).add_(
-                    mean.to(norm.running_mean.dtype), alpha=momentum
-                )
-                unbiased = variance * (count / (count - 1))
-                norm.running_var.mul_(1 - momentum).add_(
-                    unbiased.to(norm.running_var.dtype), alpha=momentum
+                batch_norm_running_update(
+                    norm.running_mean, norm.running_var, mean, variance, norm.momentum, count
                 )
         return out.contiguous(memory_format=memory_format_of(call.input))
 
@@ -564,4 +719,12 @@ def define_fused_ops(library: str, kernels: FusedKernels) -> FusedOps:
         )
         return out.reshape(*call.input.shape[:-1], call.weight.shape[0])
 
-    return FusedOps(conv2d, linear, conv2d_fused, conv2d_fused_backward, conv2d_fused_train)
+    return FusedOps(
+        conv2d,
+        linear,
+        conv2d_fused,
+        conv2d_fused_backward,
+        conv2d_fused_train,
+        conv2d_fused_train_backward,
+        batch_norm_running_update,
+    )

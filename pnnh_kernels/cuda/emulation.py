@@ -23,6 +23,8 @@ from types import ModuleType
 
 from pnnh_kernels.cuda.build import source_dir
 
+KERNEL_SOURCES = ("pnnh_forward.cu", "pnnh_backward.cu", "pnnh_batch_norm.cu")
+
 
 def cuda_home() -> Path:
     return Path(os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda")
@@ -57,7 +59,7 @@ def build_emulator(out: Path) -> Path:
         "g++", "-O2", "-std=c++20", "-fno-strict-aliasing", "-shared", "-fPIC", "-pthread",
         "-DPNNH_EMULATE", "-DPNNH_MODULE_NAME=_C_emu", '-DPNNH_CUDA_ARCHITECTURES="emulated"',
         "-Wall", "-Wextra", "-Werror", "-Wno-unknown-pragmas",
-        "-x", "c++", str(source / "csrc" / "pnnh_forward.cu"), str(source / "csrc" / "pnnh_backward.cu"),
+        "-x", "c++", *(str(source / "csrc" / name) for name in KERNEL_SOURCES),
         str(source / "python" / "bindings.cpp"),
         f"-I{source / 'csrc'}", f"-I{cuda_home() / 'include'}", f"-I{pybind11.get_include()}",
         f"-I{sysconfig.get_paths()['include']}",

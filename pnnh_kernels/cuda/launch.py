@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 from types import ModuleType
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -21,10 +22,12 @@ from torch import Tensor
 from pnnh_kernels.backends.fused_common import (
     ConvGradients,
     TrainingForward,
-    batch_norm_from_tiles,
+    TrainingGradients,
+    TrainingNorm,
     decoder_rows,
     nhwc,
     output_buffer,
+    output_like,
 )
 from pnnh_kernels.conv_geometry import ConvGeometry
 from pnnh_kernels.cuda import SUPPORTED_DTYPES, cache_dir, extension, unavailable_reason
@@ -128,6 +131,44 @@ def _float_vector(tensor: Optional[Tensor]) -> Optional[Tensor]:
     return None if tensor is None else tensor.detach().float().contiguous()
 
 
+# Layouts of a fixed (requires_grad=False) coder's tensors that the kernels need, made once per
+# tensor version instead of once per call: a fixed coder never changes, so its transposes and casts
+# cost nothing per step. A tensor that requires grad changes every step and is not cached.
+_fixed_layouts: dict[int, tuple[weakref.ref, dict]] = {}  # id(tensor) -> (its weakref, layouts)
+
+
+def _fixed_layout(
+    tensor: Optional[Tensor], kind: str, make: Callable[[Tensor], Tensor]
+) -> Optional[Tensor]:
+    if tensor is None:
+        return None
+    if tensor.requires_grad:
+        return make(tensor)
+    key = id(tensor)
+    entry = _fixed_layouts.get(key)
+    if entry is None or entry[0]() is not tensor:
+        # Keyed by identity (a tensor's == is elementwise); dropped when the tensor dies.
+        entry = (weakref.ref(tensor, lambda _, key=key: _fixed_layouts.pop(key, None)), {})
+        _fixed_layouts[key] = entry
+    layouts = entry[1]
+    version = (kind, tensor._version)
+    if version not in layouts:
+        for stale in [k for k in layouts if k[0] == kind]:
+            del layouts[stale]
+        layouts[version] = make(tensor.detach())
+    return layouts[version]
+
+
+def _encoder_bias_rows(encoder_bias: Optional[Tensor]) -> Optional[Tensor]:
+    return _fixed_layout(encoder_bias, "float", lambda t: t.float().contiguous())
+
+
+def _transposed(tensor: Tensor) -> Tensor:
+    result = _fixed_layout(tensor, "transposed", lambda t: t.t().contiguous())
+    assert result is not None
+    return result
+
+
 def _shape(module: ModuleType, x: Tensor, weight: Tensor, geometry: ConvGeometry):
     n, c_in, height, width = x.shape
     c_out, _, kh, kw = weight.shape
@@ -176,13 +217,11 @@ def _launch_forward(
         _check(name, vector, x.device, torch.float32, (c_out,))
     has_coder = encoder_weight is not None and mode != STATISTICS
     encoder = encoder_weight.contiguous() if has_coder else None
-    encoder_bias_f = _float_vector(encoder_bias) if has_coder else None
+    encoder_bias_f = _encoder_bias_rows(encoder_bias) if has_coder else None
     # The decoder as [C_out, C_B] rows: W_E^T for a tied coder (a small copy).
     decoder = None
     if has_coder:
-        decoder = (
-            encoder_weight.t().contiguous() if decoder_weight is None else decoder_weight.contiguous()
-        )
+        decoder = _transposed(encoder_weight) if decoder_weight is None else decoder_weight.contiguous()
     c_b = encoder.shape[0] if encoder is not None else 0
     shape = _shape(module, x, weight, geometry)
     arguments = (
@@ -197,7 +236,8 @@ def _launch_forward(
     m = x.shape[0] * oh * ow
     tiles_m, tiles_n = math.ceil(m / sizes["block_m"]), math.ceil(c_out / sizes["block_n"])
     flops = 0 if mode == APPLY else 2 * m * c_out * c_in * kh * kw
-    flops += 2 * m * c_b * (c_in + c_out) * tiles_n if c_b else 0  # the code per channel tile
+    # the encoder per output-channel tile (every tile recomputes the code), the decoder once
+    flops += 2 * m * c_b * (c_in * tiles_n + c_out) if c_b else 0
     cached = 0
     if mode != APPLY:  # every channel tile re-reads x per tap; every pixel tile the weight
         cached += (tiles_n * kh * kw - 1) * tensor_bytes(x_rows) + (tiles_m - 1) * tensor_bytes(
@@ -249,14 +289,12 @@ def conv_forward_train(
     x: Tensor,
     weight: Tensor,
     bias: Optional[Tensor],
-    norm_weight: Optional[Tensor],
-    norm_bias: Optional[Tensor],
+    norm: TrainingNorm,
     encoder_weight: Optional[Tensor],
     encoder_bias: Optional[Tensor],
     decoder_weight: Optional[Tensor],
     geometry: ConvGeometry,
     relu: bool,
-    eps: float,
 ) -> TrainingForward:
     """Training-mode BatchNorm in two launches of the forward kernel: convolution + per-tile
     statistics (mean, M2 per 64-pixel tile), then normalisation + coder + activation from z."""
@@ -276,13 +314,62 @@ def conv_forward_train(
     _launch_forward(
         x, weight, None, bias, None, None, None, geometry, False, mode=STATISTICS, z=z, partials=partials
     )
-    mean, variance, scale, shift = batch_norm_from_tiles(*partials, rows, m, eps, norm_weight, norm_bias)
+    mean, variance, rstd, scale, shift = (
+        output_buffer((c_out,), torch.float32, x.device) for _ in range(5)
+    )
+    param_dtype = _param_dtype(norm.weight, norm.bias)
+    arguments = (
+        tiles, c_out, rows, m, norm.eps, DTYPE_CODES[param_dtype], *map(_pointer, partials),
+        _pointer(norm.weight), _pointer(norm.bias), _pointer(mean), _pointer(variance),
+        _pointer(rstd), _pointer(scale), _pointer(shift), _stream(x.device),
+    )  # fmt: skip
+    kernel_launch(
+        "bn_finalize_forward_kernel",
+        "cuda",
+        lambda: module.bn_finalize_forward(*arguments),
+        reads=[*partials, norm.weight, norm.bias],
+        writes=[mean, variance, rstd, scale, shift],
+        flops=8 * tiles * c_out,
+    )
     y = output_buffer((n, oh, ow, c_out), x.dtype, x.device)
     _launch_forward(
         x, weight, scale, shift, encoder_weight, encoder_bias, decoder_weight, geometry, relu,
         mode=APPLY, y=y, z=z,
     )  # fmt: skip
-    return TrainingForward(y.permute(0, 3, 1, 2), z.permute(0, 3, 1, 2), mean, variance)
+    return TrainingForward(y.permute(0, 3, 1, 2), z.permute(0, 3, 1, 2), mean, variance, rstd)
+
+
+def _param_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
+    """The dtype of BatchNorm's parameters and buffers (float32 where there are none)."""
+    for tensor in tensors:
+        if tensor is not None:
+            return tensor.dtype
+    return torch.float32
+
+
+def update_running_statistics(
+    running_mean: Tensor, running_var: Tensor, mean: Tensor, variance: Tensor, momentum: float,
+    pixels: int,
+) -> None:  # fmt: skip
+    """nn.BatchNorm2d's running-statistics update, in place, in one launch."""
+    _check(
+        "running_var", running_var, running_mean.device, running_mean.dtype, tuple(running_mean.shape)
+    )
+    module = _module(running_mean)
+    channels = running_mean.shape[0]
+    arguments = (
+        channels, momentum, pixels / (pixels - 1), DTYPE_CODES[running_mean.dtype],
+        _pointer(running_mean), _pointer(running_var), _pointer(mean), _pointer(variance),
+        _stream(running_mean.device),
+    )  # fmt: skip
+    kernel_launch(
+        "bn_running_update_kernel",
+        "cuda",
+        lambda: module.bn_running_update(*arguments),
+        reads=[running_mean, running_var, mean, variance],
+        writes=[running_mean, running_var],
+        flops=6 * channels,
+    )
 
 
 def _wgrad(
@@ -292,14 +379,17 @@ def _wgrad(
     out_hw: tuple[int, int],
     kernel: tuple[int, int],
     geometry: ConvGeometry,
+    out: Optional[Tensor] = None,
 ) -> Tensor:
-    """``[KH, KW, C_x, C_g]`` float32 = sum over output pixels of image_tap^T @ grad, from per-split
-    partial sums added in a fixed order (deterministic)."""
+    """The weight gradient, sum over output pixels of image_tap^T @ grad, from per-split partial sums
+    added in a fixed order (deterministic): into ``out`` (shaped as the weight [C_g, C_x, KH, KW], any
+    strides, the image's dtype) when given, else as a new ``[KH, KW, C_x, C_g]`` float32 tensor."""
     n, height, width, c_x = image.shape
     c_g = grad.shape[-1]
     m = grad.numel() // c_g if c_g else 0
     if m == 0:
-        return torch.zeros((*kernel, c_x, c_g), dtype=torch.float32, device=image.device)
+        zeros = torch.zeros((*kernel, c_x, c_g), dtype=torch.float32, device=image.device)
+        return zeros if out is None else out.copy_(zeros.permute(3, 2, 0, 1))
     taps = kernel[0] * kernel[1]
     sizes = module.tile_sizes()  # image channels x gradient channels per CTA, pixels per step
     tiles = math.ceil(c_x / sizes["block_m"]) * math.ceil(c_g / sizes["block_n"]) * taps
@@ -307,9 +397,14 @@ def _wgrad(
     # no more splits than grid.z holds.
     steps = math.ceil(m / (WGRAD_MIN_STEPS * sizes["block_k"]))
     splits = max(1, min(math.ceil(WGRAD_TARGET_CTAS / tiles), steps, sizes["max_grid_yz"] // taps))
+    if out is not None:
+        # Each split writes a float32 partial of the whole gradient and the reduction reads it back:
+        # keep that traffic to at most half the bytes of the gradient rows the splits read.
+        splits = max(1, min(splits, tensor_bytes(grad) // (4 * taps * c_x * c_g * 4)))
     per_split = math.ceil(math.ceil(m / splits) / sizes["block_k"]) * sizes["block_k"]
     splits = math.ceil(m / per_split)
-    partial = output_buffer((splits, *kernel, c_x, c_g), torch.float32, image.device)
+    direct = out is not None and splits == 1
+    partial = None if direct else output_buffer((splits, *kernel, c_x, c_g), torch.float32, image.device)
     shape = module.ConvShape(
         n,
         height,
@@ -322,9 +417,10 @@ def _wgrad(
         *geometry.padding,
         *geometry.dilation,
     )
+    out_strides = list(out.stride()) if out is not None else [0, 0, 0, 0]
     arguments = (
         shape, c_g, per_split, splits, DTYPE_CODES[image.dtype], _pointer(image), _pointer(grad),
-        _pointer(partial), _stream(image.device),
+        _pointer(partial), _pointer(out if direct else None), out_strides, _stream(image.device),
     )  # fmt: skip
     tiles_x, tiles_g = math.ceil(c_x / sizes["block_m"]), math.ceil(c_g / sizes["block_n"])
     kernel_launch(
@@ -332,13 +428,115 @@ def _wgrad(
         "cuda",
         lambda: module.wgrad(*arguments),
         reads=[image, grad],
-        writes=[partial],
+        writes=[out if direct else partial],
         flops=2 * m * c_x * c_g * taps,
         # every (image tile, gradient tile, tap) CTA reads its rows of both
         cached_read=(tiles_g * taps - 1) * tensor_bytes(image)
         + (tiles_x * taps - 1) * tensor_bytes(grad),
     )
-    return partial.sum(0) if splits > 1 else partial[0]
+    if out is None:
+        assert partial is not None
+        return partial.sum(0) if splits > 1 else partial[0]
+    if not direct:
+        reduce_arguments = (
+            splits, *kernel, c_x, c_g, DTYPE_CODES[out.dtype], _pointer(partial), _pointer(out),
+            out_strides, _stream(image.device),
+        )  # fmt: skip
+        kernel_launch(
+            "wgrad_reduce_kernel",
+            "cuda",
+            lambda: module.wgrad_reduce(*reduce_arguments),
+            reads=[partial],
+            writes=[out],
+            flops=partial.numel(),
+        )
+    return out
+
+
+def _coder_backward(
+    module: ModuleType,
+    shape: Any,
+    x_rows: Tensor,
+    dp: Tensor,
+    encoder_weight: Tensor,
+    encoder_bias: Optional[Tensor],
+    decoder_weight: Optional[Tensor],
+    geometry: ConvGeometry,
+    out_hw: tuple[int, int],
+    coder_grads: bool,
+) -> tuple[Tensor, Optional[Tensor], tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]]:
+    """(grad_pre, code or None, (dW_E, db_E, dW_D)): the coder's recomputed code and pre-activation
+    gradient from x and the masked dp; its weight gradients only with ``coder_grads``."""
+    n, oh, ow, c_out = dp.shape
+    c_b, c_in = encoder_weight.shape
+    dtype, device = x_rows.dtype, x_rows.device
+    encoder = encoder_weight.contiguous()
+    code = output_buffer((n, oh, ow, c_b), dtype, device) if coder_grads else None
+    grad_pre = output_buffer((n, oh, ow, c_b), dtype, device)
+    # Bound to names so that they outlive the launch: a temporary freed before the call returns
+    # could hand its memory to the next allocation while its pointer is in flight.
+    encoder_bias_f = _encoder_bias_rows(encoder_bias)
+    decoder_t = decoder_rows(encoder_weight, decoder_weight)  # [C_B, C_out]
+    arguments = (
+        shape, c_b, DTYPE_CODES[dtype], _pointer(x_rows), _pointer(encoder), _pointer(encoder_bias_f),
+        _pointer(decoder_t), _pointer(dp), _pointer(code), _pointer(grad_pre), _stream(device),
+    )  # fmt: skip
+    kernel_launch(
+        "pnnh_coder_backward_kernel",
+        "cuda",
+        lambda: module.coder_backward(*arguments),
+        reads=[x_rows, encoder, encoder_bias_f, decoder_t, dp],
+        writes=[code, grad_pre],
+        flops=2 * n * oh * ow * c_b * (c_in + c_out),
+    )
+    if not coder_grads:
+        return grad_pre, None, (None, None, None)
+    assert code is not None
+    strided = ConvGeometry((1, 1), geometry.stride, (0, 0), (1, 1))
+    unit = ConvGeometry((1, 1), (1, 1), (0, 0), (1, 1))
+    encoder_grad = _wgrad(module, x_rows, grad_pre, out_hw, (1, 1), strided)[0, 0].t()
+    decoder_grad_t = _wgrad(module, code, dp, out_hw, (1, 1), unit)[0, 0]
+    bias_grad = grad_pre.float().sum((0, 1, 2)) if encoder_bias is not None else None
+    if decoder_weight is None:
+        return grad_pre, code, (encoder_grad + decoder_grad_t, bias_grad, None)
+    return grad_pre, code, (encoder_grad, bias_grad, decoder_grad_t.t())
+
+
+def _dgrad(
+    module: ModuleType,
+    shape: Any,
+    c_b: int,
+    grad: Tensor,
+    weight: Tensor,
+    grad_pre: Optional[Tensor],
+    encoder_t_rows: Optional[Tensor],
+    dx: Tensor,
+) -> None:
+    """dX [N, H, W, C_in] into ``dx``: the learner's transposed convolution of ``grad`` (NHWC) and the
+    coder's ``grad_pre @ W_E``."""
+    if dx.numel() == 0:
+        return
+    n, height, width, c_in = dx.shape
+    c_out, _, kh, kw = weight.shape
+    _, oh, ow, _ = grad.shape
+    weight_t = weight.permute(1, 2, 3, 0).contiguous()  # [C_in, KH, KW, C_out]
+    arguments = (
+        shape, c_b, DTYPE_CODES[dx.dtype], _pointer(grad), _pointer(weight_t), _pointer(grad_pre),
+        _pointer(encoder_t_rows), _pointer(dx), _stream(dx.device),
+    )  # fmt: skip
+    sizes = module.tile_sizes()
+    tiles_m = math.ceil(n * height * width / sizes["block_m"])
+    tiles_n = math.ceil(c_in / sizes["block_n"])
+    kernel_launch(
+        "pnnh_conv_dgrad_kernel",
+        "cuda",
+        lambda: module.dgrad(*arguments),
+        reads=[grad, weight_t, grad_pre, encoder_t_rows],
+        writes=[dx],
+        flops=2 * n * height * width * c_in * c_out * kh * kw + 2 * n * oh * ow * c_b * c_in,
+        cached_read=(tiles_n * kh * kw - 1) * tensor_bytes(grad)
+        + (tiles_m - 1) * tensor_bytes(weight_t),
+    )
 
 
 def conv_backward(
@@ -352,15 +550,13 @@ def conv_backward(
     decoder_weight: Optional[Tensor],
     geometry: ConvGeometry,
     relu: bool,
-    learner_grad: Optional[Tensor] = None,
+    coder_grads: bool = True,
 ) -> ConvGradients:
     """All gradients of the fused op (the same contract as the Triton backend's conv_backward: the
-    learner's weight gradient unscaled, ``learner_grad`` replacing the masked dy for the learner)."""
+    learner's weight gradient unscaled; ``coder_grads=False`` skips the coder's weight gradients)."""
     _check_call(x, weight, encoder_weight, encoder_bias, decoder_weight)
     _check("grad_output", grad_output, x.device, None, tuple(y.shape))
     module = _module(x)
-    dtype_code = DTYPE_CODES[x.dtype]
-    stream = _stream(x.device)
     n, c_in, height, width = x.shape
     kh, kw = weight.shape[2], weight.shape[3]
     oh, ow = y.shape[2], y.shape[3]
@@ -368,75 +564,134 @@ def conv_backward(
     dy = nhwc(grad_output.to(x.dtype))
     # The output ReLU's mask, applied once here (the Triton kernels apply it while loading).
     dp = torch.where(nhwc(y) > 0, dy, 0).contiguous() if relu else dy.contiguous()
-    if learner_grad is not None:
-        learner_dp = nhwc(learner_grad.to(x.dtype)).contiguous()
-        learner_for_input = learner_dp
-    else:
-        learner_dp = dp
-        learner_for_input = dp if scale is None else (dp.float() * scale).to(x.dtype).contiguous()
-
+    learner_for_input = dp if scale is None else (dp.float() * scale).to(x.dtype).contiguous()
     shape = _shape(module, x, weight, geometry)
     grads_coder: tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]] = (None, None, None)
     grad_pre = encoder_t_rows = None
     c_b = 0
     if encoder_weight is not None:
         c_b = encoder_weight.shape[0]
-        encoder = encoder_weight.contiguous()
-        code = output_buffer((n, oh, ow, c_b), x.dtype, x.device)
-        grad_pre = output_buffer((n, oh, ow, c_b), x.dtype, x.device)
-        # Bound to names so that they outlive the launch: a temporary freed before the call returns
-        # could hand its memory to the next allocation while its pointer is in flight.
-        encoder_bias_f = _float_vector(encoder_bias)
-        decoder_t = decoder_rows(encoder_weight, decoder_weight)  # [C_B, C_out]
-        arguments = (
-            shape, c_b, dtype_code, _pointer(x_rows), _pointer(encoder), _pointer(encoder_bias_f),
-            _pointer(decoder_t), _pointer(dp), _pointer(code), _pointer(grad_pre), stream,
+        grad_pre, _, grads_coder = _coder_backward(
+            module, shape, x_rows, dp, encoder_weight, encoder_bias, decoder_weight, geometry,
+            (oh, ow), coder_grads,
         )  # fmt: skip
-        kernel_launch(
-            "pnnh_coder_backward_kernel",
-            "cuda",
-            lambda: module.coder_backward(*arguments),
-            reads=[x_rows, encoder, encoder_bias_f, decoder_t, dp],
-            writes=[code, grad_pre],
-            flops=2 * n * oh * ow * c_b * (c_in + weight.shape[0]),
-        )
-        strided = ConvGeometry((1, 1), geometry.stride, (0, 0), (1, 1))
-        unit = ConvGeometry((1, 1), (1, 1), (0, 0), (1, 1))
-        encoder_grad = _wgrad(module, x_rows, grad_pre, (oh, ow), (1, 1), strided)[0, 0].t()
-        decoder_grad_t = _wgrad(module, code, dp, (oh, ow), (1, 1), unit)[0, 0]
-        if decoder_weight is None:
-            grads_coder = (encoder_grad + decoder_grad_t, None, None)
-        else:
-            grads_coder = (encoder_grad, None, decoder_grad_t.t())
-        if encoder_bias is not None:
-            grads_coder = (grads_coder[0], grad_pre.float().sum((0, 1, 2)), grads_coder[2])
-        encoder_t_rows = encoder_weight.t().contiguous()  # [C_in, C_B]
-
+        encoder_t_rows = _transposed(encoder_weight)  # [C_in, C_B]
     dx = output_buffer((n, height, width, c_in), x.dtype, x.device)
-    if dx.numel():
-        weight_t = weight.permute(1, 2, 3, 0).contiguous()  # [C_in, KH, KW, C_out]
-        arguments = (
-            shape, c_b, dtype_code, _pointer(learner_for_input), _pointer(weight_t), _pointer(grad_pre),
-            _pointer(encoder_t_rows), _pointer(dx), stream,
-        )  # fmt: skip
-        sizes = module.tile_sizes()
-        tiles_m = math.ceil(n * height * width / sizes["block_m"])
-        tiles_n = math.ceil(c_in / sizes["block_n"])
-        kernel_launch(
-            "pnnh_conv_dgrad_kernel",
-            "cuda",
-            lambda: module.dgrad(*arguments),
-            reads=[learner_for_input, weight_t, grad_pre, encoder_t_rows],
-            writes=[dx],
-            flops=2 * n * height * width * c_in * weight.shape[0] * kh * kw
-            + 2 * n * oh * ow * c_b * c_in,
-            cached_read=(tiles_n * kh * kw - 1) * tensor_bytes(learner_for_input)
-            + (tiles_m - 1) * tensor_bytes(weight_t),
-        )
-    weight_unscaled = _wgrad(module, x_rows, learner_dp, (oh, ow), (kh, kw), geometry)
+    _dgrad(module, shape, c_b, learner_for_input, weight, grad_pre, encoder_t_rows, dx)
+    weight_unscaled = _wgrad(module, x_rows, dp, (oh, ow), (kh, kw), geometry)
     return ConvGradients(
-        dx.permute(0, 3, 1, 2),
-        weight_unscaled,
-        learner_dp.float().sum((0, 1, 2)),
-        *grads_coder,
+        dx.permute(0, 3, 1, 2), weight_unscaled, dp.float().sum((0, 1, 2)), *grads_coder
+    )
+
+
+def conv_backward_train(
+    grad_output: Tensor,
+    x: Tensor,
+    y: Tensor,
+    z: Tensor,
+    mean: Tensor,
+    rstd: Tensor,
+    weight: Tensor,
+    norm_weight: Optional[Tensor],
+    norm_bias: Optional[Tensor],
+    encoder_weight: Optional[Tensor],
+    encoder_bias: Optional[Tensor],
+    decoder_weight: Optional[Tensor],
+    geometry: ConvGeometry,
+    relu: bool,
+    coder_grads: bool = True,
+) -> TrainingGradients:
+    """All gradients of the training-mode op (``z``, ``mean``, ``rstd`` saved by the forward).
+
+    (1) One pass over dy, y and z: the per-tile sums BatchNorm needs (and dp, for the coder);
+    (2) the sums finished into the gradients of gamma and beta and the coefficients of dz;
+    (3) dz = a * dp + b * z + c, written once; (4) the coder's dpre from x and dp; (5) dX of both
+    paths; (6) dW into the weight's own layout and dtype. For a trainable coder, also its weight
+    gradients. dz = gamma * rstd * (dp - mean(dp) - x_hat * mean(dp * x_hat)), dp = dy * (y > 0).
+    """
+    _check_call(x, weight, encoder_weight, encoder_bias, decoder_weight)
+    _check("grad_output", grad_output, x.device, None, tuple(y.shape))
+    module = _module(x)
+    dtype_code = DTYPE_CODES[x.dtype]
+    stream = _stream(x.device)
+    n, c_in, height, width = x.shape
+    c_out, _, kh, kw = weight.shape
+    oh, ow = y.shape[2], y.shape[3]
+    m = n * oh * ow
+    x_rows = nhwc(x)
+    dy = nhwc(grad_output.to(x.dtype)).contiguous()
+    y_rows, z_rows = nhwc(y).contiguous(), nhwc(z).contiguous()
+    mask = y_rows if relu else None
+    has_coder = encoder_weight is not None
+    rows = module.tile_rows()
+    tiles = math.ceil(m / rows)
+    sums = (
+        output_buffer((tiles, c_out), torch.float32, x.device),
+        output_buffer((tiles, c_out), torch.float32, x.device),
+    )
+    dp = output_buffer((n, oh, ow, c_out), x.dtype, x.device) if has_coder else None
+    reduce_arguments = (
+        m, c_out, rows, dtype_code, _pointer(dy), _pointer(mask), _pointer(z_rows), _pointer(mean),
+        *map(_pointer, sums), _pointer(dp), stream,
+    )  # fmt: skip
+    kernel_launch(
+        "bn_backward_reduce_kernel",
+        "cuda",
+        lambda: module.bn_backward_reduce(*reduce_arguments),
+        reads=[dy, mask, z_rows, mean],
+        writes=[*sums, dp],
+        flops=4 * m * c_out,
+    )
+    grad_norm_weight = (
+        output_buffer((c_out,), norm_weight.dtype, x.device) if norm_weight is not None else None
+    )
+    grad_norm_bias = (
+        output_buffer((c_out,), norm_bias.dtype, x.device) if norm_bias is not None else None
+    )
+    coefficients = output_buffer((3, c_out), torch.float32, x.device)
+    finalize_arguments = (
+        tiles, c_out, m, DTYPE_CODES[_param_dtype(norm_weight, norm_bias)], *map(_pointer, sums),
+        _pointer(mean), _pointer(rstd), _pointer(norm_weight), _pointer(grad_norm_weight),
+        _pointer(grad_norm_bias), _pointer(coefficients), stream,
+    )  # fmt: skip
+    kernel_launch(
+        "bn_finalize_backward_kernel",
+        "cuda",
+        lambda: module.bn_finalize_backward(*finalize_arguments),
+        reads=[*sums, mean, rstd, norm_weight],
+        writes=[grad_norm_weight, grad_norm_bias, coefficients],
+        flops=4 * tiles * c_out,
+    )
+    dz = output_buffer((n, oh, ow, c_out), x.dtype, x.device)
+    # dp is already masked where the coder needed it written; else dy is masked by y here.
+    dz_inputs = (dp, None) if dp is not None else (dy, mask)
+    dz_arguments = (
+        m, c_out, dtype_code, _pointer(dz_inputs[0]), _pointer(dz_inputs[1]), _pointer(z_rows),
+        _pointer(coefficients), _pointer(dz), stream,
+    )  # fmt: skip
+    kernel_launch(
+        "bn_input_grad_kernel",
+        "cuda",
+        lambda: module.bn_input_grad(*dz_arguments),
+        reads=[*dz_inputs, z_rows, coefficients],
+        writes=[dz],
+        flops=5 * m * c_out,
+    )
+    shape = _shape(module, x, weight, geometry)
+    grads_coder: tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]] = (None, None, None)
+    grad_pre = encoder_t_rows = None
+    c_b = 0
+    if has_coder:
+        assert dp is not None
+        c_b = encoder_weight.shape[0]
+        grad_pre, _, grads_coder = _coder_backward(
+            module, shape, x_rows, dp, encoder_weight, encoder_bias, decoder_weight, geometry,
+            (oh, ow), coder_grads,
+        )  # fmt: skip
+        encoder_t_rows = _transposed(encoder_weight)  # [C_in, C_B]
+    dx = output_buffer((n, height, width, c_in), x.dtype, x.device)
+    _dgrad(module, shape, c_b, dz, weight, grad_pre, encoder_t_rows, dx)
+    weight_grad = _wgrad(module, x_rows, dz, (oh, ow), (kh, kw), geometry, out=output_like(weight))
+    return TrainingGradients(
+        dx.permute(0, 3, 1, 2), weight_grad, grad_norm_weight, grad_norm_bias, *grads_coder
     )

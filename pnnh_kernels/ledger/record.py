@@ -33,6 +33,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 KINDS = ("triton", "cuda", "torch")
+# Profiler ranges around what a recording runs but does not count (a kernel launch's host side, a
+# check's own work), so that a test can tell them apart in torch.profiler's events.
+UNRECORDED_RANGE = "pnnh_ledger_unrecorded"
+RECORDED_RANGE = "pnnh_ledger_recording"  # around the whole block of a recording
 
 
 @dataclass(frozen=True)
@@ -82,7 +86,8 @@ def unrecorded() -> Iterator[None]:
         return
     recorder.paused = True
     try:
-        yield
+        with torch.profiler.record_function(UNRECORDED_RANGE):
+            yield
     finally:
         recorder.paused = False
 
@@ -295,6 +300,11 @@ class _TorchOps(TorchDispatchMode):
         if implementation is not None:
             with self:
                 return implementation(*args, **kwargs)
+        if torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd"):
+            # Below autograd (inside our custom ops) composite ops such as contiguous and reshape
+            # arrive whole: decomposed here, so that the copy they may make is seen.
+            with self:
+                return func.decompose(*args, **kwargs)
         out = func(*args, **kwargs)
         name = func._schema.name.split("::")[-1]
         if self.recorder.paused or func.is_view or name in _NO_KERNEL:
@@ -322,7 +332,7 @@ def recording(instrument: bool = False) -> Iterator[Recorder]:
     recorder = Recorder(instrument)
     _recorder = recorder
     try:
-        with _TorchOps(recorder, _implementations):
+        with torch.profiler.record_function(RECORDED_RANGE), _TorchOps(recorder, _implementations):
             yield recorder
     finally:
         _recorder = None

@@ -129,7 +129,8 @@ def count_step(
 ) -> tuple[Launch, ...]:
     """The launches of the forward of ``module`` on x and the backward of ``grad`` to the gradients of
     x and of every trainable parameter, with x and grad of ``shape`` (channels_last) and the module
-    moved to ``device`` and ``dtype``. The gradients are returned, not accumulated into ``.grad``
+    moved to ``device`` and ``dtype``: the second such step (the first warms up what is made once,
+    such as a fixed coder's transposes). The gradients are returned, not accumulated into ``.grad``
     (that copy, and the optimizer, are outside the step)."""
     return tuple(record_step(module, shape, dtype, device).launches)
 
@@ -145,6 +146,8 @@ def record_step(
     module = module.to(device=device, dtype=dtype, memory_format=torch.channels_last)
     x, grad = step_inputs(shape, dtype, device)
     inputs = [x, *(p for p in module.parameters() if p.requires_grad)]
+    with recording():  # a warm-up step: what is made once per fixed tensor is not a step's cost
+        torch.autograd.grad(module(x), inputs, grad)
     with recording(instrument) as recorder:
         torch.autograd.grad(module(x), inputs, grad)
     return recorder

@@ -3,8 +3,8 @@
 Layouts (all row-major, i.e. the memory of channels_last NCHW tensors):
 
 - ``x``: the input image, NHWC, ``[N, H, W, C_in]``.
-- ``w``: the learner weight permuted to ``[KH, KW, C_in, C_out]`` (the launcher does the permute,
-  a weight-sized copy), so that a ``[BLOCK_K, BLOCK_N]`` tile of one tap is contiguous in C_out.
+- ``w``: the learner weight ``[C_out, C_in, KH, KW]`` as the module holds it, read through its four
+  strides (no permuted copy per call; a channels_last weight has C_in contiguous).
 - ``we``: the encoder W_E, ``[C_B, C_in]``. ``wd``: the decoder as ``[C_B, C_out]``, i.e. W_D^T; for a
   tied coder that is W_E itself (C_out == C_in), so no copy is made.
 - ``y``, ``dy``: the output and its gradient, NHWC ``[N, OH, OW, C_out]``; a row ``m`` of the flattened
@@ -33,9 +33,20 @@ def _mma(a, b, acc, INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
 
 
 @triton.jit
+def _batch_norm_grad(g, z_ptr, coefficients_ptr, offsets, tile, cs, mask_c, C):
+    """dz = a * g + b * z + c on a loaded tile of the masked output gradient g (training-mode
+    BatchNorm's backward, coefficients from _bn_finalize_backward_kernel), zero outside ``tile``."""
+    z = tl.load(z_ptr + offsets, mask=tile, other=0.0).to(tl.float32)
+    a = tl.load(coefficients_ptr + cs, mask=mask_c, other=0.0)
+    b = tl.load(coefficients_ptr + C + cs, mask=mask_c, other=0.0)
+    c = tl.load(coefficients_ptr + 2 * C + cs, mask=mask_c, other=0.0)
+    return tl.where(tile, a[None, :] * g.to(tl.float32) + b[None, :] * z + c[None, :], 0.0)
+
+
+@triton.jit
 def _pnnh_conv_fwd_kernel(
     x_ptr,  # [N, H, W, C_in]
-    w_ptr,  # [KH, KW, C_in, C_out]
+    w_ptr,  # the weight [C_out, C_in, KH, KW], read through its strides (w_stride_*)
     scale_ptr,  # [C_out] fp32, learner-branch scale (folded eval BatchNorm), if HAS_SCALE
     shift_ptr,  # [C_out] fp32, learner-branch shift (bias and folded BatchNorm), if HAS_SHIFT
     we_ptr,  # [C_B, C_in]
@@ -59,6 +70,10 @@ def _pnnh_conv_fwd_kernel(
     pad_w,
     dil_h,
     dil_w,
+    w_stride_co,
+    w_stride_ci,
+    w_stride_kh,
+    w_stride_kw,
     KH: tl.constexpr,
     KW: tl.constexpr,
     HAS_SCALE: tl.constexpr,
@@ -134,7 +149,11 @@ def _pnnh_conv_fwd_kernel(
                     other=0.0,
                 )
                 b = tl.load(
-                    w_ptr + (CENTRE * C_in + ks)[:, None] * C_out + offs_n[None, :],
+                    w_ptr
+                    + ks[:, None] * w_stride_ci
+                    + offs_n[None, :] * w_stride_co
+                    + (KH // 2) * w_stride_kh
+                    + (KW // 2) * w_stride_kw,
                     mask=mask_k[:, None] & mask_n[None, :],
                     other=0.0,
                 )
@@ -166,7 +185,11 @@ def _pnnh_conv_fwd_kernel(
                 x_ptr + row[:, None] + ks[None, :], mask=inside[:, None] & mask_k[None, :], other=0.0
             )
             b = tl.load(
-                w_ptr + (tap * C_in + ks)[:, None] * C_out + offs_n[None, :],
+                w_ptr
+                + ks[:, None] * w_stride_ci
+                + offs_n[None, :] * w_stride_co
+                + (tap // KW) * w_stride_kh
+                + (tap % KW) * w_stride_kw,
                 mask=mask_k[:, None] & mask_n[None, :],
                 other=0.0,
             )
@@ -234,14 +257,18 @@ def _pnnh_conv_fwd_kernel(
 
 @triton.jit
 def _pnnh_coder_bwd_kernel(
-    x_ptr,  # [N, H, W, C_in]
-    we_ptr,  # [C_B, C_in]
+    x_ptr,  # [N, H, W, C_in], if HAS_CODER
+    we_ptr,  # [C_B, C_in], if HAS_CODER
     be_ptr,  # [C_B], if HAS_ENCODER_BIAS
-    wd_ptr,  # [C_B, C_out] (W_D^T)
+    wd_ptr,  # [C_B, C_out] (W_D^T), if HAS_CODER
     dy_ptr,  # [M, C_out]
     y_ptr,  # [M, C_out], read for the output ReLU's mask when RELU
-    code_ptr,  # out: [M, C_B], relu(x_s @ we^T + be)
-    dpre_ptr,  # out: [M, C_B], gradient at the code's pre-activation
+    z_ptr,  # [M, C_out] the learner's output before BatchNorm, if BN_REDUCE
+    mean_ptr,  # [C_out] fp32 batch mean of z, if BN_REDUCE
+    code_ptr,  # out: [M, C_B], relu(x_s @ we^T + be), if WRITE_CODE
+    dpre_ptr,  # out: [M, C_B], gradient at the code's pre-activation, if HAS_CODER
+    sum_dp_part_ptr,  # out: [M tiles, C_out] fp32 per-tile sums of dp, if BN_REDUCE
+    sum_dpz_part_ptr,  # out: [M tiles, C_out] fp32 per-tile sums of dp * (z - mean), if BN_REDUCE
     M,
     H,
     W,
@@ -252,7 +279,10 @@ def _pnnh_coder_bwd_kernel(
     C_B,
     stride_h,
     stride_w,
+    HAS_CODER: tl.constexpr,
     HAS_ENCODER_BIAS: tl.constexpr,
+    WRITE_CODE: tl.constexpr,
+    BN_REDUCE: tl.constexpr,
     RELU: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
@@ -260,11 +290,16 @@ def _pnnh_coder_bwd_kernel(
     BLOCK_B: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """Recompute the code of a ``[BLOCK_M, BLOCK_B]`` tile from x (it was never stored) and the
-    gradient that reaches it: ``dpre = (dp @ wd^T) * (pre > 0)`` with ``dp = dy * (y > 0)``.
+    """The first pass of the backward over the output pixels: what needs ``dp = dy * (y > 0)``
+    before the convolution's gradients can run, in one read of dy and y.
 
-    Both are written to ``[M, C_B]`` scratch buffers that live only during the backward pass: the
-    weight gradients of the coder and the coder's share of dX read them.
+    Coder (``HAS_CODER``): recompute the code of a ``[BLOCK_M, BLOCK_B]`` tile from x (it was never
+    stored) and the gradient that reaches it, ``dpre = (dp @ wd^T) * (pre > 0)``, into a ``[M, C_B]``
+    scratch that the input gradient reads (and, with ``WRITE_CODE``, the code itself for the
+    decoder's weight gradient: only a trainable coder needs it).
+    BatchNorm (``BN_REDUCE``, training mode): per tile and channel, the sums of dp and of
+    ``dp * (z - mean)`` that BatchNorm's backward needs (finished by _bn_finalize_backward_kernel).
+    Only the first code-channel tile (``program_id(1) == 0``) writes them.
     """
     pid_m = tl.program_id(0)
     pid_b = tl.program_id(1)
@@ -273,27 +308,28 @@ def _pnnh_coder_bwd_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_b = offs_b < C_B
-    n = offs_m // (OH * OW)
-    pixel = offs_m % (OH * OW)
-    oh = pixel // OW
-    ow = pixel % OW
-    row_s = ((n.to(tl.int64) * H + oh * stride_h) * W + ow * stride_w) * C_in
 
     pre = tl.zeros((BLOCK_M, BLOCK_B), dtype=tl.float32)
-    for k0 in range(0, C_in, BLOCK_K):
-        ks = k0 + offs_k
-        mask_k = ks < C_in
-        a = tl.load(
-            x_ptr + row_s[:, None] + ks[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0
-        )
-        e = tl.load(
-            we_ptr + offs_b[None, :] * C_in + ks[:, None],
-            mask=mask_k[:, None] & mask_b[None, :],
-            other=0.0,
-        )
-        pre = _mma(a, e, pre, INPUT_PRECISION, UPCAST_DOT)
-    if HAS_ENCODER_BIAS:
-        pre = pre + tl.load(be_ptr + offs_b, mask=mask_b, other=0.0).to(tl.float32)[None, :]
+    if HAS_CODER:
+        n = offs_m // (OH * OW)
+        pixel = offs_m % (OH * OW)
+        oh = pixel // OW
+        ow = pixel % OW
+        row_s = ((n.to(tl.int64) * H + oh * stride_h) * W + ow * stride_w) * C_in
+        for k0 in range(0, C_in, BLOCK_K):
+            ks = k0 + offs_k
+            mask_k = ks < C_in
+            a = tl.load(
+                x_ptr + row_s[:, None] + ks[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0
+            )
+            e = tl.load(
+                we_ptr + offs_b[None, :] * C_in + ks[:, None],
+                mask=mask_k[:, None] & mask_b[None, :],
+                other=0.0,
+            )
+            pre = _mma(a, e, pre, INPUT_PRECISION, UPCAST_DOT)
+        if HAS_ENCODER_BIAS:
+            pre = pre + tl.load(be_ptr + offs_b, mask=mask_b, other=0.0).to(tl.float32)[None, :]
 
     dcode = tl.zeros((BLOCK_M, BLOCK_B), dtype=tl.float32)
     out_rows = offs_m.to(tl.int64) * C_out
@@ -305,18 +341,31 @@ def _pnnh_coder_bwd_kernel(
         if RELU:
             y = tl.load(y_ptr + out_rows[:, None] + cs[None, :], mask=tile, other=0.0)
             g = tl.where(y > 0, g, tl.zeros_like(g))
-        d = tl.load(
-            wd_ptr + offs_b[None, :] * C_out + cs[:, None],
-            mask=mask_c[:, None] & mask_b[None, :],
-            other=0.0,
-        )
-        dcode = _mma(g, d, dcode, INPUT_PRECISION, UPCAST_DOT)
+        if HAS_CODER:
+            d = tl.load(
+                wd_ptr + offs_b[None, :] * C_out + cs[:, None],
+                mask=mask_c[:, None] & mask_b[None, :],
+                other=0.0,
+            )
+            dcode = _mma(g, d, dcode, INPUT_PRECISION, UPCAST_DOT)
+        if BN_REDUCE:  # noqa: SIM102 (a compile-time flag, then a runtime test: Triton keeps them apart)
+            if pid_b == 0:
+                z = tl.load(z_ptr + out_rows[:, None] + cs[None, :], mask=tile, other=0.0)
+                mean = tl.load(mean_ptr + cs, mask=mask_c, other=0.0)
+                dp = g.to(tl.float32)
+                centred = tl.where(tile, z.to(tl.float32) - mean[None, :], 0.0)
+                partial = pid_m * C_out + cs
+                tl.store(sum_dp_part_ptr + partial, tl.sum(dp, axis=0), mask=mask_c)
+                tl.store(sum_dpz_part_ptr + partial, tl.sum(dp * centred, axis=0), mask=mask_c)
 
-    scratch = offs_m.to(tl.int64)[:, None] * C_B + offs_b[None, :]
-    tile_b = mask_m[:, None] & mask_b[None, :]
-    tl.store(code_ptr + scratch, tl.maximum(pre, 0.0).to(code_ptr.dtype.element_ty), mask=tile_b)
-    dpre = tl.where(pre > 0, dcode, tl.zeros_like(dcode))
-    tl.store(dpre_ptr + scratch, dpre.to(dpre_ptr.dtype.element_ty), mask=tile_b)
+    if HAS_CODER:
+        scratch = offs_m.to(tl.int64)[:, None] * C_B + offs_b[None, :]
+        tile_b = mask_m[:, None] & mask_b[None, :]
+        if WRITE_CODE:
+            code = tl.maximum(pre, 0.0).to(code_ptr.dtype.element_ty)
+            tl.store(code_ptr + scratch, code, mask=tile_b)
+        dpre = tl.where(pre > 0, dcode, tl.zeros_like(dcode))
+        tl.store(dpre_ptr + scratch, dpre.to(dpre_ptr.dtype.element_ty), mask=tile_b)
 
 
 @triton.jit
@@ -324,7 +373,10 @@ def _conv_wgrad_kernel(
     x_ptr,  # [N, H, W, C_x]: the image whose taps are reduced
     g_ptr,  # [M, C_g]: the gradient rows
     y_ptr,  # [M, C_g]: read for the output ReLU's mask when RELU
-    out_ptr,  # out: [splits, KH, KW, C_x, C_g] float32 partial sums
+    z_ptr,  # [M, C_g]: the learner output before BatchNorm, if BN_GRAD
+    coefficients_ptr,  # [3, C_g] fp32: dz = a * dp + b * z + c, if BN_GRAD
+    out_ptr,  # out: [splits, KH, KW, C_x, C_g] float32 partial sums, unless STRIDED_OUT
+    weight_grad_ptr,  # out if STRIDED_OUT: the gradient as the weight [C_g, C_x, KH, KW], its dtype
     M,
     m_per_split,
     H,
@@ -339,9 +391,15 @@ def _conv_wgrad_kernel(
     pad_w,
     dil_h,
     dil_w,
+    out_stride_g,  # with STRIDED_OUT: strides of weight_grad
+    out_stride_x,
+    out_stride_kh,
+    out_stride_kw,
     KH: tl.constexpr,
     KW: tl.constexpr,
     RELU: tl.constexpr,
+    BN_GRAD: tl.constexpr,
+    STRIDED_OUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     BLOCK_X: tl.constexpr,
@@ -359,8 +417,9 @@ def _conv_wgrad_kernel(
 
     Grid: (C_x tiles, C_g tiles, splits * KH * KW). Few channel tiles times nine taps is far too
     few programs for a GPU (a 64 -> 64 layer has nine), so M is split into ``m_per_split`` ranges,
-    each program writes its partial sum, and the launcher adds the partials in a fixed order:
-    deterministic, no atomics.
+    each program writes its partial sum, and _wgrad_reduce_kernel adds the partials in a fixed
+    order: deterministic, no atomics. With one split (``STRIDED_OUT``) the program stores the
+    gradient itself, in the weight's own layout and dtype: no partials, no copy.
     """
     pid_x = tl.program_id(0)
     pid_g = tl.program_id(1)
@@ -389,21 +448,69 @@ def _conv_wgrad_kernel(
         )
         g_rows = offs_m.to(tl.int64) * C_g
         tile = mask_m[:, None] & mask_g[None, :]
-        g = tl.load(g_ptr + g_rows[:, None] + offs_g[None, :], mask=tile, other=0.0)
+        g_offsets = g_rows[:, None] + offs_g[None, :]
+        g = tl.load(g_ptr + g_offsets, mask=tile, other=0.0)
         if RELU:
-            y = tl.load(y_ptr + g_rows[:, None] + offs_g[None, :], mask=tile, other=0.0)
+            y = tl.load(y_ptr + g_offsets, mask=tile, other=0.0)
             g = tl.where(y > 0, g, tl.zeros_like(g))
+        if BN_GRAD:
+            g = _batch_norm_grad(g, z_ptr, coefficients_ptr, g_offsets, tile, offs_g, mask_g, C_g)
         acc = _mma(a, g.to(a.dtype), acc, INPUT_PRECISION, UPCAST_DOT)
-    out = out_ptr + ((split * KH * KW + tap) * C_x + offs_x)[:, None] * C_g + offs_g[None, :]
-    tl.store(out, acc, mask=mask_x[:, None] & mask_g[None, :])
+    if STRIDED_OUT:
+        out = (
+            weight_grad_ptr
+            + offs_g[None, :] * out_stride_g
+            + offs_x[:, None] * out_stride_x
+            + kh * out_stride_kh
+            + kw * out_stride_kw
+        )
+        grad = acc.to(weight_grad_ptr.dtype.element_ty)
+        tl.store(out, grad, mask=mask_x[:, None] & mask_g[None, :])
+    else:
+        out = out_ptr + ((split * KH * KW + tap) * C_x + offs_x)[:, None] * C_g + offs_g[None, :]
+        tl.store(out, acc, mask=mask_x[:, None] & mask_g[None, :])
+
+
+@triton.jit
+def _wgrad_reduce_kernel(
+    out_ptr,  # [splits, KH, KW, C_x, C_g] float32 partials
+    weight_grad_ptr,  # out: the gradient, as the weight [C_g, C_x, KH, KW] with the strides below
+    splits,
+    C_x,
+    C_g,
+    out_stride_g,
+    out_stride_x,
+    out_stride_kh,
+    out_stride_kw,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """The weight gradient from _conv_wgrad_kernel's partials: summed over the splits in a fixed
+    order (deterministic) and stored once, in the weight's own layout and dtype."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    elements = KH * KW * C_x * C_g
+    mask = offs < elements
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for split in range(0, splits):
+        acc += tl.load(out_ptr + split * elements + offs, mask=mask, other=0.0)
+    g = offs % C_g
+    x = (offs // C_g) % C_x
+    tap = offs // (C_g * C_x)
+    target = (
+        g * out_stride_g + x * out_stride_x + (tap // KW) * out_stride_kh + (tap % KW) * out_stride_kw
+    )
+    tl.store(weight_grad_ptr + target, acc.to(weight_grad_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _pnnh_conv_dgrad_kernel(
     dy_ptr,  # [N, OH, OW, C_out]
     y_ptr,  # [N, OH, OW, C_out], read for the output ReLU's mask when RELU
+    z_ptr,  # [N, OH, OW, C_out]: the learner output before BatchNorm, if BN_GRAD
+    coefficients_ptr,  # [3, C_out] fp32: dz = a * dp + b * z + c, if BN_GRAD
     scale_ptr,  # [C_out] fp32, if HAS_SCALE
-    w_ptr,  # [KH, KW, C_in, C_out]
+    w_ptr,  # the weight [C_out, C_in, KH, KW], read through its strides (w_stride_*)
     dpre_ptr,  # [M, C_B] coder scratch, if HAS_CODER
     we_ptr,  # [C_B, C_in]
     dx_ptr,  # out: [N, H, W, C_in]
@@ -421,8 +528,13 @@ def _pnnh_conv_dgrad_kernel(
     pad_w,
     dil_h,
     dil_w,
+    w_stride_co,
+    w_stride_ci,
+    w_stride_kh,
+    w_stride_kw,
     KH: tl.constexpr,
     KW: tl.constexpr,
+    BN_GRAD: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     HAS_CODER: tl.constexpr,
     RELU: tl.constexpr,
@@ -434,8 +546,9 @@ def _pnnh_conv_dgrad_kernel(
 ):
     """dX for a ``[BLOCK_M input pixels, BLOCK_N input channels]`` tile, both paths, one store.
 
-    Learner: the transposed convolution of ``dz = dy * (y > 0) * scale`` as an implicit GEMM over
-    taps and C_out chunks; a tap contributes to input pixel (ih, iw) only where
+    Learner: the transposed convolution of ``dz = dy * (y > 0) * scale`` (eval) or of training
+    BatchNorm's ``dz = a * dp + b * z + c`` formed on load (``BN_GRAD``: dz is never stored) as an
+    implicit GEMM over taps and C_out chunks; a tap contributes to input pixel (ih, iw) only where
     ``ih + pad - kh * dil`` is a non-negative multiple of the stride (masked loads skip the rest, so a
     stride-2 layer spends 3/4 of its tap iterations on masked tiles: simple, not optimal).
     Coder: an input pixel on the stride grid is x_s of output pixel (ih / s, iw / s) and receives
@@ -472,14 +585,21 @@ def _pnnh_conv_dgrad_kernel(
         cs = c0 + offs_k
         mask_c = cs < C_out
         tile = ok[:, None] & mask_c[None, :]
-        g = tl.load(dy_ptr + row[:, None] + cs[None, :], mask=tile, other=0.0)
+        g_offsets = row[:, None] + cs[None, :]
+        g = tl.load(dy_ptr + g_offsets, mask=tile, other=0.0)
         if RELU:
-            y = tl.load(y_ptr + row[:, None] + cs[None, :], mask=tile, other=0.0)
+            y = tl.load(y_ptr + g_offsets, mask=tile, other=0.0)
             g = tl.where(y > 0, g, tl.zeros_like(g))
+        if BN_GRAD:
+            g = _batch_norm_grad(g, z_ptr, coefficients_ptr, g_offsets, tile, cs, mask_c, C_out)
         if HAS_SCALE:
             g = g * tl.load(scale_ptr + cs, mask=mask_c, other=0.0)[None, :]
         b = tl.load(
-            w_ptr + (tap * C_in + offs_n)[None, :] * C_out + cs[:, None],
+            w_ptr
+            + offs_n[None, :] * w_stride_ci
+            + cs[:, None] * w_stride_co
+            + (tap // KW) * w_stride_kh
+            + (tap % KW) * w_stride_kw,
             mask=mask_c[:, None] & mask_n[None, :],
             other=0.0,
         )

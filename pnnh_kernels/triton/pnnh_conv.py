@@ -18,20 +18,27 @@ from torch import Tensor
 from pnnh_kernels.backends.fused_common import (
     ConvGradients,
     TrainingForward,
-    batch_norm_from_tiles,
+    TrainingGradients,
+    TrainingNorm,
     decoder_rows,
     nhwc,
-    permuted_weight,
+    output_like,
 )
 from pnnh_kernels.backends.fused_common import output_buffer as _output
 from pnnh_kernels.conv_geometry import ConvGeometry
 from pnnh_kernels.ledger.record import kernel_launch, placeholder, tensor_bytes
 from pnnh_kernels.triton import interpreter_enabled
+from pnnh_kernels.triton.batch_norm_kernels import (
+    _bn_finalize_backward_kernel,
+    _bn_finalize_forward_kernel,
+    _bn_running_update_kernel,
+)
 from pnnh_kernels.triton.kernels import (
     _conv_wgrad_kernel,
     _pnnh_coder_bwd_kernel,
     _pnnh_conv_dgrad_kernel,
     _pnnh_conv_fwd_kernel,
+    _wgrad_reduce_kernel,
 )
 
 
@@ -109,19 +116,23 @@ class WgradTiles:
     block_m: int  # pixels per step of the reduction
 
 
-def wgrad_shared_bytes(tiles: WgradTiles, stages: int, dtype: torch.dtype, relu: bool) -> int:
+def wgrad_shared_bytes(
+    tiles: WgradTiles, stages: int, dtype: torch.dtype, relu: bool, batch_norm: bool = False
+) -> int:
     """Shared memory of the weight-gradient kernel as Triton's software pipeline lays it out: every
-    stage holds the image and gradient tiles, every stage but one also the output tile read for
-    the ReLU mask. It matched triton 3.9's sm_90 compiles in sixteen cases (bf16/fp32, ReLU on/off,
-    64/128 channels, 2-3 stages) and the 256 KiB launch failure of triton 3.6 on an H200; the
-    ahead-of-time report stays the judge."""
+    stage holds the image and gradient tiles, every stage but one also each extra tile read beside
+    the gradient (the output for the ReLU mask; z for training BatchNorm's dz). It matched triton
+    3.9's sm_90 compiles in sixteen cases (bf16/fp32, ReLU on/off, 64/128 channels, 2-3 stages) and
+    the 256 KiB launch failure of triton 3.6 on an H200; the ahead-of-time report stays the judge."""
     element = torch.finfo(dtype).bits // 8
     operands = stages * (tiles.block_x + tiles.block_g) * tiles.block_m
-    mask = (stages - 1) * tiles.block_g * tiles.block_m if relu else 0
-    return (operands + mask) * element
+    extra = (stages - 1) * tiles.block_g * tiles.block_m * (int(relu) + int(batch_norm))
+    return (operands + extra) * element
 
 
-def wgrad_tiles(config: ConvConfig, c_x: int, c_g: int, dtype: torch.dtype, relu: bool) -> WgradTiles:
+def wgrad_tiles(
+    config: ConvConfig, c_x: int, c_g: int, dtype: torch.dtype, relu: bool, batch_norm: bool = False
+) -> WgradTiles:
     """Tiles of one weight-gradient launch: channel tiles as wide as the configuration's output
     tile, and a reduction step two K-chunks deep, halved until the pipeline's shared memory fits
     ``WGRAD_SHARED_MEMORY_BUDGET`` (at 128 x 128 channel tiles a 128-pixel step needed 256 KiB with
@@ -137,7 +148,7 @@ def wgrad_tiles(config: ConvConfig, c_x: int, c_g: int, dtype: torch.dtype, relu
     stages = config.num_stages
     while (
         tiles.block_m > 16
-        and wgrad_shared_bytes(tiles, stages, dtype, relu) > WGRAD_SHARED_MEMORY_BUDGET
+        and wgrad_shared_bytes(tiles, stages, dtype, relu, batch_norm) > WGRAD_SHARED_MEMORY_BUDGET
     ):
         tiles = replace(tiles, block_m=tiles.block_m // 2)
     return tiles
@@ -290,13 +301,13 @@ def _launch_forward(
         grid = _grid(m, c_out, config)
     x_rows = nhwc(x)
     # The apply pass (z given) reads z instead of convolving: no weight, and x only for the code.
-    w_perm = permuted_weight(weight) if not z_input else dummy
+    w_in = weight if not z_input else dummy
     reads_x = not z_input or has_coder
     encoder = encoder_weight.contiguous() if has_coder else None
     decoder = decoder_rows(encoder_weight, decoder_weight) if has_coder else None
     arguments = (
         x_rows if reads_x else dummy,
-        w_perm,
+        w_in,
         scale if scale is not None else dummy,
         shift if shift is not None else dummy,
         encoder if has_coder else dummy,
@@ -309,7 +320,7 @@ def _launch_forward(
     )
     scalars = (
         m, height, width, c_in, oh, ow, c_out, c_b,
-        *geometry.stride, *geometry.padding, *geometry.dilation,
+        *geometry.stride, *geometry.padding, *geometry.dilation, *weight.stride(),
     )  # fmt: skip
     flags = dict(
         KH=kh,
@@ -328,10 +339,11 @@ def _launch_forward(
     )
     tiles_m, tiles_n = triton.cdiv(m, config.block_m), triton.cdiv(c_out, config.block_n)
     learner_flops = 0 if z_input else 2 * m * c_out * c_in * kh * kw
-    coder_flops = 2 * m * c_b * (c_in + c_out) * tiles_n if has_coder else 0  # code per channel tile
+    # the encoder per output-channel tile (every tile recomputes the code), the decoder once
+    coder_flops = 2 * m * c_b * (c_in * tiles_n + c_out) if has_coder else 0
     cached = 0
     if not z_input:  # every channel tile re-reads x per tap; every pixel tile re-reads the weight
-        cached += (tiles_n * kh * kw - 1) * tensor_bytes(x_rows) + (tiles_m - 1) * tensor_bytes(w_perm)
+        cached += (tiles_n * kh * kw - 1) * tensor_bytes(x_rows) + (tiles_m - 1) * tensor_bytes(weight)
     elif has_coder:
         cached += (tiles_n - 1) * tensor_bytes(x_rows)
     mode = "statistics" if write_stats else ("apply" if z_input else "fused")
@@ -340,7 +352,8 @@ def _launch_forward(
         "triton",
         lambda: kernel[grid](*arguments, *scalars, **flags, **tiles),
         reads=[
-            x_rows if reads_x else None, w_perm, scale, shift, encoder, encoder_bias, decoder,
+            x_rows if reads_x else None, weight if not z_input else None, scale, shift, encoder,
+            encoder_bias, decoder,
             z if z_input else None,
         ],
         writes=[y, z if write_stats else None, *(partials or ())],
@@ -380,17 +393,17 @@ def conv_forward_train(
     x: Tensor,
     weight: Tensor,
     bias: Optional[Tensor],
-    norm_weight: Optional[Tensor],
-    norm_bias: Optional[Tensor],
+    norm: TrainingNorm,
     encoder_weight: Optional[Tensor],
     encoder_bias: Optional[Tensor],
     decoder_weight: Optional[Tensor],
     geometry: ConvGeometry,
     relu: bool,
-    eps: float,
 ) -> TrainingForward:
-    """Training-mode BatchNorm on the learner branch in two launches of the forward kernel: the
-    convolution with per-tile statistics, then normalisation + coder + activation from z."""
+    """Training-mode BatchNorm on the learner branch in three launches: the convolution with
+    per-tile statistics (z written), the statistics finished (mean, variance, scale, shift), then
+    normalisation + coder + activation from z. The running statistics are the caller's (see
+    :func:`update_running_statistics`)."""
     n, c_in, height, width = x.shape
     c_out = weight.shape[0]
     oh, ow = geometry.output_size(height, width)
@@ -407,48 +420,125 @@ def conv_forward_train(
     _launch_forward(
         x, weight, None, shift, None, None, None, geometry, False, z=z, partials=partials, config=config
     )
-    mean, variance, scale, shift = batch_norm_from_tiles(
-        *partials, config.block_m, m, eps, norm_weight, norm_bias
-    )
+    mean, variance, rstd, scale, shift = _finalize_statistics(partials, config.block_m, m, norm)
     y = _output((n, oh, ow, c_out), x.dtype, x.device)
     _launch_forward(
         x, weight, scale, shift, encoder_weight, encoder_bias, decoder_weight, geometry, relu,
         y=y, z=z, config=config,
     )  # fmt: skip
-    return TrainingForward(y.permute(0, 3, 1, 2), z.permute(0, 3, 1, 2), mean, variance)
+    return TrainingForward(y.permute(0, 3, 1, 2), z.permute(0, 3, 1, 2), mean, variance, rstd)
+
+
+def _channel_block(channels: int) -> int:
+    return 64 if interpreter_enabled() else min(128, _block(channels, 128))
+
+
+def _finalize_statistics(
+    partials: tuple[Tensor, Tensor], tile_rows: int, pixels: int, norm: TrainingNorm
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(mean, biased variance, rstd, scale, shift) from the statistics pass's per-tile partials."""
+    tiles, channels = partials[0].shape
+    device = partials[0].device
+    mean, variance, rstd, scale, shift = (_output((channels,), torch.float32, device) for _ in range(5))
+    block_c = _channel_block(channels)
+    dummy = placeholder(device, torch.float32)
+    arguments = (
+        *partials,
+        norm.weight if norm.weight is not None else dummy,
+        norm.bias if norm.bias is not None else dummy,
+        mean, variance, rstd, scale, shift, tiles, channels, tile_rows, pixels, norm.eps,
+    )  # fmt: skip
+    flags = dict(
+        HAS_WEIGHT=norm.weight is not None, HAS_BIAS=norm.bias is not None, BLOCK_T=32, BLOCK_C=block_c
+    )
+    grid = (triton.cdiv(channels, block_c),)
+    kernel_launch(
+        "_bn_finalize_forward_kernel",
+        "triton",
+        lambda: _bn_finalize_forward_kernel[grid](*arguments, **flags),
+        reads=[*partials, norm.weight, norm.bias],
+        writes=[mean, variance, rstd, scale, shift],
+        flops=8 * tiles * channels,
+    )
+    return mean, variance, rstd, scale, shift
+
+
+def update_running_statistics(
+    running_mean: Tensor, running_var: Tensor, mean: Tensor, variance: Tensor, momentum: float,
+    pixels: int,
+) -> None:  # fmt: skip
+    """nn.BatchNorm2d's running-statistics update, in place, in one launch."""
+    channels = running_mean.shape[0]
+    block_c = _channel_block(channels)
+    grid = (triton.cdiv(channels, block_c),)
+    arguments = (running_mean, running_var, mean, variance, channels, momentum, pixels / (pixels - 1))
+    kernel_launch(
+        "_bn_running_update_kernel",
+        "triton",
+        lambda: _bn_running_update_kernel[grid](*arguments, BLOCK_C=block_c),
+        reads=[running_mean, running_var, mean, variance],
+        writes=[running_mean, running_var],
+        flops=6 * channels,
+    )
 
 
 def _wgrad(
     image: Tensor,
     grad_rows: Tensor,
-    y_rows: Tensor,
+    y_rows: Optional[Tensor],
     out_hw: tuple[int, int],
     kernel: tuple[int, int],
     geometry: ConvGeometry,
-    relu: bool,
     config: ConvConfig,
+    out: Optional[Tensor] = None,
+    batch_norm: Optional[tuple[Tensor, Tensor]] = None,
 ) -> Tensor:
-    """``[KH, KW, C_x, C_g]`` float32 = sum over output pixels of image_tap^T @ grad."""
+    """The weight gradient, sum over output pixels of image_tap^T @ grad: into ``out`` (shaped as
+    the weight [C_g, C_x, KH, KW], any strides and dtype) when given, else as a new
+    ``[KH, KW, C_x, C_g]`` float32 tensor. ``batch_norm`` = (z rows, coefficients): the grad is
+    training BatchNorm's dz, formed from dy, y and z as they are loaded."""
     _, height, width, c_x = image.shape
     m, c_g = grad_rows.shape
-    wgrad = wgrad_tiles(config, c_x, c_g, image.dtype, relu)
+    relu = y_rows is not None
+    wgrad = wgrad_tiles(config, c_x, c_g, image.dtype, relu, batch_norm is not None)
     block_x, block_g, block_m = wgrad.block_x, wgrad.block_g, wgrad.block_m
     taps = kernel[0] * kernel[1]
     tiles = triton.cdiv(c_x, block_x) * triton.cdiv(c_g, block_g) * taps
+    gradient_bytes = tensor_bytes(grad_rows) + (tensor_bytes(y_rows) if relu else 0)
+    z_rows, coefficients = batch_norm if batch_norm is not None else (None, None)
+    if z_rows is not None:
+        gradient_bytes += tensor_bytes(z_rows)
     splits = wgrad_splits(config, m, block_m, tiles, image.device)
+    # Each split writes a float32 partial of the whole gradient and the reduction reads it back:
+    # keep that traffic to at most half the bytes of the gradient rows the splits read.
+    partial_bytes = taps * c_x * c_g * 4
+    splits = max(1, min(splits, gradient_bytes // (4 * partial_bytes)))
     m_per_split = triton.cdiv(triton.cdiv(m, splits), block_m) * block_m
     splits = triton.cdiv(m, m_per_split)
-    partial = _output((splits, kernel[0], kernel[1], c_x, c_g), torch.float32, image.device)
+    strided_out = out is not None and splits == 1
+    if strided_out:
+        assert out is not None
+        target = out
+        partial = placeholder(image.device, torch.float32)
+    else:
+        target = _output((splits, kernel[0], kernel[1], c_x, c_g), torch.float32, image.device)
+        partial = target
+    out_strides = tuple(out.stride()) if out is not None else (0, 0, 0, 0)
     grid = (triton.cdiv(c_x, block_x), triton.cdiv(c_g, block_g), splits * taps)
+    absent = placeholder(image.device, image.dtype)
     arguments = (
-        image, grad_rows, y_rows if relu else placeholder(image.device, image.dtype), partial,
-        m, m_per_split, height, width, c_x, *out_hw, c_g,
-        *geometry.stride, *geometry.padding, *geometry.dilation,
+        image, grad_rows, y_rows if relu else absent, z_rows if z_rows is not None else absent,
+        coefficients if coefficients is not None else placeholder(image.device, torch.float32),
+        partial, out if strided_out else absent, m, m_per_split, height,
+        width, c_x, *out_hw, c_g,
+        *geometry.stride, *geometry.padding, *geometry.dilation, *out_strides,
     )  # fmt: skip
     flags = dict(
         KH=kernel[0],
         KW=kernel[1],
         RELU=relu,
+        BN_GRAD=batch_norm is not None,
+        STRIDED_OUT=strided_out,
         INPUT_PRECISION=input_precision(image.dtype, image.device),
         UPCAST_DOT=upcast_dot(image.dtype),
         BLOCK_X=block_x,
@@ -458,17 +548,197 @@ def _wgrad(
     )
     # Every (image tile, gradient tile, tap) program reads its rows of the image and the gradient.
     tiles_x, tiles_g = triton.cdiv(c_x, block_x), triton.cdiv(c_g, block_g)
-    gradient_bytes = tensor_bytes(grad_rows) + (tensor_bytes(y_rows) if relu else 0)
     kernel_launch(
         "_conv_wgrad_kernel",
         "triton",
         lambda: _conv_wgrad_kernel[grid](*arguments, **flags),
-        reads=[image, grad_rows, y_rows if relu else None],
-        writes=[partial],
+        reads=[image, grad_rows, y_rows if relu else None, z_rows, coefficients],
+        writes=[target],
         flops=2 * m * c_x * c_g * taps,
         cached_read=(tiles_g * taps - 1) * tensor_bytes(image) + (tiles_x * taps - 1) * gradient_bytes,
     )
-    return partial.sum(0) if splits > 1 else partial[0]
+    if out is None:
+        return target.sum(0) if splits > 1 else target[0]
+    if not strided_out:
+        block = 1024
+        reduce_grid = (triton.cdiv(target[0].numel(), block),)
+        reduce_arguments = (target, out, splits, c_x, c_g, *out_strides)
+        kernel_launch(
+            "_wgrad_reduce_kernel",
+            "triton",
+            lambda: _wgrad_reduce_kernel[reduce_grid](
+                *reduce_arguments, KH=kernel[0], KW=kernel[1], BLOCK=block
+            ),
+            reads=[target],
+            writes=[out],
+            flops=target.numel(),
+        )
+    return out
+
+
+def _backward_reduce(
+    x_nhwc: Tensor,
+    dy_rows: Tensor,
+    y_rows: Optional[Tensor],
+    geometry: ConvGeometry,
+    out_hw: tuple[int, int],
+    coder: Optional[tuple[Tensor, Optional[Tensor], Tensor]],
+    write_code: bool,
+    batch_norm: Optional[tuple[Tensor, Tensor]],
+    config: ConvConfig,
+) -> tuple[Optional[Tensor], Optional[Tensor], Optional[tuple[Tensor, Tensor]]]:
+    """The backward's first pass (``_pnnh_coder_bwd_kernel``): (code or None, dpre or None,
+    per-tile BatchNorm sums or None). ``coder``: (W_E, b_E, W_D^T rows); ``batch_norm``: (z rows,
+    batch mean); ``y_rows``: the output, for the ReLU mask (None without an output ReLU)."""
+    _, height, width, c_in = x_nhwc.shape
+    m, c_out = dy_rows.shape
+    dtype, device = x_nhwc.dtype, x_nhwc.device
+    dummy = placeholder(device, dtype)
+    c_b = 0 if coder is None else coder[0].shape[0]
+    tiles = triton.cdiv(m, config.block_m)
+    block_b = _block(c_b, config.block_b) if coder is not None else 16
+    code = _output((m, c_b), dtype, device) if coder is not None and write_code else None
+    dpre = _output((m, c_b), dtype, device) if coder is not None else None
+    sums = None
+    if batch_norm is not None:
+        sums = (
+            _output((tiles, c_out), torch.float32, device),
+            _output((tiles, c_out), torch.float32, device),
+        )
+    encoder, encoder_bias, decoder = coder if coder is not None else (None, None, None)
+    z_rows, mean = batch_norm if batch_norm is not None else (None, None)
+
+    def given(tensor: Optional[Tensor]) -> Tensor:
+        return tensor if tensor is not None else dummy
+
+    arguments = (
+        given(x_nhwc if coder is not None else None), given(encoder), given(encoder_bias),
+        given(decoder), dy_rows, given(y_rows), given(z_rows), given(mean), given(code), given(dpre),
+        given(sums[0] if sums else None), given(sums[1] if sums else None),
+        m, height, width, c_in, *out_hw, c_out, c_b, *geometry.stride,
+    )  # fmt: skip
+    flags = dict(
+        HAS_CODER=coder is not None,
+        HAS_ENCODER_BIAS=encoder_bias is not None,
+        WRITE_CODE=code is not None,
+        BN_REDUCE=batch_norm is not None,
+        RELU=y_rows is not None,
+        INPUT_PRECISION=input_precision(dtype, device),
+        UPCAST_DOT=upcast_dot(dtype),
+        BLOCK_M=config.block_m,
+        BLOCK_B=block_b,
+        BLOCK_K=config.block_k,
+        **_launch_kwargs(config),
+    )
+    tiles_b = triton.cdiv(c_b, block_b) if coder is not None else 1
+    grid = (tiles, tiles_b)
+    gradient_bytes = tensor_bytes(dy_rows) + (tensor_bytes(y_rows) if y_rows is not None else 0)
+    kernel_launch(
+        "_pnnh_coder_bwd_kernel",
+        "triton",
+        lambda: _pnnh_coder_bwd_kernel[grid](*arguments, **flags),
+        reads=[
+            x_nhwc if coder is not None else None, encoder, encoder_bias, decoder, dy_rows, y_rows,
+            z_rows, mean,
+        ],
+        writes=[code, dpre, *(sums or ())],
+        flops=2 * m * c_b * (c_in + c_out),
+        # every code-channel tile re-reads the pixels' x, dy and y rows
+        cached_read=(tiles_b - 1) * (tensor_bytes(x_nhwc) * (coder is not None) + gradient_bytes),
+    )  # fmt: skip
+    return code, dpre, sums
+
+
+def _coder_weight_grads(
+    x_nhwc: Tensor,
+    code: Tensor,
+    dpre: Tensor,
+    dy_rows: Tensor,
+    y_rows: Optional[Tensor],
+    geometry: ConvGeometry,
+    out_hw: tuple[int, int],
+    tied: bool,
+    has_encoder_bias: bool,
+    config: ConvConfig,
+) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """(dW_E (both uses when tied), db_E, dW_D): dW_E^T = x_s^T @ dpre, dW_D^T = code^T @ dp."""
+    n = x_nhwc.shape[0]
+    c_b = dpre.shape[1]
+    one_by_one = ConvGeometry((1, 1), geometry.stride, (0, 0), (1, 1))
+    encoder_t = _wgrad(x_nhwc, dpre, None, out_hw, (1, 1), one_by_one, config)[0, 0]
+    unit = ConvGeometry((1, 1), (1, 1), (0, 0), (1, 1))
+    code_image = code.view(n, *out_hw, c_b)
+    decoder_t = _wgrad(code_image, dy_rows, y_rows, out_hw, (1, 1), unit, config)[0, 0]
+    encoder_grad = encoder_t.t()
+    bias_grad = dpre.float().sum(0) if has_encoder_bias else None
+    if tied:
+        return encoder_grad + decoder_t, bias_grad, None
+    return encoder_grad, bias_grad, decoder_t.t()
+
+
+def _input_grad(
+    learner_nhwc: Tensor,
+    y_nhwc: Optional[Tensor],
+    scale: Optional[Tensor],
+    weight: Tensor,
+    dpre: Optional[Tensor],
+    encoder_weight: Optional[Tensor],
+    input_shape: tuple[int, ...],
+    geometry: ConvGeometry,
+    config: ConvConfig,
+    batch_norm: Optional[tuple[Tensor, Tensor]] = None,
+) -> Tensor:
+    """dX [N, H, W, C_in] of both paths (``_pnnh_conv_dgrad_kernel``): the learner's transposed
+    convolution of ``learner_nhwc`` (masked by ``y_nhwc > 0`` and scaled when given; with
+    ``batch_norm`` = (z, coefficients) turned into training BatchNorm's dz on load) and the coder's
+    ``dpre @ W_E``."""
+    n, c_in, height, width = input_shape
+    c_out, _, kh, kw = weight.shape
+    _, oh, ow, _ = learner_nhwc.shape
+    dtype, device = learner_nhwc.dtype, learner_nhwc.device
+    m = n * oh * ow
+    c_b = 0 if encoder_weight is None else encoder_weight.shape[0]
+    dummy = placeholder(device, dtype)
+    dx = _output((n, height, width, c_in), dtype, device)
+    kernel, tiles = _tuned_or_fixed(_pnnh_conv_dgrad_kernel, config, dtype)
+    grid = _grid(n * height * width, c_in, config)
+    has_coder = encoder_weight is not None
+    we_in = encoder_weight.contiguous() if has_coder else None
+    z_nhwc, coefficients = batch_norm if batch_norm is not None else (None, None)
+    arguments = (
+        learner_nhwc, y_nhwc if y_nhwc is not None else dummy,
+        z_nhwc if z_nhwc is not None else dummy,
+        coefficients if coefficients is not None else placeholder(device, torch.float32),
+        scale if scale is not None else dummy, weight,
+        dpre if has_coder else dummy, we_in if has_coder else dummy, dx,
+        n * height * width, height, width, c_in, oh, ow, c_out, c_b,
+        *geometry.stride, *geometry.padding, *geometry.dilation, *weight.stride(),
+    )  # fmt: skip
+    flags = dict(
+        KH=kh,
+        KW=kw,
+        BN_GRAD=batch_norm is not None,
+        HAS_SCALE=scale is not None,
+        HAS_CODER=has_coder,
+        RELU=y_nhwc is not None,
+        INPUT_PRECISION=input_precision(dtype, device),
+        UPCAST_DOT=upcast_dot(dtype),
+    )
+    tiles_m, tiles_n = triton.cdiv(n * height * width, config.block_m), triton.cdiv(c_in, config.block_n)
+    gradient_bytes = sum(tensor_bytes(t) for t in (learner_nhwc, y_nhwc, z_nhwc) if t is not None)
+    kernel_launch(
+        "_pnnh_conv_dgrad_kernel",
+        "triton",
+        lambda: kernel[grid](*arguments, **flags, **tiles),
+        reads=[
+            learner_nhwc, y_nhwc, z_nhwc, coefficients, scale, weight,
+            dpre if has_coder else None, we_in,
+        ],
+        writes=[dx],
+        flops=2 * n * height * width * c_in * c_out * kh * kw + (2 * m * c_b * c_in if has_coder else 0),
+        cached_read=(tiles_n * kh * kw - 1) * gradient_bytes + (tiles_m - 1) * tensor_bytes(weight),
+    )  # fmt: skip
+    return dx
 
 
 def conv_backward(
@@ -482,130 +752,129 @@ def conv_backward(
     decoder_weight: Optional[Tensor],
     geometry: ConvGeometry,
     relu: bool,
-    learner_grad: Optional[Tensor] = None,
+    coder_grads: bool = True,
 ) -> ConvGradients:
     """All gradients of the fused op from x, the output y (its ReLU mask) and the weights.
 
-    The code is recomputed from x into two [M, C_B] scratch buffers that die with this call. The
+    The code is recomputed from x into [M, C_B] scratch buffers that die with this call. The
     learner's weight gradient comes back *unscaled* (``dp``, not ``dp * scale``): the caller turns it
     into the weight's and the scale's gradients, which avoids dividing by a scale that may be zero.
-
-    ``learner_grad``: the gradient at the learner's output when the caller has already formed it
-    (training-mode BatchNorm: ``dz``, with the ReLU mask and the normalisation folded in). Then the
-    learner's kernels read it as is, while the coder's still read ``grad_output`` through the mask;
-    ``shift`` is then the sum of ``learner_grad``.
+    ``coder_grads=False`` (a fixed coder): the coder's weight gradients are not computed.
     """
-    n, c_in, height, width = x.shape
+    n, c_in = x.shape[:2]
     c_out, _, kh, kw = weight.shape
     oh, ow = y.shape[2], y.shape[3]
     m = n * oh * ow
     c_b = 0 if encoder_weight is None else encoder_weight.shape[0]
     config = choose_config(c_in, c_out, c_b, x.dtype)
-    precision = input_precision(x.dtype, x.device)
-    launch = _launch_kwargs(config)
     x_nhwc, y_nhwc = nhwc(x), nhwc(y)
     dy_nhwc = nhwc(grad_output.to(x.dtype))
     dy_rows, y_rows = dy_nhwc.reshape(m, c_out), y_nhwc.reshape(m, c_out)
-    w_perm = permuted_weight(weight)
-    dummy = placeholder(x.device, x.dtype)
-
-    grads_coder: tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]] = (None, None, None)
-    dpre = dummy
+    mask_rows = y_rows if relu else None
+    coder = None
     if encoder_weight is not None:
-        we = encoder_weight.contiguous()
-        code = _output((m, c_b), x.dtype, x.device)
-        dpre = _output((m, c_b), x.dtype, x.device)
-        block_b = _block(c_b, config.block_b)
-        grid = (triton.cdiv(m, config.block_m), triton.cdiv(c_b, block_b))
-        be = encoder_bias if encoder_bias is not None else None
-        decoder = decoder_rows(encoder_weight, decoder_weight)
-        arguments = (
-            x_nhwc, we, be if be is not None else dummy, decoder, dy_rows, y_rows if relu else dummy,
-            code, dpre, m, height, width, c_in, oh, ow, c_out, c_b, *geometry.stride,
+        coder = (encoder_weight.contiguous(), encoder_bias, decoder_rows(encoder_weight, decoder_weight))
+    code, dpre, _ = _backward_reduce(
+        x_nhwc, dy_rows, mask_rows, geometry, (oh, ow), coder, coder_grads, None, config
+    )
+    grads_coder: tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]] = (None, None, None)
+    if coder is not None and coder_grads:
+        grads_coder = _coder_weight_grads(
+            x_nhwc, code, dpre, dy_rows, mask_rows, geometry, (oh, ow), decoder_weight is None,
+            encoder_bias is not None, config,
         )  # fmt: skip
-        flags = dict(
-            HAS_ENCODER_BIAS=encoder_bias is not None,
-            RELU=relu,
-            INPUT_PRECISION=precision,
-            UPCAST_DOT=upcast_dot(x.dtype),
-            BLOCK_M=config.block_m,
-            BLOCK_B=block_b,
-            BLOCK_K=config.block_k,
-            **launch,
-        )
-        tiles_b = triton.cdiv(c_b, block_b)
-        kernel_launch(
-            "_pnnh_coder_bwd_kernel",
-            "triton",
-            lambda: _pnnh_coder_bwd_kernel[grid](*arguments, **flags),
-            reads=[x_nhwc, we, be, decoder, dy_rows, y_rows if relu else None],
-            writes=[code, dpre],
-            flops=2 * m * c_b * (c_in + c_out),
-            # every code-channel tile re-reads the pixels' x, dy and y rows
-            cached_read=(tiles_b - 1) * (tensor_bytes(x_nhwc) + tensor_bytes(dy_rows) * (1 + relu)),
-        )
-        one_by_one = ConvGeometry((1, 1), geometry.stride, (0, 0), (1, 1))
-        # dW_E^T[c_in, c_b] = x_s^T @ dpre; dW_D^T[c_b, c_out] = code^T @ dp
-        encoder_t = _wgrad(x_nhwc, dpre, dpre, (oh, ow), (1, 1), one_by_one, False, config)[0, 0]
-        unit = ConvGeometry((1, 1), (1, 1), (0, 0), (1, 1))
-        decoder_t = _wgrad(
-            code.view(n, oh, ow, c_b), dy_rows, y_rows, (oh, ow), (1, 1), unit, relu, config
-        )[0, 0]
-        encoder_grad = encoder_t.t()
-        if decoder_weight is None:
-            grads_coder = (encoder_grad + decoder_t, None, None)
-        else:
-            grads_coder = (encoder_grad, None, decoder_t.t())
-        if encoder_bias is not None:
-            grads_coder = (grads_coder[0], dpre.float().sum(0), grads_coder[2])
+    dx = _input_grad(
+        dy_nhwc, y_nhwc if relu else None, scale, weight, dpre, encoder_weight, tuple(x.shape),
+        geometry, config,
+    )  # fmt: skip
+    weight_unscaled = _wgrad(x_nhwc, dy_rows, mask_rows, (oh, ow), (kh, kw), geometry, config)
+    masked = torch.where(y_rows > 0, dy_rows, 0) if relu else dy_rows
+    return ConvGradients(dx.permute(0, 3, 1, 2), weight_unscaled, masked.float().sum(0), *grads_coder)
 
-    if learner_grad is not None:
-        learner_nhwc, learner_relu, learner_scale = nhwc(learner_grad.to(x.dtype)), False, None
-    else:
-        learner_nhwc, learner_relu, learner_scale = dy_nhwc, relu, scale
-    learner_rows = learner_nhwc.reshape(m, c_out)
-    dx = _output((n, height, width, c_in), x.dtype, x.device)
-    kernel, tiles = _tuned_or_fixed(_pnnh_conv_dgrad_kernel, config, x.dtype)
-    grid = _grid(n * height * width, c_in, config)
-    has_coder = encoder_weight is not None
-    we_in = encoder_weight.contiguous() if has_coder else None
+
+def conv_backward_train(
+    grad_output: Tensor,
+    x: Tensor,
+    y: Tensor,
+    z: Tensor,
+    mean: Tensor,
+    rstd: Tensor,
+    weight: Tensor,
+    norm_weight: Optional[Tensor],
+    norm_bias: Optional[Tensor],
+    encoder_weight: Optional[Tensor],
+    encoder_bias: Optional[Tensor],
+    decoder_weight: Optional[Tensor],
+    geometry: ConvGeometry,
+    relu: bool,
+    coder_grads: bool = True,
+) -> TrainingGradients:
+    """All gradients of the training-mode op (BatchNorm on the learner branch with batch
+    statistics; ``z``, ``mean``, ``rstd`` saved by the forward).
+
+    Four passes: (1) one over dy, y, z (and x for the coder) that writes the coder's dpre and the
+    per-tile sums BatchNorm needs; (2) the sums finished into the gradients of gamma and beta and
+    the coefficients of dz = a * dp + b * z + c; (3) dX of both paths from dpre and dz, formed from
+    dy, y and z as they are loaded; (4) dW from x and dz, formed the same way (one more launch when
+    the weight gradient is split). Plus, for a trainable coder only, its weight gradients.
+    """
+    n, c_in = x.shape[:2]
+    c_out, _, kh, kw = weight.shape
+    oh, ow = y.shape[2], y.shape[3]
+    m = n * oh * ow
+    c_b = 0 if encoder_weight is None else encoder_weight.shape[0]
+    config = choose_config(c_in, c_out, c_b, x.dtype)
+    x_nhwc, y_rows, z_rows = nhwc(x), nhwc(y).reshape(m, c_out), nhwc(z).reshape(m, c_out)
+    dy_rows = nhwc(grad_output.to(x.dtype)).reshape(m, c_out)
+    mask_rows = y_rows if relu else None
+    coder = None
+    if encoder_weight is not None:
+        coder = (encoder_weight.contiguous(), encoder_bias, decoder_rows(encoder_weight, decoder_weight))
+    code, dpre, sums = _backward_reduce(
+        x_nhwc, dy_rows, mask_rows, geometry, (oh, ow), coder, coder_grads, (z_rows, mean), config
+    )
+    assert sums is not None
+    grad_norm_weight = (
+        _output((c_out,), norm_weight.dtype, x.device) if norm_weight is not None else None
+    )
+    grad_norm_bias = _output((c_out,), norm_bias.dtype, x.device) if norm_bias is not None else None
+    coefficients = _output((3, c_out), torch.float32, x.device)
+    dummy = placeholder(x.device, torch.float32)
+    block_c = _channel_block(c_out)
     arguments = (
-        learner_nhwc, y_nhwc if learner_relu else dummy,
-        learner_scale if learner_scale is not None else dummy, w_perm,
-        dpre if has_coder else dummy, we_in if has_coder else dummy, dx,
-        n * height * width, height, width, c_in, oh, ow, c_out, c_b,
-        *geometry.stride, *geometry.padding, *geometry.dilation,
+        *sums, mean, rstd, norm_weight if norm_weight is not None else dummy,
+        grad_norm_weight if grad_norm_weight is not None else dummy,
+        grad_norm_bias if grad_norm_bias is not None else dummy,
+        coefficients, sums[0].shape[0], c_out, m,
     )  # fmt: skip
     flags = dict(
-        KH=kh,
-        KW=kw,
-        HAS_SCALE=learner_scale is not None,
-        HAS_CODER=has_coder,
-        RELU=learner_relu,
-        INPUT_PRECISION=precision,
-        UPCAST_DOT=upcast_dot(x.dtype),
+        HAS_WEIGHT=norm_weight is not None, HAS_BIAS=norm_bias is not None, BLOCK_T=32, BLOCK_C=block_c
     )
-    tiles_m, tiles_n = triton.cdiv(n * height * width, config.block_m), triton.cdiv(c_in, config.block_n)
-    gradient_bytes = tensor_bytes(learner_nhwc) + (tensor_bytes(y_nhwc) if learner_relu else 0)
+    grid = (triton.cdiv(c_out, block_c),)
     kernel_launch(
-        "_pnnh_conv_dgrad_kernel",
+        "_bn_finalize_backward_kernel",
         "triton",
-        lambda: kernel[grid](*arguments, **flags, **tiles),
-        reads=[
-            learner_nhwc, y_nhwc if learner_relu else None, learner_scale, w_perm,
-            dpre if has_coder else None, we_in,
-        ],
-        writes=[dx],
-        flops=2 * n * height * width * c_in * c_out * kh * kw + (2 * m * c_b * c_in if has_coder else 0),
-        cached_read=(tiles_n * kh * kw - 1) * gradient_bytes + (tiles_m - 1) * tensor_bytes(w_perm),
-    )  # fmt: skip
-    weight_unscaled = _wgrad(
-        x_nhwc, learner_rows, y_rows, (oh, ow), (kh, kw), geometry, learner_relu, config
+        lambda: _bn_finalize_backward_kernel[grid](*arguments, **flags),
+        reads=[*sums, mean, rstd, norm_weight],
+        writes=[grad_norm_weight, grad_norm_bias, coefficients],
+        flops=4 * sums[0].numel(),
     )
-    masked = torch.where(y_rows > 0, learner_rows, 0) if learner_relu else learner_rows
-    return ConvGradients(
-        dx.permute(0, 3, 1, 2),
-        weight_unscaled,
-        masked.float().sum(0),
-        *grads_coder,
+    grads_coder: tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]] = (None, None, None)
+    if coder is not None and coder_grads:
+        grads_coder = _coder_weight_grads(
+            x_nhwc, code, dpre, dy_rows, mask_rows, geometry, (oh, ow), decoder_weight is None,
+            encoder_bias is not None, config,
+        )  # fmt: skip
+    # dz = a * dp + b * z + c is formed where the two gradient kernels load dy: never stored.
+    dy_nhwc, y_nhwc, z_nhwc = (t.view(n, oh, ow, c_out) for t in (dy_rows, y_rows, z_rows))
+    dx = _input_grad(
+        dy_nhwc, y_nhwc if relu else None, None, weight, dpre, encoder_weight, tuple(x.shape),
+        geometry, config, batch_norm=(z_nhwc, coefficients),
+    )  # fmt: skip
+    weight_grad = _wgrad(
+        x_nhwc, dy_rows, mask_rows, (oh, ow), (kh, kw), geometry, config, out=output_like(weight),
+        batch_norm=(z_rows, coefficients),
+    )  # fmt: skip
+    return TrainingGradients(
+        dx.permute(0, 3, 1, 2), weight_grad, grad_norm_weight, grad_norm_bias, *grads_coder
     )

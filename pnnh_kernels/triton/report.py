@@ -68,7 +68,10 @@ CARDS = {
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 # Pointers that are float32 whatever the data dtype (folded BatchNorm vectors, statistics, partials).
-FLOAT32_POINTERS = {"scale_ptr", "shift_ptr", "out_ptr", "mean_part_ptr", "m2_part_ptr"}
+FLOAT32_POINTERS = {
+    "scale_ptr", "shift_ptr", "out_ptr", "mean_part_ptr", "m2_part_ptr", "mean_ptr",
+    "sum_dp_part_ptr", "sum_dpz_part_ptr",
+}  # fmt: skip
 INSTRUCTIONS = {
     "mma.sync": r"\bmma\.sync\b",
     "wgmma": r"\bwgmma\.mma_async\b",
@@ -260,6 +263,11 @@ def launches(shape: LayerShape, dtype: torch.dtype) -> list[Launch]:
         "C_out": shape.c_out,
         "C_B": c_b,
         **geometry,
+        # a channels_last weight [C_out, C_in, KH, KW], as the models hold it
+        "w_stride_co": shape.kernel * shape.kernel * shape.c_in,
+        "w_stride_ci": 1,
+        "w_stride_kh": shape.kernel * shape.c_in,
+        "w_stride_kw": shape.c_in,
     }
     common = {"INPUT_PRECISION": "tf32" if dtype == torch.float32 else "ieee", "UPCAST_DOT": False}
     result: list[Launch] = []
@@ -322,18 +330,26 @@ def launches(shape: LayerShape, dtype: torch.dtype) -> list[Launch]:
     if has_coder:
         block_b = _block(c_b, config.block_b)
         for relu in (True, False):
-            coder = {"HAS_ENCODER_BIAS": True, "RELU": relu, "BLOCK_M": config.block_m,
-                     "BLOCK_B": block_b, "BLOCK_K": config.block_k}  # fmt: skip
-            add("relu" if relu else "linear", kernels._pnnh_coder_bwd_kernel, coder,
-                config.num_warps, config.num_stages)  # fmt: skip
+            for bn_reduce in (True, False):
+                coder = {"HAS_CODER": True, "HAS_ENCODER_BIAS": True, "WRITE_CODE": not bn_reduce,
+                         "BN_REDUCE": bn_reduce, "RELU": relu, "BLOCK_M": config.block_m,
+                         "BLOCK_B": block_b, "BLOCK_K": config.block_k}  # fmt: skip
+                label = ("relu" if relu else "linear") + (", train-BN" if bn_reduce else "")
+                add(label, kernels._pnnh_coder_bwd_kernel, coder, config.num_warps,
+                    config.num_stages)  # fmt: skip
         wgrads += [("encoder", shape.c_in, c_b, 1, False, shape.h, shape.w),
                    ("decoder, relu", c_b, shape.c_out, 1, True, oh, ow),
                    ("decoder", c_b, shape.c_out, 1, False, oh, ow)]  # fmt: skip
     for label, c_x, c_g, kernel, relu, height, width in wgrads:
         tiles = wgrad_tiles(config, c_x, c_g, dtype, relu)
-        wgrad = {"KH": kernel, "KW": kernel, "RELU": relu, "BLOCK_X": tiles.block_x,
-                 "BLOCK_G": tiles.block_g, "BLOCK_M": tiles.block_m}  # fmt: skip
-        extra = {"C_x": c_x, "C_g": c_g, "H": height, "W": width, "m_per_split": 8 * tiles.block_m}
+        # The learner's weight gradient is stored directly in the weight's layout (one split).
+        strided_out = label == "learner"
+        wgrad = {"KH": kernel, "KW": kernel, "RELU": relu, "STRIDED_OUT": strided_out,
+                 "BLOCK_X": tiles.block_x, "BLOCK_G": tiles.block_g,
+                 "BLOCK_M": tiles.block_m}  # fmt: skip
+        extra = {"C_x": c_x, "C_g": c_g, "H": height, "W": width, "m_per_split": 8 * tiles.block_m,
+                 "out_stride_g": kernel * kernel * c_x, "out_stride_x": 1,
+                 "out_stride_kh": kernel * c_x, "out_stride_kw": c_x}  # fmt: skip
         if label.startswith("decoder"):
             extra.update(stride_h=1, stride_w=1)
         if kernel == 1:
