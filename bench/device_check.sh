@@ -5,9 +5,10 @@
 # 1. the GPU tests of the Triton and CUDA backends, compute-sanitizer memcheck/racecheck on the CUDA one,
 # 2. the benchmark suite on the CIFAR shapes and its claims report,
 # 3. ResNet-18 training throughput per variant (pnnh train, synthetic CIFAR-shaped data),
-# (0a. the DRAM bytes and launches of one training step, Nsight Compute, right after the build;
-#  1a. the timing table of bench/time_pnnh_conv.py right after the tests.)
-# PNNH_CHECK_SKIP="sanitizer bench train" (any of ncu tests timing sanitizer bench train) skips steps.
+# (1a. the DRAM bytes and launches of one training step, Nsight Compute, beside the traffic ledger's
+#  count, and 1b. the timing table of bench/time_pnnh_conv.py, right after the tests.)
+# PNNH_CHECK_SKIP="sanitizer bench train" (any of ncu tests timing sanitizer bench train) skips steps;
+# PNNH_SANITIZER_TOOLS (default "memcheck racecheck") picks compute-sanitizer's tools.
 # Everything is written to docs/perf/ (or $OUT/perf when the device tool's $OUT is set, so that it
 # comes back to the developer's machine).
 set -uo pipefail
@@ -36,9 +37,6 @@ timeout "$(step_limit 300)" python3 -m pnnh_kernels.cuda.build --report "$out_di
 build_status=$?
 tail -3 "$out_dir/cuda_build.log"
 python3 -c "import pnnh_kernels.cuda as c; print('cuda backend available:', c.is_available(), c.why_unavailable() or '')"
-# 0a. DRAM bytes and kernel launches of one training step per implementation and CIFAR stage shape
-#     (Nsight Compute, caches flushed per kernel): the hardware check of the traffic model.
-skip ncu || timeout "$(step_limit 330)" python3 -m bench.ncu_step --timeout 80 --out "$out_dir" | tail -22
 # 1. GPU tests: Triton and CUDA backends against the float64 reference, in four parallel groups
 #    (the time goes to compiling kernels on the CPU; each group's log lands in the output folder).
 tests_status=0
@@ -57,13 +55,16 @@ for log in "$out_dir"/tests_*.log; do
     [[ -f "$log" ]] || continue
     echo "== $log: $(tail -1 "$log")"; grep -E "^(FAILED|ERROR)" "$log" | head -10
 done
-# 1a. The side-by-side timing table (run early: it is the measurement a short lease must not lose).
+# 1a. DRAM bytes and kernel launches of one training step per implementation and CIFAR stage shape
+#     (Nsight Compute, caches flushed per kernel): the hardware check of the traffic model.
+skip ncu || timeout "$(step_limit 300)" python3 -m bench.ncu_step --timeout 80 --out "$out_dir" | tail -22
+# 1b. The side-by-side timing table (run early: it is the measurement a short lease must not lose).
 timing_status=0
 if ! skip timing; then
     timeout "$(step_limit 150)" python3 -m bench.time_pnnh_conv --out "$out_dir"
     timing_status=$?
 fi
-# 1b. compute-sanitizer on one small forward + backward of the CUDA backend (fp32 and bf16).
+# 1c. compute-sanitizer on one small forward + backward of the CUDA backend (fp32 and bf16).
 cat > "${TMPDIR:-/tmp}/pnnh_sanitize.py" <<'PY'
 import torch
 from pnnh_kernels import FusedPNNHConv
@@ -76,7 +77,7 @@ for dtype in (torch.float32, torch.bfloat16):
 torch.cuda.synchronize()
 print("sanitized run finished")
 PY
-for tool in memcheck racecheck; do
+for tool in ${PNNH_SANITIZER_TOOLS:-memcheck racecheck}; do
     skip sanitizer && break
     timeout "$(step_limit 120)" compute-sanitizer --tool "$tool" --error-exitcode 7 python3 "${TMPDIR:-/tmp}/pnnh_sanitize.py" \
         > "$out_dir/sanitizer_$tool.log" 2>&1

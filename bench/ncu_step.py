@@ -31,28 +31,26 @@ METRICS = ("dram__bytes_read.sum", "dram__bytes_write.sum", "gpu__time_duration.
 
 
 def child(implementation: str, batch: int) -> None:
-    """Run under ncu: warm up every shape, then one profiled step per shape after a marker."""
+    """Run under ncu: warm up every shape, then one profiled step per shape after a marker. The
+    step is the ledger's (pnnh_kernels.ledger.steps): the module built as the ledger builds it,
+    forward, then the gradients of x and of every trainable parameter by torch.autograd.grad."""
     import torch
 
-    from bench.implementations import ResNetLayer
-    from pnnh_kernels import FusedPNNHConv
+    from pnnh_kernels.ledger.steps import build_step_module, step_inputs
 
     torch.backends.cudnn.benchmark = False
     device, dtype, channels_last = torch.device("cuda"), torch.bfloat16, torch.channels_last
     steps = []
     for channels, size in SHAPES:
         torch.manual_seed(0)
-        if implementation == "cudnn":
-            layer = ResNetLayer(channels)
-        else:
-            layer = FusedPNNHConv(channels, channels, bias=False, norm="batch", backend=implementation)
+        name = "resnet-layer" if implementation == "cudnn" else "pnnh-layer"
+        layer = build_step_module(name, channels, implementation if name == "pnnh-layer" else "torch")
         layer = layer.to(device, dtype, memory_format=channels_last).train()
-        shape = (batch, channels, size, size)
-        x = torch.randn(shape, device=device, dtype=dtype).relu().to(memory_format=channels_last)
-        grad = torch.randn(shape, device=device, dtype=dtype).to(memory_format=channels_last)
+        x, grad = step_inputs((batch, channels, size, size), dtype, device)
+        inputs = [x, *(p for p in layer.parameters() if p.requires_grad)]
 
-        def step(layer=layer, x=x, grad=grad) -> None:
-            layer(x.detach().requires_grad_(True)).backward(grad)
+        def step(layer=layer, x=x, grad=grad, inputs=inputs) -> None:
+            torch.autograd.grad(layer(x), inputs, grad)
 
         for _ in range(3):
             step()
@@ -64,6 +62,24 @@ def child(implementation: str, batch: int) -> None:
         step()
     torch.cuda.synchronize()
     torch.cuda.profiler.stop()
+
+
+def ledger_rows(batch: int) -> dict[str, list[dict]]:
+    """The ledger's count of the same steps (meta tensors, nothing run)."""
+    from pnnh_kernels.ledger import step_ledger
+
+    rows: dict[str, list[dict]] = {}
+    for implementation in IMPLEMENTATIONS:
+        rows[implementation] = []
+        for channels, size in SHAPES:
+            if implementation == "cudnn":
+                ledger = step_ledger("resnet-layer", batch, channels, size)
+            else:
+                ledger = step_ledger("pnnh-layer", batch, channels, size, backend=implementation)
+            rows[implementation].append(
+                {"launches": len(ledger.launches), "read": ledger.read, "written": ledger.written}
+            )
+    return rows
 
 
 def parse(log: str) -> list[dict]:
@@ -158,13 +174,20 @@ def write_table(
         f"torch {torch_version}; batch {batch}, bf16, channels_last, training BatchNorm; "
         "one forward + backward per shape after warm-up, every kernel profiled with its caches "
         "flushed (ncu's default --cache-control all, --clock-control none). `kernels` counts every "
-        "kernel launch of the step (copies and fills included, the marker excluded). "
+        "kernel launch of the step (copies and fills included, the marker excluded). The ledger "
+        "columns: the same step counted on meta tensors (pnnh_kernels.ledger); DRAM writes that fit "
+        "in L2 are written back after a kernel's measurement ends, so compare reads. "
         "Written by bench/ncu_step.py.",
         "",
         "| shape | layer | kernels | DRAM read (MB) | DRAM write (MB) | total (MB) | vs ResNet layer "
-        "| kernel time sum (us) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| kernel time sum (us) | ledger: launches | ledger: read (MB) | ledger: written (MB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    try:
+        ledger = ledger_rows(batch)
+    except Exception as error:  # the measurement must not be lost to the model
+        print(f"ledger failed: {type(error).__name__}: {error}")
+        ledger = {}
     for index, (channels, size) in enumerate(SHAPES):
         label = f"{channels}x{size}x{size}"
         base = results.get("cudnn")
@@ -175,14 +198,21 @@ def write_table(
             result = results[implementation]
             if isinstance(result, str) or index >= len(result):
                 why = result if isinstance(result, str) else "no step recorded"
-                lines.append(f"| {label} | {implementation} | failed: {why} | | | | | |")
+                lines.append(f"| {label} | {implementation} | failed: {why} | | | | | | | | |")
                 continue
             row = result[index]
             total = row["read"] + row["write"]
             ratio = f"{total / base_total:.2f}x" if base_total else "n/a"
+            model = ledger.get(implementation, [None] * len(SHAPES))[index]
+            modelled = (
+                f" {model['launches']} | {model['read'] / 1e6:.1f} | {model['written'] / 1e6:.1f} |"
+                if model
+                else " | | |"
+            )
             lines.append(
                 f"| {label} | {implementation} | {row['kernels']} | {row['read'] / 1e6:.1f} | "
                 f"{row['write'] / 1e6:.1f} | {total / 1e6:.1f} | {ratio} | {row['time_ns'] / 1e3:.0f} |"
+                + modelled
             )
     lines += ["", "Kernels of the 128x16x16 step, in launch order:", ""]
     for implementation in IMPLEMENTATIONS:

@@ -29,6 +29,12 @@ KERNELS = (
     "pnnh_coder_backward_kernel",
     "pnnh_conv_dgrad_kernel",
     "pnnh_conv_wgrad_kernel",
+    "bn_finalize_forward_kernel",
+    "bn_running_update_kernel",
+    "bn_backward_reduce_kernel",
+    "bn_finalize_backward_kernel",
+    "bn_input_grad_kernel",
+    "wgrad_reduce_kernel",
 )
 
 
@@ -90,9 +96,10 @@ def parse_ptxas(log: str) -> list[KernelResources]:
                 int, frame.groups()
             )
             continue
-        used = re.search(r"Used (\d+) registers.*?(\d+) bytes smem", line)
+        # A kernel without shared memory reports no "bytes smem" at all.
+        used = re.search(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?", line)
         if used:
-            current["registers"], current["shared_bytes"] = int(used.group(1)), int(used.group(2))
+            current["registers"], current["shared_bytes"] = int(used.group(1)), int(used.group(2) or 0)
             entries.append(KernelResources(**{"stack_bytes": 0, "spill_store_bytes": 0,
                                               "spill_load_bytes": 0, **current}))  # fmt: skip
             current = None
