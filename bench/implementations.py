@@ -63,7 +63,7 @@ def build(name: str, channels: int, device: torch.device, dtype: torch.dtype) ->
         module = ResNetBasicBlock(channels)
     elif name.startswith("pnnh-block-"):
         backend = name.removeprefix("pnnh-block-")
-        coder = PNNHCoder(channels, channels // 2, init="he")
+        coder = PNNHCoder(channels, channels // 2)  # the default: fixed rectified isometry
         module = nn.Sequential(
             pnnh_layer(channels, backend, coder), pnnh_layer(channels, backend, coder)
         )

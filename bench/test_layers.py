@@ -13,7 +13,8 @@ import torch
 
 from bench.conftest import DEVICE, ON_GPU, note_missing, rotating
 from bench.implementations import PNNH_BACKENDS, backend_of, build, unavailable
-from pnnh_kernels.benchmarking.counting import MODES, LayerShape, achieved, conv_layer_cost
+from pnnh_kernels.benchmarking.counting import LayerShape, achieved, conv_layer_cost
+from pnnh_kernels.ledger import step_ledger
 
 if ON_GPU:
     SHAPES = [
@@ -40,8 +41,41 @@ LAYERS = ["resnet-layer", *(f"pnnh-{backend}" for backend in PNNH_BACKENDS)]
 BLOCKS = ["resnet-block", *(f"pnnh-block-{backend}" for backend in PNNH_BACKENDS)]
 
 
+# (mode, BatchNorm): inference, a training step with BatchNorm in eval mode (folded into the fused
+# kernels), and a training step with training BatchNorm (batch statistics: the setting of issue #13).
+STEPS = [("forward", "eval"), ("forward+backward", "eval"), ("forward+backward", "train")]
+
+
+def ledger_info(name: str, shape: LayerShape, dtype: torch.dtype, mode: str, norm: str) -> dict:
+    """The traffic ledger's count of the same step (pnnh_kernels.ledger, meta tensors): launches and
+    bytes beside the measured time. None for torch.compile, whose launches the ledger cannot see."""
+    backend = backend_of(name)
+    if backend == "torch-compile":
+        return {"ledger_launches": None, "ledger_bytes": None}
+    kind = "block" if "block" in name else "layer"
+    step = f"pnnh-{kind}" if backend is not None else f"resnet-{kind}"
+    ledger = step_ledger(
+        step, shape.batch, shape.channels, shape.size, backend=backend or "torch", dtype=dtype,
+        training_norm=norm == "train", backward=mode != "forward",
+    )  # fmt: skip
+    return {
+        "ledger_launches": len(ledger.launches),
+        "ledger_bytes": ledger.bytes,
+        "ledger_read": ledger.read,
+        "ledger_written": ledger.written,
+        "ledger_flops": ledger.flops,
+    }
+
+
 def _bench(
-    run_benchmark, benchmark, name: str, shape: LayerShape, dtype_name: str, mode: str, layers: int
+    run_benchmark,
+    benchmark,
+    name: str,
+    shape: LayerShape,
+    dtype_name: str,
+    mode: str,
+    layers: int,
+    norm: str = "eval",
 ):
     dtype = DTYPES[dtype_name]
     backend = backend_of(name)
@@ -49,7 +83,7 @@ def _bench(
         reason = unavailable(backend, DEVICE, dtype)
         if reason:
             note_missing(name, reason)
-    module = build(name, shape.channels, DEVICE, dtype)
+    module = build(name, shape.channels, DEVICE, dtype).train(norm == "train")
     grad = torch.randn(shape.batch, shape.channels, shape.size, shape.size, device=DEVICE, dtype=dtype)
     grad = grad.to(memory_format=torch.channels_last)
 
@@ -67,7 +101,7 @@ def _bench(
         def step(x: torch.Tensor) -> None:
             module(x.detach().requires_grad_(True)).backward(grad)
 
-    benchmark.group = f"{shape} {dtype_name} {mode}"
+    benchmark.group = f"{shape} {dtype_name} {mode}" + (" train-BN" if norm == "train" else "")
     seconds = run_benchmark(step, rotating(make))
     code_channels = shape.channels // 2 if backend is not None else 0
     one_layer = conv_layer_cost(shape, dtype.itemsize, mode, code_channels)
@@ -82,22 +116,27 @@ def _bench(
             "shape": str(shape),
             "dtype": dtype_name,
             "mode": mode,
+            "norm": norm,
             **achieved(cost, seconds, peaks["matmul_flops"], peaks["copy_bytes_per_second"]),
+            **ledger_info(name, shape, dtype, mode, norm),
         }
     )
 
 
-@pytest.mark.parametrize("mode", MODES)
+STEP_IDS = [f"{mode}-{norm}BN" for mode, norm in STEPS]
+
+
+@pytest.mark.parametrize(("mode", "norm"), STEPS, ids=STEP_IDS)
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("name", LAYERS)
-def test_layer(run_benchmark, benchmark, name, shape, dtype_name, mode):
-    _bench(run_benchmark, benchmark, name, shape, dtype_name, mode, layers=1)
+def test_layer(run_benchmark, benchmark, name, shape, dtype_name, mode, norm):
+    _bench(run_benchmark, benchmark, name, shape, dtype_name, mode, layers=1, norm=norm)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(("mode", "norm"), STEPS, ids=STEP_IDS)
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("name", BLOCKS)
-def test_block(run_benchmark, benchmark, name, shape, dtype_name, mode):
-    _bench(run_benchmark, benchmark, name, shape, dtype_name, mode, layers=2)
+def test_block(run_benchmark, benchmark, name, shape, dtype_name, mode, norm):
+    _bench(run_benchmark, benchmark, name, shape, dtype_name, mode, layers=2, norm=norm)

@@ -10,12 +10,13 @@ mutated; ``test_autograd_registration`` that the autograd formula sits at the Au
 
 Matrix, for every op: channels_last and contiguous inputs, with and without a coder, fp32 and bf16,
 and BatchNorm in each mode an op takes (``conv2d_fused``: eval, folded into scale and shift, and
-none; ``conv2d_fused_train``: training; ``conv2d_fused_backward``: eval, through ``scale``, and
-training, through ``learner_grad``). Three cheap checks run on the whole matrix: each runs the op
-once (``test_autograd_registration`` only reads the dispatcher). ``test_aot_dispatch_dynamic``
-(eager against AOTAutograd with dynamic shapes, forward and backward, so it also traces the
-backward op's fake) runs the op about six times and costs five to ten times as much, so it runs
-on ``AOT_CASES`` only: each differentiable op once per library, each axis's two values once each.
+none; ``conv2d_fused_train``, ``conv2d_fused_train_backward`` and ``batch_norm_running_update``:
+training; ``conv2d_fused_backward``: eval, through ``scale``, and none). Three cheap checks run on
+the whole matrix: each runs the op once (``test_autograd_registration`` only reads the dispatcher).
+``test_aot_dispatch_dynamic`` (eager against AOTAutograd with dynamic shapes, forward and backward,
+so it also traces the backward op's fake) runs the op about six times and costs five to ten times as
+much, so it runs on ``AOT_CASES`` only: each differentiable op once per library, each axis's two
+values once each.
 
 The cases come from :data:`OPS`, and :func:`test_every_registered_op_is_checked` compares that
 table with the dispatcher's registry: a new op without a case fails there instead of going
@@ -178,19 +179,16 @@ def _train_arguments(case: Case, device: str, library: str) -> tuple:
 
 
 def _backward_arguments(case: Case, device: str, library: str) -> tuple:
-    """What the autograd formulas pass: eval BatchNorm through ``scale``, training BatchNorm through
-    ``learner_grad`` (dz, scale None), no norm through neither. Nothing requires grad: the backward
-    runs without grad mode (no double backward), so test_autograd_registration has nothing to
-    check here."""
+    """What the eval autograd formula passes: eval BatchNorm through ``scale``, no norm without it;
+    the coder's weight gradients asked for with a coder (``coder_grads``). Nothing requires grad:
+    the backward runs without grad mode (no double backward), so test_autograd_registration has
+    nothing to check here."""
     t = _layer_tensors(case, device)
     layer = case.layer
     geometry = _geometry(layer)
     fused = getattr(torch.ops, library).conv2d_fused.default
     output = fused(t["x"], t["weight"], t["scale"], t["shift"], *_coder(t), *geometry, layer.relu)
     grad_output = _as_layout(torch.randn(output.shape, device=device).to(case.dtype), case)
-    learner_grad = None
-    if case.norm == "train":
-        learner_grad = _as_layout(torch.randn(output.shape, device=device).to(case.dtype), case)
     return (
         grad_output,
         t["x"],
@@ -200,8 +198,48 @@ def _backward_arguments(case: Case, device: str, library: str) -> tuple:
         *_coder(t),
         *geometry,
         layer.relu,
-        learner_grad,
+        case.coder,
     )
+
+
+def _train_forward(case: Case, device: str, library: str) -> tuple:
+    with torch.no_grad():
+        train = getattr(torch.ops, library).conv2d_fused_train.default
+        return train(*_train_arguments(case, device, library))
+
+
+def _train_backward_arguments(case: Case, device: str, library: str) -> tuple:
+    """What the training autograd formula passes: the saved output, z, batch mean and rstd."""
+    t = _layer_tensors(case, device)
+    layer = case.layer
+    output, learner, mean, _, rstd = _train_forward(case, device, library)
+    grad_output = _as_layout(torch.randn(output.shape, device=device).to(case.dtype), case)
+    return (
+        grad_output,
+        t["x"],
+        output,
+        learner,
+        mean,
+        rstd,
+        t["weight"],
+        t["norm_weight"],
+        t["norm_bias"],
+        *_coder(t),
+        *_geometry(layer),
+        layer.relu,
+        case.coder,
+    )
+
+
+def _running_update_arguments(case: Case, device: str, library: str) -> tuple:
+    """The running statistics (in the activations' dtype, as a bf16 model holds them) and a batch's
+    mean and biased variance."""
+    channels = case.layer.c_out
+    _, _, mean, variance, _ = _train_forward(case, device, library)
+    running_mean = torch.randn(channels, device=device).to(case.dtype)
+    running_var = torch.rand(channels, device=device).to(case.dtype) + 0.5
+    layer = case.layer
+    return running_mean, running_var, mean, variance, 0.1, layer.n * layer.height * layer.width
 
 
 class OpCases(NamedTuple):
@@ -213,7 +251,9 @@ class OpCases(NamedTuple):
 OPS = {
     "conv2d_fused": OpCases(_fused_arguments, ("none", "eval"), True),
     "conv2d_fused_train": OpCases(_train_arguments, ("train",), True),
-    "conv2d_fused_backward": OpCases(_backward_arguments, ("none", "eval", "train"), False),
+    "conv2d_fused_backward": OpCases(_backward_arguments, ("none", "eval"), False),
+    "conv2d_fused_train_backward": OpCases(_train_backward_arguments, ("train",), False),
+    "batch_norm_running_update": OpCases(_running_update_arguments, ("train",), False),
 }
 
 CHEAP_CASES = [
@@ -309,6 +349,6 @@ def test_training_statistics_are_not_differentiable(library: str, request) -> No
     case = Case(LAYER, True, True, "train", torch.float32)
     op = getattr(torch.ops, library).conv2d_fused_train.default
     with _running(library, request) as device:
-        output, learner, mean, variance = op(*_train_arguments(case, device, library))
+        output, learner, mean, variance, rstd = op(*_train_arguments(case, device, library))
     assert output.requires_grad
-    assert not any(t.requires_grad for t in (learner, mean, variance))
+    assert not any(t.requires_grad for t in (learner, mean, variance, rstd))

@@ -467,7 +467,8 @@ def define_fused_ops(library: str, kernels: FusedKernels) -> FusedOps:
 
         def or_empty(grad: Optional[Tensor]) -> Tensor:
             # A distinct empty tensor each time: outputs of a custom op may not alias each other.
-            return x.new_empty((0,), dtype=torch.float32) if grad is None else grad
+            # Contiguous, as the fake says (the coder's gradients come out as transposes).
+            return x.new_empty((0,), dtype=torch.float32) if grad is None else grad.contiguous()
 
         return [
             grads.input,

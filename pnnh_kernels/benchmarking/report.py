@@ -47,20 +47,29 @@ def machine_name(data: dict[str, Any], results: list[Result]) -> str:
 def _layer_rows(results: list[Result]) -> list[dict[str, Any]]:
     """One row per layer/block result with its time relative to the ResNet baseline of its group."""
     baselines = {}
+    ledger_baselines = {}
     for r in results:
         if r.info.get("implementation") in ("resnet-layer", "resnet-block"):
             baselines[(r.info["kind"], r.group)] = r.median_s
+            ledger_baselines[(r.info["kind"], r.group)] = r.info.get("ledger_bytes")
     rows = []
     for r in results:
         if r.info.get("kind") not in ("layer", "block"):
             continue
         baseline = baselines.get((r.info["kind"], r.group))
+        ledger_bytes = r.info.get("ledger_bytes")
+        ledger_baseline = ledger_baselines.get((r.info["kind"], r.group))
         rows.append(
             {
                 "kind": r.info["kind"],
                 "shape": r.info["shape"],
                 "dtype": r.info["dtype"],
-                "mode": r.info["mode"],
+                "mode": r.info["mode"] + (", train-BN" if r.info.get("norm") == "train" else ""),
+                "ledger_launches": r.info.get("ledger_launches"),
+                "ledger_mb": ledger_bytes / 1e6 if ledger_bytes else None,
+                "ledger_relative": ledger_bytes / ledger_baseline
+                if ledger_bytes and ledger_baseline
+                else None,
                 "implementation": r.info["implementation"],
                 "median_ms": r.median_s * 1e3,
                 "relative": r.median_s / baseline if baseline else None,
@@ -160,9 +169,12 @@ def markdown(data: dict[str, Any], results: list[Result], figures: list[str]) ->
         "",
         "## Layers and blocks (time relative to the cuDNN ResNet layer / BasicBlock of the same group)",
         "",
+        "The ledger columns: the same step counted by `pnnh ledger` (launches and HBM bytes of the "
+        "model, not measured).",
+        "",
         "| kind | shape | dtype | mode | implementation | median (ms) | vs ResNet | TFLOP/s | GB/s "
-        "| roofline fraction |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| roofline fraction | ledger launches | ledger MB | ledger bytes vs ResNet |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in sorted(
         _layer_rows(results),
@@ -172,7 +184,8 @@ def markdown(data: dict[str, Any], results: list[Result], figures: list[str]) ->
             f"| {row['kind']} | {row['shape']} | {row['dtype']} | {row['mode']} | "
             f"{row['implementation']} | {row['median_ms']:.3f} | {_fmt(row['relative'], '{:.2f}x')} | "
             f"{_fmt(row['tflops'], '{:.3f}')} | {_fmt(row['gbps'], '{:.1f}')} | "
-            f"{_fmt(row['roofline'], '{:.3f}')} |"
+            f"{_fmt(row['roofline'], '{:.3f}')} | {_fmt(row['ledger_launches'], '{}')} | "
+            f"{_fmt(row['ledger_mb'], '{:.1f}')} | {_fmt(row['ledger_relative'], '{:.2f}x')} |"
         )
     lines += [
         "",

@@ -92,7 +92,10 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype, op: str) -> Opt
 
         if active() is not None:
             return None  # the ledger declares the launches on meta tensors without running them
-        return "meta tensors reach the CUDA launchers only under pnnh_kernels.ledger.recording()"
+        return (
+            "the CUDA kernels run on CUDA tensors, not on meta (the traffic ledger declares their "
+            "launches on meta tensors under pnnh_kernels.ledger.recording())"
+        )
     if device.type != "cuda":
         return f"the CUDA kernels run on CUDA tensors, not on {device.type}"
     if dtype not in SUPPORTED_DTYPES:

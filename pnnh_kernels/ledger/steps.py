@@ -97,6 +97,7 @@ def step_ledger(
     dtype: str | torch.dtype = "bf16",
     training_norm: bool = True,
     device: str | torch.device = "meta",
+    backward: bool = True,
 ) -> StepLedger:
     """The launches of one training step of ``step`` at [batch, channels, size, size], channels_last.
 
@@ -107,7 +108,7 @@ def step_ledger(
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     pnnh = step.startswith("pnnh")
     module = build_step_module(step, channels, backend if pnnh else "torch", training_norm)
-    launches = count_step(module, (batch, channels, size, size), dtype, device)
+    launches = count_step(module, (batch, channels, size, size), dtype, device, backward)
     return StepLedger(
         step, backend if pnnh else "", batch, channels, size, dtype, training_norm, launches
     )  # fmt: skip
@@ -125,14 +126,19 @@ def step_inputs(
 
 
 def count_step(
-    module: nn.Module, shape: tuple[int, ...], dtype: torch.dtype, device: str | torch.device = "meta"
+    module: nn.Module,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    device: str | torch.device = "meta",
+    backward: bool = True,
 ) -> tuple[Launch, ...]:
     """The launches of the forward of ``module`` on x and the backward of ``grad`` to the gradients of
     x and of every trainable parameter, with x and grad of ``shape`` (channels_last) and the module
     moved to ``device`` and ``dtype``: the second such step (the first warms up what is made once,
     such as a fixed coder's transposes). The gradients are returned, not accumulated into ``.grad``
-    (that copy, and the optimizer, are outside the step)."""
-    return tuple(record_step(module, shape, dtype, device).launches)
+    (that copy, and the optimizer, are outside the step). ``backward=False``: the forward alone,
+    without autograd."""
+    return tuple(record_step(module, shape, dtype, device, backward=backward).launches)
 
 
 def record_step(
@@ -141,13 +147,22 @@ def record_step(
     dtype: torch.dtype,
     device: str | torch.device,
     instrument: bool = False,
+    backward: bool = True,
 ) -> Recorder:
     """:func:`count_step`'s recording (``instrument``: see :func:`recording`)."""
     module = module.to(device=device, dtype=dtype, memory_format=torch.channels_last)
     x, grad = step_inputs(shape, dtype, device)
     inputs = [x, *(p for p in module.parameters() if p.requires_grad)]
+
+    def step() -> None:
+        if backward:
+            torch.autograd.grad(module(x), inputs, grad)
+        else:
+            with torch.no_grad():
+                module(x)
+
     with recording():  # a warm-up step: what is made once per fixed tensor is not a step's cost
-        torch.autograd.grad(module(x), inputs, grad)
+        step()
     with recording(instrument) as recorder:
-        torch.autograd.grad(module(x), inputs, grad)
+        step()
     return recorder

@@ -44,7 +44,10 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype, op: str) -> Opt
     if device.type == "meta":
         if _ledger_recording():
             return None  # the ledger declares the launches on meta tensors without running them
-        return "meta tensors reach the Triton launchers only under pnnh_kernels.ledger.recording()"
+        return (
+            "Triton kernels run on CUDA devices (or the CPU interpreter), not on meta (the traffic "
+            "ledger declares their launches on meta tensors under pnnh_kernels.ledger.recording())"
+        )
     if device.type == "cpu":
         if not interpreter_enabled():
             return "CPU tensors run Triton kernels only in its interpreter: set TRITON_INTERPRET=1"

@@ -187,6 +187,15 @@ def code_in_main_loop(config: ConvConfig, c_b: int, kh: int, kw: int) -> bool:
     return 0 < c_b <= config.block_b and centred and config.block_n <= 64
 
 
+def reduce_block_k(config: ConvConfig, has_coder: bool, batch_norm: bool) -> int:
+    """Output channels per step of the backward's first pass. With both the coder and training
+    BatchNorm's sums in one step, 32 (the z tile and the fp32 sums beside the decoder's MMA spilled
+    104 bytes on sm_80 at 64 channels: a 256 -> 64 1x1 layer with a 128-channel code)."""
+    if has_coder and batch_norm:
+        return min(config.block_k, 32)
+    return config.block_k
+
+
 def upcast_dot(dtype: torch.dtype) -> bool:
     """Whether the kernels must compute their dots in fp32 (see kernels._mma)."""
     return interpreter_enabled() and dtype == torch.bfloat16
@@ -627,7 +636,7 @@ def _backward_reduce(
         UPCAST_DOT=upcast_dot(dtype),
         BLOCK_M=config.block_m,
         BLOCK_B=block_b,
-        BLOCK_K=config.block_k,
+        BLOCK_K=reduce_block_k(config, coder is not None, batch_norm is not None),
         **_launch_kwargs(config),
     )
     tiles_b = triton.cdiv(c_b, block_b) if coder is not None else 1

@@ -43,6 +43,7 @@ from pnnh_kernels.triton.pnnh_conv import (
     _block,
     choose_config,
     code_in_main_loop,
+    reduce_block_k,
     tuning_configs,
     wgrad_tiles,
 )
@@ -70,7 +71,7 @@ TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "f
 # Pointers that are float32 whatever the data dtype (folded BatchNorm vectors, statistics, partials).
 FLOAT32_POINTERS = {
     "scale_ptr", "shift_ptr", "out_ptr", "mean_part_ptr", "m2_part_ptr", "mean_ptr",
-    "sum_dp_part_ptr", "sum_dpz_part_ptr",
+    "sum_dp_part_ptr", "sum_dpz_part_ptr", "coefficients_ptr",
 }  # fmt: skip
 INSTRUCTIONS = {
     "mma.sync": r"\bmma\.sync\b",
@@ -317,35 +318,42 @@ def launches(shape: LayerShape, dtype: torch.dtype) -> list[Launch]:
     statistics.update(HAS_ENCODER_BIAS=False, CODE_IN_MAIN_LOOP=False, WRITE_STATS=True)
     add("bn stats", kernels._pnnh_conv_fwd_kernel, {**statistics, "Z_INPUT": False, "RELU": False},
         config.num_warps, config.num_stages)  # fmt: skip
-    # Input gradient: eval mode (scale folded, ReLU mask), training mode (dz given, no mask), and a
-    # layer without an output ReLU.
-    for has_scale, relu in ((True, True), (True, False), (False, False)):
+    # Input gradient: eval mode (scale folded, ReLU mask), training mode (dz formed on load from dy,
+    # y and z), and a layer without an output ReLU.
+    for has_scale, bn_grad, relu in ((True, False, True), (False, True, True), (True, False, False)):
         for tiles, warps, stages in candidates():
             dgrad = {"KH": shape.kernel, "KW": shape.kernel, "HAS_SCALE": has_scale,
-                     "HAS_CODER": has_coder, "RELU": relu, **tiles}  # fmt: skip
-            label = ("eval" if has_scale else "train-BN") + (", relu" if relu else "")
+                     "BN_GRAD": bn_grad, "HAS_CODER": has_coder, "RELU": relu, **tiles}  # fmt: skip
+            label = ("train-BN" if bn_grad else "eval") + (", relu" if relu else "")
             add(label, kernels._pnnh_conv_dgrad_kernel, dgrad, warps, stages)
-    wgrads = [("learner, relu", shape.c_in, shape.c_out, shape.kernel, True, shape.h, shape.w),
-              ("learner", shape.c_in, shape.c_out, shape.kernel, False, shape.h, shape.w)]  # fmt: skip
+    # (label, C_x, C_g, kernel size, ReLU mask, dz formed on load, stored in the weight's layout, H, W)
+    wgrads = [
+        ("learner, relu", shape.c_in, shape.c_out, shape.kernel, True, False, False, shape.h, shape.w),
+        ("learner", shape.c_in, shape.c_out, shape.kernel, False, False, False, shape.h, shape.w),
+        ("learner, train-BN", shape.c_in, shape.c_out, shape.kernel, True, True, True, shape.h,
+         shape.w),
+    ]  # fmt: skip
+    # The backward's first pass: the coder (with or without its code written for a trainable
+    # coder's weight gradients) and training BatchNorm's per-tile sums, or the sums alone.
+    block_b = _block(c_b, config.block_b) if has_coder else 16
+    passes = [(True, False, False), (True, True, False), (False, True, True)] if has_coder else []
+    passes += [(False, True, False)]  # no coder: the BatchNorm sums only
+    for coder_pass, bn_reduce, write_code in passes:
+        first = {"HAS_CODER": coder_pass, "HAS_ENCODER_BIAS": coder_pass, "WRITE_CODE": write_code,
+                 "BN_REDUCE": bn_reduce, "RELU": True, "BLOCK_M": config.block_m,
+                 "BLOCK_B": block_b,
+                 "BLOCK_K": reduce_block_k(config, coder_pass, bn_reduce)}  # fmt: skip
+        label = ("coder" if coder_pass else "no coder") + (", train-BN" if bn_reduce else "")
+        label += ", code written" if write_code else ""
+        add(label, kernels._pnnh_coder_bwd_kernel, first, config.num_warps, config.num_stages)
     if has_coder:
-        block_b = _block(c_b, config.block_b)
-        for relu in (True, False):
-            for bn_reduce in (True, False):
-                coder = {"HAS_CODER": True, "HAS_ENCODER_BIAS": True, "WRITE_CODE": not bn_reduce,
-                         "BN_REDUCE": bn_reduce, "RELU": relu, "BLOCK_M": config.block_m,
-                         "BLOCK_B": block_b, "BLOCK_K": config.block_k}  # fmt: skip
-                label = ("relu" if relu else "linear") + (", train-BN" if bn_reduce else "")
-                add(label, kernels._pnnh_coder_bwd_kernel, coder, config.num_warps,
-                    config.num_stages)  # fmt: skip
-        wgrads += [("encoder", shape.c_in, c_b, 1, False, shape.h, shape.w),
-                   ("decoder, relu", c_b, shape.c_out, 1, True, oh, ow),
-                   ("decoder", c_b, shape.c_out, 1, False, oh, ow)]  # fmt: skip
-    for label, c_x, c_g, kernel, relu, height, width in wgrads:
-        tiles = wgrad_tiles(config, c_x, c_g, dtype, relu)
-        # The learner's weight gradient is stored directly in the weight's layout (one split).
-        strided_out = label == "learner"
-        wgrad = {"KH": kernel, "KW": kernel, "RELU": relu, "STRIDED_OUT": strided_out,
-                 "BLOCK_X": tiles.block_x, "BLOCK_G": tiles.block_g,
+        wgrads += [("encoder", shape.c_in, c_b, 1, False, False, False, shape.h, shape.w),
+                   ("decoder, relu", c_b, shape.c_out, 1, True, False, False, oh, ow),
+                   ("decoder", c_b, shape.c_out, 1, False, False, False, oh, ow)]  # fmt: skip
+    for label, c_x, c_g, kernel, relu, bn_grad, strided_out, height, width in wgrads:
+        tiles = wgrad_tiles(config, c_x, c_g, dtype, relu, bn_grad)
+        wgrad = {"KH": kernel, "KW": kernel, "RELU": relu, "BN_GRAD": bn_grad,
+                 "STRIDED_OUT": strided_out, "BLOCK_X": tiles.block_x, "BLOCK_G": tiles.block_g,
                  "BLOCK_M": tiles.block_m}  # fmt: skip
         extra = {"C_x": c_x, "C_g": c_g, "H": height, "W": width, "m_per_split": 8 * tiles.block_m,
                  "out_stride_g": kernel * kernel * c_x, "out_stride_x": 1,
