@@ -97,3 +97,32 @@ def test_launchers_reject_bad_arguments():
         launch.conv_forward(x, weight, None, None, encoder, None, None, geometry, True)
     with pytest.raises(ValueError, match="decoder_weight: a tied coder needs C_out == C_in"):
         launch.conv_forward(x, wide, None, None, torch.randn(2, 4), None, None, geometry, True)
+
+
+@pytest.mark.usefixtures("emulated_cuda_backend")
+@pytest.mark.parametrize("case", TRAINING_CASES[:1], ids=str)  # 105 pixels: four 32-pixel splits
+def test_training_batchnorm_with_a_split_weight_gradient(case, monkeypatch):
+    """The weight gradient from several split partials, added by wgrad_reduce_kernel into the
+    weight's layout and dtype (the CIFAR shapes' path; these small shapes would not split)."""
+    from pnnh_kernels.cuda import launch
+
+    monkeypatch.setattr(launch, "WGRAD_MIN_STEPS", 1)
+    monkeypatch.setattr(launch, "WGRAD_PARTIAL_TRAFFIC", 1e9)
+    emulator, splits = launch._emulator, []
+
+    class Spy:  # sees the reduction's launches: the number of partials each adds
+        def __getattr__(self, name):
+            target = getattr(emulator, name)
+            if name != "wgrad_reduce":
+                return target
+
+            def reduce(*arguments):
+                splits.append(arguments[0])
+                return target(*arguments)
+
+            return reduce
+
+    monkeypatch.setattr(launch, "_emulator", Spy())
+    check_training_case(case, backend="cuda")
+    assert splits
+    assert min(splits) > 1

@@ -227,6 +227,32 @@ def test_cuda_ledger_matches_what_runs(layer, training, cuda_launches):
     assert profiled == ledger_torch_ops(meta)
 
 
+def test_split_weight_gradients_match_what_runs(triton_launches, cuda_launches, monkeypatch):
+    """The weight gradient split into float32 partials and reduced (what the CIFAR shapes run) at a
+    small shape: forced to three splits on the Triton side, uncapped on the CUDA side."""
+    import dataclasses
+
+    from pnnh_kernels.cuda import launch
+    from pnnh_kernels.triton import pnnh_conv
+
+    shape = (4, 24, 12, 12)  # 576 pixels: three 256-pixel ranges of the interpreter's 128-pixel steps
+    split = dataclasses.replace(pnnh_conv.INTERPRETER_CONFIG, wgrad_splits=3)
+    with pnnh_conv.forced_config(split):
+        meta = count_step(default_layer("triton"), shape, torch.float32, "meta")
+        with poisoned_outputs():
+            real = record_step(default_layer("triton"), shape, torch.float32, "cpu", instrument=True)
+    assert "_wgrad_reduce_kernel" in [launch.name for launch in meta]
+    check_against_what_ran(meta, real, triton_launches, "triton")
+
+    monkeypatch.setattr(launch, "WGRAD_MIN_STEPS", 1)
+    monkeypatch.setattr(launch, "WGRAD_PARTIAL_TRAFFIC", 1e9)
+    meta = count_step(default_layer("cuda"), shape, torch.float32, "meta")
+    with poisoned_outputs():
+        real = record_step(default_layer("cuda"), shape, torch.float32, "cpu", instrument=True)
+    assert "wgrad_reduce_kernel" in [launch.name for launch in meta]
+    check_against_what_ran(meta, real, cuda_launches, "cuda")
+
+
 def test_resnet_layer_ledger_matches_what_runs():
     """The ResNet layer's PyTorch ops: the same list and bytes on meta and on real tensors."""
     from pnnh_kernels.benchmarking.baselines import ResNetLayer

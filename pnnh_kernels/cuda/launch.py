@@ -37,6 +37,9 @@ DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 FUSED, STATISTICS, APPLY = 0, 1, 2
 WGRAD_MIN_STEPS = 8  # reduction steps (of tile_sizes()["block_k"] pixels) per weight-gradient split
 WGRAD_TARGET_CTAS = 512  # enough CTAs to fill an H100 (132 SMs) several times over
+# The weight gradient's float32 split partials (written, then read back by the reduction) may move
+# at most this fraction of the bytes of the gradient rows the kernel reads.
+WGRAD_PARTIAL_TRAFFIC = 0.5
 
 
 # The CPU emulation of the kernels (pnnh_kernels.cuda.emulation), when a test has switched it on:
@@ -142,7 +145,7 @@ def _fixed_layout(
 ) -> Optional[Tensor]:
     if tensor is None:
         return None
-    if tensor.requires_grad:
+    if tensor.requires_grad or tensor.is_inference():  # inference tensors have no version counter
         return make(tensor)
     key = id(tensor)
     entry = _fixed_layouts.get(key)
@@ -151,7 +154,9 @@ def _fixed_layout(
         entry = (weakref.ref(tensor, lambda _, key=key: _fixed_layouts.pop(key, None)), {})
         _fixed_layouts[key] = entry
     layouts = entry[1]
-    version = (kind, tensor._version)
+    # Module.to() and .data assignments keep a parameter's id and version but change its storage,
+    # dtype or device: all are part of the key.
+    version = (kind, tensor._version, tensor.data_ptr(), tensor.dtype, tensor.device, tensor.shape)
     if version not in layouts:
         for stale in [k for k in layouts if k[0] == kind]:
             del layouts[stale]
@@ -296,8 +301,9 @@ def conv_forward_train(
     geometry: ConvGeometry,
     relu: bool,
 ) -> TrainingForward:
-    """Training-mode BatchNorm in two launches of the forward kernel: convolution + per-tile
-    statistics (mean, M2 per 64-pixel tile), then normalisation + coder + activation from z."""
+    """Training-mode BatchNorm in three launches: convolution + per-tile statistics (mean, M2 per
+    64-pixel tile), their merge into mean, variance, rstd, scale and shift, then normalisation +
+    coder + activation from z. The running statistics are the caller's (update_running_statistics)."""
     _check_call(x, weight, encoder_weight, encoder_bias, decoder_weight)
     module = _module(x)
     n, _, height, width = x.shape
@@ -339,9 +345,15 @@ def conv_forward_train(
     return TrainingForward(y.permute(0, 3, 1, 2), z.permute(0, 3, 1, 2), mean, variance, rstd)
 
 
-def _param_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
-    """The dtype of BatchNorm's parameters and buffers (float32 where there are none)."""
-    for tensor in tensors:
+def _param_dtype(weight: Optional[Tensor], bias: Optional[Tensor]) -> torch.dtype:
+    """The dtype of BatchNorm's gamma and beta (float32 where there are none): one dtype, which the
+    kernels are compiled for."""
+    if weight is not None and bias is not None and weight.dtype != bias.dtype:
+        raise ValueError(
+            f"norm_bias: expected BatchNorm's bias in its weight's dtype {weight.dtype}, "
+            f"got {bias.dtype}"
+        )
+    for tensor in (weight, bias):
         if tensor is not None:
             return tensor.dtype
     return torch.float32
@@ -398,9 +410,10 @@ def _wgrad(
     steps = math.ceil(m / (WGRAD_MIN_STEPS * sizes["block_k"]))
     splits = max(1, min(math.ceil(WGRAD_TARGET_CTAS / tiles), steps, sizes["max_grid_yz"] // taps))
     if out is not None:
-        # Each split writes a float32 partial of the whole gradient and the reduction reads it back:
-        # keep that traffic to at most half the bytes of the gradient rows the splits read.
-        splits = max(1, min(splits, tensor_bytes(grad) // (4 * taps * c_x * c_g * 4)))
+        # Each split writes a float32 partial of the whole gradient and the reduction reads it
+        # back: keep that traffic within WGRAD_PARTIAL_TRAFFIC of the gradient rows' bytes.
+        partial_bytes = 2 * taps * c_x * c_g * 4
+        splits = max(1, min(splits, int(WGRAD_PARTIAL_TRAFFIC * tensor_bytes(grad) // partial_bytes)))
     per_split = math.ceil(math.ceil(m / splits) / sizes["block_k"]) * sizes["block_k"]
     splits = math.ceil(m / per_split)
     direct = out is not None and splits == 1

@@ -4,7 +4,7 @@ a CPU at the real shape.
     from pnnh_kernels.ledger import step_ledger
     pnnh = step_ledger("pnnh-layer", batch=256, channels=128, size=16, backend="triton")
     resnet = step_ledger("resnet-layer", batch=256, channels=128, size=16)
-    print(format_comparison(pnnh, resnet))
+    print(format_comparison([pnnh], resnet))
 
 ``pnnh ledger`` prints the same tables. :mod:`pnnh_kernels.ledger.record` has the counting rules;
 :mod:`pnnh_kernels.ledger.cards` the peaks of the roofline times.

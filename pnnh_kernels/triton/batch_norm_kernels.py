@@ -8,9 +8,8 @@ sums of dp and dp * (z - mean)). These kernels finish the job in a fixed order (
   the scale and shift the apply pass uses (cuDNN's "BN finalize" node);
 - :func:`_bn_running_update_kernel`: the running statistics, updated in place;
 - :func:`_bn_finalize_backward_kernel`: the gradients of gamma and beta and the three per-channel
-  coefficients of ``dz = a * dp + b * z + c``;
-- :func:`_bn_input_grad_kernel`: dz itself, one elementwise pass over dy, y and z, written once in
-  the activation dtype for the weight- and input-gradient kernels to read.
+  coefficients of ``dz = a * dp + b * z + c``, which the input- and weight-gradient kernels apply
+  where they load dy (``BN_GRAD`` in kernels.py): dz is never stored.
 
 With ``dp = dy * (y > 0)``, ``x_hat = (z - mean) * rstd``, ``gain = gamma * rstd`` and N pixels:
 ``dz = gain * (dp - sum(dp) / N - x_hat * sum(dp * x_hat) / N)``, i.e. ``a = gain``,
@@ -153,34 +152,3 @@ def _bn_finalize_backward_kernel(
     tl.store(coefficients_ptr + offs_c, a, mask=mask_c)
     tl.store(coefficients_ptr + C + offs_c, b, mask=mask_c)
     tl.store(coefficients_ptr + 2 * C + offs_c, c, mask=mask_c)
-
-
-@triton.jit
-def _bn_input_grad_kernel(
-    dy_ptr,  # [M, C]
-    y_ptr,  # [M, C], read for the output ReLU's mask when RELU
-    z_ptr,  # [M, C]
-    coefficients_ptr,  # [3, C] fp32
-    dz_ptr,  # out: [M, C]
-    M,
-    C,
-    RELU: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
-    """``dz = a * dp + b * z + c`` for a ``[BLOCK_M, BLOCK_C]`` tile, ``dp = dy * (y > 0)``."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
-    tile = (offs_m < M)[:, None] & mask_c[None, :]
-    offsets = offs_m.to(tl.int64)[:, None] * C + offs_c[None, :]
-    dp = tl.load(dy_ptr + offsets, mask=tile, other=0.0).to(tl.float32)
-    if RELU:
-        y = tl.load(y_ptr + offsets, mask=tile, other=0.0)
-        dp = tl.where(y > 0, dp, 0.0)
-    z = tl.load(z_ptr + offsets, mask=tile, other=0.0).to(tl.float32)
-    a = tl.load(coefficients_ptr + offs_c, mask=mask_c, other=0.0)
-    b = tl.load(coefficients_ptr + C + offs_c, mask=mask_c, other=0.0)
-    c = tl.load(coefficients_ptr + 2 * C + offs_c, mask=mask_c, other=0.0)
-    dz = a[None, :] * dp + b[None, :] * z + c[None, :]
-    tl.store(dz_ptr + offsets, dz.to(dz_ptr.dtype.element_ty), mask=tile)

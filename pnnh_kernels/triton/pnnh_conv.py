@@ -107,6 +107,9 @@ def choose_config(c_in: int, c_out: int, c_b: int, dtype: torch.dtype) -> ConvCo
 # that one choice holds on every card; ``python -m pnnh_kernels.triton.report`` checks the compiled
 # kernels against each card's limit.
 WGRAD_SHARED_MEMORY_BUDGET = 128 * 1024
+# The weight gradient's float32 split partials (written, then read back by the reduction) may move
+# at most this fraction of the bytes of the gradient rows the kernel reads.
+WGRAD_PARTIAL_TRAFFIC = 0.5
 
 
 @dataclass(frozen=True)
@@ -518,10 +521,11 @@ def _wgrad(
     if z_rows is not None:
         gradient_bytes += tensor_bytes(z_rows)
     splits = wgrad_splits(config, m, block_m, tiles, image.device)
-    # Each split writes a float32 partial of the whole gradient and the reduction reads it back:
-    # keep that traffic to at most half the bytes of the gradient rows the splits read.
-    partial_bytes = taps * c_x * c_g * 4
-    splits = max(1, min(splits, gradient_bytes // (4 * partial_bytes)))
+    if config.wgrad_splits is None:
+        # Each split writes a float32 partial of the whole gradient and the reduction reads it
+        # back: keep that traffic within WGRAD_PARTIAL_TRAFFIC of the gradient rows' bytes.
+        partial_bytes = 2 * taps * c_x * c_g * 4
+        splits = max(1, min(splits, int(WGRAD_PARTIAL_TRAFFIC * gradient_bytes // partial_bytes)))
     m_per_split = triton.cdiv(triton.cdiv(m, splits), block_m) * block_m
     splits = triton.cdiv(m, m_per_split)
     strided_out = out is not None and splits == 1
@@ -781,11 +785,12 @@ def conv_backward(
     dy_rows, y_rows = dy_nhwc.reshape(m, c_out), y_nhwc.reshape(m, c_out)
     mask_rows = y_rows if relu else None
     coder = None
+    code = dpre = None
     if encoder_weight is not None:
         coder = (encoder_weight.contiguous(), encoder_bias, decoder_rows(encoder_weight, decoder_weight))
-    code, dpre, _ = _backward_reduce(
-        x_nhwc, dy_rows, mask_rows, geometry, (oh, ow), coder, coder_grads, None, config
-    )
+        code, dpre, _ = _backward_reduce(
+            x_nhwc, dy_rows, mask_rows, geometry, (oh, ow), coder, coder_grads, None, config
+        )
     grads_coder: tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]] = (None, None, None)
     if coder is not None and coder_grads:
         grads_coder = _coder_weight_grads(
