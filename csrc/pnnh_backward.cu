@@ -72,6 +72,45 @@ __global__ void __launch_bounds__(kThreads) pnnh_coder_backward_kernel(CoderBack
 
 // dx for 64 input pixels x 64 input channels: every tap's output pixel that reads this input
 // pixel, times the tap's weights; plus W_E^T grad_pre where the pixel is a strided (coder) sample.
+// The A tile of the input gradient with training BatchNorm's dz formed as it is loaded:
+// dz = a * grad + b * z + c per output channel (grad is dp, already masked), zero for rows outside
+// the tensor and channels past C_out. Ordinary loads and stores (the affine sits between the global
+// read and the shared-memory write, where cp.async has no room); consecutive threads take
+// consecutive channels of a row.
+template <typename T, class RowSource>
+__device__ __forceinline__ void load_batch_norm_grad_tile(T* tile, const T* grad, const T* learner,
+                                                          const float* coefficients, int c0, int channels,
+                                                          RowSource row_source) {
+  for (int q = threadIdx.x; q < kBlockM * kBlockK; q += kThreads) {
+    const int r = q / kBlockK, k = q % kBlockK;
+    const T* row = row_source(r);
+    float value = 0.f;
+    if (row != nullptr && c0 + k < channels) {
+      const int64_t at = (row - grad) + k;
+      const int c = c0 + k;
+      value = coefficients[c] * Num<T>::to_float(grad[at]) + coefficients[channels + c] * Num<T>::to_float(learner[at]) +
+              coefficients[2 * channels + c];
+    }
+    tile[r * padded_k<T>() + k] = Num<T>::from_float(value);
+  }
+}
+
+// The B tile of the input gradient, rows = input channels n0.., columns = the output-channel slice
+// c0.., from the weight as the module holds it (channels_last, [C_out, KH, KW, C_in]: contiguous in
+// C_in, so it cannot be copied row by row): ordinary loads, consecutive threads on consecutive input
+// channels (coalesced), stored transposed. No per-step permuted copy of the weight.
+template <typename T>
+__device__ __forceinline__ void load_weight_columns(T* tile, const T* weight, int n0, int c0, int tap, int taps,
+                                                    int in_channels, int out_channels) {
+  for (int q = threadIdx.x; q < kBlockN * kBlockK; q += kThreads) {
+    const int r = q % kBlockN, k = q / kBlockN;
+    const int ci = n0 + r, co = c0 + k;
+    tile[r * padded_k<T>() + k] = (ci < in_channels && co < out_channels)
+                                      ? weight[(static_cast<int64_t>(co) * taps + tap) * in_channels + ci]
+                                      : Num<T>::from_float(0.f);
+  }
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads) pnnh_conv_dgrad_kernel(DgradArgs args, Vectorised vec) {
   __shared__ __align__(16) unsigned char smem[smem_bytes<T>()];
@@ -83,7 +122,8 @@ __global__ void __launch_bounds__(kThreads) pnnh_conv_dgrad_kernel(DgradArgs arg
   const int64_t p0 = static_cast<int64_t>(blockIdx.x) * kBlockM;
   const int n0 = blockIdx.y * kBlockN;
   const T* grad = static_cast<const T*>(args.grad);
-  const T* wt = static_cast<const T*>(args.weight_t);
+  const T* weight = static_cast<const T*>(args.weight);
+  const T* learner = static_cast<const T*>(args.learner);
   const int taps = s.kernel_h * s.kernel_w;
 
   decode_tile_row(p0, pixels, s.height, s.width, row_image, row_h, row_w);
@@ -95,7 +135,7 @@ __global__ void __launch_bounds__(kThreads) pnnh_conv_dgrad_kernel(DgradArgs arg
   pipelined_product<T>(acc, smem_a, smem_b, taps * out_slices, [&](T* sa, T* sb, int step) {
     const int tap = step / out_slices, c0 = (step % out_slices) * kBlockK;
     const int ky = tap / s.kernel_w, kx = tap % s.kernel_w;
-    load_tile<T, kBlockM>(sa, s.out_channels - c0, vec.grad, grad, [&](int r) -> const T* {
+    auto source_row = [&](int r) -> const T* {
       const int image = row_image[r];
       if (image < 0) return nullptr;
       const int hy = row_h[r] + s.pad_h - ky * s.dilation_h, wx = row_w[r] + s.pad_w - kx * s.dilation_w;
@@ -103,11 +143,13 @@ __global__ void __launch_bounds__(kThreads) pnnh_conv_dgrad_kernel(DgradArgs arg
       const int oh = hy / s.stride_h, ow = wx / s.stride_w;
       if (oh >= s.out_height || ow >= s.out_width) return nullptr;
       return grad + ((static_cast<int64_t>(image) * s.out_height + oh) * s.out_width + ow) * s.out_channels + c0;
-    });
-    load_tile<T, kBlockN>(sb, s.out_channels - c0, vec.weight, wt, [&](int r) -> const T* {
-      const int ci = n0 + r;
-      return ci < s.in_channels ? wt + (static_cast<int64_t>(ci) * taps + tap) * s.out_channels + c0 : nullptr;
-    });
+    };
+    if (learner != nullptr) {
+      load_batch_norm_grad_tile<T>(sa, grad, learner, args.coefficients, c0, s.out_channels, source_row);
+    } else {
+      load_tile<T, kBlockM>(sa, s.out_channels - c0, vec.grad, grad, source_row);
+    }
+    load_weight_columns<T>(sb, weight, n0, c0, tap, taps, s.in_channels, s.out_channels);
   });
   const int c_b = args.code_channels;
   if (c_b > 0) {
@@ -157,6 +199,8 @@ __global__ void __launch_bounds__(kThreads) pnnh_conv_wgrad_kernel(WgradArgs arg
   const int64_t end = begin + args.pixels_per_split < pixels ? begin + args.pixels_per_split : pixels;
   const T* image = static_cast<const T*>(args.image);
   const T* grad = static_cast<const T*>(args.grad);
+  const T* learner = static_cast<const T*>(args.learner);
+  const float* coefficients = args.coefficients;
   const T zero_value = Num<T>::from_float(0.f);
 
   Accumulators acc;
@@ -186,7 +230,17 @@ __global__ void __launch_bounds__(kThreads) pnnh_conv_wgrad_kernel(WgradArgs arg
     for (int e = threadIdx.x; e < kBlockK * kBlockN; e += kThreads) {
       const int k = e / kBlockN, c = e % kBlockN;
       const int64_t at = grad_offset[k];
-      tile_b[c * kLd + k] = (at >= 0 && g0 + c < c_g) ? grad[at + g0 + c] : zero_value;
+      T value = zero_value;
+      if (at >= 0 && g0 + c < c_g) {
+        value = grad[at + g0 + c];
+        if (learner != nullptr) {  // training BatchNorm: dz = a * dp + b * z + c, formed here
+          const int g = g0 + c;
+          value = Num<T>::from_float(coefficients[g] * Num<T>::to_float(value) +
+                                     coefficients[c_g + g] * Num<T>::to_float(learner[at + g]) +
+                                     coefficients[2 * c_g + g]);
+        }
+      }
+      tile_b[c * kLd + k] = value;
     }
     __syncthreads();
     tile_product<T>(acc, tile_a, kLd, tile_b, kLd);
@@ -251,7 +305,6 @@ void launch_dgrad(const DgradArgs& args, DType dtype, cudaStream_t stream) {
   const int width = element_bytes(dtype);
   Vectorised vec;
   vec.grad = rows_vectorisable(args.grad, s.out_channels, width);
-  vec.weight = rows_vectorisable(args.weight_t, s.out_channels, width);
   vec.pre = rows_vectorisable(args.grad_pre, args.code_channels, width);
   vec.encoder = rows_vectorisable(args.encoder_weight_t, args.code_channels, width);
   PNNH_DISPATCH(dtype, pnnh_conv_dgrad_kernel, args, vec)
@@ -277,7 +330,7 @@ TileSizes tile_sizes() { return {kBlockM, kBlockN, kBlockK, kMaxGridYZ}; }
 std::vector<std::string> kernel_names() {
   return {"pnnh_conv_forward_kernel",    "pnnh_coder_backward_kernel",  "pnnh_conv_dgrad_kernel",
           "pnnh_conv_wgrad_kernel",      "bn_finalize_forward_kernel",  "bn_running_update_kernel",
-          "bn_backward_reduce_kernel",   "bn_finalize_backward_kernel", "bn_input_grad_kernel",
+          "bn_backward_reduce_kernel",   "bn_finalize_backward_kernel",
           "wgrad_reduce_kernel"};
 }
 

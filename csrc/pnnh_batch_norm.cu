@@ -1,6 +1,7 @@
 // Training-mode BatchNorm around the fused convolution, and the weight gradient's split reduction:
 // small per-channel and elementwise kernels (no tensor cores), the CUDA twins of
 // pnnh_kernels/triton/batch_norm_kernels.py. Every reduction runs in a fixed order (deterministic).
+// dz itself is formed where the input- and weight-gradient kernels load their gradient tiles.
 //
 // With dp = dy * (y > 0), x_hat = (z - mean) * rstd, gain = gamma * rstd and N pixels,
 // dz = gain * (dp - S1 / N - x_hat * S2 * rstd / N) = a * dp + b * z + c, where S1 = sum(dp),
@@ -115,25 +116,6 @@ __global__ void __launch_bounds__(kChannelThreads) bn_finalize_backward_kernel(B
   args.coefficients[2 * args.channels + c] = -gain * s1 / n - b * args.mean[c];
 }
 
-// dz = a * dp + b * z + c, elementwise; dp = grad * (output > 0), or grad itself without ``output``.
-template <typename T>
-__global__ void __launch_bounds__(kElementThreads) bn_input_grad_kernel(BatchNormInputGradArgs args) {
-  const T* grad = static_cast<const T*>(args.grad);
-  const T* y = static_cast<const T*>(args.output);
-  const T* z = static_cast<const T*>(args.learner);
-  T* dz = static_cast<T*>(args.grad_learner);
-  const int64_t o = static_cast<int64_t>(blockIdx.x) * kElementThreads + threadIdx.x;
-  if (o >= args.pixels * args.channels) return;
-  {
-    const int c = static_cast<int>(o % args.channels);
-    float dp = Num<T>::to_float(grad[o]);
-    if (y != nullptr && !(Num<T>::to_float(y[o]) > 0.f)) dp = 0.f;
-    const float value = args.coefficients[c] * dp + args.coefficients[args.channels + c] * Num<T>::to_float(z[o]) +
-                        args.coefficients[2 * args.channels + c];
-    dz[o] = Num<T>::from_float(value);
-  }
-}
-
 // The weight gradient from the per-split partials [splits, KH, KW, C_x, C_g]: summed in split order
 // and stored once in the weight's own layout (strides of [C_g, C_x, KH, KW]) and dtype.
 template <typename T>
@@ -204,13 +186,6 @@ void launch_bn_finalize_backward(const BatchNormBackwardArgs& args, DType param_
   const dim3 grid(channel_blocks(args.channels));
   PNNH_DISPATCH_THREADS(param_dtype, bn_finalize_backward_kernel, kChannelThreads, args)
   check_launch("bn_finalize_backward_kernel", param_dtype);
-}
-
-void launch_bn_input_grad(const BatchNormInputGradArgs& args, DType dtype, cudaStream_t stream) {
-  if (args.pixels == 0 || args.channels == 0) return;
-  const dim3 grid(element_blocks(args.pixels * args.channels));
-  PNNH_DISPATCH_THREADS(dtype, bn_input_grad_kernel, kElementThreads, args)
-  check_launch("bn_input_grad_kernel", dtype);
 }
 
 void launch_wgrad_reduce(const WgradReduceArgs& args, DType dtype, cudaStream_t stream) {

@@ -4,8 +4,8 @@
 // input channels in 32-wide slices (cp.async, two stages). The coder then runs per 64-channel chunk
 // of the code: encode the tile's 64 sampled input pixels (x at the output's strided positions)
 // against W_E, add b_E, ReLU, round to the input dtype into shared memory, and multiply that code
-// tile by the matching W_D slice into the decode accumulators. The code never goes to global
-// memory. The epilogue applies scale/shift (bias, folded BatchNorm) to the learner, adds the
+// tile by the matching W_D slice into the decode accumulators. The code goes to global memory only
+// for training BatchNorm: the statistics pass stores it once per pixel tile, the apply pass reads it. The epilogue applies scale/shift (bias, folded BatchNorm) to the learner, adds the
 // decode, applies the ReLU and stores once.
 #include <stdexcept>
 #include <string>
@@ -17,8 +17,15 @@
 namespace pnnh {
 namespace {
 
-template <typename T>
-__global__ void __launch_bounds__(kThreads) pnnh_conv_forward_kernel(ForwardArgs args, Vectorised vec) {
+// One instantiation per mode (a compile-time parameter), so that each gets its own register
+// allocation: with the statistics pass's code store in the same function, the 16-bit sm_90a build
+// went over 128 registers (16 bytes spilled). Left to itself ptxas then gave the statistics and
+// apply instantiations 72-96 registers and small spills: the bounds ask for at least one CTA per SM
+// there (no spills, 96-122 registers), and keep the fused 16-bit kernel at 4 CTAs per SM (<= 128
+// registers, as before).
+template <typename T, ForwardMode kMode>
+__global__ void __launch_bounds__(kThreads, kMode == ForwardMode::kFused && sizeof(T) == 2 ? 4 : 1)
+    pnnh_conv_forward_kernel(ForwardArgs args, Vectorised vec) {
   __shared__ __align__(16) unsigned char smem[smem_bytes<T>()];
   __shared__ int row_image[kBlockM], row_oh[kBlockM], row_ow[kBlockM];
   T* smem_a = reinterpret_cast<T*>(smem);
@@ -43,7 +50,7 @@ __global__ void __launch_bounds__(kThreads) pnnh_conv_forward_kernel(ForwardArgs
   Accumulators learner;
   zero(learner);
   const int channel_slices = (s.in_channels + kBlockK - 1) / kBlockK;
-  if (args.mode != ForwardMode::kApply) {
+  if constexpr (kMode != ForwardMode::kApply) {
     const T* w = static_cast<const T*>(args.weight);
     const int taps = s.kernel_h * s.kernel_w;
     pipelined_product<T>(learner, smem_a, smem_b, taps * channel_slices, [&](T* sa, T* sb, int step) {
@@ -60,7 +67,7 @@ __global__ void __launch_bounds__(kThreads) pnnh_conv_forward_kernel(ForwardArgs
   auto valid = [&](int r, int c) { return m0 + r < pixels && n0 + c < s.out_channels; };
   auto offset = [&](int r, int c) { return (m0 + r) * s.out_channels + n0 + c; };
 
-  if (args.mode == ForwardMode::kStatistics) {
+  if constexpr (kMode == ForwardMode::kStatistics) {
     T* z = static_cast<T*>(args.z);
     float* stats = reinterpret_cast<float*>(smem);  // the operand stages are drained
     for_each_fragment_value([&](int i, int j, int v, int r, int c) {
@@ -86,10 +93,35 @@ __global__ void __launch_bounds__(kThreads) pnnh_conv_forward_kernel(ForwardArgs
       args.partial_mean[static_cast<int64_t>(blockIdx.x) * s.out_channels + n0 + c] = mean;
       args.partial_m2[static_cast<int64_t>(blockIdx.x) * s.out_channels + n0 + c] = m2;
     }
+    // Training BatchNorm with a coder: the first column of CTAs also stores the tile's code, once,
+    // for the apply pass (which would otherwise recompute it in every one of its C_out / 64 columns).
+    const int c_b = args.code_channels;
+    if (args.code != nullptr && c_b > 0 && blockIdx.y == 0) {
+      const T* we = static_cast<const T*>(args.encoder_weight);
+      T* code = static_cast<T*>(args.code);
+      __syncthreads();  // the statistics are done with the shared memory
+#pragma unroll 1
+      for (int b0 = 0; b0 < c_b; b0 += kBlockN) {
+        zero(learner);  // the learner's accumulators are spent: they hold the encoder's product
+        pipelined_product<T>(learner, smem_a, smem_b, channel_slices, [&](T* sa, T* sb, int step) {
+          const int c0 = step * kBlockK;
+          load_tile<T, kBlockM>(sa, s.in_channels - c0, vec.x, x, [&](int r) { return input_row(r, 0, 0, c0); });
+          load_tile<T, kBlockN>(sb, s.in_channels - c0, vec.encoder, we, [&](int r) -> const T* {
+            const int b = b0 + r;
+            return b < c_b ? we + static_cast<int64_t>(b) * s.in_channels + c0 : nullptr;
+          });
+        });
+        for_each_fragment_value([&](int i, int j, int v, int r, int c) {
+          if (m0 + r >= pixels || b0 + c >= c_b) return;
+          const float value = learner[i][j][v] + (args.encoder_bias != nullptr ? args.encoder_bias[b0 + c] : 0.f);
+          code[(m0 + r) * c_b + b0 + c] = Num<T>::from_float(fmaxf(value, 0.f));
+        });
+      }
+    }
     return;
   }
 
-  if (args.mode == ForwardMode::kApply) {
+  if constexpr (kMode == ForwardMode::kApply) {
     const T* z = static_cast<const T*>(args.z);
     for_each_fragment_value([&](int i, int j, int v, int r, int c) {
       learner[i][j][v] = valid(r, c) ? Num<T>::to_float(z[offset(r, c)]) : 0.f;
@@ -104,26 +136,37 @@ __global__ void __launch_bounds__(kThreads) pnnh_conv_forward_kernel(ForwardArgs
     const T* wd = static_cast<const T*>(args.decoder_weight);
     constexpr int kCodeStride = kBlockN + 16 / static_cast<int>(sizeof(T));
     static_assert(kBlockM * kCodeStride <= 2 * kBlockM * padded_k<T>(), "the code tile must fit stage A");
+    // The apply pass reads the code the statistics pass stored (the launcher always stores one
+    // for it: one code per pixel tile instead of one per column of CTAs).
     for (int b0 = 0; b0 < c_b; b0 += kBlockN) {
-      Accumulators pre;
-      zero(pre);
-      pipelined_product<T>(pre, smem_a, smem_b, channel_slices, [&](T* sa, T* sb, int step) {
-        const int c0 = step * kBlockK;
-        load_tile<T, kBlockM>(sa, s.in_channels - c0, vec.x, x, [&](int r) { return input_row(r, 0, 0, c0); });
-        load_tile<T, kBlockN>(sb, s.in_channels - c0, vec.encoder, we, [&](int r) -> const T* {
-          const int b = b0 + r;
-          return b < c_b ? we + static_cast<int64_t>(b) * s.in_channels + c0 : nullptr;
-        });
-      });
       T* code = smem_a;  // [kBlockM][kCodeStride], over the drained A stages
-      for_each_fragment_value([&](int i, int j, int v, int r, int c) {
-        float value = 0.f;  // code channels past C_B stay zero: they add nothing to the decode
-        if (b0 + c < c_b) {
-          value = pre[i][j][v] + (args.encoder_bias != nullptr ? args.encoder_bias[b0 + c] : 0.f);
-          value = fmaxf(value, 0.f);
+      if constexpr (kMode == ForwardMode::kApply) {
+        const T* stored = static_cast<const T*>(args.code);
+        for (int q = threadIdx.x; q < kBlockM * kBlockN; q += kThreads) {
+          const int r = q / kBlockN, c = q % kBlockN;
+          code[r * kCodeStride + c] =
+              (m0 + r < pixels && b0 + c < c_b) ? stored[(m0 + r) * c_b + b0 + c] : Num<T>::from_float(0.f);
         }
-        code[r * kCodeStride + c] = Num<T>::from_float(value);
-      });
+      } else {
+        Accumulators pre;
+        zero(pre);
+        pipelined_product<T>(pre, smem_a, smem_b, channel_slices, [&](T* sa, T* sb, int step) {
+          const int c0 = step * kBlockK;
+          load_tile<T, kBlockM>(sa, s.in_channels - c0, vec.x, x, [&](int r) { return input_row(r, 0, 0, c0); });
+          load_tile<T, kBlockN>(sb, s.in_channels - c0, vec.encoder, we, [&](int r) -> const T* {
+            const int b = b0 + r;
+            return b < c_b ? we + static_cast<int64_t>(b) * s.in_channels + c0 : nullptr;
+          });
+        });
+        for_each_fragment_value([&](int i, int j, int v, int r, int c) {
+          float value = 0.f;  // code channels past C_B stay zero: they add nothing to the decode
+          if (b0 + c < c_b) {
+            value = pre[i][j][v] + (args.encoder_bias != nullptr ? args.encoder_bias[b0 + c] : 0.f);
+            value = fmaxf(value, 0.f);
+          }
+          code[r * kCodeStride + c] = Num<T>::from_float(value);
+        });
+      }
       __syncthreads();
       pipelined_product_resident_a<T>(decoded, code, kCodeStride, smem_b, kBlockN / kBlockK, [&](T* sb, int step) {
         const int k0 = b0 + step * kBlockK;
@@ -162,15 +205,35 @@ void launch_forward(const ForwardArgs& args, DType dtype, cudaStream_t stream) {
   vec.decoder = rows_vectorisable(args.decoder_weight, args.code_channels, width);
   check_grid(grid, "pnnh_conv_forward_kernel");
   if (pixels == 0 || s.out_channels == 0) return;
-  switch (dtype) {
-    case DType::kFloat32:
-      PNNH_LAUNCH(pnnh_conv_forward_kernel<float>, grid, kThreads, stream, args, vec);
+  auto launch = [&](auto kernel) { PNNH_LAUNCH(kernel, grid, kThreads, stream, args, vec); };
+  auto by_dtype = [&](auto float_kernel, auto half_kernel, auto bfloat_kernel) {
+    switch (dtype) {
+      case DType::kFloat32:
+        launch(float_kernel);
+        break;
+      case DType::kFloat16:
+        launch(half_kernel);
+        break;
+      case DType::kBFloat16:
+        launch(bfloat_kernel);
+        break;
+    }
+  };
+  switch (args.mode) {
+    case ForwardMode::kFused:
+      by_dtype(pnnh_conv_forward_kernel<float, ForwardMode::kFused>,
+               pnnh_conv_forward_kernel<__half, ForwardMode::kFused>,
+               pnnh_conv_forward_kernel<__nv_bfloat16, ForwardMode::kFused>);
       break;
-    case DType::kFloat16:
-      PNNH_LAUNCH(pnnh_conv_forward_kernel<__half>, grid, kThreads, stream, args, vec);
+    case ForwardMode::kStatistics:
+      by_dtype(pnnh_conv_forward_kernel<float, ForwardMode::kStatistics>,
+               pnnh_conv_forward_kernel<__half, ForwardMode::kStatistics>,
+               pnnh_conv_forward_kernel<__nv_bfloat16, ForwardMode::kStatistics>);
       break;
-    case DType::kBFloat16:
-      PNNH_LAUNCH(pnnh_conv_forward_kernel<__nv_bfloat16>, grid, kThreads, stream, args, vec);
+    case ForwardMode::kApply:
+      by_dtype(pnnh_conv_forward_kernel<float, ForwardMode::kApply>,
+               pnnh_conv_forward_kernel<__half, ForwardMode::kApply>,
+               pnnh_conv_forward_kernel<__nv_bfloat16, ForwardMode::kApply>);
       break;
   }
   check_launch("pnnh_conv_forward_kernel", dtype);

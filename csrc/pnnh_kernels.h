@@ -47,6 +47,8 @@ struct ForwardArgs {
   void* z;                     // [N, OH, OW, C_out] (written by statistics, read by apply)
   float* partial_mean;         // [tiles, C_out] (statistics)
   float* partial_m2;           // [tiles, C_out] (statistics)
+  void* code;                  // [N, OH, OW, C_B] relu(W_E x_s + b_E): written by statistics (with an
+                               // encoder), read by apply instead of the encoder; or nullptr
 };
 
 struct CoderBackwardArgs {
@@ -65,10 +67,12 @@ struct DgradArgs {
   ConvShape shape;
   int code_channels;
   const void* grad;            // learner gradient at the output (mask and scale applied), NHWC
-  const void* weight_t;        // [C_in, KH, KW, C_out]
+  const void* weight;          // [C_out, KH, KW, C_in]: the module's channels_last weight, as the forward reads it
   const void* grad_pre;        // [N, OH, OW, C_B] or nullptr
   const void* encoder_weight_t;  // W_E^T [C_in, C_B] or nullptr
   void* grad_input;            // out: [N, H, W, C_in]
+  const void* learner;         // z [N, OH, OW, C_out] of training BatchNorm, or nullptr: then the
+  const float* coefficients;   // [3, C_out] turn grad into a * grad + b * z + c as it is loaded
 };
 
 struct WgradArgs {
@@ -82,6 +86,8 @@ struct WgradArgs {
   float* out;                  // [splits, KH, KW, C_x, C_g], unless final_out is given
   void* final_out;             // with one split: T, the gradient as the weight [C_g, C_x, KH, KW], or nullptr
   int64_t final_strides[4];    // final_out's strides (elements)
+  const void* learner;         // z [N, OH, OW, C_g] of training BatchNorm, or nullptr: then the
+  const float* coefficients;   // [3, C_g] turn grad into a * grad + b * z + c as it is loaded
 };
 
 // Training-mode BatchNorm (pnnh_batch_norm.cu). Vectors are [C] fp32 unless marked P (the BatchNorm
@@ -119,7 +125,7 @@ struct BatchNormReduceArgs {
   const float* mean;
   float* sum_dp;       // out: [tiles, C]
   float* sum_dpz;      // out: [tiles, C] sums of dp * (z - mean)
-  void* dp_out;        // out: T dp [M, C], or nullptr
+  void* dp_out;        // out: T dp [M, C] (the gradient kernels and the coder read it), or nullptr
 };
 
 struct BatchNormBackwardArgs {
@@ -133,16 +139,6 @@ struct BatchNormBackwardArgs {
   void* grad_weight;    // out: P, or nullptr
   void* grad_bias;      // out: P, or nullptr
   float* coefficients;  // out: [3, C] a, b, c of dz = a * dp + b * z + c
-};
-
-struct BatchNormInputGradArgs {
-  int64_t pixels;
-  int channels;
-  const void* grad;          // T dy (masked by ``output``) or dp [M, C]
-  const void* output;        // T y, or nullptr
-  const void* learner;       // T z
-  const float* coefficients; // [3, C]
-  void* grad_learner;        // out: T dz [M, C]
 };
 
 struct WgradReduceArgs {
@@ -161,7 +157,6 @@ void launch_bn_finalize_forward(const BatchNormForwardArgs& args, DType param_dt
 void launch_bn_running_update(const RunningUpdateArgs& args, DType param_dtype, cudaStream_t stream);
 void launch_bn_backward_reduce(const BatchNormReduceArgs& args, DType dtype, cudaStream_t stream);
 void launch_bn_finalize_backward(const BatchNormBackwardArgs& args, DType param_dtype, cudaStream_t stream);
-void launch_bn_input_grad(const BatchNormInputGradArgs& args, DType dtype, cudaStream_t stream);
 void launch_wgrad_reduce(const WgradReduceArgs& args, DType dtype, cudaStream_t stream);
 
 // Tile sizes the Python side needs (the statistics pass writes one row per kTileRows pixels).

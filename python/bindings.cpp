@@ -79,7 +79,7 @@ PYBIND11_MODULE(PNNH_MODULE_NAME, m) {
       [](const ConvShape& shape, int code_channels, int mode, bool relu, int dtype, uintptr_t x, uintptr_t weight,
          uintptr_t scale, uintptr_t shift, uintptr_t encoder_weight, uintptr_t encoder_bias,
          uintptr_t decoder_weight, uintptr_t y, uintptr_t z, uintptr_t partial_mean, uintptr_t partial_m2,
-         uintptr_t stream) {
+         uintptr_t code, uintptr_t stream) {
         if (mode < 0 || mode > 2) throw py::value_error("mode: expected 0 (fused), 1 (statistics) or 2 (apply)");
         pnnh::ForwardArgs args{shape,
                                code_channels,
@@ -95,7 +95,8 @@ PYBIND11_MODULE(PNNH_MODULE_NAME, m) {
                                pointer<void>(y),
                                pointer<void>(z),
                                pointer<float>(partial_mean),
-                               pointer<float>(partial_m2)};
+                               pointer<float>(partial_m2),
+                               pointer<void>(code)};
         pnnh::launch_forward(args, dtype_of(dtype), stream_of(stream));
       },
       "The fused forward (modes: 0 fused, 1 statistics, 2 apply).");
@@ -120,24 +121,27 @@ PYBIND11_MODULE(PNNH_MODULE_NAME, m) {
 
   m.def(
       "dgrad",
-      [](const ConvShape& shape, int code_channels, int dtype, uintptr_t grad, uintptr_t weight_t,
-         uintptr_t grad_pre, uintptr_t encoder_weight_t, uintptr_t grad_input, uintptr_t stream) {
+      [](const ConvShape& shape, int code_channels, int dtype, uintptr_t grad, uintptr_t weight,
+         uintptr_t grad_pre, uintptr_t encoder_weight_t, uintptr_t grad_input, uintptr_t learner,
+         uintptr_t coefficients, uintptr_t stream) {
         pnnh::DgradArgs args{shape,
                              code_channels,
                              pointer<const void>(grad),
-                             pointer<const void>(weight_t),
+                             pointer<const void>(weight),
                              pointer<const void>(grad_pre),
                              pointer<const void>(encoder_weight_t),
-                             pointer<void>(grad_input)};
+                             pointer<void>(grad_input),
+                             pointer<const void>(learner),
+                             pointer<const float>(coefficients)};
         pnnh::launch_dgrad(args, dtype_of(dtype), stream_of(stream));
       },
-      "The input gradient.");
+      "The input gradient (with learner and coefficients: of training BatchNorm's dz, formed on load).");
 
   m.def(
       "wgrad",
       [](const ConvShape& shape, int grad_channels, int64_t pixels_per_split, int splits, int dtype,
          uintptr_t image, uintptr_t grad, uintptr_t out, uintptr_t final_out, std::array<int64_t, 4> final_strides,
-         uintptr_t stream) {
+         uintptr_t learner, uintptr_t coefficients, uintptr_t stream) {
         if (final_out != 0 && splits != 1) throw py::value_error("final_out: needs exactly one split");
         pnnh::WgradArgs args{shape,
                              grad_channels,
@@ -147,7 +151,9 @@ PYBIND11_MODULE(PNNH_MODULE_NAME, m) {
                              pointer<const void>(grad),
                              pointer<float>(out),
                              pointer<void>(final_out),
-                             {final_strides[0], final_strides[1], final_strides[2], final_strides[3]}};
+                             {final_strides[0], final_strides[1], final_strides[2], final_strides[3]},
+                             pointer<const void>(learner),
+                             pointer<const float>(coefficients)};
         pnnh::launch_wgrad(args, dtype_of(dtype), stream_of(stream));
       },
       "Per-split partial weight gradients, fp32, or with one split the gradient itself (final_out).");
@@ -227,21 +233,6 @@ PYBIND11_MODULE(PNNH_MODULE_NAME, m) {
         pnnh::launch_bn_finalize_backward(args, dtype_of(param_dtype), stream_of(stream));
       },
       "The gradients of gamma and beta and the coefficients of dz.");
-
-  m.def(
-      "bn_input_grad",
-      [](int64_t pixels, int channels, int dtype, uintptr_t grad, uintptr_t output, uintptr_t learner,
-         uintptr_t coefficients, uintptr_t grad_learner, uintptr_t stream) {
-        pnnh::BatchNormInputGradArgs args{pixels,
-                                          channels,
-                                          pointer<const void>(grad),
-                                          pointer<const void>(output),
-                                          pointer<const void>(learner),
-                                          pointer<const float>(coefficients),
-                                          pointer<void>(grad_learner)};
-        pnnh::launch_bn_input_grad(args, dtype_of(dtype), stream_of(stream));
-      },
-      "dz = a * dp + b * z + c.");
 
   m.def(
       "wgrad_reduce",

@@ -118,9 +118,9 @@ def test_module_rejects_bad_arguments_before_launching(built):
         shape = C.ConvShape(1, 4, 4, 8, 4, 4, 65536 * 64, 3, 3, 1, 1, 1, 1, 1, 1)
         messages = []
         for call in (
-            lambda: C.forward(shape, 0, 7, True, 0, *([0] * 11), 0),
-            lambda: C.forward(shape, 0, 0, True, 9, *([0] * 11), 0),
-            lambda: C.forward(shape, 0, 0, True, 0, *([0] * 11), 0),
+            lambda: C.forward(shape, 0, 7, True, 0, *([0] * 12), 0),
+            lambda: C.forward(shape, 0, 0, True, 9, *([0] * 12), 0),
+            lambda: C.forward(shape, 0, 0, True, 0, *([0] * 12), 0),
         ):
             try:
                 call()

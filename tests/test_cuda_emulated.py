@@ -42,7 +42,6 @@ def test_the_module_is_the_emulation(cuda_emulator):
         "bn_running_update_kernel",
         "bn_backward_reduce_kernel",
         "bn_finalize_backward_kernel",
-        "bn_input_grad_kernel",
         "wgrad_reduce_kernel",
     ]
 

@@ -22,7 +22,8 @@ from typing import Optional
 from pnnh_kernels.cuda import _built_module, cache_dir
 
 DEFAULT_ARCHITECTURES = "80;90a"
-_DTYPES = {"IfE": "fp32", "I6__halfE": "fp16", "I13__nv_bfloat16E": "bf16"}
+# The dtype is a kernel's first template argument: followed by E, or by L for a second (the mode).
+_DTYPES = {"If": "fp32", "I6__half": "fp16", "I13__nv_bfloat16": "bf16"}
 # The kernels of csrc/ (pnnh_kernels._C.kernel_names() says the same at run time).
 KERNELS = (
     "pnnh_conv_forward_kernel",
@@ -33,7 +34,6 @@ KERNELS = (
     "bn_running_update_kernel",
     "bn_backward_reduce_kernel",
     "bn_finalize_backward_kernel",
-    "bn_input_grad_kernel",
     "wgrad_reduce_kernel",
 )
 
@@ -83,7 +83,14 @@ def parse_ptxas(log: str) -> list[KernelResources]:
         if compiling:
             mangled, arch = compiling.groups()
             name = next((k for k in KERNELS if f"{k}I" in mangled), mangled)
-            dtype = next((label for tag, label in _DTYPES.items() if tag in mangled), "?")
+            dtype = next(
+                (
+                    label
+                    for tag, label in _DTYPES.items()
+                    if f"{tag}E" in mangled or f"{tag}L" in mangled
+                ),
+                "?",
+            )
             current = {"kernel": name, "dtype": dtype, "arch": arch}
             continue
         if current is None:

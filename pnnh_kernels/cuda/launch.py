@@ -209,47 +209,55 @@ def _launch_forward(
     y: Optional[Tensor] = None,
     z: Optional[Tensor] = None,
     partials: Optional[tuple[Tensor, Tensor]] = None,
+    code: Optional[Tensor] = None,
 ) -> None:
+    """One launch of the forward kernel. ``code`` (training BatchNorm with a coder): the statistics
+    pass stores the code there once per pixel tile, and the apply pass reads it instead of
+    recomputing it from x."""
     module = _module(x)
     c_out = weight.shape[0]
     c_in, kh, kw = weight.shape[1], weight.shape[2], weight.shape[3]
-    reads_x = mode != APPLY or encoder_weight is not None
+    c_b = 0 if encoder_weight is None else encoder_weight.shape[0]
+    if mode == APPLY and c_b and code is None:
+        raise ValueError("code: the apply pass of a layer with a coder reads the statistics pass's code")
+    # The encoder runs in the fused pass and in the statistics pass (which stores the code).
+    encodes = c_b > 0 and (mode == FUSED or (mode == STATISTICS and code is not None))
+    decodes = c_b > 0 and mode != STATISTICS
+    reads_x = mode != APPLY
     x_rows = nhwc(x) if reads_x else None
-    # [C_out, KH, KW, C_in]; the apply pass reads z instead of convolving, so no weight there.
+    # [C_out, KH, KW, C_in] (a no-op for a channels_last weight); no weight in the apply pass.
     weight_rows = weight.permute(0, 2, 3, 1).contiguous() if mode != APPLY else None
     scale_f, shift_f = _float_vector(scale), _float_vector(shift)
     for name, vector in (("scale", scale_f), ("shift", shift_f)):
         _check(name, vector, x.device, torch.float32, (c_out,))
-    has_coder = encoder_weight is not None and mode != STATISTICS
-    encoder = encoder_weight.contiguous() if has_coder else None
-    encoder_bias_f = _encoder_bias_rows(encoder_bias) if has_coder else None
-    # The decoder as [C_out, C_B] rows: W_E^T for a tied coder (a small copy).
+    encoder = encoder_weight.contiguous() if encodes else None
+    encoder_bias_f = _encoder_bias_rows(encoder_bias) if encodes else None
+    # The decoder as [C_out, C_B] rows: W_E^T for a tied coder (made once for a fixed coder).
     decoder = None
-    if has_coder:
+    if decodes:
         decoder = _transposed(encoder_weight) if decoder_weight is None else decoder_weight.contiguous()
-    c_b = encoder.shape[0] if encoder is not None else 0
     shape = _shape(module, x, weight, geometry)
     arguments = (
-        shape, c_b, mode, relu, DTYPE_CODES[x.dtype], _pointer(x_rows), _pointer(weight_rows),
-        _pointer(scale_f), _pointer(shift_f), _pointer(encoder), _pointer(encoder_bias_f),
-        _pointer(decoder), _pointer(y), _pointer(z),
+        shape, c_b if (encodes or decodes) else 0, mode, relu, DTYPE_CODES[x.dtype], _pointer(x_rows),
+        _pointer(weight_rows), _pointer(scale_f), _pointer(shift_f), _pointer(encoder),
+        _pointer(encoder_bias_f), _pointer(decoder), _pointer(y), _pointer(z),
         _pointer(partials[0] if partials else None), _pointer(partials[1] if partials else None),
-        _stream(x.device),
+        _pointer(code if c_b else None), _stream(x.device),
     )  # fmt: skip
     sizes = module.tile_sizes()
     oh, ow = geometry.output_size(x.shape[2], x.shape[3])
     m = x.shape[0] * oh * ow
     tiles_m, tiles_n = math.ceil(m / sizes["block_m"]), math.ceil(c_out / sizes["block_n"])
     flops = 0 if mode == APPLY else 2 * m * c_out * c_in * kh * kw
-    # the encoder per output-channel tile (every tile recomputes the code), the decoder once
-    flops += 2 * m * c_b * (c_in * tiles_n + c_out) if c_b else 0
+    if encodes:  # the fused pass's every output-channel tile recomputes the code; statistics once
+        flops += 2 * m * c_b * c_in * (1 if mode == STATISTICS else tiles_n)
+    if decodes:
+        flops += 2 * m * c_b * c_out
     cached = 0
     if mode != APPLY:  # every channel tile re-reads x per tap; every pixel tile the weight
         cached += (tiles_n * kh * kw - 1) * tensor_bytes(x_rows) + (tiles_m - 1) * tensor_bytes(
             weight_rows
         )
-    elif c_b:
-        cached += (tiles_n - 1) * tensor_bytes(x_rows)
     label = {FUSED: "fused", STATISTICS: "statistics", APPLY: "apply"}[mode]
     kernel_launch(
         f"pnnh_conv_forward_kernel ({label})",
@@ -257,9 +265,10 @@ def _launch_forward(
         lambda: module.forward(*arguments),
         reads=[
             x_rows, weight_rows, scale_f, shift_f, encoder, encoder_bias_f, decoder,
-            z if mode == APPLY else None,
+            z if mode == APPLY else None, code if mode == APPLY and c_b else None,
         ],
-        writes=[y, z if mode == STATISTICS else None, *(partials or ())],
+        writes=[y, z if mode == STATISTICS else None, *(partials or ()),
+                code if mode == STATISTICS and encodes else None],
         flops=flops,
         cached_read=cached,
     )  # fmt: skip
@@ -317,9 +326,12 @@ def conv_forward_train(
         output_buffer((tiles, c_out), torch.float32, x.device),
         output_buffer((tiles, c_out), torch.float32, x.device),
     )
+    c_b = 0 if encoder_weight is None else encoder_weight.shape[0]
+    code = output_buffer((n, oh, ow, c_b), x.dtype, x.device) if c_b else None
     _launch_forward(
-        x, weight, None, bias, None, None, None, geometry, False, mode=STATISTICS, z=z, partials=partials
-    )
+        x, weight, None, bias, encoder_weight, encoder_bias, None, geometry, False,
+        mode=STATISTICS, z=z, partials=partials, code=code,
+    )  # fmt: skip
     mean, variance, rstd, scale, shift = (
         output_buffer((c_out,), torch.float32, x.device) for _ in range(5)
     )
@@ -340,7 +352,7 @@ def conv_forward_train(
     y = output_buffer((n, oh, ow, c_out), x.dtype, x.device)
     _launch_forward(
         x, weight, scale, shift, encoder_weight, encoder_bias, decoder_weight, geometry, relu,
-        mode=APPLY, y=y, z=z,
+        mode=APPLY, y=y, z=z, code=code,
     )  # fmt: skip
     return TrainingForward(y.permute(0, 3, 1, 2), z.permute(0, 3, 1, 2), mean, variance, rstd)
 
@@ -392,10 +404,12 @@ def _wgrad(
     kernel: tuple[int, int],
     geometry: ConvGeometry,
     out: Optional[Tensor] = None,
+    batch_norm: Optional[tuple[Tensor, Tensor]] = None,
 ) -> Tensor:
     """The weight gradient, sum over output pixels of image_tap^T @ grad, from per-split partial sums
     added in a fixed order (deterministic): into ``out`` (shaped as the weight [C_g, C_x, KH, KW], any
-    strides, the image's dtype) when given, else as a new ``[KH, KW, C_x, C_g]`` float32 tensor."""
+    strides, the image's dtype) when given, else as a new ``[KH, KW, C_x, C_g]`` float32 tensor.
+    ``batch_norm`` = (z, coefficients): grad is dp, turned into training BatchNorm's dz on load."""
     n, height, width, c_x = image.shape
     c_g = grad.shape[-1]
     m = grad.numel() // c_g if c_g else 0
@@ -431,16 +445,18 @@ def _wgrad(
         *geometry.dilation,
     )
     out_strides = list(out.stride()) if out is not None else [0, 0, 0, 0]
+    learner, coefficients = batch_norm if batch_norm is not None else (None, None)
     arguments = (
         shape, c_g, per_split, splits, DTYPE_CODES[image.dtype], _pointer(image), _pointer(grad),
-        _pointer(partial), _pointer(out if direct else None), out_strides, _stream(image.device),
+        _pointer(partial), _pointer(out if direct else None), out_strides, _pointer(learner),
+        _pointer(coefficients), _stream(image.device),
     )  # fmt: skip
     tiles_x, tiles_g = math.ceil(c_x / sizes["block_m"]), math.ceil(c_g / sizes["block_n"])
     kernel_launch(
         "pnnh_conv_wgrad_kernel",
         "cuda",
         lambda: module.wgrad(*arguments),
-        reads=[image, grad],
+        reads=[image, grad, learner, coefficients],
         writes=[out if direct else partial],
         flops=2 * m * c_x * c_g * taps,
         # every (image tile, gradient tile, tap) CTA reads its rows of both
@@ -524,31 +540,36 @@ def _dgrad(
     grad_pre: Optional[Tensor],
     encoder_t_rows: Optional[Tensor],
     dx: Tensor,
+    batch_norm: Optional[tuple[Tensor, Tensor]] = None,
 ) -> None:
-    """dX [N, H, W, C_in] into ``dx``: the learner's transposed convolution of ``grad`` (NHWC) and the
-    coder's ``grad_pre @ W_E``."""
+    """dX [N, H, W, C_in] into ``dx``: the learner's transposed convolution of ``grad`` (NHWC; with
+    ``batch_norm`` = (z, coefficients) training BatchNorm's dz, formed as grad is loaded) and the
+    coder's ``grad_pre @ W_E``. The kernel reads the weight as the forward does, [C_out, KH, KW,
+    C_in] (a channels_last weight as it is: no copy)."""
     if dx.numel() == 0:
         return
     n, height, width, c_in = dx.shape
     c_out, _, kh, kw = weight.shape
     _, oh, ow, _ = grad.shape
-    weight_t = weight.permute(1, 2, 3, 0).contiguous()  # [C_in, KH, KW, C_out]
+    weight_rows = weight.permute(0, 2, 3, 1).contiguous()
+    learner, coefficients = batch_norm if batch_norm is not None else (None, None)
     arguments = (
-        shape, c_b, DTYPE_CODES[dx.dtype], _pointer(grad), _pointer(weight_t), _pointer(grad_pre),
-        _pointer(encoder_t_rows), _pointer(dx), _stream(dx.device),
+        shape, c_b, DTYPE_CODES[dx.dtype], _pointer(grad), _pointer(weight_rows), _pointer(grad_pre),
+        _pointer(encoder_t_rows), _pointer(dx), _pointer(learner), _pointer(coefficients),
+        _stream(dx.device),
     )  # fmt: skip
     sizes = module.tile_sizes()
     tiles_m = math.ceil(n * height * width / sizes["block_m"])
     tiles_n = math.ceil(c_in / sizes["block_n"])
+    gradient_bytes = tensor_bytes(grad) + (tensor_bytes(learner) if learner is not None else 0)
     kernel_launch(
         "pnnh_conv_dgrad_kernel",
         "cuda",
         lambda: module.dgrad(*arguments),
-        reads=[grad, weight_t, grad_pre, encoder_t_rows],
+        reads=[grad, weight_rows, grad_pre, encoder_t_rows, learner, coefficients],
         writes=[dx],
         flops=2 * n * height * width * c_in * c_out * kh * kw + 2 * n * oh * ow * c_b * c_in,
-        cached_read=(tiles_n * kh * kw - 1) * tensor_bytes(grad)
-        + (tiles_m - 1) * tensor_bytes(weight_t),
+        cached_read=(tiles_n * kh * kw - 1) * gradient_bytes + (tiles_m - 1) * tensor_bytes(weight_rows),
     )
 
 
@@ -616,11 +637,12 @@ def conv_backward_train(
 ) -> TrainingGradients:
     """All gradients of the training-mode op (``z``, ``mean``, ``rstd`` saved by the forward).
 
-    (1) One pass over dy, y and z: the per-tile sums BatchNorm needs (and dp, for the coder);
-    (2) the sums finished into the gradients of gamma and beta and the coefficients of dz;
-    (3) dz = a * dp + b * z + c, written once; (4) the coder's dpre from x and dp; (5) dX of both
-    paths; (6) dW into the weight's own layout and dtype. For a trainable coder, also its weight
-    gradients. dz = gamma * rstd * (dp - mean(dp) - x_hat * mean(dp * x_hat)), dp = dy * (y > 0).
+    (1) One pass over dy, y and z: the per-tile sums BatchNorm needs, and dp written once;
+    (2) the sums finished into the gradients of gamma and beta and the coefficients of
+    dz = a * dp + b * z + c; (3) the coder's dpre from x and dp; (4) dX of both paths and (5) dW
+    into the weight's own layout and dtype, both forming dz from dp and z as they load them. For a
+    trainable coder, also its weight gradients.
+    dz = gamma * rstd * (dp - mean(dp) - x_hat * mean(dp * x_hat)), dp = dy * (y > 0).
     """
     _check_call(x, weight, encoder_weight, encoder_bias, decoder_weight)
     _check("grad_output", grad_output, x.device, None, tuple(y.shape))
@@ -642,7 +664,9 @@ def conv_backward_train(
         output_buffer((tiles, c_out), torch.float32, x.device),
         output_buffer((tiles, c_out), torch.float32, x.device),
     )
-    dp = output_buffer((n, oh, ow, c_out), x.dtype, x.device) if has_coder else None
+    # dp = dy * (y > 0), written once: the coder and the two gradient kernels read it (without an
+    # output ReLU dp is dy itself).
+    dp = output_buffer((n, oh, ow, c_out), x.dtype, x.device) if relu else None
     reduce_arguments = (
         m, c_out, rows, dtype_code, _pointer(dy), _pointer(mask), _pointer(z_rows), _pointer(mean),
         *map(_pointer, sums), _pointer(dp), stream,
@@ -675,36 +699,26 @@ def conv_backward_train(
         writes=[grad_norm_weight, grad_norm_bias, coefficients],
         flops=4 * tiles * c_out,
     )
-    dz = output_buffer((n, oh, ow, c_out), x.dtype, x.device)
-    # dp is already masked where the coder needed it written; else dy is masked by y here.
-    dz_inputs = (dp, None) if dp is not None else (dy, mask)
-    dz_arguments = (
-        m, c_out, dtype_code, _pointer(dz_inputs[0]), _pointer(dz_inputs[1]), _pointer(z_rows),
-        _pointer(coefficients), _pointer(dz), stream,
-    )  # fmt: skip
-    kernel_launch(
-        "bn_input_grad_kernel",
-        "cuda",
-        lambda: module.bn_input_grad(*dz_arguments),
-        reads=[*dz_inputs, z_rows, coefficients],
-        writes=[dz],
-        flops=5 * m * c_out,
-    )
     shape = _shape(module, x, weight, geometry)
     grads_coder: tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]] = (None, None, None)
     grad_pre = encoder_t_rows = None
     c_b = 0
+    masked = dp if dp is not None else dy
     if has_coder:
-        assert dp is not None
         c_b = encoder_weight.shape[0]
         grad_pre, _, grads_coder = _coder_backward(
-            module, shape, x_rows, dp, encoder_weight, encoder_bias, decoder_weight, geometry,
+            module, shape, x_rows, masked, encoder_weight, encoder_bias, decoder_weight, geometry,
             (oh, ow), coder_grads,
         )  # fmt: skip
         encoder_t_rows = _transposed(encoder_weight)  # [C_in, C_B]
+    # dz = a * dp + b * z + c is formed where the two gradient kernels load dp: never stored.
+    batch_norm = (z_rows, coefficients)
     dx = output_buffer((n, height, width, c_in), x.dtype, x.device)
-    _dgrad(module, shape, c_b, dz, weight, grad_pre, encoder_t_rows, dx)
-    weight_grad = _wgrad(module, x_rows, dz, (oh, ow), (kh, kw), geometry, out=output_like(weight))
+    _dgrad(module, shape, c_b, masked, weight, grad_pre, encoder_t_rows, dx, batch_norm)
+    weight_grad = _wgrad(
+        module, x_rows, masked, (oh, ow), (kh, kw), geometry, out=output_like(weight),
+        batch_norm=batch_norm,
+    )  # fmt: skip
     return TrainingGradients(
         dx.permute(0, 3, 1, 2), weight_grad, grad_norm_weight, grad_norm_bias, *grads_coder
     )
