@@ -103,10 +103,11 @@ def test_launchers_reject_bad_arguments():
 def test_training_batchnorm_with_a_split_weight_gradient(case, monkeypatch):
     """The weight gradient from several split partials, added by wgrad_reduce_kernel into the
     weight's layout and dtype (the CIFAR shapes' path; these small shapes would not split)."""
+    from pnnh_kernels.backends import fused_common
     from pnnh_kernels.cuda import launch
 
     monkeypatch.setattr(launch, "WGRAD_MIN_STEPS", 1)
-    monkeypatch.setattr(launch, "WGRAD_PARTIAL_TRAFFIC", 1e9)
+    monkeypatch.setattr(fused_common, "WGRAD_PARTIAL_TRAFFIC", 1e9)
     emulator, splits = launch._emulator, []
 
     class Spy:  # sees the reduction's launches: the number of partials each adds

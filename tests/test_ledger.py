@@ -231,6 +231,7 @@ def test_split_weight_gradients_match_what_runs(triton_launches, cuda_launches, 
     small shape: forced to three splits on the Triton side, uncapped on the CUDA side."""
     import dataclasses
 
+    from pnnh_kernels.backends import fused_common
     from pnnh_kernels.cuda import launch
     from pnnh_kernels.triton import pnnh_conv
 
@@ -244,7 +245,7 @@ def test_split_weight_gradients_match_what_runs(triton_launches, cuda_launches, 
     check_against_what_ran(meta, real, triton_launches, "triton")
 
     monkeypatch.setattr(launch, "WGRAD_MIN_STEPS", 1)
-    monkeypatch.setattr(launch, "WGRAD_PARTIAL_TRAFFIC", 1e9)
+    monkeypatch.setattr(fused_common, "WGRAD_PARTIAL_TRAFFIC", 1e9)
     meta = count_step(default_layer("cuda"), shape, torch.float32, "meta")
     with poisoned_outputs():
         real = record_step(default_layer("cuda"), shape, torch.float32, "cpu", instrument=True)

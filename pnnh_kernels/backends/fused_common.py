@@ -37,6 +37,19 @@ def output_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.devi
     return buffer
 
 
+# The weight gradient's float32 split partials (written, then read back by the reduction) may move
+# at most this fraction of the bytes of the gradient rows the kernel reads.
+WGRAD_PARTIAL_TRAFFIC = 0.5
+
+
+def capped_wgrad_splits(splits: int, gradient_bytes: int, taps: int, c_x: int, c_g: int) -> int:
+    """At most ``splits`` splits of a weight gradient's pixel reduction, and no more than keep its
+    float32 partials' traffic (each written and read back) within WGRAD_PARTIAL_TRAFFIC of the
+    bytes of the gradient rows: the one rule of both fused backends."""
+    partial_bytes = 2 * taps * c_x * c_g * 4
+    return max(1, min(splits, int(WGRAD_PARTIAL_TRAFFIC * gradient_bytes // partial_bytes)))
+
+
 def output_like(tensor: Tensor) -> Tensor:
     """An output buffer with ``tensor``'s shape, dtype and memory layout (NaN-poisoned under
     :func:`poisoned_outputs`)."""

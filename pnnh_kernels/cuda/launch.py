@@ -24,6 +24,7 @@ from pnnh_kernels.backends.fused_common import (
     TrainingForward,
     TrainingGradients,
     TrainingNorm,
+    capped_wgrad_splits,
     decoder_rows,
     nhwc,
     output_buffer,
@@ -37,9 +38,6 @@ DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 FUSED, STATISTICS, APPLY = 0, 1, 2
 WGRAD_MIN_STEPS = 8  # reduction steps (of tile_sizes()["block_k"] pixels) per weight-gradient split
 WGRAD_TARGET_CTAS = 512  # enough CTAs to fill an H100 (132 SMs) several times over
-# The weight gradient's float32 split partials (written, then read back by the reduction) may move
-# at most this fraction of the bytes of the gradient rows the kernel reads.
-WGRAD_PARTIAL_TRAFFIC = 0.5
 
 
 # The CPU emulation of the kernels (pnnh_kernels.cuda.emulation), when a test has switched it on:
@@ -424,10 +422,7 @@ def _wgrad(
     steps = math.ceil(m / (WGRAD_MIN_STEPS * sizes["block_k"]))
     splits = max(1, min(math.ceil(WGRAD_TARGET_CTAS / tiles), steps, sizes["max_grid_yz"] // taps))
     if out is not None:
-        # Each split writes a float32 partial of the whole gradient and the reduction reads it
-        # back: keep that traffic within WGRAD_PARTIAL_TRAFFIC of the gradient rows' bytes.
-        partial_bytes = 2 * taps * c_x * c_g * 4
-        splits = max(1, min(splits, int(WGRAD_PARTIAL_TRAFFIC * tensor_bytes(grad) // partial_bytes)))
+        splits = capped_wgrad_splits(splits, tensor_bytes(grad), taps, c_x, c_g)
     per_split = math.ceil(math.ceil(m / splits) / sizes["block_k"]) * sizes["block_k"]
     splits = math.ceil(m / per_split)
     direct = out is not None and splits == 1

@@ -20,6 +20,7 @@ from pnnh_kernels.backends.fused_common import (
     TrainingForward,
     TrainingGradients,
     TrainingNorm,
+    capped_wgrad_splits,
     decoder_rows,
     nhwc,
     output_like,
@@ -107,9 +108,6 @@ def choose_config(c_in: int, c_out: int, c_b: int, dtype: torch.dtype) -> ConvCo
 # that one choice holds on every card; ``python -m pnnh_kernels.triton.report`` checks the compiled
 # kernels against each card's limit.
 WGRAD_SHARED_MEMORY_BUDGET = 128 * 1024
-# The weight gradient's float32 split partials (written, then read back by the reduction) may move
-# at most this fraction of the bytes of the gradient rows the kernel reads.
-WGRAD_PARTIAL_TRAFFIC = 0.5
 
 
 @dataclass(frozen=True)
@@ -525,11 +523,8 @@ def _wgrad(
     if z_rows is not None:
         gradient_bytes += tensor_bytes(z_rows)
     splits = wgrad_splits(config, m, block_m, tiles, image.device)
-    if config.wgrad_splits is None:
-        # Each split writes a float32 partial of the whole gradient and the reduction reads it
-        # back: keep that traffic within WGRAD_PARTIAL_TRAFFIC of the gradient rows' bytes.
-        partial_bytes = 2 * taps * c_x * c_g * 4
-        splits = max(1, min(splits, int(WGRAD_PARTIAL_TRAFFIC * gradient_bytes // partial_bytes)))
+    if config.wgrad_splits is None:  # an explicit count (tests) is taken as it is
+        splits = capped_wgrad_splits(splits, gradient_bytes, taps, c_x, c_g)
     m_per_split = triton.cdiv(triton.cdiv(m, splits), block_m) * block_m
     splits = triton.cdiv(m, m_per_split)
     strided_out = out is not None and splits == 1
