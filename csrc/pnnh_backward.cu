@@ -65,8 +65,8 @@ __global__ void __launch_bounds__(kThreads) pnnh_coder_backward_kernel(CoderBack
     if (m0 + r >= pixels || b0 + c >= c_b) return;
     float value = pre[i][j][v] + (args.encoder_bias != nullptr ? args.encoder_bias[b0 + c] : 0.f);
     const int64_t o = (m0 + r) * c_b + b0 + c;
-    if (code != nullptr) code[o] = Num<T>::from_float(fmaxf(value, 0.f));  // only a trainable coder needs it
-    grad_pre[o] = Num<T>::from_float(value > 0.f ? grad_code[i][j][v] : 0.f);
+    if (code != nullptr) code[o] = Num<T>::from_float(relu_keeping_nan(value));  // only a trainable coder needs it
+    grad_pre[o] = Num<T>::from_float(relu_gradient(grad_code[i][j][v], value));
   });
 }
 

@@ -83,7 +83,7 @@ __global__ void __launch_bounds__(kChannelThreads) bn_backward_reduce_kernel(Bat
   for (int64_t m = first; m < last; ++m) {
     const int64_t o = m * args.channels + c;
     float dp = Num<T>::to_float(dy[o]);
-    if (y != nullptr && !(Num<T>::to_float(y[o]) > 0.f)) dp = 0.f;
+    if (y != nullptr) dp = relu_gradient(dp, Num<T>::to_float(y[o]));
     if (dp_out != nullptr) dp_out[o] = Num<T>::from_float(dp);
     s1 += dp;
     s2 = fmaf(dp, Num<T>::to_float(z[o]) - mean, s2);
@@ -111,9 +111,11 @@ __global__ void __launch_bounds__(kChannelThreads) bn_finalize_backward_kernel(B
   const float n = static_cast<float>(args.pixels);
   const float a = gain;
   const float b = -gain * rstd * rstd * s2 / n;
+  const float c_term = -gain * s1 / n - b * args.mean[c];
   args.coefficients[c] = a;
   args.coefficients[args.channels + c] = b;
-  args.coefficients[2 * args.channels + c] = -gain * s1 / n - b * args.mean[c];
+  args.coefficients[2 * args.channels + c] = c_term;
+  if (args.grad_learner_bias != nullptr) args.grad_learner_bias[c] = 0.f * (a + b + c_term);
 }
 
 // The weight gradient from the per-split partials [splits, KH, KW, C_x, C_g]: summed in split order

@@ -57,6 +57,14 @@ struct Num<__nv_bfloat16> {
 // Accumulators of one thread: [m16 fragment][n8 fragment][4 values].
 using Accumulators = float[kWarpTilesM][kWarpTilesN][4];
 
+// ReLU as torch.relu computes it: NaN stays NaN (fmaxf(NaN, 0.f) is 0.f, which would turn a diverged
+// layer's output into zeros and hide it from a training run's NaN check).
+__device__ __forceinline__ float relu_keeping_nan(float v) { return v < 0.f ? 0.f : v; }
+
+// The gradient g through a ReLU whose output (or input) is v, as PyTorch's threshold_backward: zero
+// where v <= 0, g elsewhere, so a NaN v passes g on and a NaN g where v <= 0 is dropped.
+__device__ __forceinline__ float relu_gradient(float g, float v) { return v <= 0.f ? 0.f : g; }
+
 __device__ __forceinline__ void zero(Accumulators& acc) {
 #pragma unroll
   for (int i = 0; i < kWarpTilesM; ++i)

@@ -114,7 +114,7 @@ __global__ void __launch_bounds__(kThreads, kMode == ForwardMode::kFused && size
         for_each_fragment_value([&](int i, int j, int v, int r, int c) {
           if (m0 + r >= pixels || b0 + c >= c_b) return;
           const float value = learner[i][j][v] + (args.encoder_bias != nullptr ? args.encoder_bias[b0 + c] : 0.f);
-          code[(m0 + r) * c_b + b0 + c] = Num<T>::from_float(fmaxf(value, 0.f));
+          code[(m0 + r) * c_b + b0 + c] = Num<T>::from_float(relu_keeping_nan(value));
         });
       }
     }
@@ -162,7 +162,7 @@ __global__ void __launch_bounds__(kThreads, kMode == ForwardMode::kFused && size
           float value = 0.f;  // code channels past C_B stay zero: they add nothing to the decode
           if (b0 + c < c_b) {
             value = pre[i][j][v] + (args.encoder_bias != nullptr ? args.encoder_bias[b0 + c] : 0.f);
-            value = fmaxf(value, 0.f);
+            value = relu_keeping_nan(value);
           }
           code[r * kCodeStride + c] = Num<T>::from_float(value);
         });
@@ -185,7 +185,7 @@ __global__ void __launch_bounds__(kThreads, kMode == ForwardMode::kFused && size
     if (args.scale != nullptr) value *= args.scale[n0 + c];
     if (args.shift != nullptr) value += args.shift[n0 + c];
     value += decoded[i][j][v];
-    if (args.relu) value = fmaxf(value, 0.f);
+    if (args.relu) value = relu_keeping_nan(value);
     y[offset(r, c)] = Num<T>::from_float(value);
   });
 }

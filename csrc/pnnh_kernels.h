@@ -139,6 +139,9 @@ struct BatchNormBackwardArgs {
   void* grad_weight;    // out: P, or nullptr
   void* grad_bias;      // out: P, or nullptr
   float* coefficients;  // out: [3, C] a, b, c of dz = a * dp + b * z + c
+  // out: [C] fp32, or nullptr: the learner bias's gradient, sum(dz): 0 exactly in theory (the batch
+  // mean cancels any per-channel constant), NaN wherever dz is not finite, as PyTorch's sum(dz).
+  float* grad_learner_bias;
 };
 
 struct WgradReduceArgs {

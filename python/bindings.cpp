@@ -218,7 +218,7 @@ PYBIND11_MODULE(PNNH_MODULE_NAME, m) {
       "bn_finalize_backward",
       [](int tiles, int channels, int64_t pixels, int param_dtype, uintptr_t sum_dp, uintptr_t sum_dpz, uintptr_t mean,
          uintptr_t rstd, uintptr_t weight, uintptr_t grad_weight, uintptr_t grad_bias, uintptr_t coefficients,
-         uintptr_t stream) {
+         uintptr_t grad_learner_bias, uintptr_t stream) {
         pnnh::BatchNormBackwardArgs args{tiles,
                                          channels,
                                          pixels,
@@ -229,10 +229,11 @@ PYBIND11_MODULE(PNNH_MODULE_NAME, m) {
                                          pointer<const void>(weight),
                                          pointer<void>(grad_weight),
                                          pointer<void>(grad_bias),
-                                         pointer<float>(coefficients)};
+                                         pointer<float>(coefficients),
+                                         pointer<float>(grad_learner_bias)};
         pnnh::launch_bn_finalize_backward(args, dtype_of(param_dtype), stream_of(stream));
       },
-      "The gradients of gamma and beta and the coefficients of dz.");
+      "The gradients of gamma and beta (and of the learner's bias) and the coefficients of dz.");
 
   m.def(
       "wgrad_reduce",

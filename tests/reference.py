@@ -14,8 +14,10 @@ from torch import Tensor
 
 
 def _relu(t: Tensor) -> Tensor:
-    # Gradient 0 at exactly 0, PyTorch's ReLU convention (torch.clamp would pass it through).
-    return t * (t > 0)
+    # PyTorch's ReLU: NaN stays NaN, -Inf gives 0; the gradient is dropped where t <= 0 (at exactly
+    # 0 too: torch.clamp would pass it through) and passed on elsewhere, NaN t included. A where,
+    # not t * (t > 0): that turns -Inf into NaN and blocks the gradient of a NaN t.
+    return torch.where(t <= 0, torch.zeros_like(t), t)
 
 
 def conv2d_by_taps(

@@ -107,6 +107,10 @@ class TrainingGradients:
     encoder_weight: Optional[Tensor]  # [C_B, C_in] float32 (both uses when tied)
     encoder_bias: Optional[Tensor]  # [C_B] float32
     decoder_weight: Optional[Tensor]  # [C_out, C_B] float32, untied only
+    # [C_out] float32: the learner bias's gradient, sum(dz): zero exactly in theory (training
+    # BatchNorm subtracts the batch mean, which cancels any per-channel constant before it), NaN
+    # where dz is not finite, as PyTorch's would be (the op returns it with or without a bias).
+    learner_bias: Optional[Tensor] = None
 
 
 @dataclass

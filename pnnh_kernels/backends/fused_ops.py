@@ -445,8 +445,9 @@ def define_fused_ops(library: str, kernels: FusedKernels) -> FusedOps:
         relu: bool,
         coder_grads: bool,
     ) -> list[Tensor]:
-        """[dx, dW (the weight's shape, dtype and layout), d gamma, d beta, dW_E, db_E, dW_D]; absent
-        ones (and the coder's when ``coder_grads`` is False) are empty."""
+        """[dx, dW (the weight's shape, dtype and layout), d gamma, d beta, dW_E, db_E, dW_D, d b_L]
+        (the learner bias's: zero, or NaN where dz is not finite); absent ones (and the coder's when
+        ``coder_grads`` is False) are empty."""
         grads = kernels.conv_backward_train(
             grad_output,
             x,
@@ -478,6 +479,7 @@ def define_fused_ops(library: str, kernels: FusedKernels) -> FusedOps:
             or_empty(grads.encoder_weight),
             or_empty(grads.encoder_bias),
             or_empty(grads.decoder_weight),
+            or_empty(grads.learner_bias),
         ]
 
     register_implementation(
@@ -520,6 +522,7 @@ def define_fused_ops(library: str, kernels: FusedKernels) -> FusedOps:
             like(encoder_weight, True),
             like(encoder_bias, True),
             like(decoder_weight, True),
+            x.new_empty((weight.shape[0],), dtype=torch.float32),
         ]
 
     def _setup_train_context(ctx: Any, inputs: tuple, output: tuple) -> None:
@@ -592,15 +595,14 @@ def define_fused_ops(library: str, kernels: FusedKernels) -> FusedOps:
         return (
             grad_x,
             grad_weight,
-            # Exactly zero: training BatchNorm subtracts the batch mean, which cancels any
-            # per-channel constant before it (a sum of dz would only return its rounding: it
-            # failed an fp32 check on an H200, 1.7e-5 where PyTorch's own error was 6.7e-6).
-            torch.zeros((weight.shape[0],), dtype=torch.float32, device=x.device)
-            if ctx.has_bias
-            else None,
+            # Exactly zero (training BatchNorm subtracts the batch mean, which cancels any
+            # per-channel constant before it; a sum of dz would only return its rounding: it failed
+            # an fp32 check on an H200, 1.7e-5 where PyTorch's own error was 6.7e-6), or NaN where
+            # dz is not finite, as PyTorch's: written by the BatchNorm finalize kernel.
+            grads[7] if ctx.has_bias else None,
             grad_norm_weight if norm_weight is not None else None,
             grad_norm_bias if norm_bias is not None else None,
-            *_coder_grads((encoder_weight, encoder_bias, decoder_weight), tuple(grads[4:])),
+            *_coder_grads((encoder_weight, encoder_bias, decoder_weight), tuple(grads[4:7])),
             None,
             None,
             None,

@@ -592,7 +592,8 @@ def conv_backward(
     x_rows = nhwc(x)
     dy = nhwc(grad_output.to(x.dtype))
     # The output ReLU's mask, applied once here (the Triton kernels apply it while loading).
-    dp = torch.where(nhwc(y) > 0, dy, 0).contiguous() if relu else dy.contiguous()
+    # y <= 0, not y > 0: a NaN y passes its gradient on, as PyTorch's ReLU backward.
+    dp = torch.where(nhwc(y) <= 0, 0, dy).contiguous() if relu else dy.contiguous()
     learner_for_input = dp if scale is None else (dp.float() * scale).to(x.dtype).contiguous()
     shape = _shape(module, x, weight, geometry)
     grads_coder: tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]] = (None, None, None)
@@ -681,17 +682,19 @@ def conv_backward_train(
         output_buffer((c_out,), norm_bias.dtype, x.device) if norm_bias is not None else None
     )
     coefficients = output_buffer((3, c_out), torch.float32, x.device)
+    # The learner bias's gradient (4 bytes a channel; the op returns it whether or not there is one).
+    grad_learner_bias = output_buffer((c_out,), torch.float32, x.device)
     finalize_arguments = (
         tiles, c_out, m, DTYPE_CODES[_param_dtype(norm_weight, norm_bias)], *map(_pointer, sums),
         _pointer(mean), _pointer(rstd), _pointer(norm_weight), _pointer(grad_norm_weight),
-        _pointer(grad_norm_bias), _pointer(coefficients), stream,
+        _pointer(grad_norm_bias), _pointer(coefficients), _pointer(grad_learner_bias), stream,
     )  # fmt: skip
     kernel_launch(
         "bn_finalize_backward_kernel",
         "cuda",
         lambda: module.bn_finalize_backward(*finalize_arguments),
         reads=[*sums, mean, rstd, norm_weight],
-        writes=[grad_norm_weight, grad_norm_bias, coefficients],
+        writes=[grad_norm_weight, grad_norm_bias, coefficients, grad_learner_bias],
         flops=4 * tiles * c_out,
     )
     shape = _shape(module, x, weight, geometry)
@@ -715,5 +718,10 @@ def conv_backward_train(
         batch_norm=batch_norm,
     )  # fmt: skip
     return TrainingGradients(
-        dx.permute(0, 3, 1, 2), weight_grad, grad_norm_weight, grad_norm_bias, *grads_coder
+        dx.permute(0, 3, 1, 2),
+        weight_grad,
+        grad_norm_weight,
+        grad_norm_bias,
+        *grads_coder,
+        learner_bias=grad_learner_bias,
     )

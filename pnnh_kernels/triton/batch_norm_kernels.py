@@ -119,6 +119,7 @@ def _bn_finalize_backward_kernel(
     grad_weight_ptr,  # out: [C] d gamma (in gamma's dtype), if HAS_WEIGHT
     grad_bias_ptr,  # out: [C] d beta (in beta's dtype), if HAS_BIAS
     coefficients_ptr,  # out: [3, C] fp32: a, b, c of dz = a * dp + b * z + c
+    grad_learner_bias_ptr,  # out: [C] fp32: the learner bias's gradient
     T,
     C,
     pixels,
@@ -152,3 +153,6 @@ def _bn_finalize_backward_kernel(
     tl.store(coefficients_ptr + offs_c, a, mask=mask_c)
     tl.store(coefficients_ptr + C + offs_c, b, mask=mask_c)
     tl.store(coefficients_ptr + 2 * C + offs_c, c, mask=mask_c)
+    # The learner bias's gradient sum(dz): 0 exactly in theory (the batch mean cancels any
+    # per-channel constant before it), NaN wherever dz is not finite, as PyTorch's sum(dz) would be.
+    tl.store(grad_learner_bias_ptr + offs_c, 0.0 * (a + b + c), mask=mask_c)

@@ -33,6 +33,20 @@ def _mma(a, b, acc, INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
 
 
 @triton.jit
+def _relu(v):
+    """max(v, 0) as torch.relu computes it: NaN stays NaN (tl.maximum(nan, 0) is 0, which would turn
+    a diverged layer's output into zeros)."""
+    return tl.where(v < 0, 0.0, v)
+
+
+@triton.jit
+def _relu_grad(g, v):
+    """The gradient g through a ReLU whose output (or input) is v, as PyTorch's threshold_backward:
+    zero where v <= 0, g elsewhere, so a NaN v passes g on and a NaN g where v <= 0 is dropped."""
+    return tl.where(v <= 0, tl.zeros_like(g), g)
+
+
+@triton.jit
 def _batch_norm_grad(g, z_ptr, coefficients_ptr, offsets, tile, cs, mask_c, C):
     """dz = a * g + b * z + c on a loaded tile of the masked output gradient g (training-mode
     BatchNorm's backward, coefficients from _bn_finalize_backward_kernel), zero outside ``tile``."""
@@ -238,7 +252,9 @@ def _pnnh_conv_fwd_kernel(
                     code_b = code + tl.load(be_ptr + bs, mask=mask_b, other=0.0).to(tl.float32)[None, :]
                 else:
                     code_b = code
-                code_b = tl.maximum(code_b, 0.0)
+                # Code channels past C_B are zero: their encoder columns load as zeros, and an
+                # Inf input times them is NaN, which the (NaN-keeping) ReLU would pass to the decode.
+                code_b = tl.where(mask_b[None, :], _relu(code_b), 0.0)
                 d = tl.load(
                     wd_ptr + bs[:, None] * C_out + offs_n[None, :],
                     mask=mask_b[:, None] & mask_n[None, :],
@@ -247,7 +263,7 @@ def _pnnh_conv_fwd_kernel(
                 acc = _mma(code_b.to(d.dtype), d, acc, INPUT_PRECISION, UPCAST_DOT)
 
         if RELU:
-            acc = tl.maximum(acc, 0.0)
+            acc = _relu(acc)
         tl.store(
             y_ptr + out_rows[:, None] + offs_n[None, :],
             acc.to(y_ptr.dtype.element_ty),
@@ -340,7 +356,7 @@ def _pnnh_coder_bwd_kernel(
         g = tl.load(dy_ptr + out_rows[:, None] + cs[None, :], mask=tile, other=0.0)
         if RELU:
             y = tl.load(y_ptr + out_rows[:, None] + cs[None, :], mask=tile, other=0.0)
-            g = tl.where(y > 0, g, tl.zeros_like(g))
+            g = _relu_grad(g, y)
         if HAS_CODER:
             d = tl.load(
                 wd_ptr + offs_b[None, :] * C_out + cs[:, None],
@@ -362,9 +378,9 @@ def _pnnh_coder_bwd_kernel(
         scratch = offs_m.to(tl.int64)[:, None] * C_B + offs_b[None, :]
         tile_b = mask_m[:, None] & mask_b[None, :]
         if WRITE_CODE:
-            code = tl.maximum(pre, 0.0).to(code_ptr.dtype.element_ty)
+            code = _relu(pre).to(code_ptr.dtype.element_ty)
             tl.store(code_ptr + scratch, code, mask=tile_b)
-        dpre = tl.where(pre > 0, dcode, tl.zeros_like(dcode))
+        dpre = _relu_grad(dcode, pre)
         tl.store(dpre_ptr + scratch, dpre.to(dpre_ptr.dtype.element_ty), mask=tile_b)
 
 
@@ -452,7 +468,7 @@ def _conv_wgrad_kernel(
         g = tl.load(g_ptr + g_offsets, mask=tile, other=0.0)
         if RELU:
             y = tl.load(y_ptr + g_offsets, mask=tile, other=0.0)
-            g = tl.where(y > 0, g, tl.zeros_like(g))
+            g = _relu_grad(g, y)
         if BN_GRAD:
             g = _batch_norm_grad(g, z_ptr, coefficients_ptr, g_offsets, tile, offs_g, mask_g, C_g)
         acc = _mma(a, g.to(a.dtype), acc, INPUT_PRECISION, UPCAST_DOT)
@@ -589,7 +605,7 @@ def _pnnh_conv_dgrad_kernel(
         g = tl.load(dy_ptr + g_offsets, mask=tile, other=0.0)
         if RELU:
             y = tl.load(y_ptr + g_offsets, mask=tile, other=0.0)
-            g = tl.where(y > 0, g, tl.zeros_like(g))
+            g = _relu_grad(g, y)
         if BN_GRAD:
             g = _batch_norm_grad(g, z_ptr, coefficients_ptr, g_offsets, tile, cs, mask_c, C_out)
         if HAS_SCALE:

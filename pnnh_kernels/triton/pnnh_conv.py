@@ -801,7 +801,7 @@ def conv_backward(
         geometry, config,
     )  # fmt: skip
     weight_unscaled = _wgrad(x_nhwc, dy_rows, mask_rows, (oh, ow), (kh, kw), geometry, config)
-    masked = torch.where(y_rows > 0, dy_rows, 0) if relu else dy_rows
+    masked = torch.where(y_rows <= 0, 0, dy_rows) if relu else dy_rows  # NaN y passes dy
     return ConvGradients(dx.permute(0, 3, 1, 2), weight_unscaled, masked.float().sum(0), *grads_coder)
 
 
@@ -852,13 +852,15 @@ def conv_backward_train(
     )
     grad_norm_bias = _output((c_out,), norm_bias.dtype, x.device) if norm_bias is not None else None
     coefficients = _output((3, c_out), torch.float32, x.device)
+    # The learner bias's gradient (4 bytes a channel; the op returns it whether or not there is one).
+    grad_learner_bias = _output((c_out,), torch.float32, x.device)
     dummy = placeholder(x.device, torch.float32)
     block_c = _channel_block(c_out)
     arguments = (
         *sums, mean, rstd, norm_weight if norm_weight is not None else dummy,
         grad_norm_weight if grad_norm_weight is not None else dummy,
         grad_norm_bias if grad_norm_bias is not None else dummy,
-        coefficients, sums[0].shape[0], c_out, m,
+        coefficients, grad_learner_bias, sums[0].shape[0], c_out, m,
     )  # fmt: skip
     flags = dict(
         HAS_WEIGHT=norm_weight is not None, HAS_BIAS=norm_bias is not None, BLOCK_T=32, BLOCK_C=block_c
@@ -869,7 +871,7 @@ def conv_backward_train(
         "triton",
         lambda: _bn_finalize_backward_kernel[grid](*arguments, **flags),
         reads=[*sums, mean, rstd, norm_weight],
-        writes=[grad_norm_weight, grad_norm_bias, coefficients],
+        writes=[grad_norm_weight, grad_norm_bias, coefficients, grad_learner_bias],
         flops=4 * sums[0].numel(),
     )
     grads_coder: tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]] = (None, None, None)
@@ -889,5 +891,10 @@ def conv_backward_train(
         batch_norm=(z_rows, coefficients),
     )  # fmt: skip
     return TrainingGradients(
-        dx.permute(0, 3, 1, 2), weight_grad, grad_norm_weight, grad_norm_bias, *grads_coder
+        dx.permute(0, 3, 1, 2),
+        weight_grad,
+        grad_norm_weight,
+        grad_norm_bias,
+        *grads_coder,
+        learner_bias=grad_learner_bias,
     )
