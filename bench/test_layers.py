@@ -109,6 +109,7 @@ def _bench(
     for _ in range(layers - 1):
         cost = cost + one_layer
     peaks = benchmark.extra_info["peaks"]
+    own_peak = peaks["matmul_flops"][str(dtype).removeprefix("torch.")]  # the step's own dtype
     benchmark.extra_info.update(
         {
             "kind": "layer" if layers == 1 else "block",
@@ -117,7 +118,7 @@ def _bench(
             "dtype": dtype_name,
             "mode": mode,
             "norm": norm,
-            **achieved(cost, seconds, peaks["matmul_flops"], peaks["copy_bytes_per_second"]),
+            **achieved(cost, seconds, own_peak, peaks["copy_bytes_per_second"]),
             **ledger_info(name, shape, dtype, mode, norm),
         }
     )

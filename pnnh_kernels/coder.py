@@ -27,6 +27,7 @@ from the kernels. ``average_shared_gradient=False`` restores the plain sum.
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, NamedTuple, Optional
 
@@ -47,6 +48,16 @@ DEFAULT_CODER_INIT = "rectified_isometry"
 RECTIFIED_NORMAL_STEPS = 300
 RECTIFIED_NORMAL_BATCH = 256
 RECTIFIED_NORMAL_LR_SCALE = 0.03
+
+
+def deepcopy_fields(module: nn.Module, memo: dict[int, Any]) -> Any:
+    """What ``copy.deepcopy`` does by default for a module (a new instance, every attribute deep
+    copied through ``memo``), for ``__deepcopy__`` methods that then adjust the copy."""
+    copied = module.__class__.__new__(module.__class__)
+    memo[id(module)] = copied
+    for key, value in module.__dict__.items():
+        copied.__dict__[key] = copy.deepcopy(value, memo)
+    return copied
 
 
 class CoderTensors(NamedTuple):
@@ -156,8 +167,18 @@ class PNNHCoder(nn.Module):
         return any(p.requires_grad for p in self.parameters())
 
     def attach(self) -> None:
-        """Record one more layer that uses this coder (layers call this when they adopt it)."""
+        """Record one more layer that uses this coder (layers call this when they adopt it, and when
+        they are deep-copied with it)."""
         self.num_uses += 1
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> PNNHCoder:
+        # A copy's uses are the copied layers that adopt it, not the original's: deepcopy of one
+        # layer of a four-layer stack gives a coder used once (it kept 4, and scaled the copy's
+        # gradient by 1/4); deepcopy of the whole stack copies the coder once, and its four copied
+        # layers attach to it again. Each layer's __deepcopy__ calls attach().
+        copied = deepcopy_fields(self, memo)
+        copied.num_uses = 0
+        return copied
 
     @property
     def gradient_scale(self) -> float:
@@ -331,8 +352,9 @@ class PNNHCoder(nn.Module):
 
 
 def default_code_channels(in_channels: int) -> int:
-    """C_B when the caller does not choose: half the input channels (0, i.e. no coder, for C_in=1)."""
-    return in_channels // 2
+    """C_B when the caller does not choose: half the input channels, at least one (a one-channel layer
+    gets a one-channel coder; it silently had none when this was C_in // 2)."""
+    return max(1, in_channels // 2)
 
 
 def coder_for_layer(
@@ -347,7 +369,7 @@ def coder_for_layer(
     channels_word: str = "channels",
 ) -> Optional[PNNHCoder]:
     """The coder a layer uses: the shared ``coder`` it was given (checked against the layer's shape),
-    a new one of ``coder_channels`` (default C_in // 2; tied when C_out == C_in), or None when
+    a new one of ``coder_channels`` (default max(1, C_in // 2); tied when C_out == C_in), or None when
     ``coder_channels == 0``. The returned coder has recorded the layer as one of its uses."""
     if coder is not None:
         if not isinstance(coder, PNNHCoder):

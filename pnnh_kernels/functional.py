@@ -7,7 +7,10 @@ them, so every backend gets the same clear errors and kernels never receive inpu
 
 from __future__ import annotations
 
-from typing import Optional
+import functools
+import warnings
+from collections.abc import Callable
+from typing import Any, Optional, TypeVar
 
 import torch
 from torch import Tensor
@@ -19,6 +22,27 @@ from pnnh_kernels.coder import CoderTensors
 from pnnh_kernels.conv_geometry import ConvGeometry, IntOrPair, Padding
 
 __all__ = ["BatchNormParams", "CoderTensors", "pnnh_conv2d", "pnnh_linear"]
+
+
+_Op = TypeVar("_Op", bound=Callable[..., Any])
+
+
+def _quiet_under_trace(op: _Op) -> _Op:
+    """Under ``torch.jit.trace`` every shape the checks read as a Python int is a TracerWarning that
+    the value is frozen into the trace. The checks only raise, and the geometry comes from the
+    weight's shape, which a traced module cannot change, so the warnings would say nothing: they
+    are silenced while tracing. (``torch.jit.script`` is not supported: the entry points are plain
+    Python with keyword defaults and dataclasses.)"""
+
+    @functools.wraps(op)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        if not torch.jit.is_tracing():
+            return op(*args, **kwargs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            return op(*args, **kwargs)
+
+    return checked  # type: ignore[return-value]
 
 
 def _autocast_enabled(device: torch.device) -> bool:
@@ -97,6 +121,7 @@ def _coder_or_none(
     return CoderTensors(encoder_weight, encoder_bias, decoder_weight)
 
 
+@_quiet_under_trace
 def pnnh_conv2d(
     input: Tensor,
     weight: Tensor,
@@ -133,8 +158,10 @@ def pnnh_conv2d(
         )
     coder = _coder_or_none(encoder_weight, encoder_bias, decoder_weight)
     geometry = ConvGeometry.from_args(
-        tuple(weight.shape[2:]), stride, padding, dilation, with_coder=coder is not None
-    )
+        # int(): under torch.jit.trace a shape's entries are tensors
+        tuple(int(size) for size in weight.shape[2:]), stride, padding, dilation,
+        with_coder=coder is not None,
+    )  # fmt: skip
     _check_activation(activation)
     if not isinstance(input, Tensor) or input.dim() not in (3, 4):
         raise ValueError(
@@ -197,6 +224,7 @@ def pnnh_conv2d(
     return out.squeeze(0) if unbatched else out
 
 
+@_quiet_under_trace
 def pnnh_linear(
     input: Tensor,
     weight: Tensor,

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
 from pnnh_kernels.backends import check_backend_name, resolve_backend
 from pnnh_kernels.backends.call import ACTIVATIONS, BatchNormParams
-from pnnh_kernels.coder import DEFAULT_CODER_INIT, PNNHCoder, coder_for_layer, default_code_channels
+from pnnh_kernels.coder import (
+    DEFAULT_CODER_INIT,
+    PNNHCoder,
+    coder_for_layer,
+    deepcopy_fields,
+    default_code_channels,
+)
 from pnnh_kernels.conv_geometry import ConvGeometry, IntOrPair, Padding
 from pnnh_kernels.functional import pnnh_conv2d
 from pnnh_kernels.validation import check_positive_int
@@ -56,8 +62,8 @@ class FusedPNNHConv(nn.Module):
             padding. When ``dilation * (k - 1)`` is odd that padding is asymmetric (one more row and
             column at the bottom and right, as nn.Conv2d's ``"same"``): supported without a coder,
             NotImplementedError with one.
-        coder_channels: C_B; default C_in // 2; 0 for no coder. Ignored in favour of ``coder``'s width
-            when a shared ``coder`` is given (passing a different number raises).
+        coder_channels: C_B; default max(1, C_in // 2); 0 for no coder. Ignored in favour of
+            ``coder``'s width when a shared ``coder`` is given (passing a different number raises).
         coder: a PNNHCoder to share with other layers (maps in_channels -> out_channels).
         norm: None or "batch" (nn.BatchNorm2d on the learner branch, available as ``.norm``).
         activation: "relu" (default) or None.
@@ -172,6 +178,20 @@ class FusedPNNHConv(nn.Module):
             activation=self.activation,
             backend=self.backend,
         )
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        # torch.jit.script calls this first: a clear refusal instead of TorchScript's error from
+        # deep inside nn.Module (the forward dispatches to Python backends, which cannot be scripted).
+        raise RuntimeError(
+            f"torch.jit.script: {type(self).__name__} cannot be scripted (its forward dispatches to "
+            "Python kernel backends); use torch.jit.trace, torch.compile or torch.export"
+        )
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> FusedPNNHConv:
+        copied = deepcopy_fields(self, memo)
+        if copied.coder is not None:
+            copied.coder.attach()  # the copied coder counts its own layers (PNNHCoder.__deepcopy__)
+        return copied
 
     def extra_repr(self) -> str:
         g = self.geometry

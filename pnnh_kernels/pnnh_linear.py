@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
 from pnnh_kernels.backends import check_backend_name, resolve_backend
 from pnnh_kernels.backends.call import ACTIVATIONS
-from pnnh_kernels.coder import DEFAULT_CODER_INIT, PNNHCoder, coder_for_layer
+from pnnh_kernels.coder import (
+    DEFAULT_CODER_INIT,
+    PNNHCoder,
+    coder_for_layer,
+    deepcopy_fields,
+)
 from pnnh_kernels.functional import pnnh_linear
 from pnnh_kernels.validation import check_positive_int
 
@@ -20,8 +25,8 @@ class FusedPNNHLinear(nn.Module):
 
     Args:
         in_features, out_features, bias: as nn.Linear.
-        coder_features: C_B; default in_features // 2; 0 for no coder (then, with activation=None,
-            the layer is nn.Linear).
+        coder_features: C_B; default max(1, in_features // 2); 0 for no coder (then, with
+            activation=None, the layer is nn.Linear).
         coder: a PNNHCoder to share (maps in_features -> out_features).
         activation: "relu" (default) or None.
         backend: "auto", "torch", "triton" or "cuda"; ``backend_in_use`` says which one runs.
@@ -92,6 +97,20 @@ class FusedPNNHLinear(nn.Module):
         return pnnh_linear(
             input, self.weight, self.bias, *coder, activation=self.activation, backend=self.backend
         )
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        # torch.jit.script calls this first: a clear refusal instead of TorchScript's error from
+        # deep inside nn.Module (the forward dispatches to Python backends, which cannot be scripted).
+        raise RuntimeError(
+            f"torch.jit.script: {type(self).__name__} cannot be scripted (its forward dispatches to "
+            "Python kernel backends); use torch.jit.trace, torch.compile or torch.export"
+        )
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> FusedPNNHLinear:
+        copied = deepcopy_fields(self, memo)
+        if copied.coder is not None:
+            copied.coder.attach()  # the copied coder counts its own layers (PNNHCoder.__deepcopy__)
+        return copied
 
     def extra_repr(self) -> str:
         return (

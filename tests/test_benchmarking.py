@@ -41,6 +41,14 @@ def test_roofline_picks_the_binding_limit():
     info = counting.achieved(cost, seconds=2.0, peak_flops=1e12, peak_bytes_per_second=1e12)
     assert info["tflops_per_s"] == 0.5
     assert info["roofline_fraction"] == 0.5
+    assert info["roofline_error"] is None
+
+
+def test_a_result_above_its_roofline_is_an_error_not_a_fraction():
+    cost = counting.Cost(flops=1e12, bytes=1e9)
+    info = counting.achieved(cost, seconds=0.4, peak_flops=1e12, peak_bytes_per_second=1e12)
+    assert info["roofline_fraction"] is None
+    assert "2.50x the roofline" in info["roofline_error"]
 
 
 def test_telemetry_without_nvml_says_absent(monkeypatch):
@@ -62,7 +70,9 @@ def test_clock_drop_is_reported():
 
 def test_cpu_peaks_are_positive():
     peaks = measure_peaks(torch.device("cpu"), repeats=1)
-    assert peaks.matmul_flops > 1e8
+    assert set(peaks.matmul_flops) == {"float32", "bfloat16"}
+    assert min(peaks.matmul_flops.values()) > 1e8
+    assert peaks.flops_for(torch.bfloat16) == peaks.matmul_flops["bfloat16"]
     assert peaks.copy_bytes_per_second > 1e8
 
 
@@ -71,7 +81,7 @@ def _benchmark(name, group, median, **info):
 
 
 def _recorded_run(pnnh_images_per_s: float, pnnh_parameters: int) -> dict:
-    peaks = {"matmul_flops": 1e12, "matmul_dtype": "bfloat16", "copy_bytes_per_second": 1e12}
+    peaks = {"matmul_flops": {"float32": 5e11, "bfloat16": 1e12}, "copy_bytes_per_second": 1e12}
     layer = {"kind": "layer", "shape": "8x64x32x32", "dtype": "bf16", "mode": "forward", "peaks": peaks}
     model = {"kind": "model", "model": "resnet18", "stem": "cifar", "batch": 8, "mode": "eager"}
     return {
@@ -133,3 +143,33 @@ def test_write_report_makes_markdown_and_plots(tmp_path):
     assert report.read_text().startswith("# PNNH benchmark report: CPU: Test CPU")
     for figure in ("layers_relative.png", "models_throughput.png"):
         assert (tmp_path / "out" / figure).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_flags_a_result_above_its_roofline(tmp_path):
+    run = _recorded_run(pnnh_images_per_s=60.0, pnnh_parameters=1010)
+    run["benchmarks"][1]["extra_info"].update(roofline_fraction=None, roofline_error="2.50x ...")
+    run["benchmarks"][0]["extra_info"].update(roofline_fraction=3.1)  # recorded before the flag
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(run))
+    text = markdown(*load(path), [])
+    assert text.count("measurement error: above the roofline") == 2
+    assert "3.100" not in text
+    assert "0.50 TFLOP/s float32, 1.00 TFLOP/s bfloat16" in text
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{}", "holds no benchmark results"),
+        ('{"benchmarks": []}', "holds no benchmark results"),
+        ("{not json", "is not JSON"),
+        ('{"benchmarks": [{"name": "a"}]}', "without a name or a median time"),
+    ],
+)
+def test_report_refuses_a_file_without_results(tmp_path, content, message):
+    path = tmp_path / "bench.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message) as error:
+        write_report(path, tmp_path / "out")
+    assert str(path) in str(error.value)
+    assert not (tmp_path / "out" / "report.md").exists()

@@ -135,7 +135,7 @@ def test_unregistered_backend_raises_and_says_why():
         ("cpu", torch.float32, "conv2d", False, "TRITON_INTERPRET=1"),
         ("cpu", torch.float64, "conv2d", True, "supported dtypes"),
         ("cpu", torch.float32, "attention", True, "no Triton kernel for attention"),
-        ("meta", torch.float32, "conv2d", True, "not on meta"),
+        ("meta", torch.float64, "conv2d", True, "supported dtypes"),
     ],
 )
 def test_triton_backend_says_why_it_cannot_run(device, dtype, op, interpret, reason, monkeypatch):
@@ -144,6 +144,17 @@ def test_triton_backend_says_why_it_cannot_run(device, dtype, op, interpret, rea
 
     monkeypatch.setenv("TRITON_INTERPRET", "1" if interpret else "0")
     assert reason in unavailable_reason(torch.device(device), dtype, op)
+
+
+def test_meta_tensors_need_no_kernel():
+    # Shape inference on meta (tests/test_module_protocols.py): every backend accepts it.
+    from pnnh_kernels.cuda import unavailable_reason as cuda_reason
+
+    assert cuda_reason(torch.device("meta"), torch.float32, "conv2d") is None
+    if pytest.importorskip("triton"):
+        from pnnh_kernels.triton import unavailable_reason
+
+        assert unavailable_reason(torch.device("meta"), torch.bfloat16, "linear") is None
 
 
 def test_explicit_triton_backend_with_unsupported_dtype_raises():

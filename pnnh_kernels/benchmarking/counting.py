@@ -17,6 +17,7 @@ Conventions (stated so that numbers are comparable, not because they are the onl
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 MODES = ("forward", "forward+backward")
 
@@ -64,13 +65,26 @@ def roofline_seconds(cost: Cost, peak_flops: float, peak_bytes_per_second: float
 
 
 def achieved(cost: Cost, seconds: float, peak_flops: float, peak_bytes_per_second: float) -> dict:
-    """What goes into a benchmark's extra_info."""
+    """What goes into a benchmark's extra_info. ``peak_flops``: the peak of the step's own dtype.
+
+    A fraction of a peak cannot exceed 1: a result above it is a measurement error (a wrong peak,
+    a cost model that counts too much, a timer that missed work), recorded as
+    ``roofline_error`` with ``roofline_fraction`` None, never printed as a fraction."""
     floor = roofline_seconds(cost, peak_flops, peak_bytes_per_second)
+    fraction: Optional[float] = floor / seconds
+    error = None
+    if floor / seconds > 1.0:
+        error = (
+            f"{fraction:.2f}x the roofline: the step ran faster than this run's measured peaks "
+            "allow, so the peak, the cost model or the timing is wrong"
+        )
+        fraction = None
     return {
         "flops": cost.flops,
         "bytes": cost.bytes,
         "tflops_per_s": cost.flops / seconds / 1e12,
         "gb_per_s": cost.bytes / seconds / 1e9,
         "roofline_floor_s": floor,
-        "roofline_fraction": floor / seconds,
+        "roofline_fraction": fraction,
+        "roofline_error": error,
     }

@@ -26,11 +26,28 @@ class Result:
 
 
 def load(path: Path) -> tuple[dict[str, Any], list[Result]]:
-    data = json.loads(Path(path).read_text())
-    results = [
-        Result(b["name"], b.get("group") or "", float(b["stats"]["median"]), b.get("extra_info", {}))
-        for b in data.get("benchmarks", [])
-    ]
+    """The results of ``pytest bench/ --benchmark-json=PATH``; a ValueError naming ``path`` for a
+    file that is not one (unreadable JSON, no benchmarks: an empty report would pass for a result)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"bench_json: no file at {path}")
+    expected = "expected the output of pytest bench/ --benchmark-json=FILE"
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"bench_json: {path} is not JSON ({error}); {expected}") from error
+    benchmarks = data.get("benchmarks") if isinstance(data, dict) else None
+    if not isinstance(benchmarks, list) or not benchmarks:
+        raise ValueError(f"bench_json: {path} holds no benchmark results; {expected}")
+    try:
+        results = [
+            Result(b["name"], b.get("group") or "", float(b["stats"]["median"]), b.get("extra_info", {}))
+            for b in benchmarks
+        ]
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(
+            f"bench_json: {path} has a benchmark without a name or a median time ({error!r}); {expected}"
+        ) from error
     return data, results
 
 
@@ -76,6 +93,7 @@ def _layer_rows(results: list[Result]) -> list[dict[str, Any]]:
                 "tflops": r.info.get("tflops_per_s"),
                 "gbps": r.info.get("gb_per_s"),
                 "roofline": r.info.get("roofline_fraction"),
+                "roofline_error": r.info.get("roofline_error"),
             }
         )
     return rows
@@ -142,6 +160,15 @@ def parameter_verdict(model_rows: list[dict[str, Any]]) -> str:
     )
 
 
+def _roofline_cell(row: dict[str, Any]) -> str:
+    if row.get("roofline_error"):
+        return "measurement error: above the roofline"
+    roofline = row.get("roofline")
+    if roofline is not None and roofline > 1.0:  # a run recorded before achieved() flagged these
+        return "measurement error: above the roofline"
+    return _fmt(roofline, "{:.3f}")
+
+
 def markdown(data: dict[str, Any], results: list[Result], figures: list[str]) -> str:
     machine = machine_name(data, results)
     peaks = next((r.info["peaks"] for r in results if "peaks" in r.info), None)
@@ -152,10 +179,16 @@ def markdown(data: dict[str, Any], results: list[Result], figures: list[str]) ->
         f"{next((r.info.get('torch') for r in results if r.info.get('torch')), 'unknown')}.",
     ]
     if peaks:
+        matmul = peaks["matmul_flops"]
+        if not isinstance(matmul, dict):  # a run recorded before the peaks were per dtype
+            matmul = {peaks.get("matmul_dtype", "unknown dtype"): matmul}
+        per_dtype = ", ".join(f"{flops / 1e12:.2f} TFLOP/s {name}" for name, flops in matmul.items())
+        notes = f" ({peaks['notes']})" if peaks.get("notes") else ""
         lines.append(
-            f"Peaks measured in this run: {peaks['matmul_flops'] / 1e12:.2f} TFLOP/s "
-            f"({peaks['matmul_dtype']} matmul), {peaks['copy_bytes_per_second'] / 1e9:.1f} GB/s "
-            "(device copy)."
+            f"Peaks measured in this run: matmul {per_dtype}{notes}, "
+            f"{peaks['copy_bytes_per_second'] / 1e9:.1f} GB/s (device copy). Each row's roofline "
+            "fraction is against the peak of its own dtype; a result above its roofline is flagged "
+            "as a measurement error, not printed as a fraction."
         )
     model_rows = _model_rows(results)
     lines += [
@@ -184,7 +217,7 @@ def markdown(data: dict[str, Any], results: list[Result], figures: list[str]) ->
             f"| {row['kind']} | {row['shape']} | {row['dtype']} | {row['mode']} | "
             f"{row['implementation']} | {row['median_ms']:.3f} | {_fmt(row['relative'], '{:.2f}x')} | "
             f"{_fmt(row['tflops'], '{:.3f}')} | {_fmt(row['gbps'], '{:.1f}')} | "
-            f"{_fmt(row['roofline'], '{:.3f}')} | {_fmt(row['ledger_launches'], '{}')} | "
+            f"{_roofline_cell(row)} | {_fmt(row['ledger_launches'], '{}')} | "
             f"{_fmt(row['ledger_mb'], '{:.1f}')} | {_fmt(row['ledger_relative'], '{:.2f}x')} |"
         )
     lines += [

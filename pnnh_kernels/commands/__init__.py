@@ -50,8 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text, module_name in SUBCOMMANDS:
         module = importlib.import_module(module_name)
-        subparser = commands.add_parser(name, help=help_text)
+        # Every option's default in --help (pnnh train --help showed none of them).
+        subparser = commands.add_parser(
+            name, help=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        )
         module.add_arguments(subparser)
+        for action in subparser._actions:
+            # argparse prints nothing, not even the default, for an option without help text.
+            if action.help is None and action.option_strings and action.default is not None:
+                action.help = "(default: %(default)s)"
         subparser.set_defaults(run=module.run)
     return parser
 

@@ -25,9 +25,9 @@ from pnnh_kernels.validation import check_positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--depth", type=int, default=64, help="3x3 layers in the body (default 64)")
-    parser.add_argument("--width", type=int, default=16, help="channels per layer (default 16)")
-    parser.add_argument("--epochs", type=int, default=12, help="training epochs (default 12)")
+    parser.add_argument("--depth", type=int, default=64, help="3x3 layers in the body")
+    parser.add_argument("--width", type=int, default=16, help="channels per layer")
+    parser.add_argument("--epochs", type=int, default=12, help="training epochs")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=0.05, help="one-cycle peak learning rate")
     parser.add_argument("--seed", type=int, default=0)

@@ -30,7 +30,7 @@ def _cards(text: str) -> tuple[str, ...]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--shape", type=_shape, default=(256, 128, 16), help="NxCxSxS (default 256x128x16x16)"
+        "--shape", type=_shape, default=(256, 128, 16), help="NxCxSxS (256x128x16x16 by default)"
     )
     parser.add_argument(
         "--cifar-stages",

@@ -28,20 +28,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     target.add_argument(
         "--layer",
         default="64,32,256",
-        help="CHANNELS,SIZE,BATCH of one 3x3 FusedPNNHConv with BatchNorm (default 64,32,256)",
+        help="CHANNELS,SIZE,BATCH of one 3x3 FusedPNNHConv with BatchNorm",
     )
     target.add_argument("--model", choices=list(MODELS), help="profile a training step of this model")
     parser.add_argument("--variant", default="pnnh", choices=["pnnh", "plain", "residual"])
     parser.add_argument("--stem", default="cifar", choices=["cifar", "imagenet"])
-    parser.add_argument("--batch", type=int, default=256, help="batch of --model (default 256)")
+    parser.add_argument("--batch", type=int, default=256, help="batch of --model")
     parser.add_argument("--backend", default="auto", help="auto, torch, triton or cuda")
     parser.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     parser.add_argument("--mode", default="train", choices=["forward", "train"])
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before the profiled one")
 
 
+def parse_layer(text: str) -> tuple[int, int, int]:
+    """``--layer CHANNELS,SIZE,BATCH`` as three positive ints, or a ValueError saying so."""
+    parts = text.split(",")
+    try:
+        values = tuple(int(v) for v in parts)
+    except ValueError:
+        values = ()
+    if len(values) != 3 or min(values) < 1:
+        raise ValueError(
+            f"--layer: expected CHANNELS,SIZE,BATCH, three positive ints such as 64,32,256, got {text!r}"
+        )
+    return values  # type: ignore[return-value]
+
+
 def _layer_step(args: argparse.Namespace, device: torch.device):
-    channels, size, batch = (int(v) for v in args.layer.split(","))
+    channels, size, batch = parse_layer(args.layer)
     dtype = DTYPES[args.dtype]
     layer = FusedPNNHConv(channels, channels, bias=False, norm="batch", backend=args.backend)
     # Eval BatchNorm: the mode in which the fused backends run their own kernels.

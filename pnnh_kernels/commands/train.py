@@ -51,7 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--precision",
         choices=list(PRECISIONS),
         default=DEFAULTS.precision,
-        help="autocast dtype (fp16 adds a gradient scaler); parameters stay fp32",
+        help="autocast dtype (fp16 adds a gradient scaler); parameters stay fp32. auto: bf16 on a "
+        "GPU, fp32 on the CPU",
     )
     add("--channels-last", action=argparse.BooleanOptionalAction, default=DEFAULTS.channels_last)
     add("--compile", action="store_true", help="torch.compile the model")
@@ -72,7 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--backend",
         choices=list(KNOWN_BACKENDS),
         default=DEFAULTS.backend,
-        help="kernel backend of every PNNH layer (auto: the fastest available)",
+        help="kernel backend of every PNNH layer (auto: triton on a GPU, torch on the CPU; cuda, "
+        "the CUDA kernels, only when named)",
     )
     add("--device", choices=("auto", "cpu", "cuda"), default=DEFAULTS.device)
     add("--seed", type=int, default=DEFAULTS.seed)
@@ -81,6 +83,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--synthetic-train-size", type=int, default=DEFAULTS.synthetic_train_size)
     add("--synthetic-test-size", type=int, default=DEFAULTS.synthetic_test_size)
     add("--resume", default=None, help="a last.pt to continue from, exactly where it stopped")
+    add(
+        "--overwrite",
+        action="store_true",
+        help="start a new run in an --out folder that holds one, deleting its last.pt, metrics, "
+        "summary and plot first (without it such a folder is refused)",
+    )
     add("--stop-after", type=int, default=None,
         help="checkpoint and exit after this many epochs of this invocation (for time-limited job "
         "slots; --resume continues)")  # fmt: skip

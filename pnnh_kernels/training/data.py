@@ -77,8 +77,22 @@ def _unpickle(path: Path) -> dict:
             f"--data-dir: expected the CIFAR batch file {path}, which does not exist"
         )
     # The official CIFAR batches are pickles (as torchvision reads them): only open trusted files.
-    with path.open("rb") as file:
-        return pickle.load(file, encoding="bytes")
+    try:
+        with path.open("rb") as file:
+            batch = pickle.load(file, encoding="bytes")
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError,
+            IndexError, KeyError) as error:  # fmt: skip
+        raise ValueError(
+            f"--data-dir: {path} ({path.stat().st_size:,} bytes) is not a readable CIFAR batch, "
+            f"truncated or corrupt ({type(error).__name__}: {error}); extract the official archive "
+            "again"
+        ) from error
+    if not isinstance(batch, dict):
+        raise ValueError(
+            f"--data-dir: {path} is not a CIFAR batch: expected a pickled dict, got "
+            f"{type(batch).__name__}"
+        )
+    return batch
 
 
 def cifar_root(data_dir: Path, name: str) -> Path:
@@ -210,8 +224,13 @@ class ImageFolder(Dataset):
         from PIL import Image
 
         path, label = self.samples[index]
-        with Image.open(path) as opened:
-            image = opened.convert("RGB")
+        try:
+            with Image.open(path) as opened:
+                image = opened.convert("RGB")
+        except (OSError, ValueError, SyntaxError) as error:  # PIL's unreadable and truncated files
+            raise ValueError(
+                f"--data-dir: cannot decode the image {path} ({type(error).__name__}: {error})"
+            ) from error
         size = self.image_size
         if self.train:
             rng = random.Random(hash((self.seed, self.epoch, index)))

@@ -28,9 +28,9 @@ from pnnh_kernels.training.data import DataSpec, ImageData
 from pnnh_kernels.training.optim import WarmupSchedule, scheduler, sgd
 
 MODELS = {"resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50}
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = {"auto": None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Settings that may change between a run and its resumption without changing what is trained.
-RESUMABLE_CHANGES = {"resume", "stop_after", "out", "workers", "compile"}
+RESUMABLE_CHANGES = {"resume", "stop_after", "out", "workers", "compile", "overwrite"}
 
 
 @dataclass
@@ -49,7 +49,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     schedule: str = "cosine"
     warmup_epochs: float = 1.0
-    precision: str = "bf16"
+    precision: str = "auto"  # bf16 on a GPU, fp32 on the CPU (see resolve_precision)
     channels_last: bool = True
     compile: bool = False
     coder_trainable: bool = False  # train the coders (default: fixed rectified isometries)
@@ -64,6 +64,7 @@ class TrainConfig:
     synthetic_test_size: int = 256
     resume: Optional[str] = None
     stop_after: Optional[int] = None  # epochs of this invocation, then checkpoint and exit
+    overwrite: bool = False  # start a new run in an --out folder that holds one (deleting its files)
 
     def validate(self) -> None:
         if self.model not in MODELS:
@@ -77,6 +78,15 @@ class TrainConfig:
                 raise ValueError(
                     f"--{name.replace('_', '-')}: expected a positive int, got {getattr(self, name)}"
                 )
+        if self.overwrite and self.resume:
+            raise ValueError(
+                "--overwrite: starts a new run over the one in --out, --resume continues one: give "
+                "one of them"
+            )
+        if self.image_size is not None and self.image_size < 8:
+            raise ValueError(
+                f"--image-size: expected an int >= 8 (the networks downsample 8x), got {self.image_size}"
+            )
         if self.stop_after is not None and self.stop_after < 1:
             raise ValueError(f"--stop-after: expected a positive int, got {self.stop_after}")
         for name in ("lr", "weight_decay", "coder_loss_weight", "warmup_epochs", "momentum"):
@@ -136,6 +146,73 @@ def coder_reconstruction_loss(coders: list[PNNHCoder], samples: int, device: tor
     return torch.stack(losses).mean()
 
 
+def resolve_precision(precision: str, device: torch.device, warn: bool = True) -> str:
+    """``auto``: bf16 autocast on a GPU, fp32 on the CPU, where autocast to 16 bits is emulated and
+    slower than fp32 on most processors; an explicit 16-bit choice on the CPU runs, with a warning."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if precision in ("bf16", "fp16") and device.type == "cpu" and warn:
+        warnings.warn(
+            f"--precision {precision} on the CPU: autocast to 16 bits is emulated there and usually "
+            "much slower than fp32 (fp16 was 25x slower on a 2-core CI machine); --precision auto "
+            "picks fp32 on the CPU",
+            stacklevel=3,
+        )
+    return precision
+
+
+def existing_run_files(out: Path) -> list[Path]:
+    """The files of a previous run in ``out`` (checkpoint.RUN_FILES that exist)."""
+    return [out / name for name in checkpoint.RUN_FILES if (out / name).exists()]
+
+
+def check_out_folder(config: TrainConfig) -> None:
+    """A new run never replaces another silently: --out holding a run needs --resume (continue it)
+    or --overwrite (replace it)."""
+    if config.resume or config.overwrite:
+        return
+    found = existing_run_files(Path(config.out))
+    if found:
+        raise FileExistsError(
+            f"--out: {config.out} already holds a run ({', '.join(p.name for p in found)}); "
+            f"continue it with --resume {Path(config.out) / 'last.pt'}, replace it with --overwrite, "
+            "or choose another --out"
+        )
+
+
+def _divergence(
+    epoch: int, what: str, value: float, history: list[dict[str, Any]], where: str = ""
+) -> str:
+    """The message of a FloatingPointError for a non-finite ``what`` in ``epoch`` (1-based)."""
+    last = "no finite loss was recorded before it"
+    for row in reversed(history):
+        for key in ("test_loss", "train_loss"):
+            if math.isfinite(row.get(key, math.nan)):
+                name = key.replace("_", " ")
+                last = f"the last finite loss: {name} {row[key]:.4g} in epoch {row['epoch']}"
+                break
+        else:
+            continue
+        break
+    return (
+        f"training diverged in epoch {epoch}: the {what} is {value}{where}; {last}. The checkpoint "
+        "of the last finished epoch is kept; lower --lr or raise --warmup-epochs"
+    )
+
+
+def _first_nonfinite_step(losses: list[Tensor]) -> str:
+    """Where in an epoch the loss first stopped being finite (this process's steps), for messages."""
+    if not losses:
+        return ""
+    values = torch.stack(losses).double().cpu()
+    bad = (~torch.isfinite(values)).nonzero()
+    if not len(bad):
+        return " (this process's losses stayed finite)"
+    step = int(bad[0])
+    before = f", the loss before it {float(values[step - 1]):.4g}" if step > 0 else ""
+    return f" (first at step {step + 1} of {len(values)}{before})"
+
+
 def _peak_memory_mib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -156,6 +233,7 @@ def _progress(total: int, description: str, enabled: bool) -> Any:
 class Trainer:
     def __init__(self, config: TrainConfig) -> None:
         config.validate()
+        check_out_folder(config)  # on every process, before any starts work
         self.config = config
         self.processes = distributed.start(config.device)
         world = self.processes.world_size
@@ -197,8 +275,10 @@ class Trainer:
             min(total_steps, round(config.warmup_epochs * self.data.steps_per_epoch)),
         )
         self.scheduler = scheduler(self.optimizer, self.schedule)
-        self.autocast_dtype = PRECISIONS[config.precision]
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
+        precision = resolve_precision(config.precision, self.device, warn=self.processes.is_main)
+        self.precision = precision
+        self.autocast_dtype = PRECISIONS[precision]
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
         self.start_epoch = 0
         self.history: list[dict[str, Any]] = []
         torch.manual_seed(config.seed * 65_537 + self.processes.rank + 1)
@@ -255,6 +335,12 @@ class Trainer:
         }
         checkpoint.save_atomically(state, self.out / "last.pt")
 
+    def _checkpoint_bytes(self) -> int:
+        """About the size of one checkpoint: the model's state and the optimizer's momentum."""
+        state = sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
+        params = sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad)
+        return state + params + (1 << 20)
+
     def _resume(self, path: Path) -> None:
         state = checkpoint.load_for_resume(path, self.identity())
         changed = {
@@ -306,6 +392,7 @@ class Trainer:
         )
         self._synchronize()
         start = time.perf_counter()
+        losses: list[Tensor] = []  # one scalar per step, read only if the epoch diverges
         for step, (images, labels) in enumerate(self.data.train_batches(epoch)):
             inputs = self.data.normalise(images, config.channels_last)
             with self._autocast():
@@ -324,6 +411,7 @@ class Trainer:
             self.scaler.update()
             self.scheduler.step()
             sums[0] += loss.detach() * len(labels)
+            losses.append(loss.detach())
             sums[1] += (logits.detach().argmax(1) == labels).sum()
             sums[2] += len(labels)
             if bar is not None:
@@ -341,7 +429,13 @@ class Trainer:
         loss_sum, correct, count, coder_sum = distributed.sum_over_ranks(sums.tolist(), self.processes)
         if not math.isfinite(loss_sum):
             raise FloatingPointError(
-                f"training diverged in epoch {epoch + 1}: the training loss is {loss_sum / count}"
+                _divergence(
+                    epoch + 1,
+                    "training loss",
+                    loss_sum / count,
+                    self.history,
+                    _first_nonfinite_step(losses),
+                )
             )
         return {
             "train_loss": loss_sum / count,
@@ -371,6 +465,10 @@ class Trainer:
         config = self.config
         if self.processes.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
+            if config.overwrite:
+                for path in existing_run_files(self.out):
+                    path.unlink()
+            checkpoint.check_space(self.out, self._checkpoint_bytes())
             print(
                 f"pnnh train: {config.model} {config.variant} on {config.data} "
                 f"({self.data.train_size} training images, {self.data.num_classes} classes), "
@@ -383,6 +481,11 @@ class Trainer:
             last = min(last, self.start_epoch + config.stop_after)
         for epoch in range(self.start_epoch, last):
             row: dict[str, Any] = {"epoch": epoch + 1, **self.train_epoch(epoch), **self.evaluate()}
+            if not math.isfinite(row["test_loss"]):
+                # Before the save: the checkpoint and metrics of the last finite epoch stay.
+                raise FloatingPointError(
+                    _divergence(epoch + 1, "test loss", row["test_loss"], [*self.history, row])
+                )
             self.history.append(row)
             self.save(epoch + 1)
             if self.processes.is_main:
@@ -427,6 +530,7 @@ class Trainer:
             "seconds_this_invocation": seconds,
             "world_size": self.processes.world_size,
             "device": str(self.device),
+            "precision": self.precision,
             "backends_in_use": backends,
             "ranks_agree": ranks_agree,
             "weights_fingerprint": [

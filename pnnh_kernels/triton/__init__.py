@@ -30,29 +30,20 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _ledger_recording() -> bool:
-    from pnnh_kernels.ledger.record import active
-
-    return active() is not None
-
-
 def unavailable_reason(device: torch.device, dtype: torch.dtype, op: str) -> Optional[str]:
     if not triton_installed():
         return "triton is not installed (pip install 'pnnh-kernels[triton]')"
     if op not in ("conv2d", "linear"):
         return f"no Triton kernel for {op}"
+    if dtype not in SUPPORTED_DTYPES:
+        return f"supported dtypes are float32, float16 and bfloat16, got {dtype}"
     if device.type == "meta":
-        if _ledger_recording():
-            return None  # the ledger declares the launches on meta tensors without running them
-        return (
-            "Triton kernels run on CUDA devices (or the CPU interpreter), not on meta (the traffic "
-            "ledger declares their launches on meta tensors under pnnh_kernels.ledger.recording())"
-        )
+        # Shape inference, as nn.Conv2d allows: the ops' fake implementations give the outputs
+        # (under pnnh_kernels.ledger.recording() the launchers declare their launches instead).
+        return None
     if device.type == "cpu":
         if not interpreter_enabled():
             return "CPU tensors run Triton kernels only in its interpreter: set TRITON_INTERPRET=1"
     elif device.type != "cuda":
         return f"Triton kernels run on CUDA devices (or the CPU interpreter), not on {device.type}"
-    if dtype not in SUPPORTED_DTYPES:
-        return f"supported dtypes are float32, float16 and bfloat16, got {dtype}"
     return None

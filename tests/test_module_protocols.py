@@ -1,0 +1,131 @@
+"""What PyTorch users do to any module, done to the PNNH layers: deepcopy, shape inference on meta
+and fake tensors, torch.jit.trace (and a clear refusal from torch.jit.script)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from pnnh_kernels import FusedPNNHConv, FusedPNNHLinear
+from tests.conv_cases import DEVICE
+
+BACKENDS = ["torch", "triton", "cuda"]
+
+
+def _stack(layers: int = 4) -> nn.Sequential:
+    first = FusedPNNHConv(8, 8, backend="torch", coder_init="he", coder_trainable=True)
+    rest = [FusedPNNHConv(8, 8, coder=first.coder, backend="torch") for _ in range(layers - 1)]
+    return nn.Sequential(first, *rest)
+
+
+def test_deepcopy_of_one_shared_layer_counts_its_own_uses():
+    stack = _stack()
+    assert stack[0].coder.num_uses == 4
+    single = copy.deepcopy(stack[2])
+    assert single.coder is not stack[2].coder
+    assert single.coder.num_uses == 1
+    assert single.coder.gradient_scale == 1.0
+    assert stack[0].coder.num_uses == 4  # the original is untouched
+
+
+def test_deepcopy_of_one_shared_layer_gets_its_full_gradient():
+    # The gradient of the copy's coder is that of an unshared layer with the same weights (it was
+    # scaled by 1/4, the stack's averaging, before).
+    stack = _stack()
+    single = copy.deepcopy(stack[1])
+    alone = FusedPNNHConv(8, 8, backend="torch", coder_init="he", coder_trainable=True)
+    alone.load_state_dict(single.state_dict())
+    x = torch.randn(2, 8, 5, 5)
+    single(x).square().sum().backward()
+    alone(x).square().sum().backward()
+    torch.testing.assert_close(single.coder.encoder_weight.grad, alone.coder.encoder_weight.grad)
+
+
+def test_deepcopy_of_the_stack_keeps_one_shared_coder():
+    stack = _stack()
+    twin = copy.deepcopy(stack)
+    coders = {id(layer.coder) for layer in twin}
+    assert len(coders) == 1
+    assert twin[0].coder is not stack[0].coder
+    assert twin[0].coder.num_uses == 4
+
+
+def test_deepcopy_of_a_linear_layer():
+    from pnnh_kernels.coder import PNNHCoder
+
+    coder = PNNHCoder(6, 3, 6, tied=True)
+    layers = nn.Sequential(*[FusedPNNHLinear(6, 6, coder=coder, backend="torch") for _ in range(3)])
+    assert coder.num_uses == 3
+    assert copy.deepcopy(layers[0]).coder.num_uses == 1
+    assert copy.deepcopy(layers)[0].coder.num_uses == 3
+
+
+def _layers(backend: str) -> list[nn.Module]:
+    return [
+        FusedPNNHConv(8, 8, backend=backend),
+        FusedPNNHConv(8, 16, stride=2, norm="batch", backend=backend),
+        FusedPNNHLinear(8, 6, backend=backend),
+    ]
+
+
+EXPECTED_SHAPES = [(2, 8, 7, 7), (2, 16, 4, 4), (3, 5, 6)]  # of _layers' outputs for _input
+
+
+def _input(layer: nn.Module, device: str) -> torch.Tensor:
+    shape = (2, 8, 7, 7) if isinstance(layer, FusedPNNHConv) else (3, 5, 8)
+    return torch.randn(shape, device=device)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_meta_tensors_infer_shapes(backend, training):
+    # As nn.Conv2d: a model on the meta device runs forward and backward without data. Any backend
+    # may be named: no kernel runs (each op's fake implementation gives the outputs).
+    for layer, expected in zip(_layers(backend), EXPECTED_SHAPES):
+        layer = layer.to("meta").train(training)
+        x = _input(layer, "meta").requires_grad_(True)
+        y = layer(x)
+        assert y.device.type == "meta"
+        assert tuple(y.shape) == expected, layer
+        y.sum().backward()
+        assert x.grad is not None
+        assert x.grad.shape == x.shape
+        assert layer.weight.grad is not None
+        assert layer.weight.grad.shape == layer.weight.shape
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fake_tensors_infer_shapes(backend):
+    for layer, expected in zip(_layers(backend), EXPECTED_SHAPES):
+        layer = layer.to(DEVICE)
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            x = mode.from_tensor(_input(layer, DEVICE))
+            y = layer(x)
+        assert tuple(y.shape) == expected, layer
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace")
+def test_jit_trace_runs_at_other_shapes(backend, training):
+    for layer in _layers(backend):
+        layer = layer.to(DEVICE).train(training)
+        traced = torch.jit.trace(layer, _input(layer, DEVICE), check_trace=False)
+        if isinstance(layer, FusedPNNHLinear):
+            other = torch.randn(4, 2, 8, device=DEVICE)  # a trace keeps the rank it saw
+        else:
+            other = torch.randn(1, 8, 11, 9, device=DEVICE)
+        torch.manual_seed(0)
+        expected = layer(other)
+        torch.manual_seed(0)
+        torch.testing.assert_close(traced(other), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("make", [lambda: FusedPNNHConv(8, 8), lambda: FusedPNNHLinear(8, 6)])
+def test_jit_script_refuses_clearly(make):
+    with pytest.raises(RuntimeError, match=r"torch.jit.script: FusedPNNH\w+ cannot be scripted"):
+        torch.jit.script(nn.Sequential(make()))
