@@ -35,7 +35,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add("--epochs", type=int, default=DEFAULTS.epochs)
     add("--batch-size", type=int, default=DEFAULTS.batch_size, help="global, over all processes")
-    add("--lr", type=float, default=DEFAULTS.lr, help="peak learning rate for the global batch")
+    add(
+        "--lr",
+        type=float,
+        default=DEFAULTS.lr,
+        help="peak learning rate for the global batch (default: 0.1 per 128 images of it, e.g. "
+        "0.1 at 128, 0.025 at 32)",
+    )
     add("--momentum", type=float, default=DEFAULTS.momentum)
     add("--nesterov", action=argparse.BooleanOptionalAction, default=DEFAULTS.nesterov)
     add(

@@ -30,6 +30,10 @@ from pnnh_kernels.training.optim import WarmupSchedule, scheduler, sgd
 MODELS = {"resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50}
 PRECISIONS = {"auto": None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Settings that may change between a run and its resumption without changing what is trained.
+# The default peak learning rate: 0.1 per 128 images of global batch (the CIFAR ResNet recipe's 0.1
+# at 128, scaled linearly). A fixed 0.1 diverged at batch 32 (the README's smoke run: NaN in epoch 2,
+# or a first-epoch test loss of 3e5), where 0.025 trains it to 100% test accuracy.
+LR_PER_128_IMAGES = 0.1
 RESUMABLE_CHANGES = {"resume", "stop_after", "out", "workers", "compile", "overwrite"}
 
 
@@ -42,7 +46,7 @@ class TrainConfig:
     out: str = "runs/train"
     epochs: int = 200
     batch_size: int = 128  # global: divided over the processes
-    lr: float = 0.1  # for the global batch
+    lr: Optional[float] = None  # peak, for the global batch; None: LR_PER_128_IMAGES scaled
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4
@@ -89,7 +93,9 @@ class TrainConfig:
             )
         if self.stop_after is not None and self.stop_after < 1:
             raise ValueError(f"--stop-after: expected a positive int, got {self.stop_after}")
-        for name in ("lr", "weight_decay", "coder_loss_weight", "warmup_epochs", "momentum"):
+        if self.lr is not None and not self.lr >= 0:
+            raise ValueError(f"--lr: expected >= 0, got {self.lr}")
+        for name in ("weight_decay", "coder_loss_weight", "warmup_epochs", "momentum"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"--{name.replace('_', '-')}: expected >= 0, got {getattr(self, name)}")
         if self.coder_loss_weight > 0 and not self.coder_trainable:
@@ -101,6 +107,12 @@ class TrainConfig:
             raise ValueError(
                 f"--label-smoothing: expected a value in [0, 1), got {self.label_smoothing}"
             )
+
+    @property
+    def resolved_lr(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return LR_PER_128_IMAGES * self.batch_size / 128
 
     @property
     def resolved_image_size(self) -> int:
@@ -266,7 +278,7 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.coders = distinct_coders(self.model)
         self.optimizer = sgd(
-            self.model, config.lr, config.momentum, config.nesterov, config.weight_decay
+            self.model, config.resolved_lr, config.momentum, config.nesterov, config.weight_decay
         )
         total_steps = config.epochs * self.data.steps_per_epoch
         self.schedule = WarmupSchedule(
@@ -531,6 +543,7 @@ class Trainer:
             "world_size": self.processes.world_size,
             "device": str(self.device),
             "precision": self.precision,
+            "peak_lr": self.config.resolved_lr,
             "backends_in_use": backends,
             "ranks_agree": ranks_agree,
             "weights_fingerprint": [
