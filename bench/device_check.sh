@@ -49,7 +49,8 @@ run_tests() {  # $1: log name; the rest: pytest arguments
 run_tests triton_fp32 tests/test_triton_conv.py -k "fp32" & pids+=($!)
 run_tests triton_other tests/test_triton_conv.py -k "not fp32" & pids+=($!)
 run_tests cuda tests/test_cuda_conv.py & pids+=($!)
-run_tests layers tests/test_pnnh_conv.py tests/test_pnnh_linear.py & pids+=($!)
+run_tests layers tests/test_pnnh_conv.py tests/test_pnnh_linear.py tests/test_nonfinite.py \
+    tests/test_module_protocols.py tests/test_convert.py & pids+=($!)  # convert: real torchvision there
 for pid in "${pids[@]}"; do wait "$pid" || tests_status=1; done
 for log in "$out_dir"/tests_*.log; do
     [[ -f "$log" ]] || continue

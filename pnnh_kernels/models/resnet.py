@@ -171,6 +171,20 @@ class ResNet(nn.Module):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
         init_coder_layer_norms(self, coder_layer_norm_scale)
 
+    def load_torchvision_state_dict(
+        self, state_dict: dict[str, Tensor], strict: bool = True
+    ) -> list[str]:
+        """Load a torchvision ResNet's state_dict (see pnnh_kernels.models.torchvision_keys)."""
+        from pnnh_kernels.models.torchvision_keys import load_torchvision_state_dict
+
+        return load_torchvision_state_dict(self, state_dict, strict)
+
+    def torchvision_state_dict(self) -> dict[str, Tensor]:
+        """The weights under torchvision's keys (coders left out)."""
+        from pnnh_kernels.models.torchvision_keys import to_torchvision_state_dict
+
+        return to_torchvision_state_dict(self)
+
     def forward(self, x: Tensor) -> Tensor:
         x = self.stages(self.stem(x))
         return self.fc(torch.flatten(self.pool(x), 1))

@@ -1,0 +1,342 @@
+"""Bring your own model: turn a ResNet (torchvision's included) or a conv + BatchNorm + ReLU stack
+into its PNNH, plain or residual twin built from FusedPNNHConv.
+
+What is converted (docs/convert.md):
+
+- torchvision-style residual blocks, recognised by their attributes: ``conv1, bn1, conv2, bn2``
+  (``conv3, bn3`` for a bottleneck) and ``downsample`` (None or ``Sequential(conv, bn)``). Each
+  conv + BN (+ ReLU) becomes one FusedPNNHConv with the learner weights and the BatchNorm state
+  copied exactly. ``variant="residual"`` keeps the shortcut (the downsample converted too) and the
+  ReLU after the add; ``"plain"`` and ``"pnnh"`` remove it, so every layer ends in its own ReLU.
+- torchvision's ResNet stem (a module with ``conv1, bn1, relu, maxpool`` beside ``layer1``): its
+  conv + BN + ReLU becomes one FusedPNNHConv without a coder (the stem sees pixels, not the
+  rectified activations a coder is made for), ``bn1`` and ``relu`` become ``nn.Identity``.
+- in any ``nn.Sequential``: ``Conv2d, BatchNorm2d[, ReLU]`` runs, and a ``Conv2d, ReLU`` pair.
+
+Coders (``"pnnh"``) follow the rule of the library's own PNNH models (pnnh_kernels.models): within a
+stage (one ``nn.Sequential`` of blocks, or one ``nn.Sequential`` of layers) layers of the same
+input width, output width and stride share one coder, per position inside a bottleneck; a layer that
+keeps width and stride gets a tied coder, one that changes them an untied one; the stem gets none,
+nor does a layer whose padding is not "same"-like (its output would not line up with the coder's
+samples). The BatchNorm scales are copied as they are (a PNNH model built from scratch starts its
+coder layers at a depth-scaled gamma instead: docs/pnnh.md).
+
+What is not: grouped and depthwise convolutions (ResNeXt, MobileNet; the coder mixes all input
+channels, a grouped learner does not), convolutions with a padding mode other than zeros, and any
+block the rules above do not recognise. ``unsupported="keep"`` (default) leaves them as they are,
+listed in the summary; ``"refuse"`` raises ``NotImplementedError`` naming the first one.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+from pnnh_kernels.coder import DEFAULT_CODER_INIT
+from pnnh_kernels.models.coder_bank import CoderBank, check_variant
+from pnnh_kernels.models.parameters import count_parameters
+from pnnh_kernels.models.resnet import _Block
+from pnnh_kernels.pnnh_conv import FusedPNNHConv
+
+UNSUPPORTED_CHOICES = ("keep", "refuse")
+
+
+@dataclass
+class ConversionRow:
+    path: str  # the module's name in the original model ("" for the model itself)
+    action: str  # "converted", "kept" or "removed"
+    detail: str
+
+
+@dataclass
+class ConversionSummary:
+    variant: str
+    parameters_before: int
+    parameters_after: int = 0
+    rows: list[ConversionRow] = field(default_factory=list)
+
+    def count(self, action: str) -> int:
+        return sum(row.action == action for row in self.rows)
+
+    def table(self) -> str:
+        """A Markdown table of every conversion decision and the parameter counts."""
+        lines = [
+            f"Conversion to {self.variant}: {self.count('converted')} converted, "
+            f"{self.count('kept')} kept as they were, {self.count('removed')} shortcuts removed; "
+            f"parameters {self.parameters_before:,} -> {self.parameters_after:,} "
+            "(a shared coder counted once)",
+            "",
+            "| module | action | detail |",
+            "|---|---|---|",
+        ]
+        lines += [f"| {row.path or '(model)'} | {row.action} | {row.detail} |" for row in self.rows]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+class _Converter:
+    def __init__(
+        self, variant: str, coder_channels: Optional[int], coder_init: str, coder_trainable: bool,
+        unsupported: str, backend: str,
+    ) -> None:  # fmt: skip
+        self.variant = variant
+        self.coders = variant == "pnnh" and coder_channels != 0
+        self.coder_channels = coder_channels
+        self.coder_init = coder_init
+        self.coder_trainable = coder_trainable
+        self.unsupported = unsupported
+        self.backend = backend
+        self.rows: list[ConversionRow] = []
+        # Rows whose detail names coders, finished once every layer has attached to its coder.
+        self.pending: list[tuple[ConversionRow, str, list[tuple[str, FusedPNNHConv]]]] = []
+
+    # -- one conv + BN (+ ReLU) -----------------------------------------------------------------
+
+    def why_not(self, conv: nn.Conv2d) -> Optional[str]:
+        """Why ``conv`` cannot become a FusedPNNHConv, or None."""
+        if conv.groups != 1:
+            kind = "depthwise" if conv.groups == conv.in_channels else "grouped"
+            return f"{kind} convolution (groups={conv.groups}): a coder mixes all input channels"
+        if conv.padding_mode != "zeros":
+            return f"padding_mode={conv.padding_mode!r}: the fused kernels read zeros outside the image"
+        if isinstance(conv.padding, str):
+            return f"padding={conv.padding!r}: give the conversion explicit padding"
+        return None
+
+    def fused(
+        self, conv: nn.Conv2d, norm: Optional[nn.BatchNorm2d], relu: bool, bank: Optional[CoderBank],
+        key: object = None,
+    ) -> FusedPNNHConv:  # fmt: skip
+        stride = conv.stride[0] if conv.stride[0] == conv.stride[1] else conv.stride
+        same_like = all(
+            2 * p == d * (k - 1) for p, d, k in zip(conv.padding, conv.dilation, conv.kernel_size)
+        )
+        coder = None
+        if bank is not None and self.coders and same_like and isinstance(stride, int):
+            coder = bank.coder(conv.in_channels, conv.out_channels, stride, key)
+        weight = conv.weight
+        if coder is not None:  # the bank makes coders in the default dtype, on the CPU
+            coder.to(device=weight.device, dtype=weight.dtype)
+        layer = FusedPNNHConv(
+            conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+            padding=conv.padding, dilation=conv.dilation, bias=conv.bias is not None,
+            coder_channels=None if coder is not None else 0, coder=coder,
+            norm="batch" if norm is not None else None, activation="relu" if relu else None,
+            backend=self.backend, device=weight.device, dtype=weight.dtype,
+        )  # fmt: skip
+        with torch.no_grad():
+            layer.weight.copy_(conv.weight)
+            if conv.bias is not None:
+                layer.bias.copy_(conv.bias)
+        if norm is not None:
+            self._copy_norm(norm, layer.norm)
+        return layer
+
+    @staticmethod
+    def _copy_norm(source: nn.BatchNorm2d, target: nn.BatchNorm2d) -> None:
+        if not source.affine or not source.track_running_stats:
+            raise NotImplementedError(
+                f"BatchNorm2d(affine={source.affine}, track_running_stats="
+                f"{source.track_running_stats}): the fused layer's norm has both"
+            )
+        target.eps, target.momentum = source.eps, source.momentum
+        target.load_state_dict(source.state_dict())
+
+    def _coder_note(self, layer: FusedPNNHConv) -> str:
+        if layer.coder is None:
+            return "no coder"
+        tied = "tied" if layer.coder.tied else "untied"
+        return f"coder C_B={layer.code_channels} ({tied}, shared by {layer.coder.num_uses})"
+
+    # -- blocks and stacks ----------------------------------------------------------------------
+
+    def unsupported_module(self, path: str, reason: str) -> None:
+        if self.unsupported == "refuse":
+            raise NotImplementedError(f"{path or '(model)'}: cannot convert: {reason}")
+        self.rows.append(ConversionRow(path, "kept", reason))
+
+    def block(self, path: str, block: nn.Module, bank: CoderBank) -> nn.Module:
+        names = ["1", "2", "3"] if hasattr(block, "conv3") else ["1", "2"]
+        convs = [getattr(block, f"conv{n}") for n in names]
+        norms = [getattr(block, f"bn{n}") for n in names]
+        downsample = getattr(block, "downsample", None)
+        shortcut_parts: list[nn.Module] = []
+        if downsample is not None:
+            parts = list(downsample.children()) if isinstance(downsample, nn.Sequential) else []
+            if (
+                len(parts) != 2
+                or not isinstance(parts[0], nn.Conv2d)
+                or not isinstance(parts[1], nn.BatchNorm2d)
+            ):
+                self.unsupported_module(path, "downsample is not Sequential(Conv2d, BatchNorm2d)")
+                return block
+            shortcut_parts = parts
+        for conv in [*convs, *shortcut_parts[:1]]:
+            reason = self.why_not(conv)
+            if reason is not None:
+                self.unsupported_module(path, reason)
+                return block
+        residual = self.variant == "residual"
+        keys = [0, 1, 2] if len(convs) == 3 else [None, None]
+        layers = [
+            self.fused(conv, norm, relu=index < len(convs) - 1 or not residual, bank=bank, key=key)
+            for index, (conv, norm, key) in enumerate(zip(convs, norms, keys))
+        ]
+        shortcut: Optional[nn.Module] = None
+        if residual:
+            shortcut = nn.Identity()
+            if shortcut_parts:
+                shortcut = self.fused(shortcut_parts[0], shortcut_parts[1], relu=False, bank=None)
+        else:
+            what = "projection (1x1 conv + BN)" if shortcut_parts else "identity"
+            self.rows.append(ConversionRow(f"{path}.downsample" if shortcut_parts else path,
+                                           "removed", f"{what} shortcut"))  # fmt: skip
+        parts = [
+            (f"conv{n}+bn{n}{'+relu' if layer.activation else ''}", layer)
+            for n, layer in zip(names, layers)
+        ]
+        self.converted(path, f"{type(block).__name__}: ", parts)
+        return _Block(layers, shortcut)
+
+    def converted(self, path: str, prefix: str, parts: list[tuple[str, FusedPNNHConv]]) -> None:
+        row = ConversionRow(path, "converted", "")
+        self.rows.append(row)
+        self.pending.append((row, prefix, parts))
+
+    def finish(self) -> list[ConversionRow]:
+        for row, prefix, parts in self.pending:
+            row.detail = prefix + "; ".join(
+                f"{what}: {self._coder_note(layer)}" for what, layer in parts
+            )
+        return self.rows
+
+    def sequential(self, path: str, stack: nn.Sequential) -> nn.Module:
+        """Fuse Conv2d, BatchNorm2d[, ReLU] (and Conv2d, ReLU) runs; recurse into the rest."""
+        children = list(stack.named_children())
+        bank = CoderBank(enabled=self.coders, init=self.coder_init, trainable=self.coder_trainable,
+                         code_channels=self.coder_channels)  # fmt: skip
+        out: list[tuple[str, nn.Module]] = []
+        index = 0
+        changed = False
+        while index < len(children):
+            name, module = children[index]
+            child_path = f"{path}.{name}" if path else name
+            if isinstance(module, nn.Conv2d):
+                following = [m for _, m in children[index + 1 : index + 3]]
+                norm = following[0] if following and isinstance(following[0], nn.BatchNorm2d) else None
+                after = following[1:] if norm is not None else following[:1]
+                relu = bool(after) and isinstance(after[0], nn.ReLU)
+                reason = self.why_not(module)
+                if reason is not None:
+                    self.unsupported_module(child_path, reason)
+                    out.append((name, module))
+                    index += 1
+                    continue
+                layer = self.fused(module, norm, relu, bank)
+                parts = "conv" + ("+bn" if norm is not None else "") + ("+relu" if relu else "")
+                self.converted(child_path, "", [(parts, layer)])
+                out.append((name, layer))
+                index += 1 + (norm is not None) + relu
+                changed = True
+                continue
+            if _is_block(module):
+                out.append((name, self.block(child_path, module, bank)))
+                changed = True
+            else:
+                replaced = self.module(child_path, module)
+                changed |= replaced is not module
+                out.append((name, replaced))
+            index += 1
+        if not changed:
+            return stack
+        return nn.Sequential(OrderedDict(out))
+
+    def module(self, path: str, module: nn.Module) -> nn.Module:
+        if isinstance(module, nn.Sequential):
+            return self.sequential(path, module)
+        if _is_block(module):
+            return self.block(path, module, CoderBank(enabled=self.coders, init=self.coder_init,
+                                                      trainable=self.coder_trainable,
+                                                      code_channels=self.coder_channels))  # fmt: skip
+        if _is_torchvision_resnet(module):
+            self._stem(path, module)
+        for name, child in list(module.named_children()):
+            child_path = f"{path}.{name}" if path else name
+            if _is_torchvision_resnet(module) and name in ("conv1", "bn1", "relu"):
+                continue
+            replaced = self.module(child_path, child)
+            if replaced is not child:
+                setattr(module, name, replaced)
+        return module
+
+    def _stem(self, path: str, model: nn.Module) -> None:
+        reason = self.why_not(model.conv1)
+        if reason is not None:
+            self.unsupported_module(f"{path}.conv1" if path else "conv1", reason)
+            return
+        model.conv1 = self.fused(model.conv1, model.bn1, relu=True, bank=None)
+        model.bn1 = nn.Identity()
+        model.relu = nn.Identity()
+        self.converted(f"{path}.conv1" if path else "conv1", "stem ", [("conv1+bn1+relu", model.conv1)])
+
+
+def _is_block(module: nn.Module) -> bool:
+    return all(hasattr(module, name) for name in ("conv1", "bn1", "conv2", "bn2", "downsample")) and (
+        isinstance(module.conv1, nn.Conv2d) and isinstance(module.bn1, nn.BatchNorm2d)
+    )
+
+
+def _is_torchvision_resnet(module: nn.Module) -> bool:
+    return (
+        all(hasattr(module, name) for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "fc"))
+        and isinstance(module.conv1, nn.Conv2d)
+        and isinstance(module.bn1, nn.BatchNorm2d)
+    )
+
+
+def convert(
+    model: nn.Module,
+    variant: str = "pnnh",
+    *,
+    coder_channels: Optional[int] = None,
+    coder_init: str = DEFAULT_CODER_INIT,
+    coder_trainable: bool = False,
+    unsupported: str = "keep",
+    backend: str = "auto",
+    inplace: bool = False,
+) -> tuple[nn.Module, ConversionSummary]:
+    """The PNNH (``"pnnh"``), plain (``"plain"``) or residual (``"residual"``) twin of ``model`` and
+    a summary of what was converted, kept and removed (see the module docstring for the rules).
+
+    ``"residual"`` keeps every shortcut and adds no coder: the converted model computes what the
+    original computes (in float64 and eval mode to 1e-10; tests/test_convert.py), a check that the
+    weights were copied exactly. ``coder_channels``: C_B of every coder (default max(1, C_in // 2));
+    0 with ``"pnnh"`` gives the plain twin. ``inplace=False`` converts a deep copy.
+    """
+    check_variant(variant)
+    if unsupported not in UNSUPPORTED_CHOICES:
+        raise ValueError(f"unsupported: expected one of {UNSUPPORTED_CHOICES}, got {unsupported!r}")
+    if coder_channels is not None and coder_channels < 0:
+        raise ValueError(f"coder_channels: expected >= 0 or None, got {coder_channels}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    summary = ConversionSummary(variant, count_parameters(model))
+    target = model if inplace else copy.deepcopy(model)
+    converter = _Converter(variant, coder_channels, coder_init, coder_trainable, unsupported, backend)
+    converted = converter.module("", target)
+    summary.rows = converter.finish()
+    summary.parameters_after = count_parameters(converted)
+    if not any(row.action == "converted" for row in summary.rows):
+        raise ValueError(
+            "model: nothing to convert: no torchvision-style residual block, ResNet stem or "
+            "Conv2d + BatchNorm2d run in an nn.Sequential was found"
+            + (f" ({len(summary.rows)} modules kept: {summary.rows[0].detail})" if summary.rows else "")
+        )
+    return converted, summary
