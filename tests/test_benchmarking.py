@@ -173,3 +173,17 @@ def test_report_refuses_a_file_without_results(tmp_path, content, message):
         write_report(path, tmp_path / "out")
     assert str(path) in str(error.value)
     assert not (tmp_path / "out" / "report.md").exists()
+
+
+def test_report_lists_vit_blocks_against_the_residual_one(tmp_path):
+    run = _recorded_run(pnnh_images_per_s=60.0, pnnh_parameters=1010)
+    for variant, median in (("residual", 0.004), ("plain", 0.003), ("pnnh", 0.005)):
+        run["benchmarks"].append(
+            _benchmark(f"vit-{variant}", "v", median, kind="vit-block", variant=variant,
+                       shape="8x64x192", dtype="fp32", ledger_launches=62, ledger_bytes=3.96e8)
+        )  # fmt: skip
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(run))
+    text = markdown(*load(path), [])
+    assert "| 8x64x192 | fp32 | pnnh | 5.000 | 1.25x | 62 | 396.0 |" in text
+    assert "| 8x64x192 | fp32 | plain | 3.000 | 0.75x |" in text

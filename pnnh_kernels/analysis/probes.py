@@ -15,7 +15,13 @@ from pnnh_kernels.pnnh_linear import FusedPNNHLinear
 
 
 def survival_fraction(activations: Tensor) -> float:
-    """Fraction of post-ReLU values that are > 0, i.e. of pre-activations that survived."""
+    """Fraction of post-activation values that are > 0, i.e. of pre-activations that survived.
+
+    ReLU: the others are zeroed, lost. GELU (``x * Phi(x)``, a ViT's MLP): its output is > 0 exactly
+    where its input is, so this is the fraction of units in the passing regime (gain Phi(x) >= 1/2);
+    the others are not zeroed but squashed into [-0.17, 0): attenuated, mostly rather than wholly
+    lost (GELU is one-to-one above x = -0.75). A GELU's survival is therefore an upper bound on what
+    it loses, not a count of it."""
     return float((activations > 0).float().mean())
 
 
@@ -83,13 +89,14 @@ class ReluSiteStats:
     cosine_similarity: float
     ridge_r2: Optional[float]
     coder_gain: Optional[float] = None  # coder_gain() of a fused PNNH layer's coder, else None
+    nonlinearity: str = "relu"  # "relu" or "gelu" (see survival_fraction for what survival means)
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
 def _is_relu_site(module: nn.Module) -> bool:
-    if isinstance(module, nn.ReLU):
+    if isinstance(module, (nn.ReLU, nn.GELU)):
         return True
     return isinstance(module, (FusedPNNHConv, FusedPNNHLinear)) and module.activation == "relu"
 
@@ -103,13 +110,14 @@ def dissipation_report(
     a fused PNNH layer with a coder, the coder path's gain (:func:`coder_gain`; a product of gains
     above 1 over the layers is a net heading for divergence, visible before training).
 
-    Works on any nn.Module: it hooks every nn.ReLU module (torchvision's ResNets included) and the
+    Works on any nn.Module: it hooks every nn.ReLU and nn.GELU module (torchvision's ResNets and
+    the ViTs of pnnh_kernels.models.vit included; see survival_fraction for a GELU's survival) and the
     fused PNNH layers whose activation is a ReLU. ReLUs called as functions (torch.relu) are not
     seen. Features larger than ``max_features`` per sample are average-pooled spatially for the
     probe (the survival and similarity use all of them).
     """
     names = {module: name for name, module in model.named_modules()}
-    records: list[tuple[str, Tensor, Optional[float]]] = []
+    records: list[tuple[str, Tensor, Optional[float], str]] = []
     gains: dict[int, float] = {}  # per coder: a shared coder is measured once
 
     def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
@@ -120,7 +128,8 @@ def dissipation_report(
                 gains[id(coder)] = coder_gain(coder)
             gain = gains[id(coder)]
         name = names.get(module, type(module).__name__)
-        records.append((name, output.detach().float().cpu(), gain))
+        kind = "gelu" if isinstance(module, nn.GELU) else "relu"
+        records.append((name, output.detach().float().cpu(), gain, kind))
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if _is_relu_site(m)]
     was_training = model.training
@@ -132,7 +141,7 @@ def dissipation_report(
         for handle in handles:
             handle.remove()
     stats = []
-    for index, (site, output, gain) in enumerate(records):
+    for index, (site, output, gain, kind) in enumerate(records):
         r2 = None
         if probe_inputs:
             features = output
@@ -141,7 +150,13 @@ def dissipation_report(
             r2 = ridge_r2(features, batch.detach().float().cpu())
         stats.append(
             ReluSiteStats(
-                index, site, survival_fraction(output), mean_cosine_similarity(output), r2, gain
+                index,
+                site,
+                survival_fraction(output),
+                mean_cosine_similarity(output),
+                r2,
+                gain,
+                kind,
             )
         )
     return stats

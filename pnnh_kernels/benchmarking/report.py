@@ -160,6 +160,34 @@ def parameter_verdict(model_rows: list[dict[str, Any]]) -> str:
     )
 
 
+def _vit_lines(results: list[Result]) -> list[str]:
+    """One ViT block's training step per variant (bench/test_vit.py), against the residual one."""
+    rows = [r for r in results if r.info.get("kind") == "vit-block"]
+    if not rows:
+        return []
+    residual = {(r.info["shape"], r.info["dtype"]): r.median_s for r in rows
+                if r.info["variant"] == "residual"}  # fmt: skip
+    lines = [
+        "",
+        "## ViT blocks (one block's training step; eager PyTorch, no kernel of ours applies)",
+        "",
+        "The ledger counts attention as scaled_dot_product_attention's math decomposition; a GPU "
+        "runs one fused kernel there, so on a GPU its attention launches and bytes are an upper bound.",
+        "",
+        "| shape | dtype | variant | median (ms) | vs residual | ledger launches | ledger MB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: (r.info["shape"], r.info["dtype"], r.info["variant"])):
+        baseline = residual.get((r.info["shape"], r.info["dtype"]))
+        relative = r.median_s / baseline if baseline else None
+        lines.append(
+            f"| {r.info['shape']} | {r.info['dtype']} | {r.info['variant']} | {r.median_s * 1e3:.3f} | "
+            f"{_fmt(relative, '{:.2f}x')} | {r.info.get('ledger_launches')} | "
+            f"{r.info.get('ledger_bytes', 0) / 1e6:.1f} |"
+        )
+    return lines
+
+
 def _roofline_cell(row: dict[str, Any]) -> str:
     if row.get("roofline_error"):
         return "measurement error: above the roofline"
@@ -236,6 +264,7 @@ def markdown(data: dict[str, Any], results: list[Result], figures: list[str]) ->
             f"{row['parameters']:,} | {row['coder_parameters']:,} | "
             f"{'not measured' if memory is None else f'{memory / 2**20:.0f}'} |"
         )
+    lines += _vit_lines(results)
     throttled = [r.name for r in results if r.info.get("throttling")]
     if throttled:
         lines += ["", f"Clocks dropped (throttling) during: {', '.join(throttled)}."]

@@ -119,9 +119,10 @@ def step_inputs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(x, grad): a non-negative input that requires grad (a ReLU layer's output, as a layer inside
     a net receives) and an output gradient, channels_last."""
+    layout = torch.channels_last if len(shape) == 4 else torch.contiguous_format  # images only
     x = torch.randn(shape, dtype=dtype, device=device).relu()
-    x = x.contiguous(memory_format=torch.channels_last).requires_grad_(True)
-    grad = torch.randn(shape, dtype=dtype, device=device).contiguous(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=layout).requires_grad_(True)
+    grad = torch.randn(shape, dtype=dtype, device=device).contiguous(memory_format=layout)
     return x, grad
 
 

@@ -83,13 +83,20 @@ def train_classifier(
     momentum: float = 0.9,
     weight_decay: float = 5e-4,
     seed: int = 0,
+    optimizer_name: str = "sgd",
 ) -> TrainResult:
-    """SGD with momentum and a one-cycle schedule; the same recipe for every variant."""
+    """SGD with momentum (or ``optimizer_name="adamw"``, the ViT recipe: AdamW, momentum unused)
+    and a one-cycle schedule; the same recipe for every variant of a study."""
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=max_lr, momentum=momentum, weight_decay=weight_decay
-    )
+    if optimizer_name == "sgd":
+        optimizer: torch.optim.Optimizer = torch.optim.SGD(
+            model.parameters(), lr=max_lr, momentum=momentum, weight_decay=weight_decay
+        )
+    elif optimizer_name == "adamw":
+        optimizer = torch.optim.AdamW(model.parameters(), lr=max_lr, weight_decay=weight_decay)
+    else:
+        raise ValueError(f"optimizer_name: expected 'sgd' or 'adamw', got {optimizer_name!r}")
     steps_per_epoch = math.ceil(len(data.train_labels) / batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=max_lr, epochs=epochs, steps_per_epoch=steps_per_epoch

@@ -21,13 +21,20 @@ from pnnh_kernels.backends import check_backend_name
 from pnnh_kernels.coder import PNNHCoder
 from pnnh_kernels.models import count_parameters, resnet18, resnet34, resnet50
 from pnnh_kernels.models.coder_bank import check_variant
+from pnnh_kernels.models.vit import vit_small, vit_tiny
 from pnnh_kernels.pnnh_conv import FusedPNNHConv
 from pnnh_kernels.pnnh_linear import FusedPNNHLinear
 from pnnh_kernels.training import checkpoint, distributed, metrics
 from pnnh_kernels.training.data import DataSpec, ImageData
 from pnnh_kernels.training.optim import WarmupSchedule, scheduler, sgd
 
-MODELS = {"resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50}
+MODELS = {
+    "resnet18": resnet18,
+    "resnet34": resnet34,
+    "resnet50": resnet50,
+    "vit_tiny": vit_tiny,
+    "vit_small": vit_small,
+}
 PRECISIONS = {"auto": None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Settings that may change between a run and its resumption without changing what is trained.
 # The default peak learning rate: 0.1 per 128 images of global batch (the CIFAR ResNet recipe's 0.1
@@ -126,13 +133,32 @@ class TrainConfig:
         return "imagenet" if self.resolved_image_size >= 96 else "cifar"
 
 
+def vit_patch_size(image_size: int) -> int:
+    """4-pixel patches for small images (CIFAR's 32: 64 tokens), 16 for ImageNet-sized ones (224:
+    196 tokens, ViT's own choice); the largest such size that divides the image."""
+    for patch in (16, 8, 4, 2, 1) if image_size >= 96 else (4, 2, 1):
+        if image_size % patch == 0:
+            return patch
+    return 1
+
+
 def build_model(config: TrainConfig, num_classes: int) -> nn.Module:
-    model = MODELS[config.model](
-        config.variant,
-        stem=config.stem,
-        num_classes=num_classes,
-        coder_trainable=config.coder_trainable,
-    )
+    if config.model.startswith("vit"):
+        size = config.resolved_image_size
+        model = MODELS[config.model](
+            config.variant,
+            image_size=size,
+            patch_size=vit_patch_size(size),
+            num_classes=num_classes,
+            coder_trainable=config.coder_trainable,
+        )
+    else:
+        model = MODELS[config.model](
+            config.variant,
+            stem=config.stem,
+            num_classes=num_classes,
+            coder_trainable=config.coder_trainable,
+        )
     backend = check_backend_name(config.backend)
     for module in model.modules():
         if isinstance(module, (FusedPNNHConv, FusedPNNHLinear)):

@@ -1,0 +1,198 @@
+"""A Vision Transformer in three variants from one definition: residual, plain and PNNH.
+
+Every block is two sublayers, attention and MLP, each ``body(LayerNorm(x))`` on the token stream
+``x``:
+
+- ``"residual"``: the standard pre-norm ViT, ``x + body(LN(x))``.
+- ``"plain"``: the residual connections removed, ``body(LN(x))``.
+- ``"pnnh"``: plain plus an internal path: ``body(LN(x)) + W_D relu(W_E x + b_E)``, a coder
+  (:class:`PNNHCoder`) reading the sublayer's own input ``x`` and adding its reconstruction to the
+  sublayer's output, as a PNNH conv layer adds it to its learner's (docs/pnnh.md). Coders are shared
+  as in the conv nets' stages: one by all attention sublayers, one by all MLP sublayers (a ViT has
+  a single stage; every block has the same width). The coder reads ``x`` rather than ``LN(x)`` so
+  that the path carries the stream itself, as a residual connection would, and not its normalised
+  copy.
+
+FusedPNNHLinear does not fit here: its coder reads the learner's own input, while a sublayer's
+learner reads ``LN(x)`` and its coder ``x``, and the MLP's activation is GELU, which the fused
+kernels do not have. The coder runs as PNNHCoder's two linear maps; attention is PyTorch's
+``scaled_dot_product_attention``. The stream of a ViT is signed, unlike the post-ReLU inputs a
+conv layer's coder sees: the default rectified-isometry coder (non-negative encoder rows) passes
+only the part of ``x`` its ReLU keeps, so the PNNH path carries less here than in a CNN.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pnnh_kernels.coder import (
+    DEFAULT_CODER_INIT,
+    PNNHCoder,
+    deepcopy_fields,
+    default_code_channels,
+)
+from pnnh_kernels.models.coder_bank import check_variant
+from pnnh_kernels.validation import check_positive_int
+
+PRESETS = {
+    # dim, depth, heads (DeiT's Tiny and Small; the MLP is 4x wide in both)
+    "tiny": (192, 12, 3),
+    "small": (384, 12, 6),
+}
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over [batch, tokens, dim] (scaled_dot_product_attention)."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"heads: dim {dim} must divide evenly over {heads} heads")
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, tokens, dim = x.shape
+        qkv = self.qkv(x).view(batch, tokens, 3, self.heads, dim // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [batch, heads, tokens, head_dim]
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()  # a module, so that analysis hooks (dissipation_report) see it
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Sublayer(nn.Module):
+    """``body(LN(x))``, plus ``x`` (residual) or plus ``coder(x)`` (pnnh)."""
+
+    def __init__(self, body: nn.Module, dim: int, residual: bool, coder: Optional[PNNHCoder]) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.body = body
+        self.residual = residual
+        self.coder = coder
+        if coder is not None:
+            coder.attach()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Sublayer:
+        copied = deepcopy_fields(self, memo)
+        if copied.coder is not None:
+            copied.coder.attach()  # the copied coder counts its own sublayers
+        return copied
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.body(self.norm(x))
+        if self.residual:
+            return x + out
+        if self.coder is not None:
+            weights = self.coder.tensors()  # with the shared coder's gradient averaging
+            code = F.relu(F.linear(x, weights.encoder_weight, weights.encoder_bias))
+            return out + F.linear(code, weights.decoder())
+        return out
+
+
+class Block(nn.Module):
+    def __init__(self, attention: Sublayer, mlp: Sublayer) -> None:
+        super().__init__()
+        self.attention = attention
+        self.mlp = mlp
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.mlp(self.attention(x))
+
+
+class VisionTransformer(nn.Module):
+    """Patch embedding (a strided conv), learned position embeddings, ``depth`` blocks, a final
+    LayerNorm, mean pooling over the tokens (no class token) and a linear head."""
+
+    def __init__(
+        self,
+        variant: str = "residual",
+        *,
+        image_size: int = 32,
+        patch_size: int = 4,
+        in_channels: int = 3,
+        num_classes: int = 10,
+        dim: int = 192,
+        depth: int = 12,
+        heads: int = 3,
+        mlp_ratio: float = 4.0,
+        coder_channels: Optional[int] = None,
+        coder_init: str = DEFAULT_CODER_INIT,
+        coder_trainable: bool = False,
+    ) -> None:
+        super().__init__()
+        self.variant = check_variant(variant)
+        sizes = {"image_size": image_size, "patch_size": patch_size, "dim": dim, "depth": depth,
+                 "heads": heads, "num_classes": num_classes}  # fmt: skip
+        for name, value in sizes.items():
+            check_positive_int(name, value)
+        if image_size % patch_size:
+            raise ValueError(
+                f"patch_size: {patch_size} must divide image_size {image_size} (the images are cut "
+                "into whole patches)"
+            )
+        self.image_size = image_size
+        self.patch_embed = nn.Conv2d(in_channels, dim, patch_size, stride=patch_size)
+        tokens = (image_size // patch_size) ** 2
+        self.position = nn.Parameter(torch.randn(1, tokens, dim) * 0.02)
+        coders: list[Optional[PNNHCoder]] = [None, None]
+        if variant == "pnnh":
+            code = default_code_channels(dim) if coder_channels is None else coder_channels
+            if code > 0:
+                coders = [
+                    PNNHCoder(dim, code, dim, tied=True, init=coder_init, trainable=coder_trainable)
+                    for _ in range(2)
+                ]
+        residual = variant == "residual"
+        hidden = round(dim * mlp_ratio)
+        self.blocks = nn.Sequential(
+            *(
+                Block(
+                    Sublayer(Attention(dim, heads), dim, residual, coders[0]),
+                    Sublayer(MLP(dim, hidden), dim, residual, coders[1]),
+                )
+                for _ in range(depth)
+            )
+        )
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            raise ValueError(
+                f"input: expected {self.image_size}x{self.image_size} images, got {tuple(x.shape)}"
+            )
+        tokens = self.patch_embed(x).flatten(2).transpose(1, 2) + self.position
+        return self.head(self.norm(self.blocks(tokens)).mean(dim=1))
+
+
+def vit(variant: str = "residual", preset: Optional[str] = None, **kwargs) -> VisionTransformer:
+    """A ViT: ``preset`` "tiny" or "small" sets dim, depth and heads (keywords override them)."""
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ValueError(f"preset: expected one of {tuple(PRESETS)} or None, got {preset!r}")
+        dim, depth, heads = PRESETS[preset]
+        kwargs = {"dim": dim, "depth": depth, "heads": heads, **kwargs}
+    return VisionTransformer(variant, **kwargs)
+
+
+def vit_tiny(variant: str = "residual", **kwargs) -> VisionTransformer:
+    return vit(variant, "tiny", **kwargs)
+
+
+def vit_small(variant: str = "residual", **kwargs) -> VisionTransformer:
+    return vit(variant, "small", **kwargs)
