@@ -265,11 +265,12 @@ class _Converter:
             return self.block(path, module, CoderBank(enabled=self.coders, init=self.coder_init,
                                                       trainable=self.coder_trainable,
                                                       code_channels=self.coder_channels))  # fmt: skip
-        if _is_torchvision_resnet(module):
+        stem_done = _is_torchvision_resnet(module)
+        if stem_done:
             self._stem(path, module)
         for name, child in list(module.named_children()):
             child_path = f"{path}.{name}" if path else name
-            if _is_torchvision_resnet(module) and name in ("conv1", "bn1", "relu"):
+            if isinstance(child, FusedPNNHConv) or (stem_done and name in ("conv1", "bn1", "relu")):
                 continue
             replaced = self.module(child_path, child)
             if replaced is not child:
