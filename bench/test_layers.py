@@ -109,7 +109,7 @@ def _bench(
     for _ in range(layers - 1):
         cost = cost + one_layer
     peaks = benchmark.extra_info["peaks"]
-    own_peak = peaks["matmul_flops"][str(dtype).removeprefix("torch.")]  # the step's own dtype
+    own_peak = peaks["compute_flops"][str(dtype).removeprefix("torch.")]  # the step's own dtype
     benchmark.extra_info.update(
         {
             "kind": "layer" if layers == 1 else "block",

@@ -207,13 +207,13 @@ def markdown(data: dict[str, Any], results: list[Result], figures: list[str]) ->
         f"{next((r.info.get('torch') for r in results if r.info.get('torch')), 'unknown')}.",
     ]
     if peaks:
-        matmul = peaks["matmul_flops"]
+        matmul = peaks.get("compute_flops", peaks.get("matmul_flops"))  # older runs: matmul only
         if not isinstance(matmul, dict):  # a run recorded before the peaks were per dtype
             matmul = {peaks.get("matmul_dtype", "unknown dtype"): matmul}
-        per_dtype = ", ".join(f"{flops / 1e12:.2f} TFLOP/s {name}" for name, flops in matmul.items())
+        per_dtype = ", ".join(f"{flops / 1e12:.3g} TFLOP/s {name}" for name, flops in matmul.items())
         notes = f" ({peaks['notes']})" if peaks.get("notes") else ""
         lines.append(
-            f"Peaks measured in this run: matmul {per_dtype}{notes}, "
+            f"Peaks measured in this run: {per_dtype}{notes}, "
             f"{peaks['copy_bytes_per_second'] / 1e9:.1f} GB/s (device copy). Each row's roofline "
             "fraction is against the peak of its own dtype; a result above its roofline is flagged "
             "as a measurement error, not printed as a fraction."
