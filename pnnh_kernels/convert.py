@@ -99,8 +99,23 @@ class _Converter:
 
     # -- one conv + BN (+ ReLU) -----------------------------------------------------------------
 
-    def why_not(self, conv: nn.Conv2d) -> Optional[str]:
-        """Why ``conv`` cannot become a FusedPNNHConv, or None."""
+    def why_not(self, conv: nn.Conv2d, norm: Optional[nn.Module] = None) -> Optional[str]:
+        """Why ``conv`` (with ``norm``) cannot become a FusedPNNHConv, or None."""
+        if type(conv) is not nn.Conv2d:  # a subclass may have its own forward (timm's Conv2dSame)
+            return f"{type(conv).__name__} is a Conv2d subclass: its forward may differ"
+        if norm is not None and type(norm) is not nn.BatchNorm2d:
+            return f"{type(norm).__name__} where a BatchNorm2d was expected"
+        if norm is not None and not (norm.affine and norm.track_running_stats):
+            return (
+                f"BatchNorm2d(affine={norm.affine}, track_running_stats={norm.track_running_stats}): "
+                "the fused layer's norm has both"
+            )
+        if (
+            conv._forward_hooks
+            or conv._forward_pre_hooks
+            or (norm is not None and (norm._forward_hooks or norm._forward_pre_hooks))
+        ):
+            return "forward hooks on the conv or its norm would be lost"
         if conv.groups != 1:
             kind = "depthwise" if conv.groups == conv.in_channels else "grouped"
             return f"{kind} convolution (groups={conv.groups}): a coder mixes all input channels"
@@ -131,21 +146,24 @@ class _Converter:
             norm="batch" if norm is not None else None, activation="relu" if relu else None,
             backend=self.backend, device=weight.device, dtype=weight.dtype,
         )  # fmt: skip
+        layer.train(conv.training)  # an eval-mode model converts to an eval-mode twin
         with torch.no_grad():
             layer.weight.copy_(conv.weight)
             if conv.bias is not None:
                 layer.bias.copy_(conv.bias)
         if norm is not None:
             self._copy_norm(norm, layer.norm)
+        # What is frozen stays frozen (the coder keeps its own setting).
+        layer.weight.requires_grad_(conv.weight.requires_grad)
+        if conv.bias is not None:
+            layer.bias.requires_grad_(conv.bias.requires_grad)
+        if norm is not None:
+            layer.norm.weight.requires_grad_(norm.weight.requires_grad)
+            layer.norm.bias.requires_grad_(norm.bias.requires_grad)
         return layer
 
     @staticmethod
     def _copy_norm(source: nn.BatchNorm2d, target: nn.BatchNorm2d) -> None:
-        if not source.affine or not source.track_running_stats:
-            raise NotImplementedError(
-                f"BatchNorm2d(affine={source.affine}, track_running_stats="
-                f"{source.track_running_stats}): the fused layer's norm has both"
-            )
         target.eps, target.momentum = source.eps, source.momentum
         target.load_state_dict(source.state_dict())
 
@@ -163,6 +181,10 @@ class _Converter:
         self.rows.append(ConversionRow(path, "kept", reason))
 
     def block(self, path: str, block: nn.Module, bank: CoderBank) -> nn.Module:
+        problem = _block_problem(block)
+        if problem is not None:
+            self.unsupported_module(path, problem)
+            return block
         names = ["1", "2", "3"] if hasattr(block, "conv3") else ["1", "2"]
         convs = [getattr(block, f"conv{n}") for n in names]
         norms = [getattr(block, f"bn{n}") for n in names]
@@ -178,8 +200,8 @@ class _Converter:
                 self.unsupported_module(path, "downsample is not Sequential(Conv2d, BatchNorm2d)")
                 return block
             shortcut_parts = parts
-        for conv in [*convs, *shortcut_parts[:1]]:
-            reason = self.why_not(conv)
+        for conv, norm in zip([*convs, *shortcut_parts[:1]], [*norms, *shortcut_parts[1:]]):
+            reason = self.why_not(conv, norm)
             if reason is not None:
                 self.unsupported_module(path, reason)
                 return block
@@ -203,7 +225,7 @@ class _Converter:
             for n, layer in zip(names, layers)
         ]
         self.converted(path, f"{type(block).__name__}: ", parts)
-        return _Block(layers, shortcut)
+        return _Block(layers, shortcut).train(block.training)
 
     def converted(self, path: str, prefix: str, parts: list[tuple[str, FusedPNNHConv]]) -> None:
         row = ConversionRow(path, "converted", "")
@@ -233,7 +255,7 @@ class _Converter:
                 norm = following[0] if following and isinstance(following[0], nn.BatchNorm2d) else None
                 after = following[1:] if norm is not None else following[:1]
                 relu = bool(after) and isinstance(after[0], nn.ReLU)
-                reason = self.why_not(module)
+                reason = self.why_not(module, norm)
                 if reason is not None:
                     self.unsupported_module(child_path, reason)
                     out.append((name, module))
@@ -247,16 +269,18 @@ class _Converter:
                 changed = True
                 continue
             if _is_block(module):
-                out.append((name, self.block(child_path, module, bank)))
-                changed = True
+                converted = self.block(child_path, module, bank)
+                changed |= converted is not module
+                out.append((name, converted))
             else:
                 replaced = self.module(child_path, module)
                 changed |= replaced is not module
                 out.append((name, replaced))
             index += 1
-        if not changed:
-            return stack
-        return nn.Sequential(OrderedDict(out))
+        if changed:  # in place: a top-level Sequential converted with inplace=True is the caller's
+            stack._modules.clear()
+            stack._modules.update(OrderedDict(out))
+        return stack
 
     def module(self, path: str, module: nn.Module) -> nn.Module:
         if isinstance(module, nn.Sequential):
@@ -265,6 +289,11 @@ class _Converter:
             return self.block(path, module, CoderBank(enabled=self.coders, init=self.coder_init,
                                                       trainable=self.coder_trainable,
                                                       code_channels=self.coder_channels))  # fmt: skip
+        if _looks_like_a_block(module):
+            # Its forward is unknown: fusing inside it could add a coder to a shortcut path.
+            self.unsupported_module(path, f"{type(module).__name__}: a residual block of a layout "
+                                    "the converter does not recognise")  # fmt: skip
+            return module
         stem_done = _is_torchvision_resnet(module)
         if stem_done:
             self._stem(path, module)
@@ -283,9 +312,36 @@ class _Converter:
             self.unsupported_module(f"{path}.conv1" if path else "conv1", reason)
             return
         model.conv1 = self.fused(model.conv1, model.bn1, relu=True, bank=None)
-        model.bn1 = nn.Identity()
-        model.relu = nn.Identity()
+        model.bn1 = nn.Identity().train(model.training)
+        model.relu = nn.Identity().train(model.training)
         self.converted(f"{path}.conv1" if path else "conv1", "stem ", [("conv1+bn1+relu", model.conv1)])
+
+
+BLOCK_CHILDREN = {"conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "relu", "downsample"}
+
+
+def _block_problem(block: nn.Module) -> Optional[str]:
+    """Why a module with torchvision's block attributes is not one the converter can rebuild."""
+    extra = sorted(name for name, _ in block.named_children() if name not in BLOCK_CHILDREN)
+    if extra:
+        return f"{type(block).__name__} has modules a torchvision block has not: {', '.join(extra)}"
+    relu = getattr(block, "relu", None)
+    if relu is not None and type(relu) is not nn.ReLU:
+        return f"{type(block).__name__}.relu is {type(relu).__name__}, not nn.ReLU"
+    if block._forward_hooks or block._forward_pre_hooks:
+        return "forward hooks on the block would be lost"
+    for name in ("conv2", "conv3"):
+        if hasattr(block, name) and not isinstance(getattr(block, name), nn.Conv2d):
+            return f"{name} is {type(getattr(block, name)).__name__}, not Conv2d"
+    return None
+
+
+def _looks_like_a_block(module: nn.Module) -> bool:
+    """A residual block the converter does not recognise: a shortcut-like child, or a block-like
+    class name (kuangliu's CIFAR ResNets, timm's blocks)."""
+    names = {name for name, _ in module.named_children()}
+    named = type(module).__name__.endswith(("Block", "Bottleneck"))
+    return bool(names & {"shortcut", "downsample", "skip", "residual"}) or named
 
 
 def _is_block(module: nn.Module) -> bool:
@@ -318,14 +374,20 @@ def convert(
 
     ``"residual"`` keeps every shortcut and adds no coder: the converted model computes what the
     original computes (in float64 and eval mode to 1e-10; tests/test_convert.py), a check that the
-    weights were copied exactly. ``coder_channels``: C_B of every coder (default max(1, C_in // 2));
-    0 with ``"pnnh"`` gives the plain twin. ``inplace=False`` converts a deep copy.
+    weights were copied exactly. New modules take the training mode and the ``requires_grad`` flags
+    of what they replace. ``coder_channels``: C_B of every coder (default max(1, C_in // 2)); 0 with
+    ``"pnnh"`` gives the plain twin. ``inplace=False`` converts a deep copy; ``inplace=True``
+    converts ``model`` itself, except a top-level block, which is replaced: use the returned model.
     """
     check_variant(variant)
     if unsupported not in UNSUPPORTED_CHOICES:
         raise ValueError(f"unsupported: expected one of {UNSUPPORTED_CHOICES}, got {unsupported!r}")
     if coder_channels is not None and coder_channels < 0:
         raise ValueError(f"coder_channels: expected >= 0 or None, got {coder_channels}")
+    if coder_channels and variant != "pnnh":
+        raise ValueError(
+            f"coder_channels: {coder_channels} given with variant={variant!r}, which has no coders"
+        )
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     summary = ConversionSummary(variant, count_parameters(model))

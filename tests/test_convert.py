@@ -165,7 +165,7 @@ def test_torchvision_state_dicts_load_into_our_residual_resnets(source, depth):
     torch.manual_seed(0)
     theirs = _randomise_norms(getattr(source, depth)(num_classes=10)).double().eval()
     ours = OURS[depth]("residual", num_classes=10).double()
-    assert ours.load_torchvision_state_dict(theirs.state_dict()) == []
+    assert ours.load_torchvision_state_dict(theirs.state_dict()) == ([], [])
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     torch.testing.assert_close(ours.eval()(x), theirs(x), rtol=0, atol=1e-10)
     # And back: our weights under torchvision's keys load into torchvision's model.
@@ -187,9 +187,76 @@ def test_a_wrong_state_dict_is_refused_with_the_keys():
 def test_a_pnnh_resnet_takes_the_learners_of_a_torchvision_checkpoint():
     pnnh = resnet18("pnnh", num_classes=10)
     theirs = torchvision_like.resnet18(num_classes=10)
-    unused = pnnh.load_torchvision_state_dict(theirs.state_dict(), strict=False)
+    missing, unused = pnnh.load_torchvision_state_dict(theirs.state_dict(), strict=False)
+    assert missing == []
     assert unused
     assert all(".downsample." in key for key in unused)
+    deeper = resnet34("pnnh", num_classes=10)
+    missing, _ = deeper.load_torchvision_state_dict(theirs.state_dict(), strict=False)
+    assert "layer1.2.conv1.weight" in missing  # a shallower checkpoint: said, not hidden
     torch.testing.assert_close(pnnh.stages[1][0].layers[0].weight, theirs.layer2[0].conv1.weight)
     with pytest.raises(ValueError, match="unexpected"):
         pnnh.load_torchvision_state_dict(theirs.state_dict())
+
+
+def test_an_eval_mode_model_converts_to_an_eval_mode_twin():
+    original = _randomise_norms(torchvision_like.resnet18(num_classes=10)).double().eval()
+    original.layer1[0].conv1.weight.requires_grad_(False)
+    twin, _ = convert(original, "residual", backend="torch")
+    assert not any(m.training for m in twin.modules())
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    torch.testing.assert_close(twin(x), original(x), rtol=0, atol=1e-10)  # no .eval() needed
+    assert not twin.layer1[0].layers[0].weight.requires_grad
+    assert twin.layer1[0].layers[1].weight.requires_grad
+
+
+class KuangliuBlock(nn.Module):
+    """A CIFAR ResNet block of another common layout: ``shortcut``, not ``downsample``."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential(
+            nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)
+        )
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+def test_an_unrecognised_block_is_kept_whole_or_refused():
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        KuangliuBlock(8, 16, 2),
+    )  # fmt: skip
+    twin, summary = convert(model, "pnnh")
+    assert twin[1].shortcut[0].__class__ is nn.Conv2d  # its shortcut was not fused nor given a coder
+    assert summary.count("kept") == 1
+    assert "a residual block of a layout the converter does not recognise" in summary.table()
+    with pytest.raises(NotImplementedError, match="3: cannot convert: KuangliuBlock"):
+        convert(model, "pnnh", unsupported="refuse")
+
+
+def test_a_torchvision_block_with_other_parts_is_kept():
+    model = torchvision_like.resnet18(num_classes=10)
+    model.layer1[0].relu = nn.SiLU()
+    model.layer2[0].bn1 = nn.BatchNorm2d(128, affine=False)
+    twin, summary = convert(model, "residual")
+    kept = {row.path: row.detail for row in summary.rows if row.action == "kept"}
+    assert kept["layer1.0"] == "BasicBlock.relu is SiLU, not nn.ReLU"
+    assert "affine=False" in kept["layer2.0"]
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(twin.eval()(x), model.eval()(x))
+
+
+def test_inplace_converts_a_top_level_sequential_itself():
+    stack = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+    twin, _ = convert(stack, "plain", inplace=True)
+    assert twin is stack
+    assert isinstance(stack[0], FusedPNNHConv)
+    with pytest.raises(ValueError, match="coder_channels: 4 given with variant='residual'"):
+        convert(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1)), "residual", coder_channels=4)

@@ -265,3 +265,27 @@ def test_the_readme_smoke_run_trains_with_the_defaults(tmp_path):
     assert rows[-1]["test_accuracy"] >= 0.6, rows
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
     assert json.loads((tmp_path / "summary.json").read_text())["peak_lr"] == 0.025
+
+
+def test_resuming_into_another_runs_folder_is_refused(tmp_path):
+    Trainer(_config(tmp_path / "a", epochs=1)).fit()
+    Trainer(_config(tmp_path / "b", epochs=1, seed=5)).fit()
+    before = (tmp_path / "b" / "last.pt").read_bytes()
+    with pytest.raises(FileExistsError, match=r"holds another run .* resuming .*a/last.pt there"):
+        Trainer(_config(tmp_path / "b", epochs=2, resume=str(tmp_path / "a" / "last.pt")))
+    assert (tmp_path / "b" / "last.pt").read_bytes() == before
+    # Its own folder, or an empty one, is fine.
+    Trainer(_config(tmp_path / "a", epochs=2, resume=str(tmp_path / "a" / "last.pt")))
+    Trainer(_config(tmp_path / "c", epochs=2, resume=str(tmp_path / "a" / "last.pt")))
+
+
+def test_overwrite_deletes_the_old_run_before_the_first_epoch(tmp_path):
+    # A replacement run that fails before its first epoch must not leave the old run's checkpoint
+    # and metrics behind as if they were its own.
+    Trainer(_config(tmp_path, epochs=1)).fit()
+    trainer = Trainer(_config(tmp_path, epochs=1, overwrite=True))
+    _poison_logits(trainer, lambda m, n: m.training)
+    with pytest.raises(FloatingPointError, match="Nothing was saved"):
+        trainer.fit()
+    assert not (tmp_path / "last.pt").exists()
+    assert not (tmp_path / "metrics.jsonl").exists()

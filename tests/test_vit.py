@@ -39,8 +39,9 @@ def test_the_three_variants_differ_only_in_the_connection():
         sublayer = model.blocks[0].attention
         outputs[variant] = sublayer(tokens)
         if variant == "pnnh":
-            coder = sublayer.coder
-            expected = coder(tokens)  # W_D relu(W_E x + b_E): the coder reads x, not LN(x)
+            encoder = sublayer.coder.encoder_weight.detach()  # tied: W_D = W_E^T
+            bias = sublayer.coder.encoder_bias.detach()
+            expected = torch.relu(tokens @ encoder.t() + bias) @ encoder  # of x, not LN(x)
             torch.testing.assert_close(outputs[variant], expected)
     torch.testing.assert_close(outputs["residual"], tokens)  # x + 0
     assert torch.count_nonzero(outputs["plain"]) == 0  # 0: nothing carries x

@@ -171,9 +171,7 @@ class ResNet(nn.Module):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
         init_coder_layer_norms(self, coder_layer_norm_scale)
 
-    def load_torchvision_state_dict(
-        self, state_dict: dict[str, Tensor], strict: bool = True
-    ) -> list[str]:
+    def load_torchvision_state_dict(self, state_dict: dict[str, Tensor], strict: bool = True):
         """Load a torchvision ResNet's state_dict (see pnnh_kernels.models.torchvision_keys)."""
         from pnnh_kernels.models.torchvision_keys import load_torchvision_state_dict
 

@@ -11,6 +11,7 @@ coders have no torchvision counterpart and keep their own initialisation.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -59,15 +60,23 @@ def to_torchvision_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return {theirs: ours[key] for key, theirs in torchvision_key_map(model).items()}
 
 
+class LoadResult(NamedTuple):
+    """What a non-strict load left out, as nn.Module.load_state_dict reports it (torchvision keys)."""
+
+    missing_keys: list[str]  # entries of the model that kept their own values
+    unexpected_keys: list[str]  # entries of the state_dict that were not used
+
+
 def load_torchvision_state_dict(
     model: nn.Module, state_dict: Mapping[str, Tensor], strict: bool = True
-) -> list[str]:
+) -> LoadResult:
     """Load a torchvision ResNet's state_dict (e.g. a pretrained checkpoint) into ``model``.
 
     ``strict``: every torchvision key must be used and every mapped entry of ``model`` filled (a
     ValueError lists the missing and unexpected keys and the shape mismatches). ``strict=False``
-    loads what matches and returns the torchvision keys it did not use (the plain and PNNH
-    variants have no shortcut weights). Coders keep their initialisation either way.
+    loads what matches and returns the keys it did not fill and did not use (the plain and PNNH
+    variants have no shortcut weights; a shallower checkpoint leaves layers missing): check them.
+    Coders keep their initialisation either way.
     """
     mapping = torchvision_key_map(model)
     ours = model.state_dict()
@@ -95,4 +104,4 @@ def load_torchvision_state_dict(
         for key, theirs in mapping.items():
             if theirs in state_dict:
                 ours[key].copy_(state_dict[theirs])
-    return unexpected
+    return LoadResult(missing, unexpected)

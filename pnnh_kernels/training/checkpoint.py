@@ -43,11 +43,12 @@ def save_atomically(state: dict[str, Any], path: Path) -> None:
         # (a RuntimeError), or as OSError(ENOSPC) from the file object: either way, say where.
         partial.unlink(missing_ok=True)
         kept = f"the previous {path.name} is unchanged" if path.exists() else "nothing was saved"
-        raise OSError(
-            getattr(error, "errno", None),
+        message = (
             f"{path}: could not write the checkpoint ({type(error).__name__}: {error}); "
-            f"{_free_bytes(path.parent)}; {kept}",
-        ) from error
+            f"{_free_bytes(path.parent)}; {kept}"
+        )
+        code = getattr(error, "errno", None)
+        raise (OSError(code, message) if code is not None else OSError(message)) from error
 
 
 def check_space(folder: Path, needed: int) -> None:

@@ -205,11 +205,20 @@ def existing_run_files(out: Path) -> list[Path]:
 
 
 def check_out_folder(config: TrainConfig) -> None:
-    """A new run never replaces another silently: --out holding a run needs --resume (continue it)
-    or --overwrite (replace it)."""
-    if config.resume or config.overwrite:
+    """A new run never replaces another silently: --out holding a run needs --resume of that run's
+    own checkpoint (continue it) or --overwrite (replace it)."""
+    if config.overwrite:
         return
-    found = existing_run_files(Path(config.out))
+    out = Path(config.out)
+    found = existing_run_files(out)
+    if config.resume:
+        if found and Path(config.resume).resolve().parent != out.resolve():
+            raise FileExistsError(
+                f"--out: {config.out} holds another run ({', '.join(p.name for p in found)}); "
+                f"resuming {config.resume} there would replace it: give the checkpoint's own folder "
+                f"(--out {Path(config.resume).parent}) or an empty one"
+            )
+        return
     if found:
         raise FileExistsError(
             f"--out: {config.out} already holds a run ({', '.join(p.name for p in found)}); "
@@ -232,9 +241,14 @@ def _divergence(
         else:
             continue
         break
+    kept = (
+        "The checkpoint of the last finished epoch is kept"
+        if epoch > 1
+        else "Nothing was saved (no epoch finished)"
+    )
     return (
-        f"training diverged in epoch {epoch}: the {what} is {value}{where}; {last}. The checkpoint "
-        "of the last finished epoch is kept; lower --lr or raise --warmup-epochs"
+        f"training diverged in epoch {epoch}: the {what} is {value}{where}; {last}. {kept}; lower "
+        "--lr or raise --warmup-epochs"
     )
 
 
@@ -386,6 +400,13 @@ class Trainer:
             for key, value in state["config"].items()
             if key not in RESUMABLE_CHANGES and getattr(self.config, key, value) != value
         }
+        if "lr" in changed:
+            # Compare what the runs train with: a checkpoint from before the batch-scaled default
+            # (lr 0.1 at batch 128) resolves to the same peak as lr=None does now.
+            before = TrainConfig(**{**dataclasses.asdict(self.config), "lr": state["config"]["lr"],
+                                    "batch_size": state["config"]["batch_size"]})  # fmt: skip
+            if before.resolved_lr == self.config.resolved_lr:
+                changed.discard("lr")
         if changed and self.processes.is_main:
             warnings.warn(
                 f"--resume: these settings differ from the checkpoint's run and apply from epoch "
@@ -569,7 +590,9 @@ class Trainer:
             "world_size": self.processes.world_size,
             "device": str(self.device),
             "precision": self.precision,
-            "peak_lr": self.config.resolved_lr,
+            # The optimizer's own peak: a resumed run keeps its checkpoint's (restored with the
+            # optimizer and scheduler state), whatever this invocation's --lr says.
+            "peak_lr": self.optimizer.param_groups[0].get("initial_lr", self.config.resolved_lr),
             "backends_in_use": backends,
             "ranks_agree": ranks_agree,
             "weights_fingerprint": [
