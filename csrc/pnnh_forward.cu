@@ -66,6 +66,25 @@ __global__ void __launch_bounds__(kThreads, kMode == ForwardMode::kFused && size
   }
   auto valid = [&](int r, int c) { return m0 + r < pixels && n0 + c < s.out_channels; };
   auto offset = [&](int r, int c) { return (m0 + r) * s.out_channels + n0 + c; };
+  // acc = x_s W_E^T for code channels b0 .. b0 + kBlockN (the statistics pass, which stores the
+  // code, and the fused pass, which decodes it at once, both compute it).
+  auto encoder_product = [&](Accumulators& acc, int b0) {
+    const T* we = static_cast<const T*>(args.encoder_weight);
+    const int c_b = args.code_channels;
+    zero(acc);
+    pipelined_product<T>(acc, smem_a, smem_b, channel_slices, [&](T* sa, T* sb, int step) {
+      const int c0 = step * kBlockK;
+      load_tile<T, kBlockM>(sa, s.in_channels - c0, vec.x, x, [&](int r) { return input_row(r, 0, 0, c0); });
+      load_tile<T, kBlockN>(sb, s.in_channels - c0, vec.encoder, we, [&](int r) -> const T* {
+        const int b = b0 + r;
+        return b < c_b ? we + static_cast<int64_t>(b) * s.in_channels + c0 : nullptr;
+      });
+    });
+  };
+  // The code of channel b < C_B from its encoder product: relu(pre + b_E).
+  auto code_value = [&](float pre, int b) {
+    return relu_keeping_nan(pre + (args.encoder_bias != nullptr ? args.encoder_bias[b] : 0.f));
+  };
 
   if constexpr (kMode == ForwardMode::kStatistics) {
     T* z = static_cast<T*>(args.z);
@@ -97,24 +116,15 @@ __global__ void __launch_bounds__(kThreads, kMode == ForwardMode::kFused && size
     // for the apply pass (which would otherwise recompute it in every one of its C_out / 64 columns).
     const int c_b = args.code_channels;
     if (args.code != nullptr && c_b > 0 && blockIdx.y == 0) {
-      const T* we = static_cast<const T*>(args.encoder_weight);
       T* code = static_cast<T*>(args.code);
       __syncthreads();  // the statistics are done with the shared memory
 #pragma unroll 1
       for (int b0 = 0; b0 < c_b; b0 += kBlockN) {
-        zero(learner);  // the learner's accumulators are spent: they hold the encoder's product
-        pipelined_product<T>(learner, smem_a, smem_b, channel_slices, [&](T* sa, T* sb, int step) {
-          const int c0 = step * kBlockK;
-          load_tile<T, kBlockM>(sa, s.in_channels - c0, vec.x, x, [&](int r) { return input_row(r, 0, 0, c0); });
-          load_tile<T, kBlockN>(sb, s.in_channels - c0, vec.encoder, we, [&](int r) -> const T* {
-            const int b = b0 + r;
-            return b < c_b ? we + static_cast<int64_t>(b) * s.in_channels + c0 : nullptr;
-          });
-        });
+        // The learner's accumulators are spent: they hold the encoder's product.
+        encoder_product(learner, b0);
         for_each_fragment_value([&](int i, int j, int v, int r, int c) {
           if (m0 + r >= pixels || b0 + c >= c_b) return;
-          const float value = learner[i][j][v] + (args.encoder_bias != nullptr ? args.encoder_bias[b0 + c] : 0.f);
-          code[(m0 + r) * c_b + b0 + c] = Num<T>::from_float(relu_keeping_nan(value));
+          code[(m0 + r) * c_b + b0 + c] = Num<T>::from_float(code_value(learner[i][j][v], b0 + c));
         });
       }
     }
@@ -132,7 +142,6 @@ __global__ void __launch_bounds__(kThreads, kMode == ForwardMode::kFused && size
   zero(decoded);
   const int c_b = args.code_channels;
   if (c_b > 0) {
-    const T* we = static_cast<const T*>(args.encoder_weight);
     const T* wd = static_cast<const T*>(args.decoder_weight);
     constexpr int kCodeStride = kBlockN + 16 / static_cast<int>(sizeof(T));
     static_assert(kBlockM * kCodeStride <= 2 * kBlockM * padded_k<T>(), "the code tile must fit stage A");
@@ -149,21 +158,10 @@ __global__ void __launch_bounds__(kThreads, kMode == ForwardMode::kFused && size
         }
       } else {
         Accumulators pre;
-        zero(pre);
-        pipelined_product<T>(pre, smem_a, smem_b, channel_slices, [&](T* sa, T* sb, int step) {
-          const int c0 = step * kBlockK;
-          load_tile<T, kBlockM>(sa, s.in_channels - c0, vec.x, x, [&](int r) { return input_row(r, 0, 0, c0); });
-          load_tile<T, kBlockN>(sb, s.in_channels - c0, vec.encoder, we, [&](int r) -> const T* {
-            const int b = b0 + r;
-            return b < c_b ? we + static_cast<int64_t>(b) * s.in_channels + c0 : nullptr;
-          });
-        });
+        encoder_product(pre, b0);
         for_each_fragment_value([&](int i, int j, int v, int r, int c) {
-          float value = 0.f;  // code channels past C_B stay zero: they add nothing to the decode
-          if (b0 + c < c_b) {
-            value = pre[i][j][v] + (args.encoder_bias != nullptr ? args.encoder_bias[b0 + c] : 0.f);
-            value = relu_keeping_nan(value);
-          }
+          // Code channels past C_B stay zero: they add nothing to the decode.
+          const float value = b0 + c < c_b ? code_value(pre[i][j][v], b0 + c) : 0.f;
           code[r * kCodeStride + c] = Num<T>::from_float(value);
         });
       }

@@ -175,7 +175,7 @@ class PNNHCoder(nn.Module):
         # A copy's uses are the copied layers that adopt it, not the original's: deepcopy of one
         # layer of a four-layer stack gives a coder used once (it kept 4, and scaled the copy's
         # gradient by 1/4); deepcopy of the whole stack copies the coder once, and its four copied
-        # layers attach to it again. Each layer's __deepcopy__ calls attach().
+        # layers attach to it again (CoderUser.__deepcopy__ calls attach()).
         copied = deepcopy_fields(self, memo)
         copied.num_uses = 0
         return copied
@@ -349,6 +349,20 @@ class PNNHCoder(nn.Module):
         if self.init_reconstruction_error is not None:
             text += f", init_reconstruction_error={self.init_reconstruction_error:.4f}"
         return text
+
+
+class CoderUser(nn.Module):
+    """Base of the modules that adopt a (possibly shared) PNNHCoder as ``self.coder`` and attach to
+    it: FusedPNNHConv, FusedPNNHLinear, the ViT's sublayers. A deepcopy attaches the copy to the
+    copied coder, so that the copied coder counts its own users (PNNHCoder.__deepcopy__)."""
+
+    coder: Optional[PNNHCoder]
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        copied = deepcopy_fields(self, memo)
+        if copied.coder is not None:
+            copied.coder.attach()
+        return copied
 
 
 def default_code_channels(in_channels: int) -> int:

@@ -45,6 +45,18 @@ def _quiet_under_trace(op: _Op) -> _Op:
     return checked  # type: ignore[return-value]
 
 
+class RefusesTorchScript:
+    """Mixin of the layers whose forward dispatches to Python kernel backends. torch.jit.script
+    calls ``__prepare_scriptable__`` first: a clear refusal instead of TorchScript's error from deep
+    inside nn.Module."""
+
+    def __prepare_scriptable__(self) -> Any:
+        raise RuntimeError(
+            f"torch.jit.script: {type(self).__name__} cannot be scripted (its forward dispatches to "
+            "Python kernel backends); use torch.jit.trace, torch.compile or torch.export"
+        )
+
+
 def _autocast_enabled(device: torch.device) -> bool:
     if device.type == "meta":  # autocast has no meta device; shapes and the ledger run on meta
         return False

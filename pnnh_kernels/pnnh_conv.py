@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -12,13 +12,13 @@ from pnnh_kernels.backends import check_backend_name, resolve_backend
 from pnnh_kernels.backends.call import ACTIVATIONS, BatchNormParams
 from pnnh_kernels.coder import (
     DEFAULT_CODER_INIT,
+    CoderUser,
     PNNHCoder,
     coder_for_layer,
-    deepcopy_fields,
     default_code_channels,
 )
 from pnnh_kernels.conv_geometry import ConvGeometry, IntOrPair, Padding
-from pnnh_kernels.functional import pnnh_conv2d
+from pnnh_kernels.functional import RefusesTorchScript, pnnh_conv2d
 from pnnh_kernels.validation import check_positive_int
 
 NORMS = (None, "batch")
@@ -48,7 +48,7 @@ def batch_norm_params(norm: nn.BatchNorm2d) -> BatchNormParams:
     )
 
 
-class FusedPNNHConv(nn.Module):
+class FusedPNNHConv(RefusesTorchScript, CoderUser):
     """``y = act(norm(conv2d(x, W_L, b_L)) + W_D relu(W_E x_s + b_E))``, one PNNH layer.
 
     A learner convolution plus a coder (a small autoencoder, :class:`PNNHCoder`) on the input sampled
@@ -178,20 +178,6 @@ class FusedPNNHConv(nn.Module):
             activation=self.activation,
             backend=self.backend,
         )
-
-    def __prepare_scriptable__(self) -> nn.Module:
-        # torch.jit.script calls this first: a clear refusal instead of TorchScript's error from
-        # deep inside nn.Module (the forward dispatches to Python backends, which cannot be scripted).
-        raise RuntimeError(
-            f"torch.jit.script: {type(self).__name__} cannot be scripted (its forward dispatches to "
-            "Python kernel backends); use torch.jit.trace, torch.compile or torch.export"
-        )
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> FusedPNNHConv:
-        copied = deepcopy_fields(self, memo)
-        if copied.coder is not None:
-            copied.coder.attach()  # the copied coder counts its own layers (PNNHCoder.__deepcopy__)
-        return copied
 
     def extra_repr(self) -> str:
         g = self.geometry

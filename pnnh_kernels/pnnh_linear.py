@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -12,15 +12,15 @@ from pnnh_kernels.backends import check_backend_name, resolve_backend
 from pnnh_kernels.backends.call import ACTIVATIONS
 from pnnh_kernels.coder import (
     DEFAULT_CODER_INIT,
+    CoderUser,
     PNNHCoder,
     coder_for_layer,
-    deepcopy_fields,
 )
-from pnnh_kernels.functional import pnnh_linear
+from pnnh_kernels.functional import RefusesTorchScript, pnnh_linear
 from pnnh_kernels.validation import check_positive_int
 
 
-class FusedPNNHLinear(nn.Module):
+class FusedPNNHLinear(RefusesTorchScript, CoderUser):
     """``y = act(x W_L^T + b_L + relu(x W_E^T + b_E) W_D^T)`` over the last dimension.
 
     Args:
@@ -97,20 +97,6 @@ class FusedPNNHLinear(nn.Module):
         return pnnh_linear(
             input, self.weight, self.bias, *coder, activation=self.activation, backend=self.backend
         )
-
-    def __prepare_scriptable__(self) -> nn.Module:
-        # torch.jit.script calls this first: a clear refusal instead of TorchScript's error from
-        # deep inside nn.Module (the forward dispatches to Python backends, which cannot be scripted).
-        raise RuntimeError(
-            f"torch.jit.script: {type(self).__name__} cannot be scripted (its forward dispatches to "
-            "Python kernel backends); use torch.jit.trace, torch.compile or torch.export"
-        )
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> FusedPNNHLinear:
-        copied = deepcopy_fields(self, memo)
-        if copied.coder is not None:
-            copied.coder.attach()  # the copied coder counts its own layers (PNNHCoder.__deepcopy__)
-        return copied
 
     def extra_repr(self) -> str:
         return (

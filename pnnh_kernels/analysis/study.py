@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -277,3 +279,20 @@ def rows_for(rows: list[dict[str, Any]], study: str, config: StudyConfig) -> lis
         shared = [r | {key: defaults[key]} for r in at_init_depth if r["study"] != study]
         return shared + [r for r in rows if r["study"] == study]
     raise ValueError(f"study: unknown {study!r}")
+
+
+def saved_run(path: Path) -> Optional[dict[str, Any]]:
+    """A finished run's saved row, or None: when there is none, or (with a warning naming the file)
+    when it cannot be read, e.g. cut short by a full disk: the run is trained again rather than the
+    study failing. Used by ``pnnh analyze`` and the ViT study."""
+    if not path.exists():
+        return None
+    try:
+        row = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        warnings.warn(f"{path}: unreadable saved run ({error}); training it again", stacklevel=2)
+        return None
+    if not isinstance(row, dict):
+        warnings.warn(f"{path}: not a saved run (a JSON object); training it again", stacklevel=2)
+        return None
+    return row

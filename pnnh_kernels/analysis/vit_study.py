@@ -22,6 +22,8 @@ from typing import Any, Optional
 
 import torch
 
+from pnnh_kernels.analysis.study import saved_run
+
 VARIANTS = ("residual", "plain", "pnnh")
 
 
@@ -58,14 +60,6 @@ def run_one(variant: str, depth: int, seed: int, config: ViTStudyConfig) -> dict
             "parameters": sum(p.numel() for p in model.parameters())}  # fmt: skip
 
 
-def _saved(path: Path) -> Optional[dict[str, Any]]:
-    try:
-        row = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None  # missing or cut short: run it again
-    return row if isinstance(row, dict) else None
-
-
 def run_study(config: ViTStudyConfig, out: Path, jobs: int = 1) -> list[dict[str, Any]]:
     runs_dir = out / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
@@ -73,7 +67,7 @@ def run_study(config: ViTStudyConfig, out: Path, jobs: int = 1) -> list[dict[str
     rows: list[dict[str, Any]] = []
     pending = []
     for variant, depth, seed in planned:
-        saved = _saved(runs_dir / f"{variant}_d{depth}_s{seed}.json")
+        saved = saved_run(runs_dir / f"{variant}_d{depth}_s{seed}.json")
         if saved is not None and saved.get("config") == json.loads(json.dumps(asdict(config))):
             rows.append(saved)
         else:

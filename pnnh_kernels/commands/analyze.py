@@ -7,11 +7,10 @@ import argparse
 import json
 import statistics
 import time
-import warnings
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -328,20 +327,6 @@ def _trained_rows(
             yield futures[future], future.result()
 
 
-def _saved_run(path: Path) -> Optional[dict[str, Any]]:
-    """A finished run's saved row, or None (with a warning naming the file) when the file cannot be
-    read, e.g. cut short by a full disk: the run is trained again rather than the study failing."""
-    try:
-        row = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        warnings.warn(f"{path}: unreadable saved run ({error}); training it again", stacklevel=2)
-        return None
-    if not isinstance(row, dict):
-        warnings.warn(f"{path}: not a saved run (a JSON object); training it again", stacklevel=2)
-        return None
-    return row
-
-
 def run(args: argparse.Namespace) -> None:
     if args.jobs < 1:
         raise ValueError(f"--jobs: expected a positive number of processes, got {args.jobs}")
@@ -364,7 +349,7 @@ def run(args: argparse.Namespace) -> None:
         pending = []
         for single in runs:
             saved = saved_runs / f"{study.run_id(single, config)}.json"
-            saved_row = _saved_run(saved) if saved.exists() and not args.no_resume else None
+            saved_row = None if args.no_resume else study.saved_run(saved)
             if saved_row is not None:
                 rows.append(saved_row)
                 reused += 1

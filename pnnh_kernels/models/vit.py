@@ -23,7 +23,7 @@ only the part of ``x`` its ReLU keeps, so the PNNH path carries less here than i
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +31,8 @@ from torch import Tensor, nn
 
 from pnnh_kernels.coder import (
     DEFAULT_CODER_INIT,
+    CoderUser,
     PNNHCoder,
-    deepcopy_fields,
     default_code_channels,
 )
 from pnnh_kernels.models.coder_bank import check_variant
@@ -75,7 +75,7 @@ class MLP(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-class Sublayer(nn.Module):
+class Sublayer(CoderUser):
     """``body(LN(x))``, plus ``x`` (residual) or plus ``coder(x)`` (pnnh)."""
 
     def __init__(self, body: nn.Module, dim: int, residual: bool, coder: Optional[PNNHCoder]) -> None:
@@ -86,12 +86,6 @@ class Sublayer(nn.Module):
         self.coder = coder
         if coder is not None:
             coder.attach()
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> Sublayer:
-        copied = deepcopy_fields(self, memo)
-        if copied.coder is not None:
-            copied.coder.attach()  # the copied coder counts its own sublayers
-        return copied
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.body(self.norm(x))
