@@ -16,7 +16,7 @@ height, so forward, dgrad and wgrad need no copy of a padded input.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Union
 
 IntOrPair = Union[int, tuple[int, int]]
@@ -55,19 +55,23 @@ class ConvGeometry:
     padding: tuple[int, int]
     dilation: tuple[int, int]
     padding_end: Optional[tuple[int, int]] = None
+    # The lists the fused ops take (``op_padding`` is ``[top, left, bottom, right]``), made once per
+    # geometry: a layer's forward passes them every step (callers must not mutate them). Plain
+    # fields, not cached properties: torch.compile cannot trace cached_property's lock.
+    op_padding: list[int] = field(init=False, repr=False, compare=False)
+    stride_list: list[int] = field(init=False, repr=False, compare=False)
+    dilation_list: list[int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.padding_end is None:
             object.__setattr__(self, "padding_end", self.padding)
+        object.__setattr__(self, "op_padding", [*self.padding, *self.padding_end])
+        object.__setattr__(self, "stride_list", list(self.stride))
+        object.__setattr__(self, "dilation_list", list(self.dilation))
 
     @property
     def is_symmetric(self) -> bool:
         return self.padding_end == self.padding
-
-    @property
-    def op_padding(self) -> list[int]:
-        """``[top, left, bottom, right]``: the padding as the fused torch.library ops take it."""
-        return [*self.padding, *self.padding_end]
 
     @classmethod
     def from_op_padding(

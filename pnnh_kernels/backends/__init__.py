@@ -1,6 +1,8 @@
 """Backends are function tables: one implementation of each PNNH op per backend.
 
-A backend registers a :class:`Backend` with :func:`register_backend`; the functional entry points
+A backend registers a :class:`Backend` with :func:`register_backend` from its own package (the
+registry imports no backend: ``import pnnh_kernels`` imports the built-in ones, which register
+themselves); the functional entry points
 (:func:`pnnh_kernels.functional.pnnh_conv2d`, :func:`pnnh_kernels.functional.pnnh_linear`) validate
 their arguments once and then call ``backend.conv2d`` / ``backend.linear`` of the backend that
 :func:`resolve_backend` picks. Adding the Triton or CUDA kernels means registering another table; the
@@ -122,66 +124,6 @@ def resolve_backend(
         )
     return _REGISTRY[name]
 
-
-def _triton_conv2d(call: ConvCall) -> torch.Tensor:
-    from pnnh_kernels.triton import ops
-
-    return ops.conv2d(call)
-
-
-def _triton_linear(call: LinearCall) -> torch.Tensor:
-    from pnnh_kernels.triton import ops
-
-    return ops.linear(call)
-
-
-def _cuda_conv2d(call: ConvCall) -> torch.Tensor:
-    from pnnh_kernels.cuda import ops
-
-    return ops.conv2d(call)
-
-
-def _cuda_linear(call: LinearCall) -> torch.Tensor:
-    from pnnh_kernels.cuda import ops
-
-    return ops.linear(call)
-
-
-def _register_builtin_backends() -> None:
-    from pnnh_kernels import cuda as cuda_backend
-    from pnnh_kernels import triton as triton_backend
-    from pnnh_kernels.backends import reference
-
-    register_backend(reference.BACKEND)
-    # Registers the torch.library ops now (they need no GPU and no extension until they run).
-    from pnnh_kernels.cuda import ops as cuda_ops  # noqa: F401
-
-    register_backend(
-        Backend(
-            "cuda",
-            _cuda_conv2d,
-            _cuda_linear,
-            cuda_backend.unavailable_reason,
-            # Not picked by "auto" until its GPU tests have passed on a GPU (docs/kernels.md).
-            auto_device_types=(),
-        )
-    )
-    if triton_backend.triton_installed():
-        # Registers the torch.library ops now, so that torch.compile finds them when it traces.
-        from pnnh_kernels.triton import ops  # noqa: F401
-
-        register_backend(
-            Backend(
-                "triton",
-                _triton_conv2d,
-                _triton_linear,
-                triton_backend.unavailable_reason,
-                auto_device_types=("cuda",),
-            )
-        )
-
-
-_register_builtin_backends()
 
 __all__ = [
     "AUTO_PREFERENCE",

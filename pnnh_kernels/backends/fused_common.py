@@ -12,7 +12,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from pnnh_kernels.ledger.record import unrecorded
+from pnnh_kernels.observer import unobserved
 
 _poison_outputs = False
 
@@ -32,7 +32,7 @@ def poisoned_outputs() -> Iterator[None]:
 def output_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
     buffer = torch.empty(shape, dtype=dtype, device=device)
     if _poison_outputs and device.type != "meta":
-        with unrecorded():  # a check's fill, not part of the step the ledger counts
+        with unobserved():  # a check's fill, not part of the step the ledger counts
             buffer.fill_(float("nan"))
     return buffer
 
@@ -55,7 +55,7 @@ def output_like(tensor: Tensor) -> Tensor:
     :func:`poisoned_outputs`)."""
     buffer = torch.empty_like(tensor)
     if _poison_outputs and tensor.device.type != "meta":
-        with unrecorded():
+        with unobserved():
             buffer.fill_(float("nan"))
     return buffer
 

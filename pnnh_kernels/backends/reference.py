@@ -17,8 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# The registry imports this module once Backend is defined, so this import sees it.
-from pnnh_kernels.backends import Backend
+from pnnh_kernels.backends import Backend, register_backend
 from pnnh_kernels.backends.call import ConvCall, LinearCall
 from pnnh_kernels.conv_geometry import ConvGeometry
 
@@ -86,3 +85,5 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype, op: str) -> Opt
 
 
 BACKEND = Backend("torch", conv2d, linear, unavailable_reason)
+
+register_backend(BACKEND)

@@ -121,3 +121,26 @@ def why_unavailable() -> Optional[str]:
             return _load_error
         return "torch.cuda.is_available() is False: no CUDA device"
     return unavailable_reason(device, torch.float32, "conv2d")
+
+
+def _register() -> None:
+    import functools
+
+    from pnnh_kernels.backends import Backend, register_backend
+    from pnnh_kernels.cuda import launch
+    from pnnh_kernels.ops import pnnh_conv, pnnh_linear
+
+    pnnh_conv.register_kernels("pnnh_cuda", launch)
+    register_backend(
+        Backend(
+            "cuda",
+            functools.partial(pnnh_conv.conv2d, "pnnh_cuda"),
+            functools.partial(pnnh_linear.linear, "pnnh_cuda"),
+            unavailable_reason,
+            # Not picked by "auto" until its GPU tests have passed on a GPU (docs/kernels.md).
+            auto_device_types=(),
+        )
+    )
+
+
+_register()

@@ -32,7 +32,7 @@ from pnnh_kernels.backends.fused_common import (
 )
 from pnnh_kernels.conv_geometry import ConvGeometry
 from pnnh_kernels.cuda import SUPPORTED_DTYPES, cache_dir, extension, unavailable_reason
-from pnnh_kernels.ledger.record import kernel_launch, modelling, tensor_bytes
+from pnnh_kernels.observer import Declared, launch, modelling, tensor_bytes
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 FUSED, STATISTICS, APPLY = 0, 1, 2
@@ -257,18 +257,18 @@ def _launch_forward(
             weight_rows
         )
     label = {FUSED: "fused", STATISTICS: "statistics", APPLY: "apply"}[mode]
-    kernel_launch(
+    launch(
         f"pnnh_conv_forward_kernel ({label})",
         "cuda",
         lambda: module.forward(*arguments),
-        reads=[
+        lambda: Declared(reads=[
             x_rows, weight_rows, scale_f, shift_f, encoder, encoder_bias_f, decoder,
             z if mode == APPLY else None, code if mode == APPLY and c_b else None,
         ],
         writes=[y, z if mode == STATISTICS else None, *(partials or ()),
                 code if mode == STATISTICS and encodes else None],
         flops=flops,
-        cached_read=cached,
+        cached_read=cached),
     )  # fmt: skip
 
 
@@ -339,13 +339,15 @@ def conv_forward_train(
         _pointer(norm.weight), _pointer(norm.bias), _pointer(mean), _pointer(variance),
         _pointer(rstd), _pointer(scale), _pointer(shift), _stream(x.device),
     )  # fmt: skip
-    kernel_launch(
+    launch(
         "bn_finalize_forward_kernel",
         "cuda",
         lambda: module.bn_finalize_forward(*arguments),
-        reads=[*partials, norm.weight, norm.bias],
-        writes=[mean, variance, rstd, scale, shift],
-        flops=8 * tiles * c_out,
+        lambda: Declared(
+            reads=[*partials, norm.weight, norm.bias],
+            writes=[mean, variance, rstd, scale, shift],
+            flops=8 * tiles * c_out,
+        ),
     )
     y = output_buffer((n, oh, ow, c_out), x.dtype, x.device)
     _launch_forward(
@@ -384,13 +386,15 @@ def update_running_statistics(
         _pointer(running_mean), _pointer(running_var), _pointer(mean), _pointer(variance),
         _stream(running_mean.device),
     )  # fmt: skip
-    kernel_launch(
+    launch(
         "bn_running_update_kernel",
         "cuda",
         lambda: module.bn_running_update(*arguments),
-        reads=[running_mean, running_var, mean, variance],
-        writes=[running_mean, running_var],
-        flops=6 * channels,
+        lambda: Declared(
+            reads=[running_mean, running_var, mean, variance],
+            writes=[running_mean, running_var],
+            flops=6 * channels,
+        ),
     )
 
 
@@ -447,16 +451,18 @@ def _wgrad(
         _pointer(coefficients), _stream(image.device),
     )  # fmt: skip
     tiles_x, tiles_g = math.ceil(c_x / sizes["block_m"]), math.ceil(c_g / sizes["block_n"])
-    kernel_launch(
+    launch(
         "pnnh_conv_wgrad_kernel",
         "cuda",
         lambda: module.wgrad(*arguments),
-        reads=[image, grad, learner, coefficients],
-        writes=[out if direct else partial],
-        flops=2 * m * c_x * c_g * taps,
-        # every (image tile, gradient tile, tap) CTA reads its rows of both
-        cached_read=(tiles_g * taps - 1) * tensor_bytes(image)
-        + (tiles_x * taps - 1) * tensor_bytes(grad),
+        lambda: Declared(
+            reads=[image, grad, learner, coefficients],
+            writes=[out if direct else partial],
+            flops=2 * m * c_x * c_g * taps,
+            # every (image tile, gradient tile, tap) CTA reads its rows of both
+            cached_read=(tiles_g * taps - 1) * tensor_bytes(image)
+            + (tiles_x * taps - 1) * tensor_bytes(grad),
+        ),
     )
     if out is None:
         assert partial is not None
@@ -466,13 +472,11 @@ def _wgrad(
             splits, *kernel, c_x, c_g, DTYPE_CODES[out.dtype], _pointer(partial), _pointer(out),
             out_strides, _stream(image.device),
         )  # fmt: skip
-        kernel_launch(
+        launch(
             "wgrad_reduce_kernel",
             "cuda",
             lambda: module.wgrad_reduce(*reduce_arguments),
-            reads=[partial],
-            writes=[out],
-            flops=partial.numel(),
+            lambda: Declared(reads=[partial], writes=[out], flops=partial.numel()),
         )
     return out
 
@@ -505,13 +509,15 @@ def _coder_backward(
         shape, c_b, DTYPE_CODES[dtype], _pointer(x_rows), _pointer(encoder), _pointer(encoder_bias_f),
         _pointer(decoder_t), _pointer(dp), _pointer(code), _pointer(grad_pre), _stream(device),
     )  # fmt: skip
-    kernel_launch(
+    launch(
         "pnnh_coder_backward_kernel",
         "cuda",
         lambda: module.coder_backward(*arguments),
-        reads=[x_rows, encoder, encoder_bias_f, decoder_t, dp],
-        writes=[code, grad_pre],
-        flops=2 * n * oh * ow * c_b * (c_in + c_out),
+        lambda: Declared(
+            reads=[x_rows, encoder, encoder_bias_f, decoder_t, dp],
+            writes=[code, grad_pre],
+            flops=2 * n * oh * ow * c_b * (c_in + c_out),
+        ),
     )
     if not coder_grads:
         return grad_pre, None, (None, None, None)
@@ -557,14 +563,17 @@ def _dgrad(
     tiles_m = math.ceil(n * height * width / sizes["block_m"])
     tiles_n = math.ceil(c_in / sizes["block_n"])
     gradient_bytes = tensor_bytes(grad) + (tensor_bytes(learner) if learner is not None else 0)
-    kernel_launch(
+    launch(
         "pnnh_conv_dgrad_kernel",
         "cuda",
         lambda: module.dgrad(*arguments),
-        reads=[grad, weight_rows, grad_pre, encoder_t_rows, learner, coefficients],
-        writes=[dx],
-        flops=2 * n * height * width * c_in * c_out * kh * kw + 2 * n * oh * ow * c_b * c_in,
-        cached_read=(tiles_n * kh * kw - 1) * gradient_bytes + (tiles_m - 1) * tensor_bytes(weight_rows),
+        lambda: Declared(
+            reads=[grad, weight_rows, grad_pre, encoder_t_rows, learner, coefficients],
+            writes=[dx],
+            flops=2 * n * height * width * c_in * c_out * kh * kw + 2 * n * oh * ow * c_b * c_in,
+            cached_read=(tiles_n * kh * kw - 1) * gradient_bytes
+            + (tiles_m - 1) * tensor_bytes(weight_rows),
+        ),
     )
 
 
@@ -667,13 +676,11 @@ def conv_backward_train(
         m, c_out, rows, dtype_code, _pointer(dy), _pointer(mask), _pointer(z_rows), _pointer(mean),
         *map(_pointer, sums), _pointer(dp), stream,
     )  # fmt: skip
-    kernel_launch(
+    launch(
         "bn_backward_reduce_kernel",
         "cuda",
         lambda: module.bn_backward_reduce(*reduce_arguments),
-        reads=[dy, mask, z_rows, mean],
-        writes=[*sums, dp],
-        flops=4 * m * c_out,
+        lambda: Declared(reads=[dy, mask, z_rows, mean], writes=[*sums, dp], flops=4 * m * c_out),
     )
     grad_norm_weight = (
         output_buffer((c_out,), norm_weight.dtype, x.device) if norm_weight is not None else None
@@ -689,13 +696,15 @@ def conv_backward_train(
         _pointer(mean), _pointer(rstd), _pointer(norm_weight), _pointer(grad_norm_weight),
         _pointer(grad_norm_bias), _pointer(coefficients), _pointer(grad_learner_bias), stream,
     )  # fmt: skip
-    kernel_launch(
+    launch(
         "bn_finalize_backward_kernel",
         "cuda",
         lambda: module.bn_finalize_backward(*finalize_arguments),
-        reads=[*sums, mean, rstd, norm_weight],
-        writes=[grad_norm_weight, grad_norm_bias, coefficients, grad_learner_bias],
-        flops=4 * tiles * c_out,
+        lambda: Declared(
+            reads=[*sums, mean, rstd, norm_weight],
+            writes=[grad_norm_weight, grad_norm_bias, coefficients, grad_learner_bias],
+            flops=4 * tiles * c_out,
+        ),
     )
     shape = _shape(module, x, weight, geometry)
     grads_coder: tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]] = (None, None, None)

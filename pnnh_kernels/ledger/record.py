@@ -4,8 +4,8 @@ op that would launch a kernel on a GPU.
 Two ways to run a step under :func:`recording`:
 
 - on **meta tensors** at the real shape (the ledger): PyTorch ops compute only shapes, and the
-  fused launchers declare each launch through :func:`kernel_launch` without running it, so a step
-  of a 256 x 128 x 16 x 16 layer is counted on a CPU in well under a second;
+  fused launchers declare each launch through :func:`pnnh_kernels.observer.launch` without running
+  it, so a step of a 256 x 128 x 16 x 16 layer is counted on a CPU in well under a second;
 - on **real tensors** (``instrument=True``; the drift test, small shapes, Triton's interpreter or
   the CUDA emulation): the same declarations, and every launch really runs, with the tensors it
   was handed (captured by a hook below the launcher) and the tensors it changed kept for checking.
@@ -22,7 +22,6 @@ caches before each kernel (bench/ncu_step.py).
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -31,6 +30,11 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
+
+from pnnh_kernels import observer
+from pnnh_kernels.observer import Declared, is_placeholder, modelling, placeholder, tensor_bytes
+
+__all__ = ["Declared", "Launch", "Recorder", "placeholder", "recording", "tensor_bytes"]
 
 KINDS = ("triton", "cuda", "torch")
 # Profiler ranges around what a recording runs but does not count (a kernel launch's host side, a
@@ -68,12 +72,54 @@ class InstrumentedLaunch:
 
 
 class Recorder:
+    """The observer (pnnh_kernels.observer) of one :func:`recording`."""
+
     def __init__(self, instrument: bool) -> None:
         self.instrument = instrument
         self.launches: list[Launch] = []
         self.instrumented: list[InstrumentedLaunch] = []
         self.current: Optional[InstrumentedLaunch] = None
         self.paused = False
+
+    def paused_block(self) -> contextlib.AbstractContextManager[None]:
+        return unrecorded()
+
+    def observe_launch(self, name: str, kind: str, run: Callable[[], Any], declared: Declared) -> None:
+        """Count one launch of one of our kernels and run it (unless its tensors are meta tensors:
+        then it is only counted)."""
+        read_list, write_list = _unique(declared.reads), _unique(declared.writes)
+        launch = Launch(
+            name,
+            kind,
+            sum(tensor_bytes(t) for t in read_list),
+            sum(tensor_bytes(t) for t in write_list),
+            int(declared.flops),
+            int(declared.cached_read),
+        )
+        self.launches.append(launch)
+        if any(modelling(t) for t in (*read_list, *write_list)):
+            return
+        if not self.instrument:
+            with unrecorded():  # the CPU interpreter's host copies are not device launches
+                run()
+            return
+        record = InstrumentedLaunch(launch, read_list, write_list)
+        touched = _unique([*read_list, *write_list])
+        with unrecorded():
+            before = [t.detach().clone() for t in touched]
+        self.current = record
+        try:
+            with unrecorded():  # the CPU interpreter's host copies are not device launches
+                run()
+        finally:
+            self.current = None
+        with unrecorded():
+            record.changed = [
+                t for t, old in zip(touched, before)
+                if not torch.equal(t.isnan(), old.isnan())
+                or not torch.equal(torch.nan_to_num(t), torch.nan_to_num(old))
+            ]  # fmt: skip
+        self.instrumented.append(record)
 
 
 @contextlib.contextmanager
@@ -93,29 +139,6 @@ def unrecorded() -> Iterator[None]:
 
 
 _recorder: Optional[Recorder] = None
-# Tensors that stand in for absent kernel arguments (never read): excluded from "handed".
-_placeholders: dict[tuple[torch.device, torch.dtype], Tensor] = {}
-
-
-def placeholder(device: torch.device, dtype: torch.dtype) -> Tensor:
-    """A one-element tensor to pass for a pointer argument the kernel never dereferences (its
-    constexpr flag is off). One per device and dtype, so that the drift test can tell it apart."""
-    key = (device, dtype)
-    if key not in _placeholders:
-        _placeholders[key] = torch.empty(1, device=device, dtype=dtype)  # never read: no fill
-    return _placeholders[key]
-
-
-def is_placeholder(tensor: Tensor) -> bool:
-    return any(tensor is p for p in _placeholders.values())
-
-
-def tensor_bytes(tensor: Tensor) -> int:
-    """Bytes of the elements a view spans (broadcast dimensions, stride 0, count once)."""
-    elements = math.prod(size for size, stride in zip(tensor.shape, tensor.stride()) if stride != 0)
-    if tensor.numel() == 0:
-        elements = 0
-    return elements * tensor.element_size()
 
 
 def _unique(tensors: Sequence[Optional[Tensor]]) -> list[Tensor]:
@@ -129,70 +152,6 @@ def _unique(tensors: Sequence[Optional[Tensor]]) -> list[Tensor]:
 
 def active() -> Optional[Recorder]:
     return _recorder
-
-
-def modelling(tensor: Tensor) -> bool:
-    """True when launches on ``tensor`` are declared and not run: a meta tensor under a recording."""
-    return tensor.device.type == "meta"
-
-
-def kernel_launch(
-    name: str,
-    kind: str,
-    run: Callable[[], Any],
-    *,
-    reads: Sequence[Optional[Tensor]],
-    writes: Sequence[Optional[Tensor]],
-    flops: int = 0,
-    cached_read: int = 0,
-) -> None:
-    """Declare one launch of one of our kernels and run it (unless its tensors are meta tensors).
-
-    ``reads`` and ``writes``: every tensor the kernel reads and every tensor it writes, as handed to
-    it (None and placeholders are skipped, a tensor listed twice is counted once).
-    """
-    read_list, write_list = _unique(reads), _unique(writes)
-    launch = Launch(
-        name,
-        kind,
-        sum(tensor_bytes(t) for t in read_list),
-        sum(tensor_bytes(t) for t in write_list),
-        int(flops),
-        int(cached_read),
-    )
-    recorder = _recorder
-    if recorder is not None:
-        recorder.launches.append(launch)
-    if any(modelling(t) for t in (*read_list, *write_list)):
-        if recorder is None:
-            raise RuntimeError(
-                f"{name}: meta tensors reach a kernel launch only under pnnh_kernels.ledger.recording()"
-            )
-        return
-    if recorder is None:
-        run()
-        return
-    if not recorder.instrument:
-        with unrecorded():  # the CPU interpreter's host copies are not device launches
-            run()
-        return
-    record = InstrumentedLaunch(launch, read_list, write_list)
-    touched = _unique([*read_list, *write_list])
-    with unrecorded():
-        before = [t.detach().clone() for t in touched]
-    recorder.current = record
-    try:
-        with unrecorded():  # the CPU interpreter's host copies are not device launches
-            run()
-    finally:
-        recorder.current = None
-    with unrecorded():
-        record.changed = [
-            t for t, old in zip(touched, before)
-            if not torch.equal(t.isnan(), old.isnan())
-            or not torch.equal(torch.nan_to_num(t), torch.nan_to_num(old))
-        ]  # fmt: skip
-    recorder.instrumented.append(record)
 
 
 def note_handed(arguments: Sequence[Any]) -> None:
@@ -315,12 +274,9 @@ class _TorchOps(TorchDispatchMode):
         return out
 
 
-_implementations: dict = {}
-
-
-def register_implementation(op: Any, implementation: Callable) -> None:
-    """Make ``recording`` run ``implementation`` (the Python body of a custom op) for ``op``."""
-    _implementations[op] = implementation
+# The Python bodies of our ops (pnnh_kernels.observer.register_implementation), which a recording
+# runs instead of their fake kernels.
+_implementations = observer.implementations
 
 
 @contextlib.contextmanager
@@ -331,8 +287,10 @@ def recording(instrument: bool = False) -> Iterator[Recorder]:
         raise RuntimeError("recording() does not nest")
     recorder = Recorder(instrument)
     _recorder = recorder
+    observer.observer = recorder
     try:
         with torch.profiler.record_function(RECORDED_RANGE), _TorchOps(recorder, _implementations):
             yield recorder
     finally:
         _recorder = None
+        observer.observer = None

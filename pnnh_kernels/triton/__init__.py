@@ -25,9 +25,15 @@ def triton_installed() -> bool:
     return _TRITON_INSTALLED
 
 
+# Read once, as Triton reads it when the kernels are defined (at import): a later change of the
+# variable would not switch the kernels between interpreted and compiled. The launchers consult it
+# on every call, where an environment lookup cost ~3 µs each (17 a training step).
+_INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def interpreter_enabled() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1`` at import)."""
+    return _INTERPRETER
 
 
 def unavailable_reason(device: torch.device, dtype: torch.dtype, op: str) -> Optional[str]:
@@ -47,3 +53,26 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype, op: str) -> Opt
     elif device.type != "cuda":
         return f"Triton kernels run on CUDA devices (or the CPU interpreter), not on {device.type}"
     return None
+
+
+def _register() -> None:
+    import functools
+
+    from pnnh_kernels.backends import Backend, register_backend
+    from pnnh_kernels.ops import pnnh_conv, pnnh_linear
+    from pnnh_kernels.triton import pnnh_conv as launchers
+
+    pnnh_conv.register_kernels("pnnh", launchers)
+    register_backend(
+        Backend(
+            "triton",
+            functools.partial(pnnh_conv.conv2d, "pnnh"),
+            functools.partial(pnnh_linear.linear, "pnnh"),
+            unavailable_reason,
+            auto_device_types=("cuda",),
+        )
+    )
+
+
+if _TRITON_INSTALLED:
+    _register()

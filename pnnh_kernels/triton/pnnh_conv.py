@@ -7,6 +7,7 @@ channels_last memory (so their storage is NHWC) and leave the same way.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Optional
@@ -27,8 +28,8 @@ from pnnh_kernels.backends.fused_common import (
 )
 from pnnh_kernels.backends.fused_common import output_buffer as _output
 from pnnh_kernels.conv_geometry import ConvGeometry
-from pnnh_kernels.ledger.record import kernel_launch, placeholder, tensor_bytes
-from pnnh_kernels.triton import interpreter_enabled
+from pnnh_kernels.observer import Declared, launch, placeholder, tensor_bytes
+from pnnh_kernels.triton import compiled_launch, interpreter_enabled
 from pnnh_kernels.triton.batch_norm_kernels import (
     _bn_finalize_backward_kernel,
     _bn_finalize_forward_kernel,
@@ -77,8 +78,13 @@ def forced_config(config: ConvConfig) -> Iterator[None]:
         _forced_config = previous
 
 
+def _cdiv(a: int, b: int) -> int:
+    # Integer arithmetic on the host: triton.cdiv is a constexpr function there (~4 µs a call).
+    return -(-a // b)
+
+
 def _block(size: int, cap: int) -> int:
-    return max(16, min(cap, triton.next_power_of_2(size)))
+    return max(16, min(cap, 1 << max(0, size - 1).bit_length()))
 
 
 def choose_config(c_in: int, c_out: int, c_b: int, dtype: torch.dtype) -> ConvConfig:
@@ -86,6 +92,11 @@ def choose_config(c_in: int, c_out: int, c_b: int, dtype: torch.dtype) -> ConvCo
         return _forced_config
     if interpreter_enabled():
         return INTERPRETER_CONFIG
+    return _gpu_config(c_in, c_out, c_b, dtype)
+
+
+@functools.lru_cache(maxsize=4096)  # the launchers ask on every call; a pure function of its key
+def _gpu_config(c_in: int, c_out: int, c_b: int, dtype: torch.dtype) -> ConvConfig:
     # GPU: bf16/fp16 tiles twice as deep as fp32 for the same shared memory per stage. In fp32 with
     # 64-wide output tiles the training-mode input gradient spilled 16 bytes on sm_80 (8 warps at
     # 128 registers) with 32-deep chunks and not with 16-deep ones.
@@ -131,6 +142,7 @@ def wgrad_shared_bytes(
     return (operands + extra) * element
 
 
+@functools.lru_cache(maxsize=4096)  # a pure function of its arguments, asked on every launch
 def wgrad_tiles(
     config: ConvConfig, c_x: int, c_g: int, dtype: torch.dtype, relu: bool, batch_norm: bool = False
 ) -> WgradTiles:
@@ -162,7 +174,7 @@ def wgrad_splits(config: ConvConfig, m: int, block_m: int, tiles: int, device: t
     if config.wgrad_splits is not None:
         return config.wgrad_splits
     if device.type == "meta":  # a ledger on meta tensors: the card it models
-        from pnnh_kernels.ledger.cards import MODELLED_CARD
+        from pnnh_kernels.ledger.cards import MODELLED_CARD  # only a recording runs on meta
 
         multiprocessors = MODELLED_CARD.multiprocessors
     elif device.type != "cuda":
@@ -170,7 +182,7 @@ def wgrad_splits(config: ConvConfig, m: int, block_m: int, tiles: int, device: t
     else:
         multiprocessors = torch.cuda.get_device_properties(device).multi_processor_count
     target = 4 * multiprocessors
-    return max(1, min(triton.cdiv(m, 8 * block_m), triton.cdiv(target, tiles)))
+    return max(1, min(_cdiv(m, 8 * block_m), _cdiv(target, tiles)))
 
 
 def input_precision(dtype: torch.dtype, device: torch.device) -> str:
@@ -274,8 +286,8 @@ def _tuned_or_fixed(kernel, config: ConvConfig, dtype: torch.dtype):
 
 def _grid(rows: int, columns: int, config: ConvConfig):
     if interpreter_enabled() or _forced_config is not None:
-        return (triton.cdiv(rows, config.block_m), triton.cdiv(columns, config.block_n))
-    return lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(columns, meta["BLOCK_N"]))
+        return (_cdiv(rows, config.block_m), _cdiv(columns, config.block_n))
+    return lambda meta: (_cdiv(rows, meta["BLOCK_M"]), _cdiv(columns, meta["BLOCK_N"]))
 
 
 def _launch_forward(
@@ -309,7 +321,7 @@ def _launch_forward(
     if write_stats:  # the partial buffers have one row per BLOCK_M tile: no autotuning of BLOCK_M
         tiles = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k}
         kernel, tiles = _pnnh_conv_fwd_kernel, {**tiles, **_launch_kwargs(config)}
-        grid = (triton.cdiv(m, config.block_m), triton.cdiv(c_out, config.block_n))
+        grid = (_cdiv(m, config.block_m), _cdiv(c_out, config.block_n))
     else:
         kernel, tiles = _tuned_or_fixed(_pnnh_conv_fwd_kernel, config, x.dtype)
         grid = _grid(m, c_out, config)
@@ -351,29 +363,41 @@ def _launch_forward(
         UPCAST_DOT=upcast_dot(x.dtype),
         BLOCK_B=config.block_b,
     )
-    tiles_m, tiles_n = triton.cdiv(m, config.block_m), triton.cdiv(c_out, config.block_n)
-    learner_flops = 0 if z_input else 2 * m * c_out * c_in * kh * kw
-    # the encoder per output-channel tile (every tile recomputes the code), the decoder once
-    coder_flops = 2 * m * c_b * (c_in * tiles_n + c_out) if has_coder else 0
-    cached = 0
-    if not z_input:  # every channel tile re-reads x per tap; every pixel tile re-reads the weight
-        cached += (tiles_n * kh * kw - 1) * tensor_bytes(x_rows) + (tiles_m - 1) * tensor_bytes(weight)
-    elif has_coder:
-        cached += (tiles_n - 1) * tensor_bytes(x_rows)
-    mode = "statistics" if write_stats else ("apply" if z_input else "fused")
-    kernel_launch(
-        f"_pnnh_conv_fwd_kernel ({mode})",
+
+    def declare() -> Declared:
+        tiles_m, tiles_n = _cdiv(m, config.block_m), _cdiv(c_out, config.block_n)
+        learner_flops = 0 if z_input else 2 * m * c_out * c_in * kh * kw
+        # the encoder per output-channel tile (every tile recomputes the code), the decoder once
+        coder_flops = 2 * m * c_b * (c_in * tiles_n + c_out) if has_coder else 0
+        cached = 0
+        if not z_input:  # every channel tile re-reads x per tap; every pixel tile the weight
+            cached += (tiles_n * kh * kw - 1) * tensor_bytes(x_rows)
+            cached += (tiles_m - 1) * tensor_bytes(weight)
+        elif has_coder:
+            cached += (tiles_n - 1) * tensor_bytes(x_rows)
+        return Declared(
+            reads=[
+                x_rows if reads_x else None, weight if not z_input else None, scale, shift,
+                encoder, encoder_bias, decoder, z if z_input else None,
+            ],
+            writes=[y, z if write_stats else None, *(partials or ())],
+            flops=learner_flops + coder_flops,
+            cached_read=cached,
+        )  # fmt: skip
+
+    launch(
+        _FORWARD_NAMES[write_stats, z_input],
         "triton",
-        lambda: kernel[grid](*arguments, *scalars, **flags, **tiles),
-        reads=[
-            x_rows if reads_x else None, weight if not z_input else None, scale, shift, encoder,
-            encoder_bias, decoder,
-            z if z_input else None,
-        ],
-        writes=[y, z if write_stats else None, *(partials or ())],
-        flops=learner_flops + coder_flops,
-        cached_read=cached,
-    )  # fmt: skip
+        lambda: compiled_launch.launch(kernel, grid, arguments, scalars, {**flags, **tiles}),
+        declare,
+    )
+
+
+_FORWARD_NAMES = {
+    (False, False): "_pnnh_conv_fwd_kernel (fused)",
+    (True, False): "_pnnh_conv_fwd_kernel (statistics)",
+    (False, True): "_pnnh_conv_fwd_kernel (apply)",
+}
 
 
 def conv_forward(
@@ -425,11 +449,9 @@ def conv_forward_train(
     c_b = 0 if encoder_weight is None else encoder_weight.shape[0]
     config = choose_config(c_in, c_out, c_b, x.dtype)
     z = _output((n, oh, ow, c_out), x.dtype, x.device)
-    tiles = triton.cdiv(m, config.block_m)
-    partials = (
-        _output((tiles, c_out), torch.float32, x.device),
-        _output((tiles, c_out), torch.float32, x.device),
-    )
+    tiles = _cdiv(m, config.block_m)
+    # One allocation for the two per-tile partials (each allocation is a host cost of its own).
+    partials = tuple(_output((2, tiles, c_out), torch.float32, x.device).unbind(0))
     shift = None if bias is None else bias.float()
     _launch_forward(
         x, weight, None, shift, None, None, None, geometry, False, z=z, partials=partials, config=config
@@ -453,26 +475,32 @@ def _finalize_statistics(
     """(mean, biased variance, rstd, scale, shift) from the statistics pass's per-tile partials."""
     tiles, channels = partials[0].shape
     device = partials[0].device
-    mean, variance, rstd, scale, shift = (_output((channels,), torch.float32, device) for _ in range(5))
+    # mean, variance and rstd leave the op (outputs of an op may not share memory); scale and shift
+    # are the apply pass's and share one allocation.
+    mean, variance, rstd = (_output((channels,), torch.float32, device) for _ in range(3))
+    scale, shift = _output((2, channels), torch.float32, device).unbind(0)
     block_c = _channel_block(channels)
     dummy = placeholder(device, torch.float32)
     arguments = (
         *partials,
         norm.weight if norm.weight is not None else dummy,
         norm.bias if norm.bias is not None else dummy,
-        mean, variance, rstd, scale, shift, tiles, channels, tile_rows, pixels, norm.eps,
+        mean, variance, rstd, scale, shift,
     )  # fmt: skip
+    scalars = (tiles, channels, tile_rows, pixels, norm.eps)
     flags = dict(
         HAS_WEIGHT=norm.weight is not None, HAS_BIAS=norm.bias is not None, BLOCK_T=32, BLOCK_C=block_c
     )
-    grid = (triton.cdiv(channels, block_c),)
-    kernel_launch(
+    grid = (_cdiv(channels, block_c),)
+    launch(
         "_bn_finalize_forward_kernel",
         "triton",
-        lambda: _bn_finalize_forward_kernel[grid](*arguments, **flags),
-        reads=[*partials, norm.weight, norm.bias],
-        writes=[mean, variance, rstd, scale, shift],
-        flops=8 * tiles * channels,
+        lambda: compiled_launch.launch(_bn_finalize_forward_kernel, grid, arguments, scalars, flags),
+        lambda: Declared(
+            reads=[*partials, norm.weight, norm.bias],
+            writes=[mean, variance, rstd, scale, shift],
+            flops=8 * tiles * channels,
+        ),
     )
     return mean, variance, rstd, scale, shift
 
@@ -484,15 +512,20 @@ def update_running_statistics(
     """nn.BatchNorm2d's running-statistics update, in place, in one launch."""
     channels = running_mean.shape[0]
     block_c = _channel_block(channels)
-    grid = (triton.cdiv(channels, block_c),)
-    arguments = (running_mean, running_var, mean, variance, channels, momentum, pixels / (pixels - 1))
-    kernel_launch(
+    grid = (_cdiv(channels, block_c),)
+    arguments = (running_mean, running_var, mean, variance)
+    scalars = (channels, momentum, pixels / (pixels - 1))
+    launch(
         "_bn_running_update_kernel",
         "triton",
-        lambda: _bn_running_update_kernel[grid](*arguments, BLOCK_C=block_c),
-        reads=[running_mean, running_var, mean, variance],
-        writes=[running_mean, running_var],
-        flops=6 * channels,
+        lambda: compiled_launch.launch(
+            _bn_running_update_kernel, grid, arguments, scalars, {"BLOCK_C": block_c}
+        ),
+        lambda: Declared(
+            reads=[running_mean, running_var, mean, variance],
+            writes=[running_mean, running_var],
+            flops=6 * channels,
+        ),
     )
 
 
@@ -517,7 +550,7 @@ def _wgrad(
     wgrad = wgrad_tiles(config, c_x, c_g, image.dtype, relu, batch_norm is not None)
     block_x, block_g, block_m = wgrad.block_x, wgrad.block_g, wgrad.block_m
     taps = kernel[0] * kernel[1]
-    tiles = triton.cdiv(c_x, block_x) * triton.cdiv(c_g, block_g) * taps
+    tiles = _cdiv(c_x, block_x) * _cdiv(c_g, block_g) * taps
     gradient_bytes = tensor_bytes(grad_rows) + (tensor_bytes(y_rows) if relu else 0)
     z_rows, coefficients = batch_norm if batch_norm is not None else (None, None)
     if z_rows is not None:
@@ -525,8 +558,8 @@ def _wgrad(
     splits = wgrad_splits(config, m, block_m, tiles, image.device)
     if config.wgrad_splits is None:  # an explicit count (tests) is taken as it is
         splits = capped_wgrad_splits(splits, gradient_bytes, taps, c_x, c_g)
-    m_per_split = triton.cdiv(triton.cdiv(m, splits), block_m) * block_m
-    splits = triton.cdiv(m, m_per_split)
+    m_per_split = _cdiv(_cdiv(m, splits), block_m) * block_m
+    splits = _cdiv(m, m_per_split)
     strided_out = out is not None and splits == 1
     if strided_out:
         assert out is not None
@@ -536,13 +569,15 @@ def _wgrad(
         target = _output((splits, kernel[0], kernel[1], c_x, c_g), torch.float32, image.device)
         partial = target
     out_strides = tuple(out.stride()) if out is not None else (0, 0, 0, 0)
-    grid = (triton.cdiv(c_x, block_x), triton.cdiv(c_g, block_g), splits * taps)
+    grid = (_cdiv(c_x, block_x), _cdiv(c_g, block_g), splits * taps)
     absent = placeholder(image.device, image.dtype)
     arguments = (
         image, grad_rows, y_rows if relu else absent, z_rows if z_rows is not None else absent,
         coefficients if coefficients is not None else placeholder(image.device, torch.float32),
-        partial, out if strided_out else absent, m, m_per_split, height,
-        width, c_x, *out_hw, c_g,
+        partial, out if strided_out else absent,
+    )  # fmt: skip
+    scalars = (
+        m, m_per_split, height, width, c_x, *out_hw, c_g,
         *geometry.stride, *geometry.padding, *geometry.dilation, *out_strides,
     )  # fmt: skip
     flags = dict(
@@ -559,31 +594,36 @@ def _wgrad(
         **_launch_kwargs(config),
     )
     # Every (image tile, gradient tile, tap) program reads its rows of the image and the gradient.
-    tiles_x, tiles_g = triton.cdiv(c_x, block_x), triton.cdiv(c_g, block_g)
-    kernel_launch(
+    tiles_x, tiles_g = _cdiv(c_x, block_x), _cdiv(c_g, block_g)
+    launch(
         "_conv_wgrad_kernel",
         "triton",
-        lambda: _conv_wgrad_kernel[grid](*arguments, **flags),
-        reads=[image, grad_rows, y_rows if relu else None, z_rows, coefficients],
-        writes=[target],
-        flops=2 * m * c_x * c_g * taps,
-        cached_read=(tiles_g * taps - 1) * tensor_bytes(image) + (tiles_x * taps - 1) * gradient_bytes,
+        lambda: compiled_launch.launch(_conv_wgrad_kernel, grid, arguments, scalars, flags),
+        lambda: Declared(
+            reads=[image, grad_rows, y_rows if relu else None, z_rows, coefficients],
+            writes=[target],
+            flops=2 * m * c_x * c_g * taps,
+            cached_read=(tiles_g * taps - 1) * tensor_bytes(image)
+            + (tiles_x * taps - 1) * gradient_bytes,
+        ),
     )
     if out is None:
         return target.sum(0) if splits > 1 else target[0]
     if not strided_out:
         block = 1024
-        reduce_grid = (triton.cdiv(target[0].numel(), block),)
-        reduce_arguments = (target, out, splits, c_x, c_g, *out_strides)
-        kernel_launch(
+        reduce_grid = (_cdiv(target[0].numel(), block),)
+        reduce_scalars = (splits, c_x, c_g, *out_strides)
+        launch(
             "_wgrad_reduce_kernel",
             "triton",
-            lambda: _wgrad_reduce_kernel[reduce_grid](
-                *reduce_arguments, KH=kernel[0], KW=kernel[1], BLOCK=block
+            lambda: compiled_launch.launch(
+                _wgrad_reduce_kernel,
+                reduce_grid,
+                (target, out),
+                reduce_scalars,
+                {"KH": kernel[0], "KW": kernel[1], "BLOCK": block},
             ),
-            reads=[target],
-            writes=[out],
-            flops=target.numel(),
+            lambda: Declared(reads=[target], writes=[out], flops=target.numel()),
         )
     return out
 
@@ -607,16 +647,13 @@ def _backward_reduce(
     dtype, device = x_nhwc.dtype, x_nhwc.device
     dummy = placeholder(device, dtype)
     c_b = 0 if coder is None else coder[0].shape[0]
-    tiles = triton.cdiv(m, config.block_m)
+    tiles = _cdiv(m, config.block_m)
     block_b = _block(c_b, config.block_b) if coder is not None else 16
     code = _output((m, c_b), dtype, device) if coder is not None and write_code else None
     dpre = _output((m, c_b), dtype, device) if coder is not None else None
     sums = None
     if batch_norm is not None:
-        sums = (
-            _output((tiles, c_out), torch.float32, device),
-            _output((tiles, c_out), torch.float32, device),
-        )
+        sums = tuple(_output((2, tiles, c_out), torch.float32, device).unbind(0))
     encoder, encoder_bias, decoder = coder if coder is not None else (None, None, None)
     z_rows, mean = batch_norm if batch_norm is not None else (None, None)
 
@@ -627,8 +664,8 @@ def _backward_reduce(
         given(x_nhwc if coder is not None else None), given(encoder), given(encoder_bias),
         given(decoder), dy_rows, given(y_rows), given(z_rows), given(mean), given(code), given(dpre),
         given(sums[0] if sums else None), given(sums[1] if sums else None),
-        m, height, width, c_in, *out_hw, c_out, c_b, *geometry.stride,
     )  # fmt: skip
+    scalars = (m, height, width, c_in, *out_hw, c_out, c_b, *geometry.stride)
     flags = dict(
         HAS_CODER=coder is not None,
         HAS_ENCODER_BIAS=encoder_bias is not None,
@@ -642,21 +679,21 @@ def _backward_reduce(
         BLOCK_K=reduce_block_k(config, coder is not None, batch_norm is not None),
         **_launch_kwargs(config),
     )
-    tiles_b = triton.cdiv(c_b, block_b) if coder is not None else 1
+    tiles_b = _cdiv(c_b, block_b) if coder is not None else 1
     grid = (tiles, tiles_b)
     gradient_bytes = tensor_bytes(dy_rows) + (tensor_bytes(y_rows) if y_rows is not None else 0)
-    kernel_launch(
+    launch(
         "_pnnh_coder_bwd_kernel",
         "triton",
-        lambda: _pnnh_coder_bwd_kernel[grid](*arguments, **flags),
-        reads=[
+        lambda: compiled_launch.launch(_pnnh_coder_bwd_kernel, grid, arguments, scalars, flags),
+        lambda: Declared(reads=[
             x_nhwc if coder is not None else None, encoder, encoder_bias, decoder, dy_rows, y_rows,
             z_rows, mean,
         ],
         writes=[code, dpre, *(sums or ())],
         flops=2 * m * c_b * (c_in + c_out),
         # every code-channel tile re-reads the pixels' x, dy and y rows
-        cached_read=(tiles_b - 1) * (tensor_bytes(x_nhwc) * (coder is not None) + gradient_bytes),
+        cached_read=(tiles_b - 1) * (tensor_bytes(x_nhwc) * (coder is not None) + gradient_bytes)),
     )  # fmt: skip
     return code, dpre, sums
 
@@ -723,6 +760,8 @@ def _input_grad(
         coefficients if coefficients is not None else placeholder(device, torch.float32),
         scale if scale is not None else dummy, weight,
         dpre if has_coder else dummy, we_in if has_coder else dummy, dx,
+    )  # fmt: skip
+    scalars = (
         n * height * width, height, width, c_in, oh, ow, c_out, c_b,
         *geometry.stride, *geometry.padding, *geometry.dilation, *weight.stride(),
     )  # fmt: skip
@@ -736,19 +775,19 @@ def _input_grad(
         INPUT_PRECISION=input_precision(dtype, device),
         UPCAST_DOT=upcast_dot(dtype),
     )
-    tiles_m, tiles_n = triton.cdiv(n * height * width, config.block_m), triton.cdiv(c_in, config.block_n)
+    tiles_m, tiles_n = _cdiv(n * height * width, config.block_m), _cdiv(c_in, config.block_n)
     gradient_bytes = sum(tensor_bytes(t) for t in (learner_nhwc, y_nhwc, z_nhwc) if t is not None)
-    kernel_launch(
+    launch(
         "_pnnh_conv_dgrad_kernel",
         "triton",
-        lambda: kernel[grid](*arguments, **flags, **tiles),
-        reads=[
+        lambda: compiled_launch.launch(kernel, grid, arguments, scalars, {**flags, **tiles}),
+        lambda: Declared(reads=[
             learner_nhwc, y_nhwc, z_nhwc, coefficients, scale, weight,
             dpre if has_coder else None, we_in,
         ],
         writes=[dx],
         flops=2 * n * height * width * c_in * c_out * kh * kw + (2 * m * c_b * c_in if has_coder else 0),
-        cached_read=(tiles_n * kh * kw - 1) * gradient_bytes + (tiles_m - 1) * tensor_bytes(weight),
+        cached_read=(tiles_n * kh * kw - 1) * gradient_bytes + (tiles_m - 1) * tensor_bytes(weight)),
     )  # fmt: skip
     return dx
 
@@ -860,19 +899,22 @@ def conv_backward_train(
         *sums, mean, rstd, norm_weight if norm_weight is not None else dummy,
         grad_norm_weight if grad_norm_weight is not None else dummy,
         grad_norm_bias if grad_norm_bias is not None else dummy,
-        coefficients, grad_learner_bias, sums[0].shape[0], c_out, m,
+        coefficients, grad_learner_bias,
     )  # fmt: skip
+    scalars = (sums[0].shape[0], c_out, m)
     flags = dict(
         HAS_WEIGHT=norm_weight is not None, HAS_BIAS=norm_bias is not None, BLOCK_T=32, BLOCK_C=block_c
     )
-    grid = (triton.cdiv(c_out, block_c),)
-    kernel_launch(
+    grid = (_cdiv(c_out, block_c),)
+    launch(
         "_bn_finalize_backward_kernel",
         "triton",
-        lambda: _bn_finalize_backward_kernel[grid](*arguments, **flags),
-        reads=[*sums, mean, rstd, norm_weight],
-        writes=[grad_norm_weight, grad_norm_bias, coefficients, grad_learner_bias],
-        flops=4 * sums[0].numel(),
+        lambda: compiled_launch.launch(_bn_finalize_backward_kernel, grid, arguments, scalars, flags),
+        lambda: Declared(
+            reads=[*sums, mean, rstd, norm_weight],
+            writes=[grad_norm_weight, grad_norm_bias, coefficients, grad_learner_bias],
+            flops=4 * sums[0].numel(),
+        ),
     )
     grads_coder: tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]] = (None, None, None)
     if coder is not None and coder_grads:

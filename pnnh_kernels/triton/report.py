@@ -229,12 +229,14 @@ def _int_arguments(fn: Any, constexprs: dict[str, Any]) -> list[str]:
 
 
 def _config(shape: LayerShape, dtype: torch.dtype) -> ConvConfig:
-    previous = os.environ.pop("TRITON_INTERPRET", None)  # the GPU configuration, not the interpreter's
+    import pnnh_kernels.triton as triton_backend
+
+    # The GPU configuration, not the interpreter's.
+    previous, triton_backend._INTERPRETER = triton_backend._INTERPRETER, False
     try:
         return choose_config(shape.c_in, shape.c_out, shape.code_channels, dtype)
     finally:
-        if previous is not None:
-            os.environ["TRITON_INTERPRET"] = previous
+        triton_backend._INTERPRETER = previous
 
 
 def launches(shape: LayerShape, dtype: torch.dtype) -> list[Launch]:

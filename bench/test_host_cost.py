@@ -1,0 +1,179 @@
+"""Host cost of one training step (forward + backward, training BatchNorm, bf16, channels_last):
+the PNNH layer on each fused backend beside the ResNet layer it replaces, at the four ResNet-18
+CIFAR stage shapes (batch 256), and a whole PNNH ResNet-18 step beside the residual one.
+
+On a CPU (pnnh_kernels.benchmarking.host_cost): the fused backends run their real launch path down
+to launchers that do nothing, on CPU tensors at the real shape; the eager ResNet layer and
+ResNet-18 run their op sequence on CPU tensors of one pixel per image (compute negligible, the same
+ops). On a GPU: the wall time of the step's enqueue behind a long-running kernel, so that the queue
+never drains and the host is what is timed, for both sides at the real shape.
+
+Each test alternates rounds of the two sides (so drift hits both) and records in extra_info the
+median and p20/p80 of each, in µs, and their ratio of medians. The timed call pytest-benchmark
+reports is the PNNH side's. Nothing here asserts a time: tests/test_host_cost.py budgets the
+deterministic count of Python calls instead.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from bench.conftest import ON_GPU
+from bench.implementations import pnnh_layer
+from pnnh_kernels.backends import registered_backends
+from pnnh_kernels.benchmarking import host_cost
+from pnnh_kernels.benchmarking.baselines import EagerResNet18, ResNetLayer
+from pnnh_kernels.models import resnet18
+from pnnh_kernels.triton import interpreter_enabled
+
+STAGES = [(64, 32), (128, 16), (256, 8), (512, 4)]  # ResNet-18's CIFAR stages at batch 256
+BATCH = 256
+DTYPE = torch.bfloat16
+ROUNDS = 40
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+
+
+def _unavailable(backend: str) -> str | None:
+    if backend not in registered_backends():
+        return f"no {backend} backend in this installation"
+    if ON_GPU:
+        from pnnh_kernels.backends import BackendUnavailableError, resolve_backend
+
+        try:
+            resolve_backend(backend, DEVICE, DTYPE, "conv2d")
+        except BackendUnavailableError as error:
+            return str(error)
+        return None
+    if backend == "triton" and interpreter_enabled():
+        return "TRITON_INTERPRET is set: the stub path needs the compiled kernels' launch path"
+    return None
+
+
+@pytest.fixture
+def launches() -> Iterator[None]:
+    """On a CPU the stub launchers; on a GPU the real ones."""
+    if ON_GPU:
+        yield
+        return
+    with host_cost.stub_launches():
+        yield
+
+
+def _images(batch: int, channels: int, size: int, device: torch.device) -> torch.Tensor:
+    shape = (batch, channels, size, size)
+    return torch.randn(shape, device=device, dtype=DTYPE).to(memory_format=torch.channels_last)
+
+
+def _training_step(
+    module: nn.Module, x: torch.Tensor, grad: torch.Tensor
+) -> tuple[Callable[[], Any], Callable[[], Any]]:
+    """(step, setup): forward + backward; setup drops the gradients as zero_grad(set_to_none=True)
+    does, so that no step accumulates into the last one's."""
+    module = module.to(x.device, DTYPE, memory_format=torch.channels_last).train()
+    x.requires_grad_(True)
+
+    def setup() -> None:
+        x.grad = None
+        module.zero_grad(set_to_none=True)
+
+    def step() -> None:
+        module(x).backward(grad)
+
+    return step, setup
+
+
+def _gpu_host_time(step: Callable[[], Any], setup: Callable[[], Any]) -> float:
+    """Wall time (µs) of ``step``'s enqueue while the GPU is busy with a long kernel (~50 ms)."""
+    setup()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(100_000_000)
+    start = time.perf_counter()
+    step()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed * 1e6
+
+
+def _side_by_side(benchmark: Any, pnnh: tuple, baseline: tuple, name: str) -> None:
+    """Alternate rounds of the two sides; record their spread and ratio; let pytest-benchmark time
+    the PNNH side for its table."""
+    timer = _gpu_host_time if ON_GPU else host_cost.host_time
+    for side in (pnnh, baseline):  # warm-up: compiles, autotunes, fills the launch plans
+        for _ in range(3):
+            timer(*side)
+    times: dict[str, list[float]] = {"pnnh": [], "baseline": []}
+    for _ in range(ROUNDS):
+        times["pnnh"].append(timer(*pnnh))
+        times["baseline"].append(timer(*baseline))
+    info = benchmark.extra_info
+    for side, values in times.items():
+        quantiles = statistics.quantiles(values, n=5)
+        info[f"{side}_host_us_median"] = statistics.median(values)
+        info[f"{side}_host_us_p20"], info[f"{side}_host_us_p80"] = quantiles[0], quantiles[-1]
+    info["host_ratio"] = info["pnnh_host_us_median"] / info["baseline_host_us_median"]
+    info["baseline"] = name
+    info["method"] = (
+        "GPU: wall time of the enqueue behind a long kernel"
+        if ON_GPU
+        else "CPU: thread time; fused launches stubbed at the real shape, eager baseline on a "
+        "one-pixel proxy (pnnh_kernels.benchmarking.host_cost)"
+    )
+    info["device_name"] = torch.cuda.get_device_name(DEVICE) if ON_GPU else "cpu"
+    info["torch"] = torch.__version__
+    step, setup = pnnh
+    benchmark.pedantic(step, setup=setup, rounds=ROUNDS, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize(("channels", "size"), STAGES, ids=[f"{c}x{s}x{s}" for c, s in STAGES])
+def test_layer_step_host_cost(benchmark, launches, backend, channels, size):
+    reason = _unavailable(backend)
+    if reason:
+        pytest.skip(reason)
+    benchmark.group = f"host cost: layer step {channels}x{size}x{size}"
+    grad = _images(BATCH, channels, size, DEVICE)
+    pnnh = _training_step(pnnh_layer(channels, backend), _images(BATCH, channels, size, DEVICE), grad)
+    proxy = (BATCH, channels, size) if ON_GPU else host_cost.eager_proxy_shape(BATCH, channels, size)
+    baseline = _training_step(ResNetLayer(proxy[1]), _images(*proxy, DEVICE), _images(*proxy, DEVICE))
+    _side_by_side(benchmark, pnnh, baseline, "resnet-layer (eager, cuDNN on a GPU)")
+
+
+def _model_step(model: nn.Module, batch: int, size: int) -> tuple[Callable[[], Any], Callable[[], Any]]:
+    model = model.to(DEVICE, DTYPE, memory_format=torch.channels_last).train()
+    x = _images(batch, 3, size, DEVICE)
+    labels = torch.randint(0, 10, (batch,), device=DEVICE)
+
+    def setup() -> None:
+        model.zero_grad(set_to_none=True)
+
+    def step() -> None:
+        nn.functional.cross_entropy(model(x), labels).backward()
+
+    return step, setup
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_resnet18_step_host_cost(benchmark, launches, backend):
+    reason = _unavailable(backend)
+    if reason:
+        pytest.skip(reason)
+    benchmark.group = "host cost: ResNet-18 step, CIFAR, batch 256"
+    pnnh_model = resnet18("pnnh", stem="cifar", num_classes=10)
+    for module in pnnh_model.modules():
+        if hasattr(module, "backend"):
+            module.backend = backend
+    pnnh = _model_step(pnnh_model, BATCH, 32)
+    # The eager residual net: at the real size on a GPU; on a CPU at width 8, batch 2, 8 x 8 images
+    # (the same ops; compute negligible).
+    if ON_GPU:
+        baseline = _model_step(EagerResNet18(10), BATCH, 32)
+    else:
+        baseline = _model_step(EagerResNet18(10, width=8), 2, 8)
+    _side_by_side(benchmark, pnnh, baseline, "resnet-18 (eager, torchvision's layout)")

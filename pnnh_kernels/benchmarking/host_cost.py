@@ -1,0 +1,202 @@
+"""The host cost of a training step, measured on a CPU: every fused launch goes down its real Python
+path and ends in a launcher that does nothing.
+
+Under :func:`stub_launches` the Triton backend runs its launchers on CPU tensors with Triton's
+active driver replaced by a stub (an sm_90 target whose compiled kernels are stand-ins that launch
+nothing), so that everything Triton does in Python on a launch still runs: ``kernel[grid]``'s
+binder, specialisation, cache key and grid on a first call, the launch plan's lookup and the call
+into the compiled kernel's launcher on the next (pnnh_kernels.triton.compiled_launch). The CUDA
+backend runs its launchers onto a stand-in for the extension whose entry points do nothing (a
+Python call where the real one crosses pybind11: about a microsecond less per launch). The buffers
+a step allocates are real CPU allocations.
+
+What this measures is the host's side of a step on a GPU machine less the driver's own launch
+cost (a few µs a kernel) and with CPU ``torch.empty`` in place of the caching allocator. The
+ResNet layer it is compared with runs its eager op sequence on CPU tensors of one pixel per image
+(:func:`eager_proxy_shape`): PyTorch's dispatch, autograd and its CPU kernels' setup, with compute
+small enough not to matter; a lower bound of its cost behind cuDNN, which adds its own heuristics.
+On a GPU the benchmark times the enqueue behind a long-running kernel instead (bench/test_host_cost.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+STUB_BACKENDS = ("triton", "cuda")
+
+
+class _StubCompiled:
+    """A compiled kernel's stand-in: the attributes a launch reads, a launcher that does nothing."""
+
+    function = 0
+    packed_metadata = None
+
+    def run(self, *args: Any) -> None:
+        return None
+
+    def launch_metadata(self, *args: Any) -> None:
+        return None
+
+
+class _StubDriver:
+    """Triton's active driver on a machine without a GPU: device 0, stream 0, an sm_90 target."""
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device: Any = None) -> int:
+        return 0
+
+    def get_current_target(self) -> Any:
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("cuda", 90, 32)
+
+    def get_active_torch_device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def get_device_interface(self) -> Any:
+        return torch.cuda
+
+    def get_benchmarker(self) -> Callable[..., list[float]]:
+        # The autotuner's trials: every candidate "takes" the same time, so it keeps the first
+        # (the shape's heuristic default, as on a GPU without trials).
+        def benchmark(kernel_call: Callable[[], Any], quantiles: Any = None, **_: Any) -> list[float]:
+            kernel_call()
+            return [1.0, 1.0, 1.0]
+
+        return benchmark
+
+
+class _StubCudaExtension:
+    """The CUDA extension's entry points as the launchers call them, doing nothing; tile sizes as
+    csrc/pnnh_common.cuh and csrc/pnnh_kernels.h define them."""
+
+    def __init__(self) -> None:
+        self._sizes = {"block_m": 64, "block_n": 64, "block_k": 32, "max_grid_yz": 65535}
+
+    def tile_sizes(self) -> dict[str, int]:
+        return self._sizes
+
+    def tile_rows(self) -> int:
+        return 64
+
+    class ConvShape:
+        def __init__(self, *sizes: int) -> None:
+            self.sizes = sizes
+
+    def _launch(self, *args: Any) -> None:
+        return None
+
+    forward = dgrad = wgrad = wgrad_reduce = coder_backward = _launch
+    bn_finalize_forward = bn_running_update = bn_backward_reduce = bn_finalize_backward = _launch
+
+
+def _triton_kernels() -> list[Any]:
+    from pnnh_kernels.triton import batch_norm_kernels, kernels
+
+    return [
+        value
+        for module in (kernels, batch_norm_kernels)
+        for value in vars(module).values()
+        if hasattr(value, "device_caches")
+    ]
+
+
+def _stub_compile(self: Any, key: Any, signature: Any, device: Any, *args: Any) -> _StubCompiled:
+    compiled = _StubCompiled()
+    self.device_caches[device][0][key] = compiled
+    return compiled
+
+
+def _forget_compiled() -> None:
+    """Drop every compiled kernel, launch plan and autotuning result made under the stub."""
+    from pnnh_kernels.triton import compiled_launch, pnnh_conv
+
+    compiled_launch.clear()
+    pnnh_conv._tuned_kernels.clear()
+    for kernel in _triton_kernels():
+        kernel.device_caches.clear()
+
+
+@contextlib.contextmanager
+def stub_launches() -> Iterator[None]:
+    """Run the fused backends on CPU tensors down to launchers that do nothing (see the module).
+
+    Refused where a GPU is present (a stand-in compiled kernel must never meet a real launch) and
+    under ``TRITON_INTERPRET=1`` (the kernels are then interpreted, not compiled).
+    """
+    if torch.cuda.is_available():
+        raise RuntimeError("stub_launches: a GPU is present; time its real launches instead")
+    from pnnh_kernels.backends import backend_named, register_backend
+    from pnnh_kernels.cuda import launch as cuda_launch
+    from pnnh_kernels.triton import interpreter_enabled, triton_installed
+
+    if triton_installed() and interpreter_enabled():
+        raise RuntimeError("stub_launches: unset TRITON_INTERPRET (the kernels must be compiled ones)")
+    real = {name: backend_named(name) for name in STUB_BACKENDS if _registered(name)}
+    with contextlib.ExitStack() as stack:
+        for _name, backend in real.items():
+            register_backend(dataclasses.replace(backend, unavailable_reason=lambda *_: None))
+            stack.callback(register_backend, backend)
+        stack.enter_context(cuda_launch.emulated(_StubCudaExtension()))
+        if "triton" in real:
+            from triton.runtime import driver
+            from triton.runtime.jit import JITFunction
+
+            previous_driver, previous_compile = driver._active, JITFunction._do_compile
+            driver.set_active(_StubDriver())
+            JITFunction._do_compile = _stub_compile
+            stack.callback(setattr, driver, "_active", previous_driver)
+            stack.callback(setattr, JITFunction, "_do_compile", previous_compile)
+            stack.callback(_forget_compiled)
+            _forget_compiled()
+        yield
+
+
+def _registered(name: str) -> bool:
+    from pnnh_kernels.backends import registered_backends
+
+    return name in registered_backends()
+
+
+def eager_proxy_shape(batch: int, channels: int, size: int) -> tuple[int, int, int]:
+    """(batch, channels, size) of the eager baseline's CPU proxy: two images of one pixel and eight
+    channels, the same op sequence as at the real shape with negligible compute."""
+    del batch, channels, size  # the host cost of an eager step does not depend on them on a GPU
+    return 2, 8, 1
+
+
+def host_time(step: Callable[[], Any], setup: Callable[[], Any] = lambda: None) -> float:
+    """Thread CPU time of one call of ``step`` after an untimed ``setup`` (µs). Thread time, so that
+    other threads (BLAS pools) and the other core's load do not count."""
+    setup()
+    start = time.thread_time_ns()
+    step()
+    return (time.thread_time_ns() - start) / 1e3
+
+
+def python_calls(step: Callable[[], Any]) -> int:
+    """Python function calls (and calls of builtins from Python) during one call of ``step``: a
+    deterministic count of host work, for a budget test that does not time anything."""
+    count = 0
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        nonlocal count
+        if event in ("call", "c_call"):
+            count += 1
+
+    previous = sys.getprofile()
+    sys.setprofile(profile)
+    try:
+        step()
+    finally:
+        sys.setprofile(previous)
+    return count - 1  # sys.setprofile's own return is reported as a c_call

@@ -1,0 +1,533 @@
+"""The fused PNNH convolution's ops (``torch.ops.<library>.conv2d_fused*``), their fakes and their
+autograd, once for every fused backend's library (``pnnh``: Triton, ``pnnh_cuda``: CUDA).
+
+``conv2d_fused`` computes ``act(conv(x, W) * scale + shift + W_D relu(W_E x_s + b_E))`` and
+``conv2d_fused_backward`` its gradients; ``conv2d_fused_train`` and ``conv2d_fused_train_backward``
+put training-mode BatchNorm on the learner branch; ``batch_norm_running_update`` updates the running
+statistics in place (its own op: an op that mutates its inputs cannot carry an autograd formula).
+Their ``padding`` is ``[top, left, bottom, right]`` (ConvGeometry.op_padding): the bottom/right part
+sets only the output size, which an asymmetric "same" padding needs and the fakes compute.
+
+Why ``Library.define`` + ``impl`` and a module-level ``autograd.Function`` registered as the
+Autograd kernel, not ``torch.library.custom_op``: the same dispatcher entries (fake kernels for
+``torch.compile`` and meta tensors, an Autograd kernel that redispatches below autograd, opcheck's
+registration checks), without custom_op's per-call Python (pytree flattening, default filling, its
+generated Function): measured on this machine's CPU, a trivial op's forward and backward cost 82 µs
+through custom_op and 47 µs so (tests/test_host_cost.py counts the calls of a whole step).
+
+A backend supplies its launchers (no autograd) with :func:`register_kernels`; the ops import no
+backend. The learner's bias and an eval-mode BatchNorm are folded, in PyTorch and with autograd,
+into the per-channel ``scale`` and ``shift`` the kernel applies to the learner branch; the op
+returns the gradients of ``scale`` and ``shift`` and autograd carries them on to gamma, beta, b_L.
+
+What the op keeps alive for the backward: x, the output y (whose sign is the output ReLU's mask,
+and which the next layer keeps alive anyway as its own input), the weights and a few per-channel
+vectors (training BatchNorm: also z and the batch statistics).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple, Optional, Protocol
+
+import torch
+from torch import Tensor
+
+from pnnh_kernels import observer
+from pnnh_kernels.backends.call import ConvCall
+from pnnh_kernels.backends.fused_common import (
+    ConvGradients,
+    TrainingForward,
+    TrainingGradients,
+    TrainingNorm,
+    permuted_weight,
+)
+from pnnh_kernels.backends.reference import memory_format_of
+from pnnh_kernels.conv_geometry import ConvGeometry
+
+LIBRARIES = ("pnnh", "pnnh_cuda")
+
+_SCHEMAS = {
+    "conv2d_fused": (
+        "conv2d_fused(Tensor x, Tensor weight, Tensor? scale, Tensor? shift, "
+        "Tensor? encoder_weight, Tensor? encoder_bias, Tensor? decoder_weight, int[] stride, "
+        "int[] padding, int[] dilation, bool relu) -> Tensor"
+    ),
+    "conv2d_fused_backward": (
+        "conv2d_fused_backward(Tensor grad_output, Tensor x, Tensor output, Tensor weight, "
+        "Tensor? scale, Tensor? encoder_weight, Tensor? encoder_bias, Tensor? decoder_weight, "
+        "int[] stride, int[] padding, int[] dilation, bool relu, bool coder_grads=True) -> Tensor[]"
+    ),
+    "conv2d_fused_train": (
+        "conv2d_fused_train(Tensor x, Tensor weight, Tensor? bias, Tensor? norm_weight, "
+        "Tensor? norm_bias, Tensor? encoder_weight, Tensor? encoder_bias, Tensor? decoder_weight, "
+        "int[] stride, int[] padding, int[] dilation, bool relu, float eps) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+    ),
+    "conv2d_fused_train_backward": (
+        "conv2d_fused_train_backward(Tensor grad_output, Tensor x, Tensor output, Tensor learner, "
+        "Tensor mean, Tensor rstd, Tensor weight, Tensor? norm_weight, Tensor? norm_bias, "
+        "Tensor? encoder_weight, Tensor? encoder_bias, Tensor? decoder_weight, int[] stride, "
+        "int[] padding, int[] dilation, bool relu, bool coder_grads) -> Tensor[]"
+    ),
+    "batch_norm_running_update": (
+        "batch_norm_running_update(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, "
+        "Tensor variance, float momentum, int pixels) -> ()"
+    ),
+}
+
+
+class FusedKernels(Protocol):
+    """A backend's launchers (no autograd), the same for Triton and CUDA: see
+    pnnh_kernels.triton.pnnh_conv for their contracts."""
+
+    def conv_forward(self, *args: Any) -> Tensor: ...
+    def conv_forward_train(self, *args: Any) -> TrainingForward: ...
+    def update_running_statistics(self, *args: Any) -> None: ...
+    def conv_backward(self, *args: Any) -> ConvGradients: ...
+    def conv_backward_train(self, *args: Any) -> TrainingGradients: ...
+
+
+_kernels: dict[str, FusedKernels] = {}
+
+
+def register_kernels(library: str, kernels: FusedKernels) -> None:
+    """Make ``library``'s ops run ``kernels`` (called by each fused backend's package)."""
+    if library not in LIBRARIES:
+        raise ValueError(f"library: expected one of {LIBRARIES}, got {library!r}")
+    _kernels[library] = kernels
+
+
+def _launchers(library: str) -> FusedKernels:
+    kernels = _kernels.get(library)
+    if kernels is None:
+        raise RuntimeError(f"torch.ops.{library}: no kernels are registered for this library")
+    return kernels
+
+
+@functools.lru_cache(maxsize=1024)
+def _geometry_of(kernel: tuple[int, int], stride: tuple, padding: tuple, dilation: tuple):
+    return ConvGeometry.from_op_padding(kernel, list(stride), list(padding), list(dilation))
+
+
+def _geometry(weight: Tensor, stride: list, padding: list, dilation: list) -> ConvGeometry:
+    """The op's geometry (``padding`` is [top, left, bottom, right]); the functional entry point has
+    already validated it. Cached: a step builds the same few geometries every time."""
+    shape = weight.shape
+    return _geometry_of((shape[2], shape[3]), tuple(stride), tuple(padding), tuple(dilation))
+
+
+def _fake_geometry(weight: Tensor, stride: list, padding: list, dilation: list) -> ConvGeometry:
+    # Not cached: under dynamic shapes the sizes are SymInts, which do not hash.
+    return ConvGeometry.from_op_padding((weight.shape[2], weight.shape[3]), stride, padding, dilation)
+
+
+def _or_empty(like: Tensor, grad: Optional[Tensor]) -> Tensor:
+    # A distinct empty tensor each time: outputs of an op may not alias each other. Contiguous, as
+    # the fakes say (the coder's gradients come out as transposes).
+    return like.new_empty((0,), dtype=torch.float32) if grad is None else grad.contiguous()
+
+
+# Implementations (below autograd) ----------------------------------------------------------------
+
+
+def _conv2d_fused(library: str):
+    def conv2d_fused(
+        x, weight, scale, shift, encoder_weight, encoder_bias, decoder_weight, stride, padding,
+        dilation, relu,
+    ):  # fmt: skip
+        return _launchers(library).conv_forward(
+            x, weight, scale, shift, encoder_weight, encoder_bias, decoder_weight,
+            _geometry(weight, stride, padding, dilation), relu,
+        )  # fmt: skip
+
+    return conv2d_fused
+
+
+def _conv2d_fused_backward(library: str):
+    def conv2d_fused_backward(
+        grad_output, x, output, weight, scale, encoder_weight, encoder_bias, decoder_weight, stride,
+        padding, dilation, relu, coder_grads=True,
+    ):  # fmt: skip
+        """[dx, dW_unscaled [KH, KW, C_in, C_out] fp32, dshift, dW_E, db_E, dW_D]; absent ones are
+        empty (the coder's also when ``coder_grads`` is False: a fixed coder)."""
+        grads = _launchers(library).conv_backward(
+            grad_output, x, output, weight, scale, encoder_weight, encoder_bias, decoder_weight,
+            _geometry(weight, stride, padding, dilation), relu, coder_grads,
+        )  # fmt: skip
+        return [
+            grads.input, grads.weight_unscaled, grads.shift, _or_empty(x, grads.encoder_weight),
+            _or_empty(x, grads.encoder_bias), _or_empty(x, grads.decoder_weight),
+        ]  # fmt: skip
+
+    return conv2d_fused_backward
+
+
+def _conv2d_fused_train(library: str):
+    def conv2d_fused_train(
+        x, weight, bias, norm_weight, norm_bias, encoder_weight, encoder_bias, decoder_weight,
+        stride, padding, dilation, relu, eps,
+    ):  # fmt: skip
+        """(y, z, batch mean, biased batch variance, rstd)."""
+        result = _launchers(library).conv_forward_train(
+            x, weight, bias, TrainingNorm(norm_weight, norm_bias, eps), encoder_weight,
+            encoder_bias, decoder_weight, _geometry(weight, stride, padding, dilation), relu,
+        )  # fmt: skip
+        return result.output, result.learner, result.mean, result.variance, result.rstd
+
+    return conv2d_fused_train
+
+
+def _conv2d_fused_train_backward(library: str):
+    def conv2d_fused_train_backward(
+        grad_output, x, output, learner, mean, rstd, weight, norm_weight, norm_bias,
+        encoder_weight, encoder_bias, decoder_weight, stride, padding, dilation, relu, coder_grads,
+    ):  # fmt: skip
+        """[dx, dW (the weight's shape, dtype and layout), d gamma, d beta, dW_E, db_E, dW_D, d b_L]
+        (the learner bias's: zero, or NaN where dz is not finite); absent ones (and the coder's
+        when ``coder_grads`` is False) are empty."""
+        grads = _launchers(library).conv_backward_train(
+            grad_output, x, output, learner, mean, rstd, weight, norm_weight, norm_bias,
+            encoder_weight, encoder_bias, decoder_weight,
+            _geometry(weight, stride, padding, dilation), relu, coder_grads,
+        )  # fmt: skip
+        return [
+            grads.input, grads.weight, _or_empty(x, grads.norm_weight),
+            _or_empty(x, grads.norm_bias), _or_empty(x, grads.encoder_weight),
+            _or_empty(x, grads.encoder_bias), _or_empty(x, grads.decoder_weight),
+            _or_empty(x, grads.learner_bias),
+        ]  # fmt: skip
+
+    return conv2d_fused_train_backward
+
+
+def _batch_norm_running_update(library: str):
+    def batch_norm_running_update(running_mean, running_var, mean, variance, momentum, pixels):
+        """nn.BatchNorm2d's update of the running statistics from a batch's mean and biased
+        variance over ``pixels`` values per channel, in place."""
+        _launchers(library).update_running_statistics(
+            running_mean, running_var, mean, variance, momentum, pixels
+        )
+        # What an ADInplaceOrView kernel would do for an in-place op: a saved copy of the running
+        # statistics sees that they changed.
+        torch.autograd.graph.increment_version((running_mean, running_var))
+
+    return batch_norm_running_update
+
+
+# Fakes (meta tensors, torch.compile) -------------------------------------------------------------
+
+
+def _conv2d_fused_fake(
+    x, weight, scale, shift, encoder_weight, encoder_bias, decoder_weight, stride, padding,
+    dilation, relu,
+):  # fmt: skip
+    oh, ow = _fake_geometry(weight, stride, padding, dilation).output_size(x.shape[2], x.shape[3])
+    return x.new_empty((x.shape[0], oh, ow, weight.shape[0])).permute(0, 3, 1, 2)
+
+
+def _conv2d_fused_backward_fake(
+    grad_output, x, output, weight, scale, encoder_weight, encoder_bias, decoder_weight, stride,
+    padding, dilation, relu, coder_grads=True,
+):  # fmt: skip
+    n, c_in, height, width = x.shape
+    c_out, _, kh, kw = weight.shape
+
+    def like(tensor: Optional[Tensor]) -> Tensor:
+        shape = (0,) if tensor is None or not coder_grads else tuple(tensor.shape)
+        return x.new_empty(shape, dtype=torch.float32)
+
+    return [
+        x.new_empty((n, height, width, c_in)).permute(0, 3, 1, 2),
+        x.new_empty((kh, kw, c_in, c_out), dtype=torch.float32),
+        x.new_empty((c_out,), dtype=torch.float32),
+        like(encoder_weight),
+        like(encoder_bias),
+        like(decoder_weight),
+    ]
+
+
+def _conv2d_fused_train_fake(
+    x, weight, bias, norm_weight, norm_bias, encoder_weight, encoder_bias, decoder_weight, stride,
+    padding, dilation, relu, eps,
+):  # fmt: skip
+    oh, ow = _fake_geometry(weight, stride, padding, dilation).output_size(x.shape[2], x.shape[3])
+    c_out = weight.shape[0]
+
+    def image() -> Tensor:
+        return x.new_empty((x.shape[0], oh, ow, c_out)).permute(0, 3, 1, 2)
+
+    def vector() -> Tensor:
+        return x.new_empty((c_out,), dtype=torch.float32)
+
+    return image(), image(), vector(), vector(), vector()
+
+
+def _conv2d_fused_train_backward_fake(
+    grad_output, x, output, learner, mean, rstd, weight, norm_weight, norm_bias, encoder_weight,
+    encoder_bias, decoder_weight, stride, padding, dilation, relu, coder_grads,
+):  # fmt: skip
+    n, c_in, height, width = x.shape
+
+    def like(tensor: Optional[Tensor], coder: bool = False) -> Tensor:
+        if tensor is None or (coder and not coder_grads):
+            return x.new_empty((0,), dtype=torch.float32)
+        return x.new_empty(tuple(tensor.shape), dtype=torch.float32 if coder else tensor.dtype)
+
+    return [
+        x.new_empty((n, height, width, c_in)).permute(0, 3, 1, 2),
+        torch.empty_like(weight),
+        like(norm_weight),
+        like(norm_bias),
+        like(encoder_weight, True),
+        like(encoder_bias, True),
+        like(decoder_weight, True),
+        x.new_empty((weight.shape[0],), dtype=torch.float32),
+    ]
+
+
+def _batch_norm_running_update_fake(running_mean, running_var, mean, variance, momentum, pixels):
+    return None
+
+
+# Autograd ----------------------------------------------------------------------------------------
+
+
+def _coder_grads(
+    coder: tuple[Optional[Tensor], ...], grads: tuple[Tensor, ...]
+) -> tuple[Optional[Tensor], ...]:
+    """The coder's gradients in its parameters' dtypes; None for an absent parameter or where the op
+    returned an empty tensor (a fixed coder: nothing was computed)."""
+    return tuple(
+        None if parameter is None or grad.numel() == 0 else grad.to(parameter.dtype)
+        for parameter, grad in zip(coder, grads)
+    )
+
+
+def _below_autograd(op: Any, keyset: Any, args: tuple) -> Any:
+    with torch._C._AutoDispatchBelowAutograd():
+        return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+
+
+class _Conv2dFused(torch.autograd.Function):
+    """Autograd of ``conv2d_fused``: the backward op gives dx, the unscaled dW, d shift and the
+    coder's; d scale and the scaled dW are formed here."""
+
+    @staticmethod
+    def forward(ctx: Any, ops: LibraryOps, keyset: Any, *args: Any) -> Tensor:
+        output = _below_autograd(ops.conv2d_fused, keyset, args)
+        x, weight, scale, shift, encoder_weight, encoder_bias, decoder_weight = args[:7]
+        ctx.save_for_backward(x, output, weight, scale, encoder_weight, encoder_bias, decoder_weight)
+        ctx.ops, ctx.arguments, ctx.has_shift = ops, args[7:], shift is not None
+        return output
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple:
+        x, output, weight, scale, encoder_weight, encoder_bias, decoder_weight = ctx.saved_tensors
+        stride, padding, dilation, relu = ctx.arguments
+        grads = ctx.ops.conv2d_fused_backward(
+            grad_output, x, output, weight, scale, encoder_weight, encoder_bias, decoder_weight,
+            stride, padding, dilation, relu, any(ctx.needs_input_grad[6:9]),
+        )  # fmt: skip
+        grad_weight_unscaled, grad_shift = grads[1], grads[2]
+        grad_scale = None
+        if scale is not None:
+            # d(scale)[c] = sum_pixels dp * conv(x)[c] = <W[c], dW_unscaled[c]> (no division by scale).
+            grad_scale = (grad_weight_unscaled * permuted_weight(weight).float()).sum((0, 1, 2))
+            grad_weight_unscaled = grad_weight_unscaled * scale
+        grad_weight = grad_weight_unscaled.permute(3, 2, 0, 1).to(weight.dtype)
+        coder = _coder_grads((encoder_weight, encoder_bias, decoder_weight), tuple(grads[3:6]))
+        shift = grad_shift if ctx.has_shift else None
+        return (None, None, grads[0], grad_weight, grad_scale, shift, *coder, None, None, None, None)
+
+
+class _Conv2dFusedTrain(torch.autograd.Function):
+    """Autograd of ``conv2d_fused_train``: BatchNorm's reductions and dz in the backward's kernels,
+    the coder's weight gradients only for a trainable coder."""
+
+    @staticmethod
+    def forward(ctx: Any, ops: LibraryOps, keyset: Any, *args: Any) -> tuple:
+        output, learner, mean, variance, rstd = _below_autograd(ops.conv2d_fused_train, keyset, args)
+        x, weight, bias, norm_weight, norm_bias, encoder_weight, encoder_bias, decoder_weight = args[:8]
+        ctx.save_for_backward(
+            x, output, learner, mean, rstd, weight, norm_weight, norm_bias, encoder_weight,
+            encoder_bias, decoder_weight,
+        )  # fmt: skip
+        ctx.ops, ctx.arguments, ctx.has_bias = ops, args[8:12], bias is not None
+        # z, mean, variance and rstd are for the backward and the running statistics (under
+        # no_grad): non-differentiable, so a loss built on them raises instead of getting zero
+        # gradients, and no zero gradients are materialised for them (an activation-sized fill).
+        ctx.mark_non_differentiable(learner, mean, variance, rstd)
+        ctx.set_materialize_grads(False)
+        return output, learner, mean, variance, rstd
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Optional[Tensor], *unused: Optional[Tensor]) -> tuple:
+        if grad_output is None:
+            return (None,) * 15
+        (
+            x, output, learner, mean, rstd, weight, norm_weight, norm_bias, encoder_weight,
+            encoder_bias, decoder_weight,
+        ) = ctx.saved_tensors  # fmt: skip
+        stride, padding, dilation, relu = ctx.arguments
+        grads = ctx.ops.conv2d_fused_train_backward(
+            grad_output, x, output, learner, mean, rstd, weight, norm_weight, norm_bias,
+            encoder_weight, encoder_bias, decoder_weight, stride, padding, dilation, relu,
+            any(ctx.needs_input_grad[7:10]),
+        )  # fmt: skip
+        coder = _coder_grads((encoder_weight, encoder_bias, decoder_weight), tuple(grads[4:7]))
+        return (
+            None,
+            None,
+            grads[0],
+            grads[1],
+            # Exactly zero (training BatchNorm subtracts the batch mean, which cancels any
+            # per-channel constant before it; a sum of dz would only return its rounding: it failed
+            # an fp32 check on an H200, 1.7e-5 where PyTorch's own error was 6.7e-6), or NaN where
+            # dz is not finite, as PyTorch's: written by the BatchNorm finalize kernel.
+            grads[7] if ctx.has_bias else None,
+            grads[2] if norm_weight is not None else None,
+            grads[3] if norm_bias is not None else None,
+            *coder,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def _autograd_kernel(function: type[torch.autograd.Function], ops: LibraryOps, name: str):
+    op = getattr(ops, name)
+
+    def kernel(keyset: Any, *args: Any) -> Any:
+        if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+            return function.apply(ops, keyset, *args)
+        return _below_autograd(op, keyset, args)
+
+    return kernel
+
+
+# Registration ------------------------------------------------------------------------------------
+
+
+class LibraryOps(NamedTuple):
+    """One library's OpOverloads."""
+
+    conv2d_fused: Any
+    conv2d_fused_backward: Any
+    conv2d_fused_train: Any
+    conv2d_fused_train_backward: Any
+    batch_norm_running_update: Any
+
+
+_IMPLEMENTATIONS = {
+    "conv2d_fused": (_conv2d_fused, _conv2d_fused_fake),
+    "conv2d_fused_backward": (_conv2d_fused_backward, _conv2d_fused_backward_fake),
+    "conv2d_fused_train": (_conv2d_fused_train, _conv2d_fused_train_fake),
+    "conv2d_fused_train_backward": (_conv2d_fused_train_backward, _conv2d_fused_train_backward_fake),
+    "batch_norm_running_update": (_batch_norm_running_update, _batch_norm_running_update_fake),
+}
+_libraries: list[torch.library.Library] = []  # kept alive: a dropped Library deregisters its ops
+
+
+def _define(library: str) -> LibraryOps:
+    definitions = torch.library.Library(library, "DEF")
+    _libraries.append(definitions)
+    namespace = getattr(torch.ops, library)
+    for name, schema in _SCHEMAS.items():
+        definitions.define(schema)
+        make_implementation, fake = _IMPLEMENTATIONS[name]
+        implementation = make_implementation(library)
+        definitions.impl(name, implementation, "CompositeExplicitAutograd")
+        torch.library.register_fake(f"{library}::{name}", fake, lib=definitions)
+        observer.register_implementation(getattr(namespace, name).default, implementation)
+    ops = LibraryOps(*(getattr(namespace, name).default for name in _SCHEMAS))
+    for function, name in ((_Conv2dFused, "conv2d_fused"), (_Conv2dFusedTrain, "conv2d_fused_train")):
+        definitions.impl(name, _autograd_kernel(function, ops, name), "Autograd", with_keyset=True)
+    return ops
+
+
+OPS: dict[str, LibraryOps] = {library: _define(library) for library in LIBRARIES}
+
+
+# The backend functions (what pnnh_conv2d calls) -------------------------------------------------
+
+
+def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    if device.type == "meta":  # autocast has no meta device (the ledger runs steps on meta)
+        return None
+    if not torch.is_autocast_enabled(device.type):
+        return None
+    return torch.get_autocast_dtype(device.type)
+
+
+def _coder_in(coder: Any, dtype: torch.dtype) -> tuple[Optional[Tensor], ...]:
+    """(W_E, b_E, W_D) in the compute dtype, each None where absent (no copy where it is already)."""
+    if coder is None:
+        return (None, None, None)
+    return tuple(None if t is None else t.to(dtype) for t in coder)
+
+
+def _training_norm(ops: LibraryOps, call: ConvCall, compute_dtype: torch.dtype) -> Tensor:
+    """Training-mode BatchNorm: batch statistics from the kernels, running statistics updated as
+    F.batch_norm updates them (momentum, unbiased variance)."""
+    norm, geometry, x = call.norm, call.geometry, call.input
+    n = x.shape[0]
+    oh, ow = geometry.output_size(x.shape[2], x.shape[3])
+    count = n * oh * ow
+    if count <= 1:
+        raise ValueError(
+            "Expected more than 1 value per channel when training, got input size "
+            f"{torch.Size([n, call.weight.shape[0], oh, ow])}"
+        )
+    out, _, mean, variance, _ = ops.conv2d_fused_train(
+        x.to(compute_dtype),
+        call.weight.to(compute_dtype),
+        None if call.bias is None else call.bias.float(),
+        norm.weight,
+        norm.bias,
+        *_coder_in(call.coder, compute_dtype),
+        geometry.stride_list,
+        geometry.op_padding,
+        geometry.dilation_list,
+        call.activation == "relu",
+        norm.eps,
+    )
+    if norm.running_mean is not None and norm.running_var is not None:
+        with torch.no_grad():
+            ops.batch_norm_running_update(
+                norm.running_mean, norm.running_var, mean, variance, norm.momentum, count
+            )
+    return out.contiguous(memory_format=memory_format_of(x))
+
+
+def conv2d(library: str, call: ConvCall) -> Tensor:
+    """The fused backend's conv2d: fold bias and eval BatchNorm, apply autocast, run the op."""
+    ops = OPS[library]
+    norm = call.norm
+    compute_dtype = _autocast_dtype(call.input.device) or call.input.dtype
+    if norm is not None and norm.training:
+        return _training_norm(ops, call, compute_dtype)
+    scale: Optional[Tensor] = None
+    shift = None if call.bias is None else call.bias.float()
+    if norm is not None:
+        inv_std = torch.rsqrt(norm.running_var.float() + norm.eps)
+        scale = inv_std if norm.weight is None else norm.weight.float() * inv_std
+        shift_bn = -norm.running_mean.float() * scale
+        if norm.bias is not None:
+            shift_bn = shift_bn + norm.bias.float()
+        shift = shift_bn if shift is None else shift_bn + shift * scale
+    geometry = call.geometry
+    out = ops.conv2d_fused(
+        call.input.to(compute_dtype),
+        call.weight.to(compute_dtype),
+        scale,
+        shift,
+        *_coder_in(call.coder, compute_dtype),
+        geometry.stride_list,
+        geometry.op_padding,
+        geometry.dilation_list,
+        call.activation == "relu",
+    )
+    return out.contiguous(memory_format=memory_format_of(call.input))
