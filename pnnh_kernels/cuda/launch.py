@@ -25,8 +25,10 @@ from pnnh_kernels.backends.fused_common import (
     TrainingGradients,
     TrainingNorm,
     capped_wgrad_splits,
+    channels_last,
     decoder_rows,
-    nhwc,
+    image_buffer,
+    in_dtype,
     output_buffer,
     output_like,
 )
@@ -129,7 +131,12 @@ def _stream(device: torch.device) -> int:
 
 
 def _float_vector(tensor: Optional[Tensor]) -> Optional[Tensor]:
-    return None if tensor is None else tensor.detach().float().contiguous()
+    return None if tensor is None else in_dtype(tensor, torch.float32).contiguous()
+
+
+def _weight_rows(weight: Tensor) -> Tensor:
+    """[C_out, KH, KW, C_in] storage: a channels_last weight's own memory (no copy, no view)."""
+    return channels_last(weight)
 
 
 # Layouts of a fixed (requires_grad=False) coder's tensors that the kernels need, made once per
@@ -222,9 +229,9 @@ def _launch_forward(
     encodes = c_b > 0 and (mode == FUSED or (mode == STATISTICS and code is not None))
     decodes = c_b > 0 and mode != STATISTICS
     reads_x = mode != APPLY
-    x_rows = nhwc(x) if reads_x else None
+    x_rows = channels_last(x) if reads_x else None
     # [C_out, KH, KW, C_in] (a no-op for a channels_last weight); no weight in the apply pass.
-    weight_rows = weight.permute(0, 2, 3, 1).contiguous() if mode != APPLY else None
+    weight_rows = _weight_rows(weight) if mode != APPLY else None
     scale_f, shift_f = _float_vector(scale), _float_vector(shift)
     for name, vector in (("scale", scale_f), ("shift", shift_f)):
         _check(name, vector, x.device, torch.float32, (c_out,))
@@ -288,13 +295,13 @@ def conv_forward(
     n, _, height, width = x.shape
     c_out = weight.shape[0]
     oh, ow = geometry.output_size(height, width)
-    y = output_buffer((n, oh, ow, c_out), x.dtype, x.device)
+    y = image_buffer((n, c_out, oh, ow), x.dtype, x.device)
     if y.numel():
         _launch_forward(
             x, weight, scale, shift, encoder_weight, encoder_bias, decoder_weight, geometry, relu,
             mode=FUSED, y=y,
         )  # fmt: skip
-    return y.permute(0, 3, 1, 2)
+    return y
 
 
 def conv_forward_train(
@@ -319,20 +326,19 @@ def conv_forward_train(
     m = n * oh * ow
     rows = module.tile_rows()
     tiles = math.ceil(m / rows)
-    z = output_buffer((n, oh, ow, c_out), x.dtype, x.device)
-    partials = (
-        output_buffer((tiles, c_out), torch.float32, x.device),
-        output_buffer((tiles, c_out), torch.float32, x.device),
-    )
+    z = image_buffer((n, c_out, oh, ow), x.dtype, x.device)
+    # One allocation for both per-tile partials (each allocation is a host cost of its own).
+    partials = tuple(output_buffer((2, tiles, c_out), torch.float32, x.device).unbind(0))
     c_b = 0 if encoder_weight is None else encoder_weight.shape[0]
-    code = output_buffer((n, oh, ow, c_b), x.dtype, x.device) if c_b else None
+    code = image_buffer((n, c_b, oh, ow), x.dtype, x.device) if c_b else None
     _launch_forward(
         x, weight, None, bias, encoder_weight, encoder_bias, None, geometry, False,
         mode=STATISTICS, z=z, partials=partials, code=code,
     )  # fmt: skip
-    mean, variance, rstd, scale, shift = (
-        output_buffer((c_out,), torch.float32, x.device) for _ in range(5)
-    )
+    # mean, variance and rstd leave the op (outputs of an op may not share memory); scale and shift
+    # are the apply pass's and share one allocation.
+    mean, variance, rstd = (output_buffer((c_out,), torch.float32, x.device) for _ in range(3))
+    scale, shift = output_buffer((2, c_out), torch.float32, x.device).unbind(0)
     param_dtype = _param_dtype(norm.weight, norm.bias)
     arguments = (
         tiles, c_out, rows, m, norm.eps, DTYPE_CODES[param_dtype], *map(_pointer, partials),
@@ -349,12 +355,12 @@ def conv_forward_train(
             flops=8 * tiles * c_out,
         ),
     )
-    y = output_buffer((n, oh, ow, c_out), x.dtype, x.device)
+    y = image_buffer((n, c_out, oh, ow), x.dtype, x.device)
     _launch_forward(
         x, weight, scale, shift, encoder_weight, encoder_bias, decoder_weight, geometry, relu,
         mode=APPLY, y=y, z=z, code=code,
     )  # fmt: skip
-    return TrainingForward(y.permute(0, 3, 1, 2), z.permute(0, 3, 1, 2), mean, variance, rstd)
+    return TrainingForward(y, z, mean, variance, rstd)
 
 
 def _param_dtype(weight: Optional[Tensor], bias: Optional[Tensor]) -> torch.dtype:
@@ -411,10 +417,11 @@ def _wgrad(
     """The weight gradient, sum over output pixels of image_tap^T @ grad, from per-split partial sums
     added in a fixed order (deterministic): into ``out`` (shaped as the weight [C_g, C_x, KH, KW], any
     strides, the image's dtype) when given, else as a new ``[KH, KW, C_x, C_g]`` float32 tensor.
+    ``image`` [N, C_x, H, W] and ``grad`` [N, C_g, OH, OW] in channels_last memory (NHWC storage).
     ``batch_norm`` = (z, coefficients): grad is dp, turned into training BatchNorm's dz on load."""
-    n, height, width, c_x = image.shape
-    c_g = grad.shape[-1]
-    m = grad.numel() // c_g if c_g else 0
+    n, c_x, height, width = image.shape
+    c_g = grad.shape[1]
+    m = n * out_hw[0] * out_hw[1]
     if m == 0:
         zeros = torch.zeros((*kernel, c_x, c_g), dtype=torch.float32, device=image.device)
         return zeros if out is None else out.copy_(zeros.permute(3, 2, 0, 1))
@@ -495,12 +502,12 @@ def _coder_backward(
 ) -> tuple[Tensor, Optional[Tensor], tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]]:
     """(grad_pre, code or None, (dW_E, db_E, dW_D)): the coder's recomputed code and pre-activation
     gradient from x and the masked dp; its weight gradients only with ``coder_grads``."""
-    n, oh, ow, c_out = dp.shape
+    n, c_out, oh, ow = dp.shape
     c_b, c_in = encoder_weight.shape
     dtype, device = x_rows.dtype, x_rows.device
     encoder = encoder_weight.contiguous()
-    code = output_buffer((n, oh, ow, c_b), dtype, device) if coder_grads else None
-    grad_pre = output_buffer((n, oh, ow, c_b), dtype, device)
+    code = image_buffer((n, c_b, oh, ow), dtype, device) if coder_grads else None
+    grad_pre = image_buffer((n, c_b, oh, ow), dtype, device)
     # Bound to names so that they outlive the launch: a temporary freed before the call returns
     # could hand its memory to the next allocation while its pointer is in flight.
     encoder_bias_f = _encoder_bias_rows(encoder_bias)
@@ -526,7 +533,7 @@ def _coder_backward(
     unit = ConvGeometry((1, 1), (1, 1), (0, 0), (1, 1))
     encoder_grad = _wgrad(module, x_rows, grad_pre, out_hw, (1, 1), strided)[0, 0].t()
     decoder_grad_t = _wgrad(module, code, dp, out_hw, (1, 1), unit)[0, 0]
-    bias_grad = grad_pre.float().sum((0, 1, 2)) if encoder_bias is not None else None
+    bias_grad = grad_pre.float().sum((0, 2, 3)) if encoder_bias is not None else None
     if decoder_weight is None:
         return grad_pre, code, (encoder_grad + decoder_grad_t, bias_grad, None)
     return grad_pre, code, (encoder_grad, bias_grad, decoder_grad_t.t())
@@ -549,10 +556,10 @@ def _dgrad(
     C_in] (a channels_last weight as it is: no copy)."""
     if dx.numel() == 0:
         return
-    n, height, width, c_in = dx.shape
+    n, c_in, height, width = dx.shape
     c_out, _, kh, kw = weight.shape
-    _, oh, ow, _ = grad.shape
-    weight_rows = weight.permute(0, 2, 3, 1).contiguous()
+    oh, ow = grad.shape[2], grad.shape[3]
+    weight_rows = _weight_rows(weight)
     learner, coefficients = batch_norm if batch_norm is not None else (None, None)
     arguments = (
         shape, c_b, DTYPE_CODES[dx.dtype], _pointer(grad), _pointer(weight_rows), _pointer(grad_pre),
@@ -598,12 +605,14 @@ def conv_backward(
     n, c_in, height, width = x.shape
     kh, kw = weight.shape[2], weight.shape[3]
     oh, ow = y.shape[2], y.shape[3]
-    x_rows = nhwc(x)
-    dy = nhwc(grad_output.to(x.dtype))
+    x_rows = channels_last(x)
+    dy = channels_last(in_dtype(grad_output, x.dtype))
     # The output ReLU's mask, applied once here (the Triton kernels apply it while loading).
     # y <= 0, not y > 0: a NaN y passes its gradient on, as PyTorch's ReLU backward.
-    dp = torch.where(nhwc(y) <= 0, 0, dy).contiguous() if relu else dy.contiguous()
-    learner_for_input = dp if scale is None else (dp.float() * scale).to(x.dtype).contiguous()
+    dp = channels_last(torch.where(y <= 0, 0, dy)) if relu else dy
+    learner_for_input = dp
+    if scale is not None:
+        learner_for_input = channels_last((dp.float() * scale.view(-1, 1, 1)).to(x.dtype))
     shape = _shape(module, x, weight, geometry)
     grads_coder: tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]] = (None, None, None)
     grad_pre = encoder_t_rows = None
@@ -615,12 +624,10 @@ def conv_backward(
             (oh, ow), coder_grads,
         )  # fmt: skip
         encoder_t_rows = _transposed(encoder_weight)  # [C_in, C_B]
-    dx = output_buffer((n, height, width, c_in), x.dtype, x.device)
+    dx = image_buffer((n, c_in, height, width), x.dtype, x.device)
     _dgrad(module, shape, c_b, learner_for_input, weight, grad_pre, encoder_t_rows, dx)
     weight_unscaled = _wgrad(module, x_rows, dp, (oh, ow), (kh, kw), geometry)
-    return ConvGradients(
-        dx.permute(0, 3, 1, 2), weight_unscaled, dp.float().sum((0, 1, 2)), *grads_coder
-    )
+    return ConvGradients(dx, weight_unscaled, dp.float().sum((0, 2, 3)), *grads_coder)
 
 
 def conv_backward_train(
@@ -658,20 +665,17 @@ def conv_backward_train(
     c_out, _, kh, kw = weight.shape
     oh, ow = y.shape[2], y.shape[3]
     m = n * oh * ow
-    x_rows = nhwc(x)
-    dy = nhwc(grad_output.to(x.dtype)).contiguous()
-    y_rows, z_rows = nhwc(y).contiguous(), nhwc(z).contiguous()
+    x_rows = channels_last(x)
+    dy = channels_last(in_dtype(grad_output, x.dtype))
+    y_rows, z_rows = channels_last(y), channels_last(z)
     mask = y_rows if relu else None
     has_coder = encoder_weight is not None
     rows = module.tile_rows()
     tiles = math.ceil(m / rows)
-    sums = (
-        output_buffer((tiles, c_out), torch.float32, x.device),
-        output_buffer((tiles, c_out), torch.float32, x.device),
-    )
+    sums = tuple(output_buffer((2, tiles, c_out), torch.float32, x.device).unbind(0))
     # dp = dy * (y > 0), written once: the coder and the two gradient kernels read it (without an
     # output ReLU dp is dy itself).
-    dp = output_buffer((n, oh, ow, c_out), x.dtype, x.device) if relu else None
+    dp = image_buffer((n, c_out, oh, ow), x.dtype, x.device) if relu else None
     reduce_arguments = (
         m, c_out, rows, dtype_code, _pointer(dy), _pointer(mask), _pointer(z_rows), _pointer(mean),
         *map(_pointer, sums), _pointer(dp), stream,
@@ -720,14 +724,14 @@ def conv_backward_train(
         encoder_t_rows = _transposed(encoder_weight)  # [C_in, C_B]
     # dz = a * dp + b * z + c is formed where the two gradient kernels load dp: never stored.
     batch_norm = (z_rows, coefficients)
-    dx = output_buffer((n, height, width, c_in), x.dtype, x.device)
+    dx = image_buffer((n, c_in, height, width), x.dtype, x.device)
     _dgrad(module, shape, c_b, masked, weight, grad_pre, encoder_t_rows, dx, batch_norm)
     weight_grad = _wgrad(
         module, x_rows, masked, (oh, ow), (kh, kw), geometry, out=output_like(weight),
         batch_norm=batch_norm,
     )  # fmt: skip
     return TrainingGradients(
-        dx.permute(0, 3, 1, 2),
+        dx,
         weight_grad,
         grad_norm_weight,
         grad_norm_bias,

@@ -40,6 +40,7 @@ from pnnh_kernels.backends.fused_common import (
     TrainingForward,
     TrainingGradients,
     TrainingNorm,
+    in_dtype,
     permuted_weight,
 )
 from pnnh_kernels.backends.reference import memory_format_of
@@ -466,7 +467,7 @@ def _coder_in(coder: Any, dtype: torch.dtype) -> tuple[Optional[Tensor], ...]:
     """(W_E, b_E, W_D) in the compute dtype, each None where absent (no copy where it is already)."""
     if coder is None:
         return (None, None, None)
-    return tuple(None if t is None else t.to(dtype) for t in coder)
+    return tuple(None if t is None else in_dtype(t, dtype) for t in coder)
 
 
 def _training_norm(ops: LibraryOps, call: ConvCall, compute_dtype: torch.dtype) -> Tensor:
@@ -482,9 +483,9 @@ def _training_norm(ops: LibraryOps, call: ConvCall, compute_dtype: torch.dtype) 
             f"{torch.Size([n, call.weight.shape[0], oh, ow])}"
         )
     out, _, mean, variance, _ = ops.conv2d_fused_train(
-        x.to(compute_dtype),
-        call.weight.to(compute_dtype),
-        None if call.bias is None else call.bias.float(),
+        in_dtype(x, compute_dtype),
+        in_dtype(call.weight, compute_dtype),
+        None if call.bias is None else in_dtype(call.bias, torch.float32),
         norm.weight,
         norm.bias,
         *_coder_in(call.coder, compute_dtype),
@@ -520,8 +521,8 @@ def conv2d(library: str, call: ConvCall) -> Tensor:
         shift = shift_bn if shift is None else shift_bn + shift * scale
     geometry = call.geometry
     out = ops.conv2d_fused(
-        call.input.to(compute_dtype),
-        call.weight.to(compute_dtype),
+        in_dtype(call.input, compute_dtype),
+        in_dtype(call.weight, compute_dtype),
         scale,
         shift,
         *_coder_in(call.coder, compute_dtype),

@@ -22,8 +22,10 @@ from pnnh_kernels.backends.fused_common import (
     TrainingGradients,
     TrainingNorm,
     capped_wgrad_splits,
+    channels_last,
     decoder_rows,
-    nhwc,
+    image_buffer,
+    in_dtype,
     output_like,
 )
 from pnnh_kernels.backends.fused_common import output_buffer as _output
@@ -325,14 +327,14 @@ def _launch_forward(
     else:
         kernel, tiles = _tuned_or_fixed(_pnnh_conv_fwd_kernel, config, x.dtype)
         grid = _grid(m, c_out, config)
-    x_rows = nhwc(x)
+    x_image = channels_last(x)
     # The apply pass (z given) reads z instead of convolving: no weight, and x only for the code.
     w_in = weight if not z_input else dummy
     reads_x = not z_input or has_coder
     encoder = encoder_weight.contiguous() if has_coder else None
     decoder = decoder_rows(encoder_weight, decoder_weight) if has_coder else None
     arguments = (
-        x_rows if reads_x else dummy,
+        x_image if reads_x else dummy,
         w_in,
         scale if scale is not None else dummy,
         shift if shift is not None else dummy,
@@ -371,13 +373,13 @@ def _launch_forward(
         coder_flops = 2 * m * c_b * (c_in * tiles_n + c_out) if has_coder else 0
         cached = 0
         if not z_input:  # every channel tile re-reads x per tap; every pixel tile the weight
-            cached += (tiles_n * kh * kw - 1) * tensor_bytes(x_rows)
+            cached += (tiles_n * kh * kw - 1) * tensor_bytes(x_image)
             cached += (tiles_m - 1) * tensor_bytes(weight)
         elif has_coder:
-            cached += (tiles_n - 1) * tensor_bytes(x_rows)
+            cached += (tiles_n - 1) * tensor_bytes(x_image)
         return Declared(
             reads=[
-                x_rows if reads_x else None, weight if not z_input else None, scale, shift,
+                x_image if reads_x else None, weight if not z_input else None, scale, shift,
                 encoder, encoder_bias, decoder, z if z_input else None,
             ],
             writes=[y, z if write_stats else None, *(partials or ())],
@@ -415,16 +417,16 @@ def conv_forward(
     n, c_in, height, width = x.shape
     c_out = weight.shape[0]
     oh, ow = geometry.output_size(height, width)
-    y = _output((n, oh, ow, c_out), x.dtype, x.device)
+    y = image_buffer((n, c_out, oh, ow), x.dtype, x.device)
     if n * oh * ow == 0:
-        return y.permute(0, 3, 1, 2)
+        return y
     c_b = 0 if encoder_weight is None else encoder_weight.shape[0]
     config = choose_config(c_in, c_out, c_b, x.dtype)
     _launch_forward(
         x, weight, scale, shift, encoder_weight, encoder_bias, decoder_weight, geometry, relu,
         y=y, config=config,
     )  # fmt: skip
-    return y.permute(0, 3, 1, 2)
+    return y
 
 
 def conv_forward_train(
@@ -448,7 +450,7 @@ def conv_forward_train(
     m = n * oh * ow
     c_b = 0 if encoder_weight is None else encoder_weight.shape[0]
     config = choose_config(c_in, c_out, c_b, x.dtype)
-    z = _output((n, oh, ow, c_out), x.dtype, x.device)
+    z = image_buffer((n, c_out, oh, ow), x.dtype, x.device)
     tiles = _cdiv(m, config.block_m)
     # One allocation for the two per-tile partials (each allocation is a host cost of its own).
     partials = tuple(_output((2, tiles, c_out), torch.float32, x.device).unbind(0))
@@ -457,12 +459,12 @@ def conv_forward_train(
         x, weight, None, shift, None, None, None, geometry, False, z=z, partials=partials, config=config
     )
     mean, variance, rstd, scale, shift = _finalize_statistics(partials, config.block_m, m, norm)
-    y = _output((n, oh, ow, c_out), x.dtype, x.device)
+    y = image_buffer((n, c_out, oh, ow), x.dtype, x.device)
     _launch_forward(
         x, weight, scale, shift, encoder_weight, encoder_bias, decoder_weight, geometry, relu,
         y=y, z=z, config=config,
     )  # fmt: skip
-    return TrainingForward(y.permute(0, 3, 1, 2), z.permute(0, 3, 1, 2), mean, variance, rstd)
+    return TrainingForward(y, z, mean, variance, rstd)
 
 
 def _channel_block(channels: int) -> int:
@@ -531,8 +533,8 @@ def update_running_statistics(
 
 def _wgrad(
     image: Tensor,
-    grad_rows: Tensor,
-    y_rows: Optional[Tensor],
+    grad: Tensor,
+    y_image: Optional[Tensor],
     out_hw: tuple[int, int],
     kernel: tuple[int, int],
     geometry: ConvGeometry,
@@ -542,19 +544,22 @@ def _wgrad(
 ) -> Tensor:
     """The weight gradient, sum over output pixels of image_tap^T @ grad: into ``out`` (shaped as
     the weight [C_g, C_x, KH, KW], any strides and dtype) when given, else as a new
-    ``[KH, KW, C_x, C_g]`` float32 tensor. ``batch_norm`` = (z rows, coefficients): the grad is
-    training BatchNorm's dz, formed from dy, y and z as they are loaded."""
-    _, height, width, c_x = image.shape
-    m, c_g = grad_rows.shape
-    relu = y_rows is not None
+    ``[KH, KW, C_x, C_g]`` float32 tensor. ``image`` [N, C_x, H, W], ``grad`` and ``y_image``
+    [N, C_g, OH, OW], all in channels_last memory (NHWC storage: the pixels' rows of channels).
+    ``batch_norm`` = (z, coefficients): the grad is training BatchNorm's dz, formed from dy, y and z
+    as they are loaded."""
+    n, c_x, height, width = image.shape
+    c_g = grad.shape[1]
+    m = n * out_hw[0] * out_hw[1]
+    relu = y_image is not None
     wgrad = wgrad_tiles(config, c_x, c_g, image.dtype, relu, batch_norm is not None)
     block_x, block_g, block_m = wgrad.block_x, wgrad.block_g, wgrad.block_m
     taps = kernel[0] * kernel[1]
     tiles = _cdiv(c_x, block_x) * _cdiv(c_g, block_g) * taps
-    gradient_bytes = tensor_bytes(grad_rows) + (tensor_bytes(y_rows) if relu else 0)
-    z_rows, coefficients = batch_norm if batch_norm is not None else (None, None)
-    if z_rows is not None:
-        gradient_bytes += tensor_bytes(z_rows)
+    gradient_bytes = tensor_bytes(grad) + (tensor_bytes(y_image) if relu else 0)
+    z_image, coefficients = batch_norm if batch_norm is not None else (None, None)
+    if z_image is not None:
+        gradient_bytes += tensor_bytes(z_image)
     splits = wgrad_splits(config, m, block_m, tiles, image.device)
     if config.wgrad_splits is None:  # an explicit count (tests) is taken as it is
         splits = capped_wgrad_splits(splits, gradient_bytes, taps, c_x, c_g)
@@ -572,7 +577,7 @@ def _wgrad(
     grid = (_cdiv(c_x, block_x), _cdiv(c_g, block_g), splits * taps)
     absent = placeholder(image.device, image.dtype)
     arguments = (
-        image, grad_rows, y_rows if relu else absent, z_rows if z_rows is not None else absent,
+        image, grad, y_image if relu else absent, z_image if z_image is not None else absent,
         coefficients if coefficients is not None else placeholder(image.device, torch.float32),
         partial, out if strided_out else absent,
     )  # fmt: skip
@@ -600,7 +605,7 @@ def _wgrad(
         "triton",
         lambda: compiled_launch.launch(_conv_wgrad_kernel, grid, arguments, scalars, flags),
         lambda: Declared(
-            reads=[image, grad_rows, y_rows if relu else None, z_rows, coefficients],
+            reads=[image, grad, y_image if relu else None, z_image, coefficients],
             writes=[target],
             flops=2 * m * c_x * c_g * taps,
             cached_read=(tiles_g * taps - 1) * tensor_bytes(image)
@@ -629,9 +634,9 @@ def _wgrad(
 
 
 def _backward_reduce(
-    x_nhwc: Tensor,
-    dy_rows: Tensor,
-    y_rows: Optional[Tensor],
+    x_image: Tensor,
+    dy_image: Tensor,
+    y_image: Optional[Tensor],
     geometry: ConvGeometry,
     out_hw: tuple[int, int],
     coder: Optional[tuple[Tensor, Optional[Tensor], Tensor]],
@@ -640,29 +645,32 @@ def _backward_reduce(
     config: ConvConfig,
 ) -> tuple[Optional[Tensor], Optional[Tensor], Optional[tuple[Tensor, Tensor]]]:
     """The backward's first pass (``_pnnh_coder_bwd_kernel``): (code or None, dpre or None,
-    per-tile BatchNorm sums or None). ``coder``: (W_E, b_E, W_D^T rows); ``batch_norm``: (z rows,
-    batch mean); ``y_rows``: the output, for the ReLU mask (None without an output ReLU)."""
-    _, height, width, c_in = x_nhwc.shape
-    m, c_out = dy_rows.shape
-    dtype, device = x_nhwc.dtype, x_nhwc.device
+    per-tile BatchNorm sums or None). ``coder``: (W_E, b_E, W_D^T rows); ``batch_norm``: (z, batch
+    mean); ``y_image``: the output, for the ReLU mask (None without an output ReLU). Images are
+    [N, C, H, W] in channels_last memory; the code and dpre come back so, [N, C_B, OH, OW]."""
+    n, c_in, height, width = x_image.shape
+    c_out = dy_image.shape[1]
+    m = n * out_hw[0] * out_hw[1]
+    dtype, device = x_image.dtype, x_image.device
     dummy = placeholder(device, dtype)
     c_b = 0 if coder is None else coder[0].shape[0]
     tiles = _cdiv(m, config.block_m)
     block_b = _block(c_b, config.block_b) if coder is not None else 16
-    code = _output((m, c_b), dtype, device) if coder is not None and write_code else None
-    dpre = _output((m, c_b), dtype, device) if coder is not None else None
+    code_shape = (n, c_b, *out_hw)
+    code = image_buffer(code_shape, dtype, device) if coder is not None and write_code else None
+    dpre = image_buffer(code_shape, dtype, device) if coder is not None else None
     sums = None
     if batch_norm is not None:
         sums = tuple(_output((2, tiles, c_out), torch.float32, device).unbind(0))
     encoder, encoder_bias, decoder = coder if coder is not None else (None, None, None)
-    z_rows, mean = batch_norm if batch_norm is not None else (None, None)
+    z_image, mean = batch_norm if batch_norm is not None else (None, None)
 
     def given(tensor: Optional[Tensor]) -> Tensor:
         return tensor if tensor is not None else dummy
 
     arguments = (
-        given(x_nhwc if coder is not None else None), given(encoder), given(encoder_bias),
-        given(decoder), dy_rows, given(y_rows), given(z_rows), given(mean), given(code), given(dpre),
+        given(x_image if coder is not None else None), given(encoder), given(encoder_bias),
+        given(decoder), dy_image, given(y_image), given(z_image), given(mean), given(code), given(dpre),
         given(sums[0] if sums else None), given(sums[1] if sums else None),
     )  # fmt: skip
     scalars = (m, height, width, c_in, *out_hw, c_out, c_b, *geometry.stride)
@@ -671,7 +679,7 @@ def _backward_reduce(
         HAS_ENCODER_BIAS=encoder_bias is not None,
         WRITE_CODE=code is not None,
         BN_REDUCE=batch_norm is not None,
-        RELU=y_rows is not None,
+        RELU=y_image is not None,
         INPUT_PRECISION=input_precision(dtype, device),
         UPCAST_DOT=upcast_dot(dtype),
         BLOCK_M=config.block_m,
@@ -681,29 +689,29 @@ def _backward_reduce(
     )
     tiles_b = _cdiv(c_b, block_b) if coder is not None else 1
     grid = (tiles, tiles_b)
-    gradient_bytes = tensor_bytes(dy_rows) + (tensor_bytes(y_rows) if y_rows is not None else 0)
+    gradient_bytes = tensor_bytes(dy_image) + (tensor_bytes(y_image) if y_image is not None else 0)
     launch(
         "_pnnh_coder_bwd_kernel",
         "triton",
         lambda: compiled_launch.launch(_pnnh_coder_bwd_kernel, grid, arguments, scalars, flags),
         lambda: Declared(reads=[
-            x_nhwc if coder is not None else None, encoder, encoder_bias, decoder, dy_rows, y_rows,
-            z_rows, mean,
+            x_image if coder is not None else None, encoder, encoder_bias, decoder, dy_image, y_image,
+            z_image, mean,
         ],
         writes=[code, dpre, *(sums or ())],
         flops=2 * m * c_b * (c_in + c_out),
         # every code-channel tile re-reads the pixels' x, dy and y rows
-        cached_read=(tiles_b - 1) * (tensor_bytes(x_nhwc) * (coder is not None) + gradient_bytes)),
+        cached_read=(tiles_b - 1) * (tensor_bytes(x_image) * (coder is not None) + gradient_bytes)),
     )  # fmt: skip
     return code, dpre, sums
 
 
 def _coder_weight_grads(
-    x_nhwc: Tensor,
+    x_image: Tensor,
     code: Tensor,
     dpre: Tensor,
-    dy_rows: Tensor,
-    y_rows: Optional[Tensor],
+    dy_image: Tensor,
+    y_image: Optional[Tensor],
     geometry: ConvGeometry,
     out_hw: tuple[int, int],
     tied: bool,
@@ -711,23 +719,20 @@ def _coder_weight_grads(
     config: ConvConfig,
 ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """(dW_E (both uses when tied), db_E, dW_D): dW_E^T = x_s^T @ dpre, dW_D^T = code^T @ dp."""
-    n = x_nhwc.shape[0]
-    c_b = dpre.shape[1]
     one_by_one = ConvGeometry((1, 1), geometry.stride, (0, 0), (1, 1))
-    encoder_t = _wgrad(x_nhwc, dpre, None, out_hw, (1, 1), one_by_one, config)[0, 0]
+    encoder_t = _wgrad(x_image, dpre, None, out_hw, (1, 1), one_by_one, config)[0, 0]
     unit = ConvGeometry((1, 1), (1, 1), (0, 0), (1, 1))
-    code_image = code.view(n, *out_hw, c_b)
-    decoder_t = _wgrad(code_image, dy_rows, y_rows, out_hw, (1, 1), unit, config)[0, 0]
+    decoder_t = _wgrad(code, dy_image, y_image, out_hw, (1, 1), unit, config)[0, 0]
     encoder_grad = encoder_t.t()
-    bias_grad = dpre.float().sum(0) if has_encoder_bias else None
+    bias_grad = dpre.float().sum((0, 2, 3)) if has_encoder_bias else None
     if tied:
         return encoder_grad + decoder_t, bias_grad, None
     return encoder_grad, bias_grad, decoder_t.t()
 
 
 def _input_grad(
-    learner_nhwc: Tensor,
-    y_nhwc: Optional[Tensor],
+    learner: Tensor,
+    y_image: Optional[Tensor],
     scale: Optional[Tensor],
     weight: Tensor,
     dpre: Optional[Tensor],
@@ -737,26 +742,26 @@ def _input_grad(
     config: ConvConfig,
     batch_norm: Optional[tuple[Tensor, Tensor]] = None,
 ) -> Tensor:
-    """dX [N, H, W, C_in] of both paths (``_pnnh_conv_dgrad_kernel``): the learner's transposed
-    convolution of ``learner_nhwc`` (masked by ``y_nhwc > 0`` and scaled when given; with
-    ``batch_norm`` = (z, coefficients) turned into training BatchNorm's dz on load) and the coder's
-    ``dpre @ W_E``."""
+    """dX [N, C_in, H, W] (channels_last memory) of both paths (``_pnnh_conv_dgrad_kernel``): the
+    learner's transposed convolution of ``learner`` (masked by ``y_image > 0`` and scaled when
+    given; with ``batch_norm`` = (z, coefficients) turned into training BatchNorm's dz on load) and
+    the coder's ``dpre @ W_E``."""
     n, c_in, height, width = input_shape
     c_out, _, kh, kw = weight.shape
-    _, oh, ow, _ = learner_nhwc.shape
-    dtype, device = learner_nhwc.dtype, learner_nhwc.device
+    oh, ow = learner.shape[2], learner.shape[3]
+    dtype, device = learner.dtype, learner.device
     m = n * oh * ow
     c_b = 0 if encoder_weight is None else encoder_weight.shape[0]
     dummy = placeholder(device, dtype)
-    dx = _output((n, height, width, c_in), dtype, device)
+    dx = image_buffer((n, c_in, height, width), dtype, device)
     kernel, tiles = _tuned_or_fixed(_pnnh_conv_dgrad_kernel, config, dtype)
     grid = _grid(n * height * width, c_in, config)
     has_coder = encoder_weight is not None
     we_in = encoder_weight.contiguous() if has_coder else None
-    z_nhwc, coefficients = batch_norm if batch_norm is not None else (None, None)
+    z_image, coefficients = batch_norm if batch_norm is not None else (None, None)
     arguments = (
-        learner_nhwc, y_nhwc if y_nhwc is not None else dummy,
-        z_nhwc if z_nhwc is not None else dummy,
+        learner, y_image if y_image is not None else dummy,
+        z_image if z_image is not None else dummy,
         coefficients if coefficients is not None else placeholder(device, torch.float32),
         scale if scale is not None else dummy, weight,
         dpre if has_coder else dummy, we_in if has_coder else dummy, dx,
@@ -771,18 +776,18 @@ def _input_grad(
         BN_GRAD=batch_norm is not None,
         HAS_SCALE=scale is not None,
         HAS_CODER=has_coder,
-        RELU=y_nhwc is not None,
+        RELU=y_image is not None,
         INPUT_PRECISION=input_precision(dtype, device),
         UPCAST_DOT=upcast_dot(dtype),
     )
     tiles_m, tiles_n = _cdiv(n * height * width, config.block_m), _cdiv(c_in, config.block_n)
-    gradient_bytes = sum(tensor_bytes(t) for t in (learner_nhwc, y_nhwc, z_nhwc) if t is not None)
+    gradient_bytes = sum(tensor_bytes(t) for t in (learner, y_image, z_image) if t is not None)
     launch(
         "_pnnh_conv_dgrad_kernel",
         "triton",
         lambda: compiled_launch.launch(kernel, grid, arguments, scalars, {**flags, **tiles}),
         lambda: Declared(reads=[
-            learner_nhwc, y_nhwc, z_nhwc, coefficients, scale, weight,
+            learner, y_image, z_image, coefficients, scale, weight,
             dpre if has_coder else None, we_in,
         ],
         writes=[dx],
@@ -812,36 +817,34 @@ def conv_backward(
     into the weight's and the scale's gradients, which avoids dividing by a scale that may be zero.
     ``coder_grads=False`` (a fixed coder): the coder's weight gradients are not computed.
     """
-    n, c_in = x.shape[:2]
+    c_in = x.shape[1]
     c_out, _, kh, kw = weight.shape
     oh, ow = y.shape[2], y.shape[3]
-    m = n * oh * ow
     c_b = 0 if encoder_weight is None else encoder_weight.shape[0]
     config = choose_config(c_in, c_out, c_b, x.dtype)
-    x_nhwc, y_nhwc = nhwc(x), nhwc(y)
-    dy_nhwc = nhwc(grad_output.to(x.dtype))
-    dy_rows, y_rows = dy_nhwc.reshape(m, c_out), y_nhwc.reshape(m, c_out)
-    mask_rows = y_rows if relu else None
+    x_image, y_image = channels_last(x), channels_last(y)
+    dy_image = channels_last(in_dtype(grad_output, x.dtype))
+    mask = y_image if relu else None
     coder = None
     code = dpre = None
     if encoder_weight is not None:
         coder = (encoder_weight.contiguous(), encoder_bias, decoder_rows(encoder_weight, decoder_weight))
         code, dpre, _ = _backward_reduce(
-            x_nhwc, dy_rows, mask_rows, geometry, (oh, ow), coder, coder_grads, None, config
+            x_image, dy_image, mask, geometry, (oh, ow), coder, coder_grads, None, config
         )
     grads_coder: tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]] = (None, None, None)
     if coder is not None and coder_grads:
         grads_coder = _coder_weight_grads(
-            x_nhwc, code, dpre, dy_rows, mask_rows, geometry, (oh, ow), decoder_weight is None,
+            x_image, code, dpre, dy_image, mask, geometry, (oh, ow), decoder_weight is None,
             encoder_bias is not None, config,
         )  # fmt: skip
     dx = _input_grad(
-        dy_nhwc, y_nhwc if relu else None, scale, weight, dpre, encoder_weight, tuple(x.shape),
+        dy_image, y_image if relu else None, scale, weight, dpre, encoder_weight, tuple(x.shape),
         geometry, config,
     )  # fmt: skip
-    weight_unscaled = _wgrad(x_nhwc, dy_rows, mask_rows, (oh, ow), (kh, kw), geometry, config)
-    masked = torch.where(y_rows <= 0, 0, dy_rows) if relu else dy_rows  # NaN y passes dy
-    return ConvGradients(dx.permute(0, 3, 1, 2), weight_unscaled, masked.float().sum(0), *grads_coder)
+    weight_unscaled = _wgrad(x_image, dy_image, mask, (oh, ow), (kh, kw), geometry, config)
+    masked = torch.where(y_image <= 0, 0, dy_image) if relu else dy_image  # NaN y passes dy
+    return ConvGradients(dx, weight_unscaled, masked.float().sum((0, 2, 3)), *grads_coder)
 
 
 def conv_backward_train(
@@ -876,14 +879,14 @@ def conv_backward_train(
     m = n * oh * ow
     c_b = 0 if encoder_weight is None else encoder_weight.shape[0]
     config = choose_config(c_in, c_out, c_b, x.dtype)
-    x_nhwc, y_rows, z_rows = nhwc(x), nhwc(y).reshape(m, c_out), nhwc(z).reshape(m, c_out)
-    dy_rows = nhwc(grad_output.to(x.dtype)).reshape(m, c_out)
-    mask_rows = y_rows if relu else None
+    x_image, y_image, z_image = channels_last(x), channels_last(y), channels_last(z)
+    dy_image = channels_last(in_dtype(grad_output, x.dtype))
+    mask = y_image if relu else None
     coder = None
     if encoder_weight is not None:
         coder = (encoder_weight.contiguous(), encoder_bias, decoder_rows(encoder_weight, decoder_weight))
     code, dpre, sums = _backward_reduce(
-        x_nhwc, dy_rows, mask_rows, geometry, (oh, ow), coder, coder_grads, (z_rows, mean), config
+        x_image, dy_image, mask, geometry, (oh, ow), coder, coder_grads, (z_image, mean), config
     )
     assert sums is not None
     grad_norm_weight = (
@@ -919,21 +922,20 @@ def conv_backward_train(
     grads_coder: tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]] = (None, None, None)
     if coder is not None and coder_grads:
         grads_coder = _coder_weight_grads(
-            x_nhwc, code, dpre, dy_rows, mask_rows, geometry, (oh, ow), decoder_weight is None,
+            x_image, code, dpre, dy_image, mask, geometry, (oh, ow), decoder_weight is None,
             encoder_bias is not None, config,
         )  # fmt: skip
     # dz = a * dp + b * z + c is formed where the two gradient kernels load dy: never stored.
-    dy_nhwc, y_nhwc, z_nhwc = (t.view(n, oh, ow, c_out) for t in (dy_rows, y_rows, z_rows))
     dx = _input_grad(
-        dy_nhwc, y_nhwc if relu else None, None, weight, dpre, encoder_weight, tuple(x.shape),
-        geometry, config, batch_norm=(z_nhwc, coefficients),
+        dy_image, y_image if relu else None, None, weight, dpre, encoder_weight, tuple(x.shape),
+        geometry, config, batch_norm=(z_image, coefficients),
     )  # fmt: skip
     weight_grad = _wgrad(
-        x_nhwc, dy_rows, mask_rows, (oh, ow), (kh, kw), geometry, config, out=output_like(weight),
-        batch_norm=(z_rows, coefficients),
+        x_image, dy_image, mask, (oh, ow), (kh, kw), geometry, config, out=output_like(weight),
+        batch_norm=(z_image, coefficients),
     )  # fmt: skip
     return TrainingGradients(
-        dx.permute(0, 3, 1, 2),
+        dx,
         weight_grad,
         grad_norm_weight,
         grad_norm_bias,
