@@ -29,6 +29,9 @@ class Declared(NamedTuple):
 
 
 class Observer(Protocol):
+    # The card a recording on meta tensors models (its multiprocessors size split reductions).
+    modelled_multiprocessors: int
+
     def observe_launch(
         self, name: str, kind: str, run: Callable[[], Any], declared: Declared
     ) -> None: ...
@@ -47,6 +50,16 @@ def launch(name: str, kind: str, run: Callable[[], Any], declare: Callable[[], D
         run()
         return
     observer.observe_launch(name, kind, run, declare())
+
+
+def modelled_multiprocessors() -> int:
+    """The multiprocessor count of the card an observer models (a launch on meta tensors sizes its
+    grid for it); meta tensors reach a launch only under an observer."""
+    if observer is None:
+        raise RuntimeError(
+            "meta tensors reach a kernel launch only under pnnh_kernels.ledger.recording()"
+        )
+    return observer.modelled_multiprocessors
 
 
 @contextlib.contextmanager

@@ -169,8 +169,10 @@ def test_backend_is_registered_and_explains_why_it_cannot_run_here():
 
 
 def test_missing_extension_says_how_to_build_it(monkeypatch, tmp_path):
-    monkeypatch.setattr(cuda_backend, "_extension", None)
-    monkeypatch.setattr(cuda_backend, "_load_error", None)
+    from pnnh_kernels.cuda import availability
+
+    monkeypatch.setattr(availability, "_extension", None)
+    monkeypatch.setattr(availability, "_load_error", None)
     monkeypatch.setitem(sys.modules, "pnnh_kernels._C", None)  # makes the import fail
     monkeypatch.setenv("PNNH_CUDA_CACHE", str(tmp_path))
     assert cuda_backend.extension() is None

@@ -140,10 +140,9 @@ def test_unregistered_backend_raises_and_says_why():
 )
 def test_triton_backend_says_why_it_cannot_run(device, dtype, op, interpret, reason, monkeypatch):
     pytest.importorskip("triton")
-    import pnnh_kernels.triton
-    from pnnh_kernels.triton import unavailable_reason
+    from pnnh_kernels.triton import availability, unavailable_reason
 
-    monkeypatch.setattr(pnnh_kernels.triton, "_INTERPRETER", interpret)
+    monkeypatch.setattr(availability, "_INTERPRETER", interpret)
     assert reason in unavailable_reason(torch.device(device), dtype, op)
 
 

@@ -315,11 +315,11 @@ CIFAR_STAGES = [(64, 32), (128, 16), (256, 8), (512, 4)]
 def test_training_step_within_the_resnet_layer_budget(
     backend, channels, size, monkeypatch, cuda_emulator
 ):
-    import pnnh_kernels.triton
     from pnnh_kernels.cuda import launch
+    from pnnh_kernels.triton import availability
 
     # The GPU's launch configuration, not the interpreter's (nothing runs: meta tensors).
-    monkeypatch.setattr(pnnh_kernels.triton, "_INTERPRETER", False)
+    monkeypatch.setattr(availability, "_INTERPRETER", False)
     with launch.emulated(cuda_emulator):  # the CUDA kernels' tile sizes, where no extension is built
         resnet = step_ledger("resnet-layer", 256, channels, size)
         pnnh = step_ledger("pnnh-layer", 256, channels, size, backend=backend)

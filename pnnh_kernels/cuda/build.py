@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-from pnnh_kernels.cuda import _built_module, cache_dir
+from pnnh_kernels.cuda.availability import _built_module, cache_dir
 
 DEFAULT_ARCHITECTURES = "80;90a"
 # The dtype is a kernel's first template argument: followed by E, or by L for a second (the mode).

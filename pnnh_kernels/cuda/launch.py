@@ -33,7 +33,7 @@ from pnnh_kernels.backends.fused_common import (
     output_like,
 )
 from pnnh_kernels.conv_geometry import ConvGeometry
-from pnnh_kernels.cuda import SUPPORTED_DTYPES, cache_dir, extension, unavailable_reason
+from pnnh_kernels.cuda.availability import SUPPORTED_DTYPES, cache_dir, extension, unavailable_reason
 from pnnh_kernels.observer import Declared, launch, modelling, tensor_bytes
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}

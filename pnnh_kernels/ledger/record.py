@@ -32,6 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 from pnnh_kernels import observer
+from pnnh_kernels.ledger.cards import MODELLED_CARD
 from pnnh_kernels.observer import Declared, is_placeholder, modelling, placeholder, tensor_bytes
 
 __all__ = ["Declared", "Launch", "Recorder", "placeholder", "recording", "tensor_bytes"]
@@ -75,6 +76,7 @@ class Recorder:
     """The observer (pnnh_kernels.observer) of one :func:`recording`."""
 
     def __init__(self, instrument: bool) -> None:
+        self.modelled_multiprocessors = MODELLED_CARD.multiprocessors
         self.instrument = instrument
         self.launches: list[Launch] = []
         self.instrumented: list[InstrumentedLaunch] = []

@@ -5,74 +5,14 @@ backend cannot run a call (Triton missing, a CPU tensor without ``TRITON_INTERPR
 unsupported dtype or op).
 """
 
-from __future__ import annotations
+from pnnh_kernels.triton.availability import (
+    SUPPORTED_DTYPES,
+    interpreter_enabled,
+    triton_installed,
+    unavailable_reason,
+)
 
-import importlib.util
-import os
-from typing import Optional
+if triton_installed():
+    from pnnh_kernels.triton import backend as _backend  # noqa: F401  (registers the backend)
 
-import torch
-
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-# Looked up once at import: torch.compile (Dynamo, torch 2.11) refuses to trace importlib's find_spec,
-# and the answer cannot change within a process.
-_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
-
-
-def triton_installed() -> bool:
-    return _TRITON_INSTALLED
-
-
-# Read once, as Triton reads it when the kernels are defined (at import): a later change of the
-# variable would not switch the kernels between interpreted and compiled. The launchers consult it
-# on every call, where an environment lookup cost ~3 µs each (17 a training step).
-_INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def interpreter_enabled() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1`` at import)."""
-    return _INTERPRETER
-
-
-def unavailable_reason(device: torch.device, dtype: torch.dtype, op: str) -> Optional[str]:
-    if not triton_installed():
-        return "triton is not installed (pip install 'pnnh-kernels[triton]')"
-    if op not in ("conv2d", "linear"):
-        return f"no Triton kernel for {op}"
-    if dtype not in SUPPORTED_DTYPES:
-        return f"supported dtypes are float32, float16 and bfloat16, got {dtype}"
-    if device.type == "meta":
-        # Shape inference, as nn.Conv2d allows: the ops' fake implementations give the outputs
-        # (under pnnh_kernels.ledger.recording() the launchers declare their launches instead).
-        return None
-    if device.type == "cpu":
-        if not interpreter_enabled():
-            return "CPU tensors run Triton kernels only in its interpreter: set TRITON_INTERPRET=1"
-    elif device.type != "cuda":
-        return f"Triton kernels run on CUDA devices (or the CPU interpreter), not on {device.type}"
-    return None
-
-
-def _register() -> None:
-    import functools
-
-    from pnnh_kernels.backends import Backend, register_backend
-    from pnnh_kernels.ops import pnnh_conv, pnnh_linear
-    from pnnh_kernels.triton import pnnh_conv as launchers
-
-    pnnh_conv.register_kernels("pnnh", launchers)
-    register_backend(
-        Backend(
-            "triton",
-            functools.partial(pnnh_conv.conv2d, "pnnh"),
-            functools.partial(pnnh_linear.linear, "pnnh"),
-            unavailable_reason,
-            auto_device_types=("cuda",),
-        )
-    )
-
-
-if _TRITON_INSTALLED:
-    _register()
+__all__ = ["SUPPORTED_DTYPES", "interpreter_enabled", "triton_installed", "unavailable_reason"]

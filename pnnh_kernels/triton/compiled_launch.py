@@ -24,7 +24,7 @@ from triton import knobs
 from triton.runtime import driver
 from triton.runtime.autotuner import Autotuner
 
-from pnnh_kernels.triton import interpreter_enabled
+from pnnh_kernels.triton.availability import interpreter_enabled
 
 
 class _Plan:

@@ -30,8 +30,15 @@ from pnnh_kernels.backends.fused_common import (
 )
 from pnnh_kernels.backends.fused_common import output_buffer as _output
 from pnnh_kernels.conv_geometry import ConvGeometry
-from pnnh_kernels.observer import Declared, launch, placeholder, tensor_bytes
-from pnnh_kernels.triton import compiled_launch, interpreter_enabled
+from pnnh_kernels.observer import (
+    Declared,
+    launch,
+    modelled_multiprocessors,
+    placeholder,
+    tensor_bytes,
+)
+from pnnh_kernels.triton import compiled_launch
+from pnnh_kernels.triton.availability import interpreter_enabled
 from pnnh_kernels.triton.batch_norm_kernels import (
     _bn_finalize_backward_kernel,
     _bn_finalize_forward_kernel,
@@ -176,9 +183,7 @@ def wgrad_splits(config: ConvConfig, m: int, block_m: int, tiles: int, device: t
     if config.wgrad_splits is not None:
         return config.wgrad_splits
     if device.type == "meta":  # a ledger on meta tensors: the card it models
-        from pnnh_kernels.ledger.cards import MODELLED_CARD  # only a recording runs on meta
-
-        multiprocessors = MODELLED_CARD.multiprocessors
+        multiprocessors = modelled_multiprocessors()
     elif device.type != "cuda":
         return 1
     else:

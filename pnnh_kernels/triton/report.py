@@ -229,7 +229,7 @@ def _int_arguments(fn: Any, constexprs: dict[str, Any]) -> list[str]:
 
 
 def _config(shape: LayerShape, dtype: torch.dtype) -> ConvConfig:
-    import pnnh_kernels.triton as triton_backend
+    from pnnh_kernels.triton import availability as triton_backend
 
     # The GPU configuration, not the interpreter's.
     previous, triton_backend._INTERPRETER = triton_backend._INTERPRETER, False
