@@ -16,8 +16,11 @@ height, so forward, dgrad and wgrad need no copy of a padded input.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Optional, Union
+
+from torch import Tensor
 
 IntOrPair = Union[int, tuple[int, int]]
 Padding = Union[IntOrPair, str, None]
@@ -107,7 +110,21 @@ class ConvGeometry:
         ``"valid"`` follow nn.Conv2d; ``"same"`` needs stride 1. When ``dilation * (kernel_size - 1)``
         is odd the "same" padding is asymmetric, one more row/column at the bottom/right as nn.Conv2d
         pads it; that is supported only without a coder (``NotImplementedError`` with one).
+        Memoised for hashable arguments: a layer's forward normalises the same ones every step.
         """
+        if all(map(_exact, (kernel_size, stride, padding, dilation))):
+            return _from_args(kernel_size, stride, padding, dilation, with_coder)
+        return cls._normalise(kernel_size, stride, padding, dilation, with_coder)
+
+    @classmethod
+    def _normalise(
+        cls,
+        kernel_size: IntOrPair,
+        stride: IntOrPair,
+        padding: Padding,
+        dilation: IntOrPair,
+        with_coder: bool,
+    ) -> ConvGeometry:
         kernel = _pair(kernel_size, "kernel_size", minimum=1)
         strides = _pair(stride, "stride", minimum=1)
         dilations = _pair(dilation, "dilation", minimum=1)
@@ -158,3 +175,32 @@ class ConvGeometry:
         ):
             sizes.append((size + p + p_end - d * (k - 1) - 1) // s + 1)
         return sizes[0], sizes[1]
+
+
+def _exact(value: object) -> bool:
+    """Whether ``value`` may key the cache: exactly an int, a str, None or a tuple of two ints (a
+    cache keyed by equality would take True, 1.0 or (1.0, 1) for 1 and (1, 1), which _pair refuses)."""
+    kind = type(value)
+    if kind is int or kind is str or value is None:
+        return True
+    return kind is tuple and len(value) == 2 and type(value[0]) is int and type(value[1]) is int
+
+
+@functools.lru_cache(maxsize=1024)
+def _from_args(
+    kernel_size: IntOrPair, stride: IntOrPair, padding: Padding, dilation: IntOrPair, with_coder: bool
+) -> ConvGeometry:
+    return ConvGeometry._normalise(kernel_size, stride, padding, dilation, with_coder)
+
+
+@functools.lru_cache(maxsize=1024)
+def _op_geometry(kernel: tuple[int, int], stride: tuple, padding: tuple, dilation: tuple):
+    return ConvGeometry.from_op_padding(kernel, list(stride), list(padding), list(dilation))
+
+
+def op_geometry(weight: Tensor, stride: list, padding: list, dilation: list) -> ConvGeometry:
+    """The geometry of a fused op's call (``padding`` is [top, left, bottom, right], the entry point
+    has validated it). Cached: a training step builds the same few every time. Not for fake
+    implementations, where the sizes may be SymInts, which do not hash."""
+    shape = weight.shape
+    return _op_geometry((shape[2], shape[3]), tuple(stride), tuple(padding), tuple(dilation))

@@ -7,10 +7,9 @@ them, so every backend gets the same clear errors and kernels never receive inpu
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import warnings
-from collections.abc import Callable
-from typing import Any, Optional, TypeVar
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -24,25 +23,32 @@ from pnnh_kernels.conv_geometry import ConvGeometry, IntOrPair, Padding
 __all__ = ["BatchNormParams", "CoderTensors", "pnnh_conv2d", "pnnh_linear"]
 
 
-_Op = TypeVar("_Op", bound=Callable[..., Any])
+_NOT_TRACING = contextlib.nullcontext()
 
 
-def _quiet_under_trace(op: _Op) -> _Op:
+def _tracer_warnings_silenced() -> contextlib.AbstractContextManager[Any]:
     """Under ``torch.jit.trace`` every shape the checks read as a Python int is a TracerWarning that
     the value is frozen into the trace. The checks only raise, and the geometry comes from the
     weight's shape, which a traced module cannot change, so the warnings would say nothing: they
-    are silenced while tracing. (``torch.jit.script`` is not supported: the entry points are plain
-    Python with keyword defaults and dataclasses.)"""
+    are silenced while tracing. A context manager, not a wrapper: no frame of its own on the path
+    to the kernels. (``torch.jit.script`` is not supported: the entry points are plain Python with
+    keyword defaults and dataclasses.)"""
+    if not torch.jit.is_tracing():
+        return _NOT_TRACING
+    silenced = warnings.catch_warnings()
+    silenced.__enter__()
+    warnings.simplefilter("ignore", torch.jit.TracerWarning)
+    return _Exit(silenced)
 
-    @functools.wraps(op)
-    def checked(*args: Any, **kwargs: Any) -> Any:
-        if not torch.jit.is_tracing():
-            return op(*args, **kwargs)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            return op(*args, **kwargs)
 
-    return checked  # type: ignore[return-value]
+class _Exit(contextlib.AbstractContextManager):
+    """Leaves an already entered context manager."""
+
+    def __init__(self, entered: Any) -> None:
+        self.entered = entered
+
+    def __exit__(self, *exc: Any) -> None:
+        self.entered.__exit__(*exc)
 
 
 class RefusesTorchScript:
@@ -133,7 +139,6 @@ def _coder_or_none(
     return CoderTensors(encoder_weight, encoder_bias, decoder_weight)
 
 
-@_quiet_under_trace
 def pnnh_conv2d(
     input: Tensor,
     weight: Tensor,
@@ -163,80 +168,82 @@ def pnnh_conv2d(
         activation: "relu" or None.
         backend: "auto", "torch", "triton" or "cuda".
     """
-    if not isinstance(weight, Tensor) or weight.dim() != 4:
-        raise ValueError(
-            f"weight: expected a 4-D tensor (C_out, C_in, kH, kW), got "
-            f"{tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__}"
+    with _tracer_warnings_silenced():
+        if not isinstance(weight, Tensor) or weight.dim() != 4:
+            raise ValueError(
+                f"weight: expected a 4-D tensor (C_out, C_in, kH, kW), got "
+                f"{tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__}"
+            )
+        coder = _coder_or_none(encoder_weight, encoder_bias, decoder_weight)
+        geometry = ConvGeometry.from_args(
+            # int(): under torch.jit.trace a shape's entries are tensors
+            tuple(int(size) for size in weight.shape[2:]), stride, padding, dilation,
+            with_coder=coder is not None,
+        )  # fmt: skip
+        _check_activation(activation)
+        if not isinstance(input, Tensor) or input.dim() not in (3, 4):
+            raise ValueError(
+                "input: expected a 3-D (C, H, W) or 4-D (N, C, H, W) tensor, got "
+                f"{tuple(input.shape) if isinstance(input, Tensor) else type(input).__name__}"
+            )
+        out_channels, in_channels = weight.shape[:2]
+        norm_tensors = (
+            []
+            if norm is None
+            else list(
+                zip(("norm.running_mean", "norm.running_var", "norm.weight", "norm.bias"), norm[:4])
+            )
         )
-    coder = _coder_or_none(encoder_weight, encoder_bias, decoder_weight)
-    geometry = ConvGeometry.from_args(
-        # int(): under torch.jit.trace a shape's entries are tensors
-        tuple(int(size) for size in weight.shape[2:]), stride, padding, dilation,
-        with_coder=coder is not None,
-    )  # fmt: skip
-    _check_activation(activation)
-    if not isinstance(input, Tensor) or input.dim() not in (3, 4):
-        raise ValueError(
-            "input: expected a 3-D (C, H, W) or 4-D (N, C, H, W) tensor, got "
-            f"{tuple(input.shape) if isinstance(input, Tensor) else type(input).__name__}"
+        _check_tensors(
+            input,
+            [
+                ("weight", weight),
+                ("bias", bias),
+                ("encoder_weight", encoder_weight),
+                ("encoder_bias", encoder_bias),
+                ("decoder_weight", decoder_weight),
+            ],
+            check_dtype=not _autocast_enabled(input.device),
         )
-    out_channels, in_channels = weight.shape[:2]
-    norm_tensors = (
-        []
-        if norm is None
-        else list(zip(("norm.running_mean", "norm.running_var", "norm.weight", "norm.bias"), norm[:4]))
-    )
-    _check_tensors(
-        input,
-        [
-            ("weight", weight),
-            ("bias", bias),
-            ("encoder_weight", encoder_weight),
-            ("encoder_bias", encoder_bias),
-            ("decoder_weight", decoder_weight),
-        ],
-        check_dtype=not _autocast_enabled(input.device),
-    )
-    # BatchNorm may keep float32 parameters and statistics beside a bf16/fp16 input, as
-    # F.batch_norm allows.
-    _check_tensors(input, norm_tensors, check_dtype=False)
-    channel_dim = input.dim() - 3
-    if input.shape[channel_dim] != in_channels:
-        raise ValueError(
-            f"input: expected {in_channels} channels (dimension {channel_dim}) to match weight, got "
-            f"shape {tuple(input.shape)}"
-        )
-    out_h, out_w = geometry.output_size(input.shape[-2], input.shape[-1])
-    if out_h < 1 or out_w < 1:
-        raise ValueError(
-            f"input: spatial size {tuple(input.shape[-2:])} is too small for kernel_size "
-            f"{geometry.kernel_size}, dilation {geometry.dilation} and padding (top, left, bottom, "
-            f"right) {tuple(geometry.op_padding)}: the output would be {out_h}x{out_w}"
-        )
-    _check_vector("bias", bias, out_channels)
-    if norm is not None:
-        for name, tensor in norm_tensors:
-            _check_vector(name, tensor, out_channels)
-    if coder is not None:
-        _check_coder(coder, in_channels, out_channels)
+        # BatchNorm may keep float32 parameters and statistics beside a bf16/fp16 input, as
+        # F.batch_norm allows.
+        _check_tensors(input, norm_tensors, check_dtype=False)
+        channel_dim = input.dim() - 3
+        if input.shape[channel_dim] != in_channels:
+            raise ValueError(
+                f"input: expected {in_channels} channels (dimension {channel_dim}) to match weight, got "
+                f"shape {tuple(input.shape)}"
+            )
+        out_h, out_w = geometry.output_size(input.shape[-2], input.shape[-1])
+        if out_h < 1 or out_w < 1:
+            raise ValueError(
+                f"input: spatial size {tuple(input.shape[-2:])} is too small for kernel_size "
+                f"{geometry.kernel_size}, dilation {geometry.dilation} and padding (top, left, bottom, "
+                f"right) {tuple(geometry.op_padding)}: the output would be {out_h}x{out_w}"
+            )
+        _check_vector("bias", bias, out_channels)
+        if norm is not None:
+            for name, tensor in norm_tensors:
+                _check_vector(name, tensor, out_channels)
+        if coder is not None:
+            _check_coder(coder, in_channels, out_channels)
 
-    unbatched = input.dim() == 3
-    batched = input.unsqueeze(0) if unbatched else input
-    chosen = resolve_backend(backend, input.device, input.dtype, "conv2d")
-    call = ConvCall(batched, weight, bias, coder, geometry, norm, activation)
-    if profiling.nvtx_enabled():
-        label = (
-            f"pnnh_conv2d[{chosen.name}] {'x'.join(map(str, batched.shape))} -> {weight.shape[0]} "
-            f"k{geometry.kernel_size[0]} s{geometry.stride[0]}"
-        )
-        with profiling.op_range(label):
+        unbatched = input.dim() == 3
+        batched = input.unsqueeze(0) if unbatched else input
+        chosen = resolve_backend(backend, input.device, input.dtype, "conv2d")
+        call = ConvCall(batched, weight, bias, coder, geometry, norm, activation)
+        if profiling.nvtx_enabled():
+            label = (
+                f"pnnh_conv2d[{chosen.name}] {'x'.join(map(str, batched.shape))} -> {weight.shape[0]} "
+                f"k{geometry.kernel_size[0]} s{geometry.stride[0]}"
+            )
+            with profiling.op_range(label):
+                out = chosen.conv2d(call)
+        else:
             out = chosen.conv2d(call)
-    else:
-        out = chosen.conv2d(call)
-    return out.squeeze(0) if unbatched else out
+        return out.squeeze(0) if unbatched else out
 
 
-@_quiet_under_trace
 def pnnh_linear(
     input: Tensor,
     weight: Tensor,
@@ -256,42 +263,43 @@ def pnnh_linear(
         decoder_weight: W_D, (C_out, C_B); None means tied, W_D = W_E^T.
         activation: "relu" or None. backend: "auto", "torch", "triton" or "cuda".
     """
-    if not isinstance(weight, Tensor) or weight.dim() != 2:
-        raise ValueError(
-            f"weight: expected a 2-D tensor (C_out, C_in), got "
-            f"{tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__}"
+    with _tracer_warnings_silenced():
+        if not isinstance(weight, Tensor) or weight.dim() != 2:
+            raise ValueError(
+                f"weight: expected a 2-D tensor (C_out, C_in), got "
+                f"{tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__}"
+            )
+        coder = _coder_or_none(encoder_weight, encoder_bias, decoder_weight)
+        _check_activation(activation)
+        if not isinstance(input, Tensor) or input.dim() < 1:
+            raise ValueError(
+                "input: expected a tensor with at least 1 dimension (..., C_in), got "
+                f"{tuple(input.shape) if isinstance(input, Tensor) else type(input).__name__}"
+            )
+        _check_tensors(
+            input,
+            [
+                ("weight", weight),
+                ("bias", bias),
+                ("encoder_weight", encoder_weight),
+                ("encoder_bias", encoder_bias),
+                ("decoder_weight", decoder_weight),
+            ],
+            check_dtype=not _autocast_enabled(input.device),
         )
-    coder = _coder_or_none(encoder_weight, encoder_bias, decoder_weight)
-    _check_activation(activation)
-    if not isinstance(input, Tensor) or input.dim() < 1:
-        raise ValueError(
-            "input: expected a tensor with at least 1 dimension (..., C_in), got "
-            f"{tuple(input.shape) if isinstance(input, Tensor) else type(input).__name__}"
-        )
-    _check_tensors(
-        input,
-        [
-            ("weight", weight),
-            ("bias", bias),
-            ("encoder_weight", encoder_weight),
-            ("encoder_bias", encoder_bias),
-            ("decoder_weight", decoder_weight),
-        ],
-        check_dtype=not _autocast_enabled(input.device),
-    )
-    out_features, in_features = weight.shape
-    if input.shape[-1] != in_features:
-        raise ValueError(
-            f"input: expected {in_features} features in the last dimension to match weight, got "
-            f"shape {tuple(input.shape)}"
-        )
-    _check_vector("bias", bias, out_features)
-    if coder is not None:
-        _check_coder(coder, in_features, out_features)
-    chosen = resolve_backend(backend, input.device, input.dtype, "linear")
-    call = LinearCall(input, weight, bias, coder, activation)
-    if profiling.nvtx_enabled():
-        label = f"pnnh_linear[{chosen.name}] {'x'.join(map(str, input.shape))} -> {weight.shape[0]}"
-        with profiling.op_range(label):
-            return chosen.linear(call)
-    return chosen.linear(call)
+        out_features, in_features = weight.shape
+        if input.shape[-1] != in_features:
+            raise ValueError(
+                f"input: expected {in_features} features in the last dimension to match weight, got "
+                f"shape {tuple(input.shape)}"
+            )
+        _check_vector("bias", bias, out_features)
+        if coder is not None:
+            _check_coder(coder, in_features, out_features)
+        chosen = resolve_backend(backend, input.device, input.dtype, "linear")
+        call = LinearCall(input, weight, bias, coder, activation)
+        if profiling.nvtx_enabled():
+            label = f"pnnh_linear[{chosen.name}] {'x'.join(map(str, input.shape))} -> {weight.shape[0]}"
+            with profiling.op_range(label):
+                return chosen.linear(call)
+        return chosen.linear(call)

@@ -43,13 +43,20 @@ class Observer(Protocol):
 observer: Optional[Observer] = None
 
 
-def launch(name: str, kind: str, run: Callable[[], Any], declare: Callable[[], Declared]) -> None:
-    """Run one launch of our kernels (``run``); an installed observer gets ``declare()`` and decides
-    (the ledger on meta tensors counts the launch without running it)."""
+def launch(
+    name: str,
+    kind: str,
+    function: Callable[..., Any],
+    arguments: Sequence[Any],
+    declare: Callable[[], Declared],
+) -> None:
+    """One launch of our kernels: ``function(*arguments)``. An installed observer gets
+    ``declare()`` and decides (the ledger on meta tensors counts the launch without running it).
+    The call is made here, not through a closure: no frame between the launcher and the launch."""
     if observer is None:
-        run()
+        function(*arguments)
         return
-    observer.observe_launch(name, kind, run, declare())
+    observer.observe_launch(name, kind, lambda: function(*arguments), declare())
 
 
 def modelled_multiprocessors() -> int:

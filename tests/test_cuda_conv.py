@@ -73,19 +73,18 @@ def test_auto_does_not_pick_the_unverified_cuda_backend():
 
 
 def test_bad_arguments_raise_before_any_launch():
-    from pnnh_kernels.conv_geometry import ConvGeometry
     from pnnh_kernels.cuda import launch
 
-    geometry = ConvGeometry((3, 3), (1, 1), (1, 1), (1, 1))
+    geometry = ([1, 1], [1, 1, 1, 1], [1, 1])  # stride, padding (top, left, bottom, right), dilation
     x = torch.randn(1, 4, 5, 5, device="cuda")
     weight = torch.randn(4, 4, 3, 3, device="cuda")
     with pytest.raises(ValueError, match="weight: expected dtype"):
-        launch.conv_forward(x, weight.half(), None, None, None, None, None, geometry, True)
+        launch.conv_forward(x, weight.half(), None, None, None, None, None, *geometry, True)
     with pytest.raises(ValueError, match="x: the CUDA kernels need a CUDA tensor"):
-        launch.conv_forward(x.cpu(), weight, None, None, None, None, None, geometry, True)
+        launch.conv_forward(x.cpu(), weight, None, None, None, None, None, *geometry, True)
     with pytest.raises(ValueError, match="encoder_weight: expected shape"):
         launch.conv_forward(
-            x, weight, None, None, torch.randn(2, 3, device="cuda"), None, None, geometry, True
+            x, weight, None, None, torch.randn(2, 3, device="cuda"), None, None, *geometry, True
         )
 
 

@@ -84,18 +84,17 @@ def test_linear(leading, c_in, c_out, c_b, dtype):
 
 @pytest.mark.usefixtures("emulated_cuda_backend")
 def test_launchers_reject_bad_arguments():
-    from pnnh_kernels.conv_geometry import ConvGeometry
 
-    geometry = ConvGeometry((3, 3), (1, 1), (1, 1), (1, 1))
+    geometry = ([1, 1], [1, 1, 1, 1], [1, 1])  # stride, padding (top, left, bottom, right), dilation
     x = torch.randn(1, 4, 5, 5)
     weight = torch.randn(4, 4, 3, 3)
     with pytest.raises(ValueError, match="weight: expected dtype"):
-        launch.conv_forward(x, weight.half(), None, None, None, None, None, geometry, True)
+        launch.conv_forward(x, weight.half(), None, None, None, None, None, *geometry, True)
     encoder, wide = torch.randn(2, 3), torch.randn(6, 4, 3, 3)
     with pytest.raises(ValueError, match="encoder_weight: expected shape"):
-        launch.conv_forward(x, weight, None, None, encoder, None, None, geometry, True)
+        launch.conv_forward(x, weight, None, None, encoder, None, None, *geometry, True)
     with pytest.raises(ValueError, match="decoder_weight: a tied coder needs C_out == C_in"):
-        launch.conv_forward(x, wide, None, None, torch.randn(2, 4), None, None, geometry, True)
+        launch.conv_forward(x, wide, None, None, torch.randn(2, 4), None, None, *geometry, True)
 
 
 @pytest.mark.usefixtures("emulated_cuda_backend")

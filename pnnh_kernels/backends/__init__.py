@@ -52,17 +52,22 @@ class Backend:
 
 
 _REGISTRY: dict[str, Backend] = {}
+# resolve_backend's answers that succeeded, by (name, device, dtype, op): a layer asks on every call,
+# and the answer changes only when a backend is (re)registered. Failures are not kept: they raise.
+_resolved: dict[tuple, Backend] = {}
 
 
 def register_backend(backend: Backend) -> None:
     if backend.name not in AUTO_PREFERENCE:
         raise ValueError(f"backend.name: expected one of {AUTO_PREFERENCE}, got {backend.name!r}")
     _REGISTRY[backend.name] = backend
+    _resolved.clear()
 
 
 def unregister_backend(name: str) -> Optional[Backend]:
     """Remove the backend registered under ``name`` and return it (None if there was none): an
     installation without it, e.g. for a test; :func:`register_backend` puts it back."""
+    _resolved.clear()
     return _REGISTRY.pop(name, None)
 
 
@@ -106,6 +111,15 @@ def resolve_backend(
         ValueError: ``name`` is not a known backend.
         BackendUnavailableError: ``name`` was requested explicitly and cannot run this call.
     """
+    key = (name, device, dtype, op)
+    cached = _resolved.get(key)
+    if cached is not None:
+        return cached
+    _resolved[key] = backend = _resolve(name, device, dtype, op)
+    return backend
+
+
+def _resolve(name: str, device: torch.device, dtype: torch.dtype, op: str) -> Backend:
     check_backend_name(name)
     if name == "auto":
         for candidate in AUTO_PREFERENCE:

@@ -103,15 +103,22 @@ class TrainingNorm(NamedTuple):
     eps: float
 
 
-@dataclass
-class TrainingForward:
-    """Outputs of the training-mode BatchNorm forward (images as NCHW views of NHWC memory)."""
+class TrainingForward(NamedTuple):
+    """Outputs of the training-mode BatchNorm forward, as the op returns them (images NCHW in
+    channels_last memory)."""
 
     output: Tensor
     learner: Tensor  # z = conv(x) + bias, before the normalisation, in the input dtype
     mean: Tensor  # [C_out] float32 batch mean of z
     variance: Tensor  # [C_out] float32 biased batch variance of z
     rstd: Tensor  # [C_out] float32 1 / sqrt(variance + eps)
+
+
+def or_empty(like: Tensor, grad: Optional[Tensor]) -> Tensor:
+    """``grad``, or an empty float32 tensor where it is absent: a distinct one each time (outputs of
+    an op may not alias each other); contiguous, as the fakes say (the coder's gradients come out as
+    transposes)."""
+    return like.new_empty((0,), dtype=torch.float32) if grad is None else grad.contiguous()
 
 
 @dataclass
@@ -130,6 +137,16 @@ class TrainingGradients:
     # where dz is not finite, as PyTorch's would be (the op returns it with or without a bias).
     learner_bias: Optional[Tensor] = None
 
+    def op_outputs(self, like: Tensor) -> list[Tensor]:
+        """As ``conv2d_fused_train_backward`` returns them: [dx, dW, d gamma, d beta, dW_E, db_E,
+        dW_D, d b_L], absent ones empty."""
+        return [
+            self.input, self.weight, or_empty(like, self.norm_weight),
+            or_empty(like, self.norm_bias), or_empty(like, self.encoder_weight),
+            or_empty(like, self.encoder_bias), or_empty(like, self.decoder_weight),
+            or_empty(like, self.learner_bias),
+        ]  # fmt: skip
+
 
 @dataclass
 class ConvGradients:
@@ -141,3 +158,11 @@ class ConvGradients:
     encoder_weight: Optional[Tensor]  # [C_B, C_in] float32 (both uses when tied)
     encoder_bias: Optional[Tensor]  # [C_B] float32
     decoder_weight: Optional[Tensor]  # [C_out, C_B] float32, untied only
+
+    def op_outputs(self, like: Tensor) -> list[Tensor]:
+        """As ``conv2d_fused_backward`` returns them: [dx, dW_unscaled, d shift, dW_E, db_E, dW_D],
+        absent ones empty."""
+        return [
+            self.input, self.weight_unscaled, self.shift, or_empty(like, self.encoder_weight),
+            or_empty(like, self.encoder_bias), or_empty(like, self.decoder_weight),
+        ]  # fmt: skip

@@ -32,7 +32,7 @@ from pnnh_kernels.backends.fused_common import (
     output_buffer,
     output_like,
 )
-from pnnh_kernels.conv_geometry import ConvGeometry
+from pnnh_kernels.conv_geometry import ConvGeometry, op_geometry
 from pnnh_kernels.cuda.availability import SUPPORTED_DTYPES, cache_dir, extension, unavailable_reason
 from pnnh_kernels.observer import Declared, launch, modelling, tensor_bytes
 
@@ -249,34 +249,42 @@ def _launch_forward(
         _pointer(partials[0] if partials else None), _pointer(partials[1] if partials else None),
         _pointer(code if c_b else None), _stream(x.device),
     )  # fmt: skip
-    sizes = module.tile_sizes()
-    oh, ow = geometry.output_size(x.shape[2], x.shape[3])
-    m = x.shape[0] * oh * ow
-    tiles_m, tiles_n = math.ceil(m / sizes["block_m"]), math.ceil(c_out / sizes["block_n"])
-    flops = 0 if mode == APPLY else 2 * m * c_out * c_in * kh * kw
-    if encodes:  # the fused pass's every output-channel tile recomputes the code; statistics once
-        flops += 2 * m * c_b * c_in * (1 if mode == STATISTICS else tiles_n)
-    if decodes:
-        flops += 2 * m * c_b * c_out
-    cached = 0
-    if mode != APPLY:  # every channel tile re-reads x per tap; every pixel tile the weight
-        cached += (tiles_n * kh * kw - 1) * tensor_bytes(x_rows) + (tiles_m - 1) * tensor_bytes(
-            weight_rows
-        )
-    label = {FUSED: "fused", STATISTICS: "statistics", APPLY: "apply"}[mode]
-    launch(
-        f"pnnh_conv_forward_kernel ({label})",
-        "cuda",
-        lambda: module.forward(*arguments),
-        lambda: Declared(reads=[
-            x_rows, weight_rows, scale_f, shift_f, encoder, encoder_bias_f, decoder,
-            z if mode == APPLY else None, code if mode == APPLY and c_b else None,
-        ],
-        writes=[y, z if mode == STATISTICS else None, *(partials or ()),
-                code if mode == STATISTICS and encodes else None],
-        flops=flops,
-        cached_read=cached),
-    )  # fmt: skip
+
+    def declare() -> Declared:
+        sizes = module.tile_sizes()
+        oh, ow = geometry.output_size(x.shape[2], x.shape[3])
+        m = x.shape[0] * oh * ow
+        tiles_m, tiles_n = math.ceil(m / sizes["block_m"]), math.ceil(c_out / sizes["block_n"])
+        flops = 0 if mode == APPLY else 2 * m * c_out * c_in * kh * kw
+        if encodes:  # the fused pass's every output-channel tile recomputes the code; statistics once
+            flops += 2 * m * c_b * c_in * (1 if mode == STATISTICS else tiles_n)
+        if decodes:
+            flops += 2 * m * c_b * c_out
+        cached = 0
+        if mode != APPLY:  # every channel tile re-reads x per tap; every pixel tile the weight
+            cached += (tiles_n * kh * kw - 1) * tensor_bytes(x_rows)
+            cached += (tiles_m - 1) * tensor_bytes(weight_rows)
+        return Declared(
+            reads=[
+                x_rows, weight_rows, scale_f, shift_f, encoder, encoder_bias_f, decoder,
+                z if mode == APPLY else None, code if mode == APPLY and c_b else None,
+            ],
+            writes=[
+                y, z if mode == STATISTICS else None, *(partials or ()),
+                code if mode == STATISTICS and encodes else None,
+            ],
+            flops=flops,
+            cached_read=cached,
+        )  # fmt: skip
+
+    launch(_FORWARD_NAMES[mode], "cuda", module.forward, arguments, declare)
+
+
+_FORWARD_NAMES = {
+    FUSED: "pnnh_conv_forward_kernel (fused)",
+    STATISTICS: "pnnh_conv_forward_kernel (statistics)",
+    APPLY: "pnnh_conv_forward_kernel (apply)",
+}
 
 
 def conv_forward(
@@ -287,10 +295,14 @@ def conv_forward(
     encoder_weight: Optional[Tensor],
     encoder_bias: Optional[Tensor],
     decoder_weight: Optional[Tensor],
-    geometry: ConvGeometry,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
     relu: bool,
 ) -> Tensor:
-    """The fused forward; returns an NCHW tensor in channels_last memory."""
+    """The fused forward (``conv2d_fused``'s implementation); returns an NCHW tensor in
+    channels_last memory."""
+    geometry = op_geometry(weight, stride, padding, dilation)
     _check_call(x, weight, encoder_weight, encoder_bias, decoder_weight)
     n, _, height, width = x.shape
     c_out = weight.shape[0]
@@ -308,16 +320,22 @@ def conv_forward_train(
     x: Tensor,
     weight: Tensor,
     bias: Optional[Tensor],
-    norm: TrainingNorm,
+    norm_weight: Optional[Tensor],
+    norm_bias: Optional[Tensor],
     encoder_weight: Optional[Tensor],
     encoder_bias: Optional[Tensor],
     decoder_weight: Optional[Tensor],
-    geometry: ConvGeometry,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
     relu: bool,
+    eps: float,
 ) -> TrainingForward:
     """Training-mode BatchNorm in three launches: convolution + per-tile statistics (mean, M2 per
     64-pixel tile), their merge into mean, variance, rstd, scale and shift, then normalisation +
     coder + activation from z. The running statistics are the caller's (update_running_statistics)."""
+    geometry = op_geometry(weight, stride, padding, dilation)
+    norm = TrainingNorm(norm_weight, norm_bias, eps)
     _check_call(x, weight, encoder_weight, encoder_bias, decoder_weight)
     module = _module(x)
     n, _, height, width = x.shape
@@ -348,7 +366,8 @@ def conv_forward_train(
     launch(
         "bn_finalize_forward_kernel",
         "cuda",
-        lambda: module.bn_finalize_forward(*arguments),
+        module.bn_finalize_forward,
+        arguments,
         lambda: Declared(
             reads=[*partials, norm.weight, norm.bias],
             writes=[mean, variance, rstd, scale, shift],
@@ -382,6 +401,8 @@ def update_running_statistics(
     pixels: int,
 ) -> None:  # fmt: skip
     """nn.BatchNorm2d's running-statistics update, in place, in one launch."""
+    # What an ADInplaceOrView kernel does for an in-place op: a saved copy sees the change.
+    torch.autograd.graph.increment_version((running_mean, running_var))
     _check(
         "running_var", running_var, running_mean.device, running_mean.dtype, tuple(running_mean.shape)
     )
@@ -395,7 +416,8 @@ def update_running_statistics(
     launch(
         "bn_running_update_kernel",
         "cuda",
-        lambda: module.bn_running_update(*arguments),
+        module.bn_running_update,
+        arguments,
         lambda: Declared(
             reads=[running_mean, running_var, mean, variance],
             writes=[running_mean, running_var],
@@ -461,7 +483,8 @@ def _wgrad(
     launch(
         "pnnh_conv_wgrad_kernel",
         "cuda",
-        lambda: module.wgrad(*arguments),
+        module.wgrad,
+        arguments,
         lambda: Declared(
             reads=[image, grad, learner, coefficients],
             writes=[out if direct else partial],
@@ -482,7 +505,8 @@ def _wgrad(
         launch(
             "wgrad_reduce_kernel",
             "cuda",
-            lambda: module.wgrad_reduce(*reduce_arguments),
+            module.wgrad_reduce,
+            reduce_arguments,
             lambda: Declared(reads=[partial], writes=[out], flops=partial.numel()),
         )
     return out
@@ -519,7 +543,8 @@ def _coder_backward(
     launch(
         "pnnh_coder_backward_kernel",
         "cuda",
-        lambda: module.coder_backward(*arguments),
+        module.coder_backward,
+        arguments,
         lambda: Declared(
             reads=[x_rows, encoder, encoder_bias_f, decoder_t, dp],
             writes=[code, grad_pre],
@@ -573,7 +598,8 @@ def _dgrad(
     launch(
         "pnnh_conv_dgrad_kernel",
         "cuda",
-        lambda: module.dgrad(*arguments),
+        module.dgrad,
+        arguments,
         lambda: Declared(
             reads=[grad, weight_rows, grad_pre, encoder_t_rows, learner, coefficients],
             writes=[dx],
@@ -593,12 +619,15 @@ def conv_backward(
     encoder_weight: Optional[Tensor],
     encoder_bias: Optional[Tensor],
     decoder_weight: Optional[Tensor],
-    geometry: ConvGeometry,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
     relu: bool,
     coder_grads: bool = True,
-) -> ConvGradients:
+) -> list[Tensor]:
     """All gradients of the fused op (the same contract as the Triton backend's conv_backward: the
     learner's weight gradient unscaled; ``coder_grads=False`` skips the coder's weight gradients)."""
+    geometry = op_geometry(weight, stride, padding, dilation)
     _check_call(x, weight, encoder_weight, encoder_bias, decoder_weight)
     _check("grad_output", grad_output, x.device, None, tuple(y.shape))
     module = _module(x)
@@ -627,7 +656,7 @@ def conv_backward(
     dx = image_buffer((n, c_in, height, width), x.dtype, x.device)
     _dgrad(module, shape, c_b, learner_for_input, weight, grad_pre, encoder_t_rows, dx)
     weight_unscaled = _wgrad(module, x_rows, dp, (oh, ow), (kh, kw), geometry)
-    return ConvGradients(dx, weight_unscaled, dp.float().sum((0, 2, 3)), *grads_coder)
+    return ConvGradients(dx, weight_unscaled, dp.float().sum((0, 2, 3)), *grads_coder).op_outputs(x)
 
 
 def conv_backward_train(
@@ -643,10 +672,12 @@ def conv_backward_train(
     encoder_weight: Optional[Tensor],
     encoder_bias: Optional[Tensor],
     decoder_weight: Optional[Tensor],
-    geometry: ConvGeometry,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
     relu: bool,
     coder_grads: bool = True,
-) -> TrainingGradients:
+) -> list[Tensor]:
     """All gradients of the training-mode op (``z``, ``mean``, ``rstd`` saved by the forward).
 
     (1) One pass over dy, y and z: the per-tile sums BatchNorm needs, and dp written once;
@@ -656,6 +687,7 @@ def conv_backward_train(
     trainable coder, also its weight gradients.
     dz = gamma * rstd * (dp - mean(dp) - x_hat * mean(dp * x_hat)), dp = dy * (y > 0).
     """
+    geometry = op_geometry(weight, stride, padding, dilation)
     _check_call(x, weight, encoder_weight, encoder_bias, decoder_weight)
     _check("grad_output", grad_output, x.device, None, tuple(y.shape))
     module = _module(x)
@@ -683,7 +715,8 @@ def conv_backward_train(
     launch(
         "bn_backward_reduce_kernel",
         "cuda",
-        lambda: module.bn_backward_reduce(*reduce_arguments),
+        module.bn_backward_reduce,
+        reduce_arguments,
         lambda: Declared(reads=[dy, mask, z_rows, mean], writes=[*sums, dp], flops=4 * m * c_out),
     )
     grad_norm_weight = (
@@ -703,7 +736,8 @@ def conv_backward_train(
     launch(
         "bn_finalize_backward_kernel",
         "cuda",
-        lambda: module.bn_finalize_backward(*finalize_arguments),
+        module.bn_finalize_backward,
+        finalize_arguments,
         lambda: Declared(
             reads=[*sums, mean, rstd, norm_weight],
             writes=[grad_norm_weight, grad_norm_bias, coefficients, grad_learner_bias],
@@ -737,4 +771,4 @@ def conv_backward_train(
         grad_norm_bias,
         *grads_coder,
         learner_bias=grad_learner_bias,
-    )
+    ).op_outputs(x)

@@ -27,7 +27,6 @@ vectors (training BatchNorm: also z and the batch statistics).
 
 from __future__ import annotations
 
-import functools
 from typing import Any, NamedTuple, Optional, Protocol
 
 import torch
@@ -36,10 +35,6 @@ from torch import Tensor
 from pnnh_kernels import observer
 from pnnh_kernels.backends.call import ConvCall
 from pnnh_kernels.backends.fused_common import (
-    ConvGradients,
-    TrainingForward,
-    TrainingGradients,
-    TrainingNorm,
     in_dtype,
     permuted_weight,
 )
@@ -79,141 +74,70 @@ _SCHEMAS = {
 
 
 class FusedKernels(Protocol):
-    """A backend's launchers (no autograd), the same for Triton and CUDA: see
-    pnnh_kernels.triton.pnnh_conv for their contracts."""
+    """A backend's launchers, each the implementation (below autograd) of the op of its name in
+    _LAUNCHERS, with the op's flat signature and outputs: pnnh_kernels.triton.pnnh_conv and
+    pnnh_kernels.cuda.launch."""
 
     def conv_forward(self, *args: Any) -> Tensor: ...
-    def conv_forward_train(self, *args: Any) -> TrainingForward: ...
+    def conv_forward_train(self, *args: Any) -> tuple[Tensor, ...]: ...
     def update_running_statistics(self, *args: Any) -> None: ...
-    def conv_backward(self, *args: Any) -> ConvGradients: ...
-    def conv_backward_train(self, *args: Any) -> TrainingGradients: ...
+    def conv_backward(self, *args: Any) -> list[Tensor]: ...
+    def conv_backward_train(self, *args: Any) -> list[Tensor]: ...
 
 
-_kernels: dict[str, FusedKernels] = {}
+# Which launcher implements which op.
+_LAUNCHERS = {
+    "conv2d_fused": "conv_forward",
+    "conv2d_fused_backward": "conv_backward",
+    "conv2d_fused_train": "conv_forward_train",
+    "conv2d_fused_train_backward": "conv_backward_train",
+    "batch_norm_running_update": "update_running_statistics",
+}
+
+
+_kernels: dict[str, FusedKernels] = {}  # by library
 
 
 def register_kernels(library: str, kernels: FusedKernels) -> None:
-    """Make ``library``'s ops run ``kernels`` (called by each fused backend's package)."""
+    """Make ``kernels``' launchers the implementations of ``library``'s ops (called by each fused
+    backend's package when it registers itself). The launchers are registered as they are: no
+    wrapper frame between the op's dispatch and the launch."""
     if library not in LIBRARIES:
         raise ValueError(f"library: expected one of {LIBRARIES}, got {library!r}")
     _kernels[library] = kernels
+    definitions = _libraries[library]
+    namespace = getattr(torch.ops, library)
+    for name, launcher_name in _LAUNCHERS.items():
+        launcher = getattr(kernels, launcher_name)
+        definitions.impl(name, launcher, "CompositeExplicitAutograd")
+        observer.register_implementation(getattr(namespace, name).default, launcher)
 
 
-def _launchers(library: str) -> FusedKernels:
-    kernels = _kernels.get(library)
+def _launchers(ops: LibraryOps) -> FusedKernels:
+    kernels = _kernels.get(ops.library)
     if kernels is None:
-        raise RuntimeError(f"torch.ops.{library}: no kernels are registered for this library")
+        raise RuntimeError(f"torch.ops.{ops.library}: no kernels are registered for this library")
     return kernels
 
 
-@functools.lru_cache(maxsize=1024)
-def _geometry_of(kernel: tuple[int, int], stride: tuple, padding: tuple, dilation: tuple):
-    return ConvGeometry.from_op_padding(kernel, list(stride), list(padding), list(dilation))
-
-
-def _geometry(weight: Tensor, stride: list, padding: list, dilation: list) -> ConvGeometry:
-    """The op's geometry (``padding`` is [top, left, bottom, right]); the functional entry point has
-    already validated it. Cached: a step builds the same few geometries every time."""
-    shape = weight.shape
-    return _geometry_of((shape[2], shape[3]), tuple(stride), tuple(padding), tuple(dilation))
+def eager(x: Tensor) -> bool:
+    """Whether a call on ``x`` may go to the launchers without the op's dispatch (~8 µs each): a
+    plain tensor on a real device, no dispatch mode (the ledger's recording, FakeTensorMode,
+    torch.compile's tracing), no functorch transform and no torch.jit.trace, each of which must see
+    the op. The launchers are the ops' implementations, so both routes run the same code."""
+    return (
+        type(x) is Tensor
+        and x.device.type != "meta"
+        and torch._C._len_torch_dispatch_stack() == 0
+        and torch._C._functorch.peek_interpreter_stack() is None
+        and not torch.jit.is_tracing()
+        and not torch.compiler.is_compiling()
+    )
 
 
 def _fake_geometry(weight: Tensor, stride: list, padding: list, dilation: list) -> ConvGeometry:
     # Not cached: under dynamic shapes the sizes are SymInts, which do not hash.
     return ConvGeometry.from_op_padding((weight.shape[2], weight.shape[3]), stride, padding, dilation)
-
-
-def _or_empty(like: Tensor, grad: Optional[Tensor]) -> Tensor:
-    # A distinct empty tensor each time: outputs of an op may not alias each other. Contiguous, as
-    # the fakes say (the coder's gradients come out as transposes).
-    return like.new_empty((0,), dtype=torch.float32) if grad is None else grad.contiguous()
-
-
-# Implementations (below autograd) ----------------------------------------------------------------
-
-
-def _conv2d_fused(library: str):
-    def conv2d_fused(
-        x, weight, scale, shift, encoder_weight, encoder_bias, decoder_weight, stride, padding,
-        dilation, relu,
-    ):  # fmt: skip
-        return _launchers(library).conv_forward(
-            x, weight, scale, shift, encoder_weight, encoder_bias, decoder_weight,
-            _geometry(weight, stride, padding, dilation), relu,
-        )  # fmt: skip
-
-    return conv2d_fused
-
-
-def _conv2d_fused_backward(library: str):
-    def conv2d_fused_backward(
-        grad_output, x, output, weight, scale, encoder_weight, encoder_bias, decoder_weight, stride,
-        padding, dilation, relu, coder_grads=True,
-    ):  # fmt: skip
-        """[dx, dW_unscaled [KH, KW, C_in, C_out] fp32, dshift, dW_E, db_E, dW_D]; absent ones are
-        empty (the coder's also when ``coder_grads`` is False: a fixed coder)."""
-        grads = _launchers(library).conv_backward(
-            grad_output, x, output, weight, scale, encoder_weight, encoder_bias, decoder_weight,
-            _geometry(weight, stride, padding, dilation), relu, coder_grads,
-        )  # fmt: skip
-        return [
-            grads.input, grads.weight_unscaled, grads.shift, _or_empty(x, grads.encoder_weight),
-            _or_empty(x, grads.encoder_bias), _or_empty(x, grads.decoder_weight),
-        ]  # fmt: skip
-
-    return conv2d_fused_backward
-
-
-def _conv2d_fused_train(library: str):
-    def conv2d_fused_train(
-        x, weight, bias, norm_weight, norm_bias, encoder_weight, encoder_bias, decoder_weight,
-        stride, padding, dilation, relu, eps,
-    ):  # fmt: skip
-        """(y, z, batch mean, biased batch variance, rstd)."""
-        result = _launchers(library).conv_forward_train(
-            x, weight, bias, TrainingNorm(norm_weight, norm_bias, eps), encoder_weight,
-            encoder_bias, decoder_weight, _geometry(weight, stride, padding, dilation), relu,
-        )  # fmt: skip
-        return result.output, result.learner, result.mean, result.variance, result.rstd
-
-    return conv2d_fused_train
-
-
-def _conv2d_fused_train_backward(library: str):
-    def conv2d_fused_train_backward(
-        grad_output, x, output, learner, mean, rstd, weight, norm_weight, norm_bias,
-        encoder_weight, encoder_bias, decoder_weight, stride, padding, dilation, relu, coder_grads,
-    ):  # fmt: skip
-        """[dx, dW (the weight's shape, dtype and layout), d gamma, d beta, dW_E, db_E, dW_D, d b_L]
-        (the learner bias's: zero, or NaN where dz is not finite); absent ones (and the coder's
-        when ``coder_grads`` is False) are empty."""
-        grads = _launchers(library).conv_backward_train(
-            grad_output, x, output, learner, mean, rstd, weight, norm_weight, norm_bias,
-            encoder_weight, encoder_bias, decoder_weight,
-            _geometry(weight, stride, padding, dilation), relu, coder_grads,
-        )  # fmt: skip
-        return [
-            grads.input, grads.weight, _or_empty(x, grads.norm_weight),
-            _or_empty(x, grads.norm_bias), _or_empty(x, grads.encoder_weight),
-            _or_empty(x, grads.encoder_bias), _or_empty(x, grads.decoder_weight),
-            _or_empty(x, grads.learner_bias),
-        ]  # fmt: skip
-
-    return conv2d_fused_train_backward
-
-
-def _batch_norm_running_update(library: str):
-    def batch_norm_running_update(running_mean, running_var, mean, variance, momentum, pixels):
-        """nn.BatchNorm2d's update of the running statistics from a batch's mean and biased
-        variance over ``pixels`` values per channel, in place."""
-        _launchers(library).update_running_statistics(
-            running_mean, running_var, mean, variance, momentum, pixels
-        )
-        # What an ADInplaceOrView kernel would do for an in-place op: a saved copy of the running
-        # statistics sees that they changed.
-        torch.autograd.graph.increment_version((running_mean, running_var))
-
-    return batch_norm_running_update
 
 
 # Fakes (meta tensors, torch.compile) -------------------------------------------------------------
@@ -305,18 +229,14 @@ def _coder_grads(
     )
 
 
-def _below_autograd(op: Any, keyset: Any, args: tuple) -> Any:
-    with torch._C._AutoDispatchBelowAutograd():
-        return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
-
-
-class _Conv2dFused(torch.autograd.Function):
+class Conv2dFused(torch.autograd.Function):
     """Autograd of ``conv2d_fused``: the backward op gives dx, the unscaled dW, d shift and the
     coder's; d scale and the scaled dW are formed here."""
 
     @staticmethod
-    def forward(ctx: Any, ops: LibraryOps, keyset: Any, *args: Any) -> Tensor:
-        output = _below_autograd(ops.conv2d_fused, keyset, args)
+    def forward(ctx: Any, ops: LibraryOps, *args: Any) -> Tensor:
+        with torch._C._AutoDispatchBelowAutograd():  # to the implementation (or the fake)
+            output = _launchers(ops).conv_forward(*args) if eager(args[0]) else ops.conv2d_fused(*args)
         x, weight, scale, shift, encoder_weight, encoder_bias, decoder_weight = args[:7]
         ctx.save_for_backward(x, output, weight, scale, encoder_weight, encoder_bias, decoder_weight)
         ctx.ops, ctx.arguments, ctx.has_shift = ops, args[7:], shift is not None
@@ -326,9 +246,10 @@ class _Conv2dFused(torch.autograd.Function):
     def backward(ctx: Any, grad_output: Tensor) -> tuple:
         x, output, weight, scale, encoder_weight, encoder_bias, decoder_weight = ctx.saved_tensors
         stride, padding, dilation, relu = ctx.arguments
-        grads = ctx.ops.conv2d_fused_backward(
+        backward = _launchers(ctx.ops).conv_backward if eager(x) else ctx.ops.conv2d_fused_backward
+        grads = backward(
             grad_output, x, output, weight, scale, encoder_weight, encoder_bias, decoder_weight,
-            stride, padding, dilation, relu, any(ctx.needs_input_grad[6:9]),
+            stride, padding, dilation, relu, any(ctx.needs_input_grad[5:8]),
         )  # fmt: skip
         grad_weight_unscaled, grad_shift = grads[1], grads[2]
         grad_scale = None
@@ -339,16 +260,18 @@ class _Conv2dFused(torch.autograd.Function):
         grad_weight = grad_weight_unscaled.permute(3, 2, 0, 1).to(weight.dtype)
         coder = _coder_grads((encoder_weight, encoder_bias, decoder_weight), tuple(grads[3:6]))
         shift = grad_shift if ctx.has_shift else None
-        return (None, None, grads[0], grad_weight, grad_scale, shift, *coder, None, None, None, None)
+        return (None, grads[0], grad_weight, grad_scale, shift, *coder, None, None, None, None)
 
 
-class _Conv2dFusedTrain(torch.autograd.Function):
+class Conv2dFusedTrain(torch.autograd.Function):
     """Autograd of ``conv2d_fused_train``: BatchNorm's reductions and dz in the backward's kernels,
     the coder's weight gradients only for a trainable coder."""
 
     @staticmethod
-    def forward(ctx: Any, ops: LibraryOps, keyset: Any, *args: Any) -> tuple:
-        output, learner, mean, variance, rstd = _below_autograd(ops.conv2d_fused_train, keyset, args)
+    def forward(ctx: Any, ops: LibraryOps, *args: Any) -> tuple:
+        with torch._C._AutoDispatchBelowAutograd():  # to the implementation (or the fake)
+            run = _launchers(ops).conv_forward_train if eager(args[0]) else ops.conv2d_fused_train
+            output, learner, mean, variance, rstd = run(*args)
         x, weight, bias, norm_weight, norm_bias, encoder_weight, encoder_bias, decoder_weight = args[:8]
         ctx.save_for_backward(
             x, output, learner, mean, rstd, weight, norm_weight, norm_bias, encoder_weight,
@@ -365,20 +288,22 @@ class _Conv2dFusedTrain(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_output: Optional[Tensor], *unused: Optional[Tensor]) -> tuple:
         if grad_output is None:
-            return (None,) * 15
+            return (None,) * 14
         (
             x, output, learner, mean, rstd, weight, norm_weight, norm_bias, encoder_weight,
             encoder_bias, decoder_weight,
         ) = ctx.saved_tensors  # fmt: skip
         stride, padding, dilation, relu = ctx.arguments
-        grads = ctx.ops.conv2d_fused_train_backward(
+        backward = ctx.ops.conv2d_fused_train_backward
+        if eager(x):
+            backward = _launchers(ctx.ops).conv_backward_train
+        grads = backward(
             grad_output, x, output, learner, mean, rstd, weight, norm_weight, norm_bias,
             encoder_weight, encoder_bias, decoder_weight, stride, padding, dilation, relu,
-            any(ctx.needs_input_grad[7:10]),
+            any(ctx.needs_input_grad[6:9]),
         )  # fmt: skip
         coder = _coder_grads((encoder_weight, encoder_bias, decoder_weight), tuple(grads[4:7]))
         return (
-            None,
             None,
             grads[0],
             grads[1],
@@ -399,12 +324,15 @@ class _Conv2dFusedTrain(torch.autograd.Function):
 
 
 def _autograd_kernel(function: type[torch.autograd.Function], ops: LibraryOps, name: str):
+    """The op's Autograd kernel (a call of torch.ops.<library>.<name>): the Function, or straight
+    below autograd when no input needs a gradient."""
     op = getattr(ops, name)
 
     def kernel(keyset: Any, *args: Any) -> Any:
         if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
-            return function.apply(ops, keyset, *args)
-        return _below_autograd(op, keyset, args)
+            return function.apply(ops, *args)
+        with torch._C._AutoDispatchBelowAutograd():
+            return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
 
     return kernel
 
@@ -413,8 +341,9 @@ def _autograd_kernel(function: type[torch.autograd.Function], ops: LibraryOps, n
 
 
 class LibraryOps(NamedTuple):
-    """One library's OpOverloads."""
+    """One library's name and OpOverloads."""
 
+    library: str
     conv2d_fused: Any
     conv2d_fused_backward: Any
     conv2d_fused_train: Any
@@ -422,29 +351,25 @@ class LibraryOps(NamedTuple):
     batch_norm_running_update: Any
 
 
-_IMPLEMENTATIONS = {
-    "conv2d_fused": (_conv2d_fused, _conv2d_fused_fake),
-    "conv2d_fused_backward": (_conv2d_fused_backward, _conv2d_fused_backward_fake),
-    "conv2d_fused_train": (_conv2d_fused_train, _conv2d_fused_train_fake),
-    "conv2d_fused_train_backward": (_conv2d_fused_train_backward, _conv2d_fused_train_backward_fake),
-    "batch_norm_running_update": (_batch_norm_running_update, _batch_norm_running_update_fake),
+_FAKES = {
+    "conv2d_fused": _conv2d_fused_fake,
+    "conv2d_fused_backward": _conv2d_fused_backward_fake,
+    "conv2d_fused_train": _conv2d_fused_train_fake,
+    "conv2d_fused_train_backward": _conv2d_fused_train_backward_fake,
+    "batch_norm_running_update": _batch_norm_running_update_fake,
 }
-_libraries: list[torch.library.Library] = []  # kept alive: a dropped Library deregisters its ops
+# Kept alive: a dropped Library deregisters its ops. The implementations come with register_kernels.
+_libraries: dict[str, torch.library.Library] = {}
 
 
 def _define(library: str) -> LibraryOps:
-    definitions = torch.library.Library(library, "DEF")
-    _libraries.append(definitions)
+    definitions = _libraries[library] = torch.library.Library(library, "DEF")
     namespace = getattr(torch.ops, library)
     for name, schema in _SCHEMAS.items():
         definitions.define(schema)
-        make_implementation, fake = _IMPLEMENTATIONS[name]
-        implementation = make_implementation(library)
-        definitions.impl(name, implementation, "CompositeExplicitAutograd")
-        torch.library.register_fake(f"{library}::{name}", fake, lib=definitions)
-        observer.register_implementation(getattr(namespace, name).default, implementation)
-    ops = LibraryOps(*(getattr(namespace, name).default for name in _SCHEMAS))
-    for function, name in ((_Conv2dFused, "conv2d_fused"), (_Conv2dFusedTrain, "conv2d_fused_train")):
+        torch.library.register_fake(f"{library}::{name}", _FAKES[name], lib=definitions)
+    ops = LibraryOps(library, *(getattr(namespace, name).default for name in _SCHEMAS))
+    for function, name in ((Conv2dFused, "conv2d_fused"), (Conv2dFusedTrain, "conv2d_fused_train")):
         definitions.impl(name, _autograd_kernel(function, ops, name), "Autograd", with_keyset=True)
     return ops
 
@@ -455,7 +380,7 @@ OPS: dict[str, LibraryOps] = {library: _define(library) for library in LIBRARIES
 # The backend functions (what pnnh_conv2d calls) -------------------------------------------------
 
 
-def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
     if device.type == "meta":  # autocast has no meta device (the ledger runs steps on meta)
         return None
     if not torch.is_autocast_enabled(device.type):
@@ -463,55 +388,60 @@ def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
     return torch.get_autocast_dtype(device.type)
 
 
-def _coder_in(coder: Any, dtype: torch.dtype) -> tuple[Optional[Tensor], ...]:
+def coder_in(coder: Any, dtype: torch.dtype) -> tuple[Optional[Tensor], ...]:
     """(W_E, b_E, W_D) in the compute dtype, each None where absent (no copy where it is already)."""
     if coder is None:
         return (None, None, None)
     return tuple(None if t is None else in_dtype(t, dtype) for t in coder)
 
 
-def _training_norm(ops: LibraryOps, call: ConvCall, compute_dtype: torch.dtype) -> Tensor:
-    """Training-mode BatchNorm: batch statistics from the kernels, running statistics updated as
-    F.batch_norm updates them (momentum, unbiased variance)."""
-    norm, geometry, x = call.norm, call.geometry, call.input
-    n = x.shape[0]
-    oh, ow = geometry.output_size(x.shape[2], x.shape[3])
-    count = n * oh * ow
-    if count <= 1:
-        raise ValueError(
-            "Expected more than 1 value per channel when training, got input size "
-            f"{torch.Size([n, call.weight.shape[0], oh, ow])}"
-        )
-    out, _, mean, variance, _ = ops.conv2d_fused_train(
-        in_dtype(x, compute_dtype),
-        in_dtype(call.weight, compute_dtype),
-        None if call.bias is None else in_dtype(call.bias, torch.float32),
-        norm.weight,
-        norm.bias,
-        *_coder_in(call.coder, compute_dtype),
-        geometry.stride_list,
-        geometry.op_padding,
-        geometry.dilation_list,
-        call.activation == "relu",
-        norm.eps,
-    )
-    if norm.running_mean is not None and norm.running_var is not None:
-        with torch.no_grad():
-            ops.batch_norm_running_update(
-                norm.running_mean, norm.running_var, mean, variance, norm.momentum, count
-            )
-    return out.contiguous(memory_format=memory_format_of(x))
+def enters_function(args: tuple) -> bool:
+    """Whether an eager call goes into the autograd Function directly: the op's Autograd kernel
+    (which does the same) would only add a frame and a dispatch. torch.compile and torch.jit.trace
+    see the op itself."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    return torch._C._any_requires_grad(*args)
 
 
 def conv2d(library: str, call: ConvCall) -> Tensor:
-    """The fused backend's conv2d: fold bias and eval BatchNorm, apply autocast, run the op."""
+    """The fused backend's conv2d: apply autocast; training BatchNorm through conv2d_fused_train
+    (batch statistics from the kernels, running statistics updated as F.batch_norm updates them:
+    momentum, unbiased variance); the learner's bias and an eval BatchNorm folded into the scale and
+    shift of conv2d_fused."""
     ops = OPS[library]
-    norm = call.norm
-    compute_dtype = _autocast_dtype(call.input.device) or call.input.dtype
+    norm, geometry, x = call.norm, call.geometry, call.input
+    compute_dtype = autocast_dtype(x.device) or x.dtype
+    inputs = (in_dtype(x, compute_dtype), in_dtype(call.weight, compute_dtype))
+    coder = coder_in(call.coder, compute_dtype)
+    relu = call.activation == "relu"
+    bias = None if call.bias is None else in_dtype(call.bias, torch.float32)
     if norm is not None and norm.training:
-        return _training_norm(ops, call, compute_dtype)
+        n = x.shape[0]
+        oh, ow = geometry.output_size(x.shape[2], x.shape[3])
+        count = n * oh * ow
+        if count <= 1:
+            raise ValueError(
+                "Expected more than 1 value per channel when training, got input size "
+                f"{torch.Size([n, call.weight.shape[0], oh, ow])}"
+            )
+        args = (
+            *inputs, bias, norm.weight, norm.bias, *coder, geometry.stride_list,
+            geometry.op_padding, geometry.dilation_list, relu, norm.eps,
+        )  # fmt: skip
+        if enters_function(args):
+            out, _, mean, variance, _ = Conv2dFusedTrain.apply(ops, *args)
+        else:
+            out, _, mean, variance, _ = ops.conv2d_fused_train(*args)
+        if norm.running_mean is not None and norm.running_var is not None:
+            update = ops.batch_norm_running_update
+            if eager(x):
+                update = _launchers(ops).update_running_statistics
+            with torch.no_grad():
+                update(norm.running_mean, norm.running_var, mean, variance, norm.momentum, count)
+        return out.contiguous(memory_format=memory_format_of(x))
     scale: Optional[Tensor] = None
-    shift = None if call.bias is None else call.bias.float()
+    shift = bias
     if norm is not None:
         inv_std = torch.rsqrt(norm.running_var.float() + norm.eps)
         scale = inv_std if norm.weight is None else norm.weight.float() * inv_std
@@ -519,16 +449,9 @@ def conv2d(library: str, call: ConvCall) -> Tensor:
         if norm.bias is not None:
             shift_bn = shift_bn + norm.bias.float()
         shift = shift_bn if shift is None else shift_bn + shift * scale
-    geometry = call.geometry
-    out = ops.conv2d_fused(
-        in_dtype(call.input, compute_dtype),
-        in_dtype(call.weight, compute_dtype),
-        scale,
-        shift,
-        *_coder_in(call.coder, compute_dtype),
-        geometry.stride_list,
-        geometry.op_padding,
-        geometry.dilation_list,
-        call.activation == "relu",
-    )
-    return out.contiguous(memory_format=memory_format_of(call.input))
+    args = (
+        *inputs, scale, shift, *coder, geometry.stride_list, geometry.op_padding,
+        geometry.dilation_list, relu,
+    )  # fmt: skip
+    out = Conv2dFused.apply(ops, *args) if enters_function(args) else ops.conv2d_fused(*args)
+    return out.contiguous(memory_format=memory_format_of(x))

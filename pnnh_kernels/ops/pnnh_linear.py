@@ -9,28 +9,38 @@ tap, so the encoder runs in the learner's main loop on the same x tiles.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from pnnh_kernels.backends.call import LinearCall
-from pnnh_kernels.ops.pnnh_conv import OPS, _autocast_dtype, _coder_in
+from pnnh_kernels.backends.fused_common import in_dtype
+from pnnh_kernels.ops.pnnh_conv import (
+    OPS,
+    Conv2dFused,
+    autocast_dtype,
+    coder_in,
+    enters_function,
+)
 
 _UNIT = [1, 1]
 _NO_PADDING = [0, 0, 0, 0]
 
 
 def linear(library: str, call: LinearCall) -> Tensor:
-    compute_dtype = _autocast_dtype(call.input.device) or call.input.dtype
+    compute_dtype = autocast_dtype(call.input.device) or call.input.dtype
     in_features = call.weight.shape[1]
-    rows = call.input.reshape(-1, in_features).to(compute_dtype)
-    out = OPS[library].conv2d_fused(
+    rows = in_dtype(call.input.reshape(-1, in_features), compute_dtype)
+    ops = OPS[library]
+    args = (
         rows.view(rows.shape[0], in_features, 1, 1),
-        call.weight.to(compute_dtype).view(call.weight.shape[0], in_features, 1, 1),
+        in_dtype(call.weight, compute_dtype).view(call.weight.shape[0], in_features, 1, 1),
         None,
-        None if call.bias is None else call.bias.float(),
-        *_coder_in(call.coder, compute_dtype),
+        None if call.bias is None else in_dtype(call.bias, torch.float32),
+        *coder_in(call.coder, compute_dtype),
         _UNIT,
         _NO_PADDING,
         _UNIT,
         call.activation == "relu",
     )
+    out = Conv2dFused.apply(ops, *args) if enters_function(args) else ops.conv2d_fused(*args)
     return out.reshape(*call.input.shape[:-1], call.weight.shape[0])

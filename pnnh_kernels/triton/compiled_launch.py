@@ -17,6 +17,7 @@ with Triton's launch hooks set (a profiler such as proton) take the regular ``ke
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Optional
 
 from torch import Tensor
@@ -24,6 +25,8 @@ from triton import knobs
 from triton.runtime import driver
 from triton.runtime.autotuner import Autotuner
 
+from pnnh_kernels import observer
+from pnnh_kernels.observer import Declared
 from pnnh_kernels.triton.availability import interpreter_enabled
 
 
@@ -77,17 +80,32 @@ def _hooked(hook: Any) -> bool:
 
 
 def launch(
+    name: str,
+    declare: Callable[[], Declared],
     kernel: Any,
     grid: Any,
     tensors: tuple[Tensor, ...],
     scalars: tuple = (),
     constants: Optional[dict[str, Any]] = None,
+    observed: bool = False,
 ) -> None:
     """``kernel[grid](*tensors, *scalars, **constants)``, from the second call of the same
     specialisation on without Triton's per-call Python. ``tensors`` are the pointer arguments and
     come first in the kernel's signature, ``scalars`` follow them; ``constants`` are the constexpr
-    and launch options (num_warps, num_stages) by name."""
+    and launch options (num_warps, num_stages) by name. ``name`` and ``declare`` (what the launch
+    reads and writes) are for an installed observer (pnnh_kernels.observer), which alone calls
+    ``declare``; it is checked here, not in a frame of its own (``observed``: the observer's own
+    call of the launch)."""
     constants = constants or {}
+    watcher = observer.observer
+    if watcher is not None and not observed:
+        watcher.observe_launch(
+            name,
+            "triton",
+            lambda: launch(name, declare, kernel, grid, tensors, scalars, constants, observed=True),
+            declare(),
+        )
+        return
     if _INTERPRETED or not plans_enabled or _hooked(knobs.runtime.launch_enter_hook):
         kernel[grid](*tensors, *scalars, **constants)
         return

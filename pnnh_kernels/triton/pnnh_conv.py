@@ -29,10 +29,9 @@ from pnnh_kernels.backends.fused_common import (
     output_like,
 )
 from pnnh_kernels.backends.fused_common import output_buffer as _output
-from pnnh_kernels.conv_geometry import ConvGeometry
+from pnnh_kernels.conv_geometry import ConvGeometry, op_geometry
 from pnnh_kernels.observer import (
     Declared,
-    launch,
     modelled_multiprocessors,
     placeholder,
     tensor_bytes,
@@ -392,11 +391,14 @@ def _launch_forward(
             cached_read=cached,
         )  # fmt: skip
 
-    launch(
+    compiled_launch.launch(
         _FORWARD_NAMES[write_stats, z_input],
-        "triton",
-        lambda: compiled_launch.launch(kernel, grid, arguments, scalars, {**flags, **tiles}),
         declare,
+        kernel,
+        grid,
+        arguments,
+        scalars,
+        {**flags, **tiles},
     )
 
 
@@ -415,10 +417,14 @@ def conv_forward(
     encoder_weight: Optional[Tensor],
     encoder_bias: Optional[Tensor],
     decoder_weight: Optional[Tensor],
-    geometry: ConvGeometry,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
     relu: bool,
 ) -> Tensor:
-    """The fused forward; returns an NCHW tensor in channels_last memory."""
+    """The fused forward (``conv2d_fused``'s implementation); returns an NCHW tensor in
+    channels_last memory."""
+    geometry = op_geometry(weight, stride, padding, dilation)
     n, c_in, height, width = x.shape
     c_out = weight.shape[0]
     oh, ow = geometry.output_size(height, width)
@@ -438,17 +444,23 @@ def conv_forward_train(
     x: Tensor,
     weight: Tensor,
     bias: Optional[Tensor],
-    norm: TrainingNorm,
+    norm_weight: Optional[Tensor],
+    norm_bias: Optional[Tensor],
     encoder_weight: Optional[Tensor],
     encoder_bias: Optional[Tensor],
     decoder_weight: Optional[Tensor],
-    geometry: ConvGeometry,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
     relu: bool,
+    eps: float,
 ) -> TrainingForward:
     """Training-mode BatchNorm on the learner branch in three launches: the convolution with
     per-tile statistics (z written), the statistics finished (mean, variance, scale, shift), then
     normalisation + coder + activation from z. The running statistics are the caller's (see
     :func:`update_running_statistics`)."""
+    geometry = op_geometry(weight, stride, padding, dilation)
+    norm = TrainingNorm(norm_weight, norm_bias, eps)
     n, c_in, height, width = x.shape
     c_out = weight.shape[0]
     oh, ow = geometry.output_size(height, width)
@@ -499,15 +511,18 @@ def _finalize_statistics(
         HAS_WEIGHT=norm.weight is not None, HAS_BIAS=norm.bias is not None, BLOCK_T=32, BLOCK_C=block_c
     )
     grid = (_cdiv(channels, block_c),)
-    launch(
+    compiled_launch.launch(
         "_bn_finalize_forward_kernel",
-        "triton",
-        lambda: compiled_launch.launch(_bn_finalize_forward_kernel, grid, arguments, scalars, flags),
         lambda: Declared(
             reads=[*partials, norm.weight, norm.bias],
             writes=[mean, variance, rstd, scale, shift],
             flops=8 * tiles * channels,
         ),
+        _bn_finalize_forward_kernel,
+        grid,
+        arguments,
+        scalars,
+        flags,
     )
     return mean, variance, rstd, scale, shift
 
@@ -517,22 +532,25 @@ def update_running_statistics(
     pixels: int,
 ) -> None:  # fmt: skip
     """nn.BatchNorm2d's running-statistics update, in place, in one launch."""
+    # What an ADInplaceOrView kernel does for an in-place op: a saved copy sees the change.
+    torch.autograd.graph.increment_version((running_mean, running_var))
     channels = running_mean.shape[0]
     block_c = _channel_block(channels)
     grid = (_cdiv(channels, block_c),)
     arguments = (running_mean, running_var, mean, variance)
     scalars = (channels, momentum, pixels / (pixels - 1))
-    launch(
+    compiled_launch.launch(
         "_bn_running_update_kernel",
-        "triton",
-        lambda: compiled_launch.launch(
-            _bn_running_update_kernel, grid, arguments, scalars, {"BLOCK_C": block_c}
-        ),
         lambda: Declared(
             reads=[running_mean, running_var, mean, variance],
             writes=[running_mean, running_var],
             flops=6 * channels,
         ),
+        _bn_running_update_kernel,
+        grid,
+        arguments,
+        scalars,
+        {"BLOCK_C": block_c},
     )
 
 
@@ -605,10 +623,8 @@ def _wgrad(
     )
     # Every (image tile, gradient tile, tap) program reads its rows of the image and the gradient.
     tiles_x, tiles_g = _cdiv(c_x, block_x), _cdiv(c_g, block_g)
-    launch(
+    compiled_launch.launch(
         "_conv_wgrad_kernel",
-        "triton",
-        lambda: compiled_launch.launch(_conv_wgrad_kernel, grid, arguments, scalars, flags),
         lambda: Declared(
             reads=[image, grad, y_image if relu else None, z_image, coefficients],
             writes=[target],
@@ -616,6 +632,11 @@ def _wgrad(
             cached_read=(tiles_g * taps - 1) * tensor_bytes(image)
             + (tiles_x * taps - 1) * gradient_bytes,
         ),
+        _conv_wgrad_kernel,
+        grid,
+        arguments,
+        scalars,
+        flags,
     )
     if out is None:
         return target.sum(0) if splits > 1 else target[0]
@@ -623,17 +644,14 @@ def _wgrad(
         block = 1024
         reduce_grid = (_cdiv(target[0].numel(), block),)
         reduce_scalars = (splits, c_x, c_g, *out_strides)
-        launch(
+        compiled_launch.launch(
             "_wgrad_reduce_kernel",
-            "triton",
-            lambda: compiled_launch.launch(
-                _wgrad_reduce_kernel,
-                reduce_grid,
-                (target, out),
-                reduce_scalars,
-                {"KH": kernel[0], "KW": kernel[1], "BLOCK": block},
-            ),
             lambda: Declared(reads=[target], writes=[out], flops=target.numel()),
+            _wgrad_reduce_kernel,
+            reduce_grid,
+            (target, out),
+            reduce_scalars,
+            {"KH": kernel[0], "KW": kernel[1], "BLOCK": block},
         )
     return out
 
@@ -694,20 +712,24 @@ def _backward_reduce(
     )
     tiles_b = _cdiv(c_b, block_b) if coder is not None else 1
     grid = (tiles, tiles_b)
-    gradient_bytes = tensor_bytes(dy_image) + (tensor_bytes(y_image) if y_image is not None else 0)
-    launch(
-        "_pnnh_coder_bwd_kernel",
-        "triton",
-        lambda: compiled_launch.launch(_pnnh_coder_bwd_kernel, grid, arguments, scalars, flags),
-        lambda: Declared(reads=[
-            x_image if coder is not None else None, encoder, encoder_bias, decoder, dy_image, y_image,
-            z_image, mean,
-        ],
-        writes=[code, dpre, *(sums or ())],
-        flops=2 * m * c_b * (c_in + c_out),
-        # every code-channel tile re-reads the pixels' x, dy and y rows
-        cached_read=(tiles_b - 1) * (tensor_bytes(x_image) * (coder is not None) + gradient_bytes)),
-    )  # fmt: skip
+
+    def declare() -> Declared:
+        gradient_bytes = tensor_bytes(dy_image) + (tensor_bytes(y_image) if y_image is not None else 0)
+        x_bytes = tensor_bytes(x_image) if coder is not None else 0
+        return Declared(
+            reads=[
+                x_image if coder is not None else None, encoder, encoder_bias, decoder, dy_image,
+                y_image, z_image, mean,
+            ],
+            writes=[code, dpre, *(sums or ())],
+            flops=2 * m * c_b * (c_in + c_out),
+            # every code-channel tile re-reads the pixels' x, dy and y rows
+            cached_read=(tiles_b - 1) * (x_bytes + gradient_bytes),
+        )  # fmt: skip
+
+    compiled_launch.launch(
+        "_pnnh_coder_bwd_kernel", declare, _pnnh_coder_bwd_kernel, grid, arguments, scalars, flags
+    )
     return code, dpre, sums
 
 
@@ -785,20 +807,25 @@ def _input_grad(
         INPUT_PRECISION=input_precision(dtype, device),
         UPCAST_DOT=upcast_dot(dtype),
     )
-    tiles_m, tiles_n = _cdiv(n * height * width, config.block_m), _cdiv(c_in, config.block_n)
-    gradient_bytes = sum(tensor_bytes(t) for t in (learner, y_image, z_image) if t is not None)
-    launch(
-        "_pnnh_conv_dgrad_kernel",
-        "triton",
-        lambda: compiled_launch.launch(kernel, grid, arguments, scalars, {**flags, **tiles}),
-        lambda: Declared(reads=[
-            learner, y_image, z_image, coefficients, scale, weight,
-            dpre if has_coder else None, we_in,
-        ],
-        writes=[dx],
-        flops=2 * n * height * width * c_in * c_out * kh * kw + (2 * m * c_b * c_in if has_coder else 0),
-        cached_read=(tiles_n * kh * kw - 1) * gradient_bytes + (tiles_m - 1) * tensor_bytes(weight)),
-    )  # fmt: skip
+
+    def declare() -> Declared:
+        tiles_m, tiles_n = _cdiv(n * height * width, config.block_m), _cdiv(c_in, config.block_n)
+        gradient_bytes = sum(tensor_bytes(t) for t in (learner, y_image, z_image) if t is not None)
+        learner_flops = 2 * n * height * width * c_in * c_out * kh * kw
+        return Declared(
+            reads=[
+                learner, y_image, z_image, coefficients, scale, weight,
+                dpre if has_coder else None, we_in,
+            ],
+            writes=[dx],
+            flops=learner_flops + (2 * m * c_b * c_in if has_coder else 0),
+            cached_read=(tiles_n * kh * kw - 1) * gradient_bytes
+            + (tiles_m - 1) * tensor_bytes(weight),
+        )  # fmt: skip
+
+    compiled_launch.launch(
+        "_pnnh_conv_dgrad_kernel", declare, kernel, grid, arguments, scalars, {**flags, **tiles}
+    )
     return dx
 
 
@@ -811,10 +838,12 @@ def conv_backward(
     encoder_weight: Optional[Tensor],
     encoder_bias: Optional[Tensor],
     decoder_weight: Optional[Tensor],
-    geometry: ConvGeometry,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
     relu: bool,
     coder_grads: bool = True,
-) -> ConvGradients:
+) -> list[Tensor]:
     """All gradients of the fused op from x, the output y (its ReLU mask) and the weights.
 
     The code is recomputed from x into [M, C_B] scratch buffers that die with this call. The
@@ -822,6 +851,7 @@ def conv_backward(
     into the weight's and the scale's gradients, which avoids dividing by a scale that may be zero.
     ``coder_grads=False`` (a fixed coder): the coder's weight gradients are not computed.
     """
+    geometry = op_geometry(weight, stride, padding, dilation)
     c_in = x.shape[1]
     c_out, _, kh, kw = weight.shape
     oh, ow = y.shape[2], y.shape[3]
@@ -849,7 +879,7 @@ def conv_backward(
     )  # fmt: skip
     weight_unscaled = _wgrad(x_image, dy_image, mask, (oh, ow), (kh, kw), geometry, config)
     masked = torch.where(y_image <= 0, 0, dy_image) if relu else dy_image  # NaN y passes dy
-    return ConvGradients(dx, weight_unscaled, masked.float().sum((0, 2, 3)), *grads_coder)
+    return ConvGradients(dx, weight_unscaled, masked.float().sum((0, 2, 3)), *grads_coder).op_outputs(x)
 
 
 def conv_backward_train(
@@ -865,10 +895,12 @@ def conv_backward_train(
     encoder_weight: Optional[Tensor],
     encoder_bias: Optional[Tensor],
     decoder_weight: Optional[Tensor],
-    geometry: ConvGeometry,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
     relu: bool,
     coder_grads: bool = True,
-) -> TrainingGradients:
+) -> list[Tensor]:
     """All gradients of the training-mode op (BatchNorm on the learner branch with batch
     statistics; ``z``, ``mean``, ``rstd`` saved by the forward).
 
@@ -878,6 +910,7 @@ def conv_backward_train(
     dy, y and z as they are loaded; (4) dW from x and dz, formed the same way (one more launch when
     the weight gradient is split). Plus, for a trainable coder only, its weight gradients.
     """
+    geometry = op_geometry(weight, stride, padding, dilation)
     n, c_in = x.shape[:2]
     c_out, _, kh, kw = weight.shape
     oh, ow = y.shape[2], y.shape[3]
@@ -914,15 +947,18 @@ def conv_backward_train(
         HAS_WEIGHT=norm_weight is not None, HAS_BIAS=norm_bias is not None, BLOCK_T=32, BLOCK_C=block_c
     )
     grid = (_cdiv(c_out, block_c),)
-    launch(
+    compiled_launch.launch(
         "_bn_finalize_backward_kernel",
-        "triton",
-        lambda: compiled_launch.launch(_bn_finalize_backward_kernel, grid, arguments, scalars, flags),
         lambda: Declared(
             reads=[*sums, mean, rstd, norm_weight],
             writes=[grad_norm_weight, grad_norm_bias, coefficients, grad_learner_bias],
             flops=4 * sums[0].numel(),
         ),
+        _bn_finalize_backward_kernel,
+        grid,
+        arguments,
+        scalars,
+        flags,
     )
     grads_coder: tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]] = (None, None, None)
     if coder is not None and coder_grads:
@@ -946,4 +982,4 @@ def conv_backward_train(
         grad_norm_bias,
         *grads_coder,
         learner_bias=grad_learner_bias,
-    )
+    ).op_outputs(x)
