@@ -7,7 +7,7 @@
 # 3. ResNet-18 training throughput per variant (pnnh train, synthetic CIFAR-shaped data),
 # (1a. the DRAM bytes and launches of one training step, Nsight Compute, beside the traffic ledger's
 #  count, and 1b. the timing table of bench/time_pnnh_conv.py, right after the tests.)
-# PNNH_CHECK_SKIP="sanitizer bench train" (any of ncu tests timing sanitizer bench train) skips steps;
+# PNNH_CHECK_SKIP="sanitizer bench train" (any of ncu tests timing host sanitizer bench train) skips steps;
 # PNNH_SANITIZER_TOOLS (default "memcheck racecheck") picks compute-sanitizer's tools.
 # Everything is written to docs/perf/ (or $OUT/perf when the device tool's $OUT is set, so that it
 # comes back to the developer's machine).
@@ -48,7 +48,7 @@ run_tests() {  # $1: log name; the rest: pytest arguments
 }
 run_tests triton_fp32 tests/test_triton_conv.py -k "fp32" & pids+=($!)
 run_tests triton_other tests/test_triton_conv.py -k "not fp32" & pids+=($!)
-run_tests cuda tests/test_cuda_conv.py & pids+=($!)
+run_tests cuda tests/test_cuda_conv.py tests/test_cuda_graphs.py & pids+=($!)
 run_tests layers tests/test_pnnh_conv.py tests/test_pnnh_linear.py tests/test_nonfinite.py \
     tests/test_module_protocols.py tests/test_convert.py & pids+=($!)  # convert: real torchvision there
 for pid in "${pids[@]}"; do wait "$pid" || tests_status=1; done
@@ -65,6 +65,10 @@ if ! skip timing; then
     timeout "$(step_limit 150)" python3 -m bench.time_pnnh_conv --out "$out_dir"
     timing_status=$?
 fi
+# 1b'. Host cost of a training step (enqueue behind a long kernel), device time as a CUDA graph
+#      replay and eager wall time, PNNH layer and ResNet-18 beside the cuDNN ones (bench/test_host_cost.py).
+skip host || timeout "$(step_limit 150)" python3 -m pytest bench/test_host_cost.py --benchmark-only -q \
+    -p no:cacheprovider --benchmark-json="$out_dir/host_cost.json" 2>&1 | tail -3
 # 1c. compute-sanitizer on one small forward + backward of the CUDA backend (fp32 and bf16).
 cat > "${TMPDIR:-/tmp}/pnnh_sanitize.py" <<'PY'
 import torch
@@ -88,7 +92,7 @@ done
 #    would not fit the device budget. Then the claims report from its JSON.
 bench_status=0
 if ! skip bench; then
-timeout "$(step_limit 240)" python3 -m pytest bench/ --benchmark-only -q -p no:cacheprovider -k "not compile and (x32x32 or x16x16 or x8x8 or x4x4 or cifar)" \
+timeout "$(step_limit 240)" python3 -m pytest bench/ --benchmark-only -q -p no:cacheprovider -k "not compile and not host_cost and (x32x32 or x16x16 or x8x8 or x4x4 or cifar)" \
     --benchmark-json="$out_dir/bench.json" 2>&1 | tail -15
 bench_status=${PIPESTATUS[0]}
 timeout "$(step_limit 60)" python3 -m pnnh_kernels report "$out_dir/bench.json" --out "$out_dir/bench_report" | tail -40

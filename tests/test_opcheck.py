@@ -265,8 +265,9 @@ CHEAP_CASES = [
 ]
 
 # Each differentiable op once per library, the libraries taking opposite values on every axis. The
-# autograd formulas and fakes checked here are the same code for both libraries (fused_ops.py);
-# what differs, the kernels, the cheap checks already run over the whole matrix.
+# autograd formulas and fakes checked here are the same code for both libraries
+# (pnnh_kernels/ops/pnnh_conv.py); what differs, the kernels, the cheap checks already run over the
+# whole matrix.
 _FP32_CODER = Case(LAYER, True, True, "eval", torch.float32)
 _BF16_PLAIN = Case(LAYER, False, False, "eval", torch.bfloat16)
 AOT_CASES = [

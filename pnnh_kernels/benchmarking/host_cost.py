@@ -149,6 +149,12 @@ def stub_launches() -> Iterator[None]:
         stack.enter_context(cuda_launch.emulated(_StubCudaExtension()))
         if "triton" in real:
             from triton.runtime import driver
+
+            from pnnh_kernels.triton import pnnh_conv as triton_launchers
+
+            # Split weight gradients as on an H100 (132 multiprocessors): the same launches.
+            stack.callback(setattr, triton_launchers, "STUB_MULTIPROCESSORS", None)
+            triton_launchers.STUB_MULTIPROCESSORS = 132
             from triton.runtime.jit import JITFunction
 
             previous_driver, previous_compile = driver._active, JITFunction._do_compile

@@ -63,6 +63,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--channels-last", action=argparse.BooleanOptionalAction, default=DEFAULTS.channels_last)
     add("--compile", action="store_true", help="torch.compile the model")
     add(
+        "--cuda-graphs",
+        action="store_true",
+        help="torch.compile the model with mode='reduce-overhead': its forward and backward replay "
+        "as CUDA graphs (GPU only; supersedes --compile)",
+    )
+    add(
         "--coder-trainable",
         action="store_true",
         help="train the coders (default: each keeps its fixed rectified-isometry initialisation, "

@@ -1,5 +1,6 @@
 """Launchers of the CUDA kernels: check, lay out, allocate, launch. No autograd here (the shared
-fused ops in pnnh_kernels.backends.fused_ops wrap these, as they wrap the Triton launchers).
+ops in pnnh_kernels.ops.pnnh_conv have these as their implementations, as they have the Triton
+launchers).
 
 Tensors arrive as NCHW tensors (any layout; channels_last avoids a copy) and leave as NCHW views of
 NHWC memory. The kernels take raw device pointers, so everything they read is made contiguous in the

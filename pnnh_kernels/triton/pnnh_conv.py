@@ -175,6 +175,18 @@ def wgrad_tiles(
     return tiles
 
 
+# Set by pnnh_kernels.benchmarking.host_cost's stub launch path, whose CPU tensors stand for a
+# GPU's: the multiprocessors of the card it stands for (None: CPU tensors are not split).
+STUB_MULTIPROCESSORS: Optional[int] = None
+
+
+@functools.lru_cache(maxsize=16)
+def _multiprocessors(index: Optional[int]) -> int:
+    # torch.cuda.get_device_properties costs microseconds a call; a device's count never changes.
+    device = torch.device("cuda", torch.cuda.current_device() if index is None else index)
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def wgrad_splits(config: ConvConfig, m: int, block_m: int, tiles: int, device: torch.device) -> int:
     """How many pixel ranges the weight-gradient reduction is split into: the configuration's
     number if it sets one, else on a GPU enough programs to fill it about four times over (each
@@ -183,10 +195,12 @@ def wgrad_splits(config: ConvConfig, m: int, block_m: int, tiles: int, device: t
         return config.wgrad_splits
     if device.type == "meta":  # a ledger on meta tensors: the card it models
         multiprocessors = modelled_multiprocessors()
-    elif device.type != "cuda":
-        return 1
+    elif device.type == "cuda":
+        multiprocessors = _multiprocessors(device.index)
+    elif STUB_MULTIPROCESSORS is not None:
+        multiprocessors = STUB_MULTIPROCESSORS
     else:
-        multiprocessors = torch.cuda.get_device_properties(device).multi_processor_count
+        return 1
     target = 4 * multiprocessors
     return max(1, min(_cdiv(m, 8 * block_m), _cdiv(target, tiles)))
 
