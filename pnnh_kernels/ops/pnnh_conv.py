@@ -127,12 +127,12 @@ def eager(x: Tensor) -> bool:
     torch.compile's tracing), no functorch transform and no torch.jit.trace, each of which must see
     the op. The launchers are the ops' implementations, so both routes run the same code."""
     return (
-        type(x) is Tensor
+        not torch.compiler.is_compiling()  # first: what Dynamo traces stops here
+        and type(x) is Tensor
         and x.device.type != "meta"
         and torch._C._len_torch_dispatch_stack() == 0
         and torch._C._functorch.peek_interpreter_stack() is None
         and not torch.jit.is_tracing()
-        and not torch.compiler.is_compiling()
     )
 
 
