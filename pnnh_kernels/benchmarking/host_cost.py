@@ -121,6 +121,7 @@ def _forget_compiled() -> None:
     from pnnh_kernels.triton import compiled_launch, pnnh_conv
 
     compiled_launch.clear()
+    pnnh_conv.clear_sites()
     pnnh_conv._tuned_kernels.clear()
     for kernel in _triton_kernels():
         kernel.device_caches.clear()

@@ -2,23 +2,26 @@
 
 ``kernel[grid](...)`` runs Triton's JIT Python on every call: the binder, the specialisation of
 every argument, the cache key, the grid function, through ``triton.autotune`` also its key and
-config lookup; measured on this machine's CPU with a stub driver, 12 µs with 7 arguments, 30 µs with
-33 and 69 µs through the autotuner. :func:`launch` keeps, per launch site and per specialisation of
-its arguments, the compiled kernel Triton chose, its grid and its constexpr values, and from the
-second call on hands the arguments to the compiled kernel's C launcher itself (what ``kernel[grid]``
-ends in), so a warm launch costs a dictionary lookup on a key made of the arguments' integers,
-dtypes and pointer alignments.
+config lookup; measured on the development CPU with a stub driver, 12 µs with 7 arguments, 30 µs
+with 33 and 69 µs through the autotuner.
 
-The key is finer than Triton's own specialisation (every integer by value, not only ``== 1`` and
-``% 16``; every tensor by dtype and 16-byte alignment; floats by type), so a plan never launches a
-kernel specialised for other arguments. The first call of a key, the CPU interpreter, and any run
-with Triton's launch hooks set (a profiler such as proton) take the regular ``kernel[grid]`` path.
+A launcher describes each of its launches once per shape as a :class:`Site` (the kernel, its grid,
+its integer arguments and constexprs: everything fixed by the shape, the dtype and the flags, made
+by an ``lru_cache``'d function of those), and calls :func:`launch` with the site, the tensors and
+any float arguments. A site keeps, per specialisation of its tensors (dtype and 16-byte alignment of
+each), the compiled kernel Triton chose on the first call, its grid and its constexpr values; from
+the second call on the arguments go to the compiled kernel's C launcher itself (what
+``kernel[grid]`` ends in). The key is finer than Triton's own specialisation (every integer by
+value: the site is made per value), so a plan never launches a kernel specialised for other
+arguments. The first call of a key, the CPU interpreter and any run with Triton's launch hooks set
+(a profiler such as proton) take the regular ``kernel[grid]`` path.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
-from typing import Any, Optional
+from typing import Any
 
 from torch import Tensor
 from triton import knobs
@@ -39,36 +42,49 @@ class _Plan:
         self.constants = constants
 
 
-_plans: dict[tuple, _Plan] = {}
+class Site:
+    """The fixed part of one launch: ``kernel[grid](*tensors, *scalars, *floats, **constants)``
+    with ``scalars`` (integers) and ``constants`` (constexprs and launch options) fixed; the
+    tensors and floats come with each call. Holds the plans of its specialisations."""
+
+    __slots__ = ("__weakref__", "constants", "grid", "kernel", "name", "plans", "scalars")
+
+    def __init__(
+        self, name: str, kernel: Any, grid: Any, scalars: tuple[int, ...], constants: dict[str, Any]
+    ) -> None:
+        self.name = name
+        self.kernel = kernel
+        self.grid = grid
+        self.scalars = scalars
+        self.constants = constants
+        self.plans: dict[tuple, _Plan] = {}
+        _sites.add(self)
+
+
+_sites: weakref.WeakSet[Site] = weakref.WeakSet()
 _INTERPRETED = interpreter_enabled()  # read once: the kernels were defined under the same switch
 # False: every launch takes ``kernel[grid]`` (a comparison of the two paths, as the host-cost
 # benchmark and the call-count test make).
 plans_enabled = True
 
 
-def _key(kernel: Any, tensors: tuple, scalars: tuple, constants: dict) -> tuple:
-    return (
-        id(kernel),  # a JITFunction hashes by its source's cache key: ~1 µs
-        *[(t.dtype, t.data_ptr() & 15) for t in tensors],
-        *[float if s.__class__ is float else s for s in scalars],
-        *constants.values(),
-    )
-
-
-def _plan(kernel: Any, grid: Any, tensors: tuple, scalars: tuple, constants: dict, compiled: Any):
-    """The plan of a launch that ``kernel[grid]`` has just made and that returned ``compiled``."""
+def _plan(site: Site, arguments: tuple, compiled: Any) -> _Plan:
+    """The plan of a launch that ``kernel[grid]`` has just made with ``arguments`` (tensors, scalars
+    and floats) and that returned ``compiled``."""
+    kernel = site.kernel
     function = kernel.fn if isinstance(kernel, Autotuner) else kernel
-    values = dict(constants)
+    values = dict(site.constants)
     if isinstance(kernel, Autotuner):
         values.update(kernel.best_config.kwargs)
     names = function.arg_names
-    positional = len(tensors) + len(scalars)
+    positional = len(arguments)
     for param in function.params[positional:]:
         if param.name not in values:
             values[param.name] = param.default
     tail = tuple(values[name] for name in names[positional:])
+    grid = site.grid
     if callable(grid):
-        grid = grid({**dict(zip(names, (*tensors, *scalars))), **values})
+        grid = grid({**dict(zip(names, arguments)), **values})
     grid = (*grid, 1, 1)[:3]
     return _Plan(compiled, grid, tail)
 
@@ -80,40 +96,33 @@ def _hooked(hook: Any) -> bool:
 
 
 def launch(
-    name: str,
+    site: Site,
     declare: Callable[[], Declared],
-    kernel: Any,
-    grid: Any,
     tensors: tuple[Tensor, ...],
-    scalars: tuple = (),
-    constants: Optional[dict[str, Any]] = None,
+    floats: tuple[float, ...] = (),
     observed: bool = False,
 ) -> None:
-    """``kernel[grid](*tensors, *scalars, **constants)``, from the second call of the same
-    specialisation on without Triton's per-call Python. ``tensors`` are the pointer arguments and
-    come first in the kernel's signature, ``scalars`` follow them; ``constants`` are the constexpr
-    and launch options (num_warps, num_stages) by name. ``name`` and ``declare`` (what the launch
-    reads and writes) are for an installed observer (pnnh_kernels.observer), which alone calls
-    ``declare``; it is checked here, not in a frame of its own (``observed``: the observer's own
-    call of the launch)."""
-    constants = constants or {}
+    """One launch of ``site`` with ``tensors`` (its pointer arguments, first in the kernel's
+    signature) and ``floats`` (after its integers). ``declare`` (what the launch reads and writes)
+    is for an installed observer (pnnh_kernels.observer), which alone calls it; the observer is
+    checked here, not in a frame of its own (``observed``: the observer's own call of the launch)."""
     watcher = observer.observer
     if watcher is not None and not observed:
         watcher.observe_launch(
-            name,
+            site.name,
             "triton",
-            lambda: launch(name, declare, kernel, grid, tensors, scalars, constants, observed=True),
+            lambda: launch(site, declare, tensors, floats, observed=True),
             declare(),
         )
         return
     if _INTERPRETED or not plans_enabled or _hooked(knobs.runtime.launch_enter_hook):
-        kernel[grid](*tensors, *scalars, **constants)
+        site.kernel[site.grid](*tensors, *site.scalars, *floats, **site.constants)
         return
-    key = _key(kernel, tensors, scalars, constants)
-    plan = _plans.get(key)
+    key = tuple([(t.dtype, t.data_ptr() & 15) for t in tensors])
+    plan = site.plans.get(key)
     if plan is None:
-        compiled = kernel[grid](*tensors, *scalars, **constants)
-        _plans[key] = _plan(kernel, grid, tensors, scalars, constants, compiled)
+        compiled = site.kernel[site.grid](*tensors, *site.scalars, *floats, **site.constants)
+        site.plans[key] = _plan(site, (*tensors, *site.scalars, *floats), compiled)
         return
     compiled = plan.compiled
     active = driver.active
@@ -121,10 +130,11 @@ def launch(
     grid_x, grid_y, grid_z = plan.grid
     compiled.run(
         grid_x, grid_y, grid_z, stream, compiled.function, compiled.packed_metadata, None,
-        None, None, *tensors, *scalars, *plan.constants,
+        None, None, *tensors, *site.scalars, *floats, *plan.constants,
     )  # fmt: skip
 
 
 def clear() -> None:
-    """Forget every plan (tests; a plan holds no tensor)."""
-    _plans.clear()
+    """Forget every compiled plan (tests, the stub launch path; a plan holds no tensor)."""
+    for site in list(_sites):
+        site.plans.clear()

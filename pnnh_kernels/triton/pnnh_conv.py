@@ -10,7 +10,7 @@ import contextlib
 import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 import triton
@@ -310,6 +310,55 @@ def _grid(rows: int, columns: int, config: ConvConfig):
     return lambda meta: (_cdiv(rows, meta["BLOCK_M"]), _cdiv(columns, meta["BLOCK_N"]))
 
 
+@functools.lru_cache(maxsize=1024)
+def _forward_site(
+    x_shape: tuple[int, ...],
+    weight_shape: tuple[int, ...],
+    weight_strides: tuple[int, ...],
+    c_b: int,
+    flags: tuple[bool, ...],  # has scale, shift, encoder bias; writes statistics; reads z; ReLU
+    dtype: torch.dtype,
+    precision: str,
+    geometry: ConvGeometry,
+    config: ConvConfig,
+    fixed_tiles: bool,
+) -> compiled_launch.Site:
+    """The fixed part of a forward launch (kernel, grid, integers, constexprs), once per shape."""
+    has_scale, has_shift, has_encoder_bias, write_stats, z_input, relu = flags
+    n, c_in, height, width = x_shape
+    c_out, _, kh, kw = weight_shape
+    oh, ow = geometry.output_size(height, width)
+    m = n * oh * ow
+    if write_stats:  # the partial buffers have one row per BLOCK_M tile: no autotuning of BLOCK_M
+        tiles = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k}
+        kernel, tiles = _pnnh_conv_fwd_kernel, {**tiles, **_launch_kwargs(config)}
+        grid: Any = (_cdiv(m, config.block_m), _cdiv(c_out, config.block_n))
+    else:
+        kernel, tiles = _tuned_or_fixed(_pnnh_conv_fwd_kernel, config, dtype)
+        grid = _grid(m, c_out, config)
+    scalars = (
+        m, height, width, c_in, oh, ow, c_out, c_b,
+        *geometry.stride, *geometry.padding, *geometry.dilation, *weight_strides,
+    )  # fmt: skip
+    constants = dict(
+        KH=kh,
+        KW=kw,
+        HAS_SCALE=has_scale,
+        HAS_SHIFT=has_shift,
+        HAS_CODER=c_b > 0,
+        HAS_ENCODER_BIAS=has_encoder_bias,
+        CODE_IN_MAIN_LOOP=not z_input and code_in_main_loop(config, c_b, kh, kw),
+        WRITE_STATS=write_stats,
+        Z_INPUT=z_input,
+        RELU=relu,
+        INPUT_PRECISION=precision,
+        UPCAST_DOT=upcast_dot(dtype),
+        BLOCK_B=config.block_b,
+        **tiles,
+    )
+    return compiled_launch.Site(_FORWARD_NAMES[write_stats, z_input], kernel, grid, scalars, constants)
+
+
 def _launch_forward(
     x: Tensor,
     weight: Tensor,
@@ -328,32 +377,26 @@ def _launch_forward(
 ) -> None:
     """One launch of the forward kernel: fused (y given), statistics pass (``partials`` given: writes
     z and the per-tile statistics) or apply pass (y and z given: reads z instead of convolving)."""
-    n, c_in, height, width = x.shape
-    c_out, _, kh, kw = weight.shape
-    oh, ow = geometry.output_size(height, width)
-    c_b = 0 if encoder_weight is None else encoder_weight.shape[0]
-    m = n * oh * ow
     has_coder = encoder_weight is not None
+    c_b = encoder_weight.shape[0] if has_coder else 0
     write_stats = partials is not None
     z_input = z is not None and not write_stats
+    site = _forward_site(
+        tuple(x.shape), tuple(weight.shape), weight.stride(), c_b,
+        (scale is not None, shift is not None, encoder_bias is not None, write_stats, z_input, relu),
+        x.dtype, input_precision(x.dtype, x.device), geometry, config,
+        _forced_config is not None,
+    )  # fmt: skip
     # Absent pointer arguments get a placeholder the kernel never dereferences (constexpr-guarded).
     dummy = placeholder(x.device, x.dtype)
-    if write_stats:  # the partial buffers have one row per BLOCK_M tile: no autotuning of BLOCK_M
-        tiles = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k}
-        kernel, tiles = _pnnh_conv_fwd_kernel, {**tiles, **_launch_kwargs(config)}
-        grid = (_cdiv(m, config.block_m), _cdiv(c_out, config.block_n))
-    else:
-        kernel, tiles = _tuned_or_fixed(_pnnh_conv_fwd_kernel, config, x.dtype)
-        grid = _grid(m, c_out, config)
     x_image = channels_last(x)
     # The apply pass (z given) reads z instead of convolving: no weight, and x only for the code.
-    w_in = weight if not z_input else dummy
     reads_x = not z_input or has_coder
     encoder = encoder_weight.contiguous() if has_coder else None
     decoder = decoder_rows(encoder_weight, decoder_weight) if has_coder else None
     arguments = (
         x_image if reads_x else dummy,
-        w_in,
+        weight if not z_input else dummy,
         scale if scale is not None else dummy,
         shift if shift is not None else dummy,
         encoder if has_coder else dummy,
@@ -364,27 +407,11 @@ def _launch_forward(
         partials[0] if write_stats else dummy,
         partials[1] if write_stats else dummy,
     )
-    scalars = (
-        m, height, width, c_in, oh, ow, c_out, c_b,
-        *geometry.stride, *geometry.padding, *geometry.dilation, *weight.stride(),
-    )  # fmt: skip
-    flags = dict(
-        KH=kh,
-        KW=kw,
-        HAS_SCALE=scale is not None,
-        HAS_SHIFT=shift is not None,
-        HAS_CODER=has_coder,
-        HAS_ENCODER_BIAS=encoder_bias is not None,
-        CODE_IN_MAIN_LOOP=not z_input and code_in_main_loop(config, c_b, kh, kw),
-        WRITE_STATS=write_stats,
-        Z_INPUT=z_input,
-        RELU=relu,
-        INPUT_PRECISION=input_precision(x.dtype, x.device),
-        UPCAST_DOT=upcast_dot(x.dtype),
-        BLOCK_B=config.block_b,
-    )
 
     def declare() -> Declared:
+        c_in = x.shape[1]
+        c_out, _, kh, kw = weight.shape
+        m = site.scalars[0]
         tiles_m, tiles_n = _cdiv(m, config.block_m), _cdiv(c_out, config.block_n)
         learner_flops = 0 if z_input else 2 * m * c_out * c_in * kh * kw
         # the encoder per output-channel tile (every tile recomputes the code), the decoder once
@@ -405,15 +432,7 @@ def _launch_forward(
             cached_read=cached,
         )  # fmt: skip
 
-    compiled_launch.launch(
-        _FORWARD_NAMES[write_stats, z_input],
-        declare,
-        kernel,
-        grid,
-        arguments,
-        scalars,
-        {**flags, **tiles},
-    )
+    compiled_launch.launch(site, declare, arguments)
 
 
 _FORWARD_NAMES = {
@@ -502,6 +521,19 @@ def _channel_block(channels: int) -> int:
     return 64 if interpreter_enabled() else min(128, _block(channels, 128))
 
 
+@functools.lru_cache(maxsize=1024)
+def _finalize_forward_site(
+    tiles: int, channels: int, tile_rows: int, pixels: int, weight: bool, bias: bool, block_c: int
+) -> compiled_launch.Site:
+    return compiled_launch.Site(
+        "_bn_finalize_forward_kernel",
+        _bn_finalize_forward_kernel,
+        (_cdiv(channels, block_c),),
+        (tiles, channels, tile_rows, pixels),
+        {"HAS_WEIGHT": weight, "HAS_BIAS": bias, "BLOCK_T": 32, "BLOCK_C": block_c},
+    )
+
+
 def _finalize_statistics(
     partials: tuple[Tensor, Tensor], tile_rows: int, pixels: int, norm: TrainingNorm
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -520,23 +552,18 @@ def _finalize_statistics(
         norm.bias if norm.bias is not None else dummy,
         mean, variance, rstd, scale, shift,
     )  # fmt: skip
-    scalars = (tiles, channels, tile_rows, pixels, norm.eps)
-    flags = dict(
-        HAS_WEIGHT=norm.weight is not None, HAS_BIAS=norm.bias is not None, BLOCK_T=32, BLOCK_C=block_c
+    site = _finalize_forward_site(
+        tiles, channels, tile_rows, pixels, norm.weight is not None, norm.bias is not None, block_c
     )
-    grid = (_cdiv(channels, block_c),)
     compiled_launch.launch(
-        "_bn_finalize_forward_kernel",
+        site,
         lambda: Declared(
             reads=[*partials, norm.weight, norm.bias],
             writes=[mean, variance, rstd, scale, shift],
             flops=8 * tiles * channels,
         ),
-        _bn_finalize_forward_kernel,
-        grid,
         arguments,
-        scalars,
-        flags,
+        (norm.eps,),
     )
     return mean, variance, rstd, scale, shift
 
@@ -549,22 +576,24 @@ def update_running_statistics(
     # What an ADInplaceOrView kernel does for an in-place op: a saved copy sees the change.
     torch.autograd.graph.increment_version((running_mean, running_var))
     channels = running_mean.shape[0]
-    block_c = _channel_block(channels)
-    grid = (_cdiv(channels, block_c),)
-    arguments = (running_mean, running_var, mean, variance)
-    scalars = (channels, momentum, pixels / (pixels - 1))
     compiled_launch.launch(
-        "_bn_running_update_kernel",
+        _running_update_site(channels, _channel_block(channels)),
         lambda: Declared(
             reads=[running_mean, running_var, mean, variance],
             writes=[running_mean, running_var],
             flops=6 * channels,
         ),
-        _bn_running_update_kernel,
-        grid,
-        arguments,
-        scalars,
-        {"BLOCK_C": block_c},
+        (running_mean, running_var, mean, variance),
+        (momentum, pixels / (pixels - 1)),
+    )
+
+
+@functools.lru_cache(maxsize=1024)
+def _running_update_site(channels: int, block_c: int) -> compiled_launch.Site:
+    grid = (_cdiv(channels, block_c),)
+    constants = {"BLOCK_C": block_c}
+    return compiled_launch.Site(
+        "_bn_running_update_kernel", _bn_running_update_kernel, grid, (channels,), constants
     )
 
 
@@ -585,89 +614,125 @@ def _wgrad(
     [N, C_g, OH, OW], all in channels_last memory (NHWC storage: the pixels' rows of channels).
     ``batch_norm`` = (z, coefficients): the grad is training BatchNorm's dz, formed from dy, y and z
     as they are loaded."""
-    n, c_x, height, width = image.shape
-    c_g = grad.shape[1]
-    m = n * out_hw[0] * out_hw[1]
     relu = y_image is not None
-    wgrad = wgrad_tiles(config, c_x, c_g, image.dtype, relu, batch_norm is not None)
-    block_x, block_g, block_m = wgrad.block_x, wgrad.block_g, wgrad.block_m
-    taps = kernel[0] * kernel[1]
-    tiles = _cdiv(c_x, block_x) * _cdiv(c_g, block_g) * taps
-    gradient_bytes = tensor_bytes(grad) + (tensor_bytes(y_image) if relu else 0)
     z_image, coefficients = batch_norm if batch_norm is not None else (None, None)
-    if z_image is not None:
-        gradient_bytes += tensor_bytes(z_image)
-    splits = wgrad_splits(config, m, block_m, tiles, image.device)
-    if config.wgrad_splits is None:  # an explicit count (tests) is taken as it is
-        splits = capped_wgrad_splits(splits, gradient_bytes, taps, c_x, c_g)
-    m_per_split = _cdiv(_cdiv(m, splits), block_m) * block_m
-    splits = _cdiv(m, m_per_split)
-    strided_out = out is not None and splits == 1
-    if strided_out:
+    plan = _wgrad_plan(
+        tuple(image.shape), grad.shape[1], out_hw, kernel, geometry, config, image.dtype,
+        input_precision(image.dtype, image.device), relu, batch_norm is not None,
+        None if out is None else (tuple(out.shape), out.stride()), image.device,
+        _forced_config is not None,
+    )  # fmt: skip
+    if plan.strided_out:
         assert out is not None
         target = out
         partial = placeholder(image.device, torch.float32)
     else:
-        target = _output((splits, kernel[0], kernel[1], c_x, c_g), torch.float32, image.device)
+        target = _output(plan.partial_shape, torch.float32, image.device)
         partial = target
-    out_strides = tuple(out.stride()) if out is not None else (0, 0, 0, 0)
-    grid = (_cdiv(c_x, block_x), _cdiv(c_g, block_g), splits * taps)
     absent = placeholder(image.device, image.dtype)
     arguments = (
         image, grad, y_image if relu else absent, z_image if z_image is not None else absent,
         coefficients if coefficients is not None else placeholder(image.device, torch.float32),
-        partial, out if strided_out else absent,
+        partial, out if plan.strided_out else absent,
     )  # fmt: skip
+
+    def declare() -> Declared:
+        # Every (image tile, gradient tile, tap) program reads its rows of the image and the gradient.
+        m, c_x, c_g, taps = plan.site.scalars[0], image.shape[1], grad.shape[1], plan.taps
+        tiles_x, tiles_g = plan.site.grid[0], plan.site.grid[1]
+        return Declared(
+            reads=[image, grad, y_image if relu else None, z_image, coefficients],
+            writes=[target],
+            flops=2 * m * c_x * c_g * taps,
+            cached_read=(tiles_g * taps - 1) * tensor_bytes(image)
+            + (tiles_x * taps - 1) * plan.gradient_bytes,
+        )
+
+    compiled_launch.launch(plan.site, declare, arguments)
+    if out is None:
+        return target.sum(0) if plan.splits > 1 else target[0]
+    if plan.reduce_site is not None:
+        compiled_launch.launch(
+            plan.reduce_site,
+            lambda: Declared(reads=[target], writes=[out], flops=target.numel()),
+            (target, out),
+        )
+    return out
+
+
+class _WgradPlan(NamedTuple):
+    site: compiled_launch.Site
+    reduce_site: Optional[compiled_launch.Site]  # the split partials' reduction into ``out``
+    splits: int
+    strided_out: bool  # written straight into ``out`` (one split)
+    partial_shape: tuple[int, ...]
+    taps: int
+    gradient_bytes: int  # of the gradient rows the kernel reads (dy, and y, z where it reads them)
+
+
+@functools.lru_cache(maxsize=1024)
+def _wgrad_plan(
+    image_shape: tuple[int, ...],
+    c_g: int,
+    out_hw: tuple[int, int],
+    kernel: tuple[int, int],
+    geometry: ConvGeometry,
+    config: ConvConfig,
+    dtype: torch.dtype,
+    precision: str,
+    relu: bool,
+    batch_norm: bool,
+    out_layout: Optional[tuple[tuple[int, ...], tuple[int, ...]]],
+    device: torch.device,
+    fixed_tiles: bool,
+) -> _WgradPlan:
+    """Tiles, split count and the fixed part of the weight gradient's launches, once per shape."""
+    n, c_x, height, width = image_shape
+    m = n * out_hw[0] * out_hw[1]
+    wgrad = wgrad_tiles(config, c_x, c_g, dtype, relu, batch_norm)
+    block_x, block_g, block_m = wgrad.block_x, wgrad.block_g, wgrad.block_m
+    taps = kernel[0] * kernel[1]
+    tiles = _cdiv(c_x, block_x) * _cdiv(c_g, block_g) * taps
+    # dy, and y and z where the kernel reads them: dense images of m x c_g elements
+    gradient_bytes = m * c_g * (torch.finfo(dtype).bits // 8) * (1 + relu + batch_norm)
+    splits = wgrad_splits(config, m, block_m, tiles, device)
+    if config.wgrad_splits is None:  # an explicit count (tests) is taken as it is
+        splits = capped_wgrad_splits(splits, gradient_bytes, taps, c_x, c_g)
+    m_per_split = _cdiv(_cdiv(m, splits), block_m) * block_m
+    splits = _cdiv(m, m_per_split)
+    strided_out = out_layout is not None and splits == 1
+    out_strides = tuple(out_layout[1]) if out_layout is not None else (0, 0, 0, 0)
+    grid = (_cdiv(c_x, block_x), _cdiv(c_g, block_g), splits * taps)
     scalars = (
         m, m_per_split, height, width, c_x, *out_hw, c_g,
         *geometry.stride, *geometry.padding, *geometry.dilation, *out_strides,
     )  # fmt: skip
-    flags = dict(
+    constants = dict(
         KH=kernel[0],
         KW=kernel[1],
         RELU=relu,
-        BN_GRAD=batch_norm is not None,
+        BN_GRAD=batch_norm,
         STRIDED_OUT=strided_out,
-        INPUT_PRECISION=input_precision(image.dtype, image.device),
-        UPCAST_DOT=upcast_dot(image.dtype),
+        INPUT_PRECISION=precision,
+        UPCAST_DOT=upcast_dot(dtype),
         BLOCK_X=block_x,
         BLOCK_G=block_g,
         BLOCK_M=block_m,
         **_launch_kwargs(config),
     )
-    # Every (image tile, gradient tile, tap) program reads its rows of the image and the gradient.
-    tiles_x, tiles_g = _cdiv(c_x, block_x), _cdiv(c_g, block_g)
-    compiled_launch.launch(
-        "_conv_wgrad_kernel",
-        lambda: Declared(
-            reads=[image, grad, y_image if relu else None, z_image, coefficients],
-            writes=[target],
-            flops=2 * m * c_x * c_g * taps,
-            cached_read=(tiles_g * taps - 1) * tensor_bytes(image)
-            + (tiles_x * taps - 1) * gradient_bytes,
-        ),
-        _conv_wgrad_kernel,
-        grid,
-        arguments,
-        scalars,
-        flags,
-    )
-    if out is None:
-        return target.sum(0) if splits > 1 else target[0]
-    if not strided_out:
+    site = compiled_launch.Site("_conv_wgrad_kernel", _conv_wgrad_kernel, grid, scalars, constants)
+    partial_shape = (splits, kernel[0], kernel[1], c_x, c_g)
+    reduce_site = None
+    if out_layout is not None and not strided_out:
         block = 1024
-        reduce_grid = (_cdiv(target[0].numel(), block),)
-        reduce_scalars = (splits, c_x, c_g, *out_strides)
-        compiled_launch.launch(
+        reduce_site = compiled_launch.Site(
             "_wgrad_reduce_kernel",
-            lambda: Declared(reads=[target], writes=[out], flops=target.numel()),
             _wgrad_reduce_kernel,
-            reduce_grid,
-            (target, out),
-            reduce_scalars,
+            (_cdiv(kernel[0] * kernel[1] * c_x * c_g, block),),
+            (splits, c_x, c_g, *out_strides),
             {"KH": kernel[0], "KW": kernel[1], "BLOCK": block},
         )
-    return out
+    return _WgradPlan(site, reduce_site, splits, strided_out, partial_shape, taps, gradient_bytes)
 
 
 def _backward_reduce(
@@ -685,7 +750,7 @@ def _backward_reduce(
     per-tile BatchNorm sums or None). ``coder``: (W_E, b_E, W_D^T rows); ``batch_norm``: (z, batch
     mean); ``y_image``: the output, for the ReLU mask (None without an output ReLU). Images are
     [N, C, H, W] in channels_last memory; the code and dpre come back so, [N, C_B, OH, OW]."""
-    n, c_in, height, width = x_image.shape
+    n, c_in = x_image.shape[:2]
     c_out = dy_image.shape[1]
     m = n * out_hw[0] * out_hw[1]
     dtype, device = x_image.dtype, x_image.device
@@ -710,22 +775,13 @@ def _backward_reduce(
         given(decoder), dy_image, given(y_image), given(z_image), given(mean), given(code), given(dpre),
         given(sums[0] if sums else None), given(sums[1] if sums else None),
     )  # fmt: skip
-    scalars = (m, height, width, c_in, *out_hw, c_out, c_b, *geometry.stride)
-    flags = dict(
-        HAS_CODER=coder is not None,
-        HAS_ENCODER_BIAS=encoder_bias is not None,
-        WRITE_CODE=code is not None,
-        BN_REDUCE=batch_norm is not None,
-        RELU=y_image is not None,
-        INPUT_PRECISION=input_precision(dtype, device),
-        UPCAST_DOT=upcast_dot(dtype),
-        BLOCK_M=config.block_m,
-        BLOCK_B=block_b,
-        BLOCK_K=reduce_block_k(config, coder is not None, batch_norm is not None),
-        **_launch_kwargs(config),
-    )
-    tiles_b = _cdiv(c_b, block_b) if coder is not None else 1
-    grid = (tiles, tiles_b)
+    site = _backward_reduce_site(
+        tuple(x_image.shape), c_out, out_hw, c_b,
+        (coder is not None, encoder_bias is not None, code is not None, batch_norm is not None,
+         y_image is not None),
+        dtype, input_precision(dtype, device), geometry.stride, config, block_b,
+    )  # fmt: skip
+    tiles_b = site.grid[1]
 
     def declare() -> Declared:
         gradient_bytes = tensor_bytes(dy_image) + (tensor_bytes(y_image) if y_image is not None else 0)
@@ -741,10 +797,44 @@ def _backward_reduce(
             cached_read=(tiles_b - 1) * (x_bytes + gradient_bytes),
         )  # fmt: skip
 
-    compiled_launch.launch(
-        "_pnnh_coder_bwd_kernel", declare, _pnnh_coder_bwd_kernel, grid, arguments, scalars, flags
-    )
+    compiled_launch.launch(site, declare, arguments)
     return code, dpre, sums
+
+
+@functools.lru_cache(maxsize=1024)
+def _backward_reduce_site(
+    x_shape: tuple[int, ...],
+    c_out: int,
+    out_hw: tuple[int, int],
+    c_b: int,
+    flags: tuple[bool, ...],  # has a coder, an encoder bias; writes the code; BatchNorm sums; ReLU
+    dtype: torch.dtype,
+    precision: str,
+    stride: tuple[int, int],
+    config: ConvConfig,
+    block_b: int,
+) -> compiled_launch.Site:
+    has_coder, has_encoder_bias, write_code, batch_norm, relu = flags
+    n, c_in, height, width = x_shape
+    m = n * out_hw[0] * out_hw[1]
+    constants = dict(
+        HAS_CODER=has_coder,
+        HAS_ENCODER_BIAS=has_encoder_bias,
+        WRITE_CODE=write_code,
+        BN_REDUCE=batch_norm,
+        RELU=relu,
+        INPUT_PRECISION=precision,
+        UPCAST_DOT=upcast_dot(dtype),
+        BLOCK_M=config.block_m,
+        BLOCK_B=block_b,
+        BLOCK_K=reduce_block_k(config, has_coder, batch_norm),
+        **_launch_kwargs(config),
+    )
+    grid = (_cdiv(m, config.block_m), _cdiv(c_b, block_b) if has_coder else 1)
+    scalars = (m, height, width, c_in, *out_hw, c_out, c_b, *stride)
+    return compiled_launch.Site(
+        "_pnnh_coder_bwd_kernel", _pnnh_coder_bwd_kernel, grid, scalars, constants
+    )
 
 
 def _coder_weight_grads(
@@ -795,8 +885,6 @@ def _input_grad(
     c_b = 0 if encoder_weight is None else encoder_weight.shape[0]
     dummy = placeholder(device, dtype)
     dx = image_buffer((n, c_in, height, width), dtype, device)
-    kernel, tiles = _tuned_or_fixed(_pnnh_conv_dgrad_kernel, config, dtype)
-    grid = _grid(n * height * width, c_in, config)
     has_coder = encoder_weight is not None
     we_in = encoder_weight.contiguous() if has_coder else None
     z_image, coefficients = batch_norm if batch_norm is not None else (None, None)
@@ -807,20 +895,11 @@ def _input_grad(
         scale if scale is not None else dummy, weight,
         dpre if has_coder else dummy, we_in if has_coder else dummy, dx,
     )  # fmt: skip
-    scalars = (
-        n * height * width, height, width, c_in, oh, ow, c_out, c_b,
-        *geometry.stride, *geometry.padding, *geometry.dilation, *weight.stride(),
+    site = _input_grad_site(
+        tuple(input_shape), tuple(weight.shape), weight.stride(), (oh, ow), c_b,
+        (batch_norm is not None, scale is not None, y_image is not None), dtype,
+        input_precision(dtype, device), geometry, config, _forced_config is not None,
     )  # fmt: skip
-    flags = dict(
-        KH=kh,
-        KW=kw,
-        BN_GRAD=batch_norm is not None,
-        HAS_SCALE=scale is not None,
-        HAS_CODER=has_coder,
-        RELU=y_image is not None,
-        INPUT_PRECISION=input_precision(dtype, device),
-        UPCAST_DOT=upcast_dot(dtype),
-    )
 
     def declare() -> Declared:
         tiles_m, tiles_n = _cdiv(n * height * width, config.block_m), _cdiv(c_in, config.block_n)
@@ -837,10 +916,45 @@ def _input_grad(
             + (tiles_m - 1) * tensor_bytes(weight),
         )  # fmt: skip
 
-    compiled_launch.launch(
-        "_pnnh_conv_dgrad_kernel", declare, kernel, grid, arguments, scalars, {**flags, **tiles}
-    )
+    compiled_launch.launch(site, declare, arguments)
     return dx
+
+
+@functools.lru_cache(maxsize=1024)
+def _input_grad_site(
+    input_shape: tuple[int, ...],
+    weight_shape: tuple[int, ...],
+    weight_strides: tuple[int, ...],
+    out_hw: tuple[int, int],
+    c_b: int,
+    flags: tuple[bool, ...],  # training BatchNorm's dz; a scale; the ReLU mask
+    dtype: torch.dtype,
+    precision: str,
+    geometry: ConvGeometry,
+    config: ConvConfig,
+    fixed_tiles: bool,
+) -> compiled_launch.Site:
+    batch_norm, has_scale, relu = flags
+    n, c_in, height, width = input_shape
+    c_out, _, kh, kw = weight_shape
+    kernel, tiles = _tuned_or_fixed(_pnnh_conv_dgrad_kernel, config, dtype)
+    grid = _grid(n * height * width, c_in, config)
+    scalars = (
+        n * height * width, height, width, c_in, *out_hw, c_out, c_b,
+        *geometry.stride, *geometry.padding, *geometry.dilation, *weight_strides,
+    )  # fmt: skip
+    constants = dict(
+        KH=kh,
+        KW=kw,
+        BN_GRAD=batch_norm,
+        HAS_SCALE=has_scale,
+        HAS_CODER=c_b > 0,
+        RELU=relu,
+        INPUT_PRECISION=precision,
+        UPCAST_DOT=upcast_dot(dtype),
+        **tiles,
+    )
+    return compiled_launch.Site("_pnnh_conv_dgrad_kernel", kernel, grid, scalars, constants)
 
 
 def conv_backward(
@@ -894,6 +1008,28 @@ def conv_backward(
     weight_unscaled = _wgrad(x_image, dy_image, mask, (oh, ow), (kh, kw), geometry, config)
     masked = torch.where(y_image <= 0, 0, dy_image) if relu else dy_image  # NaN y passes dy
     return ConvGradients(dx, weight_unscaled, masked.float().sum((0, 2, 3)), *grads_coder).op_outputs(x)
+
+
+@functools.lru_cache(maxsize=1024)
+def _finalize_backward_site(
+    tiles: int, channels: int, pixels: int, weight: bool, bias: bool, block_c: int
+) -> compiled_launch.Site:
+    return compiled_launch.Site(
+        "_bn_finalize_backward_kernel",
+        _bn_finalize_backward_kernel,
+        (_cdiv(channels, block_c),),
+        (tiles, channels, pixels),
+        {"HAS_WEIGHT": weight, "HAS_BIAS": bias, "BLOCK_T": 32, "BLOCK_C": block_c},
+    )
+
+
+def clear_sites() -> None:
+    """Forget every launch site (the stub launch path: its sites hold stand-in autotuners)."""
+    for site_builder in (
+        _forward_site, _finalize_forward_site, _running_update_site, _wgrad_plan,
+        _backward_reduce_site, _input_grad_site, _finalize_backward_site,
+    ):  # fmt: skip
+        site_builder.cache_clear()
 
 
 def conv_backward_train(
@@ -956,23 +1092,17 @@ def conv_backward_train(
         grad_norm_bias if grad_norm_bias is not None else dummy,
         coefficients, grad_learner_bias,
     )  # fmt: skip
-    scalars = (sums[0].shape[0], c_out, m)
-    flags = dict(
-        HAS_WEIGHT=norm_weight is not None, HAS_BIAS=norm_bias is not None, BLOCK_T=32, BLOCK_C=block_c
+    site = _finalize_backward_site(
+        sums[0].shape[0], c_out, m, norm_weight is not None, norm_bias is not None, block_c
     )
-    grid = (_cdiv(c_out, block_c),)
     compiled_launch.launch(
-        "_bn_finalize_backward_kernel",
+        site,
         lambda: Declared(
             reads=[*sums, mean, rstd, norm_weight],
             writes=[grad_norm_weight, grad_norm_bias, coefficients, grad_learner_bias],
             flops=4 * sums[0].numel(),
         ),
-        _bn_finalize_backward_kernel,
-        grid,
         arguments,
-        scalars,
-        flags,
     )
     grads_coder: tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]] = (None, None, None)
     if coder is not None and coder_grads:
