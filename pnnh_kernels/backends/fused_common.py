@@ -121,6 +121,11 @@ def or_empty(like: Tensor, grad: Optional[Tensor]) -> Tensor:
     return like.new_empty((0,), dtype=torch.float32) if grad is None else grad.contiguous()
 
 
+def present(grad: Tensor) -> Optional[Tensor]:
+    """None for the empty tensor an op returns for an absent gradient."""
+    return None if grad.numel() == 0 else grad
+
+
 @dataclass
 class TrainingGradients:
     """Gradients of the training-mode op's inputs."""
@@ -147,6 +152,11 @@ class TrainingGradients:
             or_empty(like, self.learner_bias),
         ]  # fmt: skip
 
+    @classmethod
+    def from_op_outputs(cls, grads: list[Tensor]) -> TrainingGradients:
+        """The inverse of :meth:`op_outputs` (empty tensors -> None)."""
+        return cls(grads[0], grads[1], *(present(g) for g in grads[2:7]), present(grads[7]))
+
 
 @dataclass
 class ConvGradients:
@@ -166,3 +176,8 @@ class ConvGradients:
             self.input, self.weight_unscaled, self.shift, or_empty(like, self.encoder_weight),
             or_empty(like, self.encoder_bias), or_empty(like, self.decoder_weight),
         ]  # fmt: skip
+
+    @classmethod
+    def from_op_outputs(cls, grads: list[Tensor]) -> ConvGradients:
+        """The inverse of :meth:`op_outputs` (empty coder gradients -> None)."""
+        return cls(grads[0], grads[1], grads[2], *(present(g) for g in grads[3:6]))

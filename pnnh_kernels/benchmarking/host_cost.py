@@ -8,7 +8,9 @@ binder, specialisation, cache key and grid on a first call, the launch plan's lo
 into the compiled kernel's launcher on the next (pnnh_kernels.triton.compiled_launch). The CUDA
 backend runs its launchers onto a stand-in for the extension whose entry points do nothing (a
 Python call where the real one crosses pybind11: about a microsecond less per launch). The buffers
-a step allocates are real CPU allocations.
+a step allocates are real CPU allocations, from a heap that keeps what is freed (glibc's mallopt:
+no mmap/munmap per multi-megabyte buffer, as PyTorch's CUDA caching allocator keeps its blocks; the
+setting stays for the rest of the process).
 
 What this measures is the host's side of a step on a GPU machine less the driver's own launch
 cost (a few µs a kernel) and with CPU ``torch.empty`` in place of the caching allocator. The
@@ -21,6 +23,7 @@ On a GPU the benchmark times the enqueue behind a long-running kernel instead (b
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import sys
 import time
@@ -143,6 +146,7 @@ def stub_launches() -> Iterator[None]:
     if triton_installed() and interpreter_enabled():
         raise RuntimeError("stub_launches: unset TRITON_INTERPRET (the kernels must be compiled ones)")
     real = {name: backend_named(name) for name in STUB_BACKENDS if _registered(name)}
+    _keep_freed_memory()
     with contextlib.ExitStack() as stack:
         for _name, backend in real.items():
             register_backend(dataclasses.replace(backend, unavailable_reason=lambda *_: None))
@@ -166,6 +170,18 @@ def stub_launches() -> Iterator[None]:
             stack.callback(_forget_compiled)
             _forget_compiled()
         yield
+
+
+def _keep_freed_memory() -> None:
+    """glibc: serve large allocations from the heap and never trim it, so that a step's buffers
+    cost what a caching allocator's do instead of a system call each. No-op elsewhere."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+    libc.mallopt(m_mmap_threshold, 1 << 30)
+    libc.mallopt(m_trim_threshold, (1 << 31) - 1)
 
 
 def _registered(name: str) -> bool:

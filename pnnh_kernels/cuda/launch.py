@@ -625,7 +625,9 @@ def conv_backward(
     dilation: list[int],
     relu: bool,
     coder_grads: bool = True,
-) -> list[Tensor]:
+    *,
+    op_outputs: bool = True,
+) -> Any:
     """All gradients of the fused op (the same contract as the Triton backend's conv_backward: the
     learner's weight gradient unscaled; ``coder_grads=False`` skips the coder's weight gradients)."""
     geometry = op_geometry(weight, stride, padding, dilation)
@@ -657,7 +659,8 @@ def conv_backward(
     dx = image_buffer((n, c_in, height, width), x.dtype, x.device)
     _dgrad(module, shape, c_b, learner_for_input, weight, grad_pre, encoder_t_rows, dx)
     weight_unscaled = _wgrad(module, x_rows, dp, (oh, ow), (kh, kw), geometry)
-    return ConvGradients(dx, weight_unscaled, dp.float().sum((0, 2, 3)), *grads_coder).op_outputs(x)
+    grads = ConvGradients(dx, weight_unscaled, dp.float().sum((0, 2, 3)), *grads_coder)
+    return grads.op_outputs(x) if op_outputs else grads
 
 
 def conv_backward_train(
@@ -678,7 +681,9 @@ def conv_backward_train(
     dilation: list[int],
     relu: bool,
     coder_grads: bool = True,
-) -> list[Tensor]:
+    *,
+    op_outputs: bool = True,
+) -> Any:
     """All gradients of the training-mode op (``z``, ``mean``, ``rstd`` saved by the forward).
 
     (1) One pass over dy, y and z: the per-tile sums BatchNorm needs, and dp written once;
@@ -765,11 +770,12 @@ def conv_backward_train(
         module, x_rows, masked, (oh, ow), (kh, kw), geometry, out=output_like(weight),
         batch_norm=batch_norm,
     )  # fmt: skip
-    return TrainingGradients(
+    grads = TrainingGradients(
         dx,
         weight_grad,
         grad_norm_weight,
         grad_norm_bias,
         *grads_coder,
         learner_bias=grad_learner_bias,
-    ).op_outputs(x)
+    )
+    return grads.op_outputs(x) if op_outputs else grads

@@ -36,6 +36,8 @@ from torch import Tensor
 from pnnh_kernels import observer
 from pnnh_kernels.backends.call import ConvCall
 from pnnh_kernels.backends.fused_common import (
+    ConvGradients,
+    TrainingGradients,
     in_dtype,
     permuted_weight,
 )
@@ -220,12 +222,12 @@ def _batch_norm_running_update_fake(running_mean, running_var, mean, variance, m
 
 
 def _coder_grads(
-    coder: tuple[Optional[Tensor], ...], grads: tuple[Tensor, ...]
+    coder: tuple[Optional[Tensor], ...], grads: tuple[Optional[Tensor], ...]
 ) -> tuple[Optional[Tensor], ...]:
-    """The coder's gradients in its parameters' dtypes; None for an absent parameter or where the op
-    returned an empty tensor (a fixed coder: nothing was computed)."""
+    """The coder's gradients in its parameters' dtypes; None for an absent parameter or where none
+    was computed (a fixed coder)."""
     return tuple(
-        None if parameter is None or grad.numel() == 0 else grad.to(parameter.dtype)
+        None if parameter is None or grad is None else in_dtype(grad, parameter.dtype)
         for parameter, grad in zip(coder, grads)
     )
 
@@ -247,21 +249,27 @@ class Conv2dFused(torch.autograd.Function):
     def backward(ctx: Any, grad_output: Tensor) -> tuple:
         x, output, weight, scale, encoder_weight, encoder_bias, decoder_weight = ctx.saved_tensors
         stride, padding, dilation, relu = ctx.arguments
-        backward = _launchers(ctx.ops).conv_backward if eager(x) else ctx.ops.conv2d_fused_backward
-        grads = backward(
+        arguments = (
             grad_output, x, output, weight, scale, encoder_weight, encoder_bias, decoder_weight,
             stride, padding, dilation, relu, any(ctx.needs_input_grad[5:8]),
         )  # fmt: skip
-        grad_weight_unscaled, grad_shift = grads[1], grads[2]
+        if eager(x):
+            grads = _launchers(ctx.ops).conv_backward(*arguments, op_outputs=False)
+        else:
+            grads = ConvGradients.from_op_outputs(ctx.ops.conv2d_fused_backward(*arguments))
+        grad_weight_unscaled, grad_shift = grads.weight_unscaled, grads.shift
         grad_scale = None
         if scale is not None:
             # d(scale)[c] = sum_pixels dp * conv(x)[c] = <W[c], dW_unscaled[c]> (no division by scale).
             grad_scale = (grad_weight_unscaled * permuted_weight(weight).float()).sum((0, 1, 2))
             grad_weight_unscaled = grad_weight_unscaled * scale
         grad_weight = grad_weight_unscaled.permute(3, 2, 0, 1).to(weight.dtype)
-        coder = _coder_grads((encoder_weight, encoder_bias, decoder_weight), tuple(grads[3:6]))
+        coder = _coder_grads(
+            (encoder_weight, encoder_bias, decoder_weight),
+            (grads.encoder_weight, grads.encoder_bias, grads.decoder_weight),
+        )
         shift = grad_shift if ctx.has_shift else None
-        return (None, grads[0], grad_weight, grad_scale, shift, *coder, None, None, None, None)
+        return (None, grads.input, grad_weight, grad_scale, shift, *coder, None, None, None, None)
 
 
 class Conv2dFusedTrain(torch.autograd.Function):
@@ -295,26 +303,30 @@ class Conv2dFusedTrain(torch.autograd.Function):
             encoder_bias, decoder_weight,
         ) = ctx.saved_tensors  # fmt: skip
         stride, padding, dilation, relu = ctx.arguments
-        backward = ctx.ops.conv2d_fused_train_backward
-        if eager(x):
-            backward = _launchers(ctx.ops).conv_backward_train
-        grads = backward(
+        arguments = (
             grad_output, x, output, learner, mean, rstd, weight, norm_weight, norm_bias,
             encoder_weight, encoder_bias, decoder_weight, stride, padding, dilation, relu,
             any(ctx.needs_input_grad[6:9]),
         )  # fmt: skip
-        coder = _coder_grads((encoder_weight, encoder_bias, decoder_weight), tuple(grads[4:7]))
+        if eager(x):
+            grads = _launchers(ctx.ops).conv_backward_train(*arguments, op_outputs=False)
+        else:
+            grads = TrainingGradients.from_op_outputs(ctx.ops.conv2d_fused_train_backward(*arguments))
+        coder = _coder_grads(
+            (encoder_weight, encoder_bias, decoder_weight),
+            (grads.encoder_weight, grads.encoder_bias, grads.decoder_weight),
+        )
         return (
             None,
-            grads[0],
-            grads[1],
+            grads.input,
+            grads.weight,
             # Exactly zero (training BatchNorm subtracts the batch mean, which cancels any
             # per-channel constant before it; a sum of dz would only return its rounding: it failed
             # an fp32 check on an H200, 1.7e-5 where PyTorch's own error was 6.7e-6), or NaN where
             # dz is not finite, as PyTorch's: written by the BatchNorm finalize kernel.
-            grads[7] if ctx.has_bias else None,
-            grads[2] if norm_weight is not None else None,
-            grads[3] if norm_bias is not None else None,
+            grads.learner_bias if ctx.has_bias else None,
+            grads.norm_weight if norm_weight is not None else None,
+            grads.norm_bias if norm_bias is not None else None,
             *coder,
             None,
             None,

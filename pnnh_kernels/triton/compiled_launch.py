@@ -19,6 +19,8 @@ arguments. The first call of a key, the CPU interpreter and any run with Triton'
 
 from __future__ import annotations
 
+import functools
+import operator
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -62,6 +64,8 @@ class Site:
 
 
 _sites: weakref.WeakSet[Site] = weakref.WeakSet()
+_DTYPE = operator.attrgetter("dtype")
+_POINTER = Tensor.data_ptr
 _INTERPRETED = interpreter_enabled()  # read once: the kernels were defined under the same switch
 # False: every launch takes ``kernel[grid]`` (a comparison of the two paths, as the host-cost
 # benchmark and the call-count test make).
@@ -118,7 +122,11 @@ def launch(
     if _INTERPRETED or not plans_enabled or _hooked(knobs.runtime.launch_enter_hook):
         site.kernel[site.grid](*tensors, *site.scalars, *floats, **site.constants)
         return
-    key = tuple([(t.dtype, t.data_ptr() & 15) for t in tensors])
+    # Triton specialises a pointer on its dtype and on 16-byte alignment: C-level maps, and one
+    # alignment test for the common case where every pointer is aligned.
+    dtypes = tuple(map(_DTYPE, tensors))
+    misaligned = functools.reduce(operator.or_, map(_POINTER, tensors), 0) & 15
+    key = dtypes if not misaligned else (dtypes, tuple(p & 15 for p in map(_POINTER, tensors)))
     plan = site.plans.get(key)
     if plan is None:
         compiled = site.kernel[site.grid](*tensors, *site.scalars, *floats, **site.constants)

@@ -971,7 +971,9 @@ def conv_backward(
     dilation: list[int],
     relu: bool,
     coder_grads: bool = True,
-) -> list[Tensor]:
+    *,
+    op_outputs: bool = True,
+) -> Any:
     """All gradients of the fused op from x, the output y (its ReLU mask) and the weights.
 
     The code is recomputed from x into [M, C_B] scratch buffers that die with this call. The
@@ -1007,7 +1009,8 @@ def conv_backward(
     )  # fmt: skip
     weight_unscaled = _wgrad(x_image, dy_image, mask, (oh, ow), (kh, kw), geometry, config)
     masked = torch.where(y_image <= 0, 0, dy_image) if relu else dy_image  # NaN y passes dy
-    return ConvGradients(dx, weight_unscaled, masked.float().sum((0, 2, 3)), *grads_coder).op_outputs(x)
+    grads = ConvGradients(dx, weight_unscaled, masked.float().sum((0, 2, 3)), *grads_coder)
+    return grads.op_outputs(x) if op_outputs else grads
 
 
 @functools.lru_cache(maxsize=1024)
@@ -1050,7 +1053,9 @@ def conv_backward_train(
     dilation: list[int],
     relu: bool,
     coder_grads: bool = True,
-) -> list[Tensor]:
+    *,
+    op_outputs: bool = True,
+) -> Any:
     """All gradients of the training-mode op (BatchNorm on the learner branch with batch
     statistics; ``z``, ``mean``, ``rstd`` saved by the forward).
 
@@ -1119,11 +1124,12 @@ def conv_backward_train(
         x_image, dy_image, mask, (oh, ow), (kh, kw), geometry, config, out=output_like(weight),
         batch_norm=(z_image, coefficients),
     )  # fmt: skip
-    return TrainingGradients(
+    grads = TrainingGradients(
         dx,
         weight_grad,
         grad_norm_weight,
         grad_norm_bias,
         *grads_coder,
         learner_bias=grad_learner_bias,
-    ).op_outputs(x)
+    )
+    return grads.op_outputs(x) if op_outputs else grads
