@@ -177,7 +177,7 @@ def pnnh_conv2d(
         coder = _coder_or_none(encoder_weight, encoder_bias, decoder_weight)
         geometry = ConvGeometry.from_args(
             # int(): under torch.jit.trace a shape's entries are tensors
-            tuple(int(size) for size in weight.shape[2:]), stride, padding, dilation,
+            (int(weight.shape[2]), int(weight.shape[3])), stride, padding, dilation,
             with_coder=coder is not None,
         )  # fmt: skip
         _check_activation(activation)
@@ -190,9 +190,12 @@ def pnnh_conv2d(
         norm_tensors = (
             []
             if norm is None
-            else list(
-                zip(("norm.running_mean", "norm.running_var", "norm.weight", "norm.bias"), norm[:4])
-            )
+            else [
+                ("norm.running_mean", norm.running_mean),
+                ("norm.running_var", norm.running_var),
+                ("norm.weight", norm.weight),
+                ("norm.bias", norm.bias),
+            ]
         )
         _check_tensors(
             input,

@@ -31,18 +31,24 @@ def uses_batch_statistics(norm: nn.BatchNorm2d) -> bool:
 
 def batch_norm_params(norm: nn.BatchNorm2d) -> BatchNormParams:
     """The arguments nn.BatchNorm2d.forward would pass to F.batch_norm, with the same side effect
-    (``num_batches_tracked`` counts a training call) so that running statistics match it exactly."""
-    factor = 0.0 if norm.momentum is None else norm.momentum
-    if norm.training and norm.track_running_stats and norm.num_batches_tracked is not None:
-        norm.num_batches_tracked.add_(1)
-        factor = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
-    pass_running = not norm.training or norm.track_running_stats
+    (``num_batches_tracked`` counts a training call) so that running statistics match it exactly.
+    Reads the module's parameter and buffer tables directly: a forward reads six of them, and each
+    nn.Module attribute lookup of a parameter or buffer is a Python call."""
+    buffers, parameters = norm._buffers, norm._parameters
+    running_mean, running_var = buffers.get("running_mean"), buffers.get("running_var")
+    tracked = buffers.get("num_batches_tracked")
+    training, momentum = norm.training, norm.momentum
+    factor = 0.0 if momentum is None else momentum
+    if training and norm.track_running_stats and tracked is not None:
+        tracked.add_(1)
+        factor = 1.0 / float(tracked) if momentum is None else momentum
+    pass_running = not training or norm.track_running_stats
     return BatchNormParams(
-        norm.running_mean if pass_running else None,
-        norm.running_var if pass_running else None,
-        norm.weight,
-        norm.bias,
-        uses_batch_statistics(norm),
+        running_mean if pass_running else None,
+        running_var if pass_running else None,
+        parameters.get("weight"),
+        parameters.get("bias"),
+        training or (running_mean is None and running_var is None),  # uses_batch_statistics
         factor,
         norm.eps,
     )

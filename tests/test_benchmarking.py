@@ -187,3 +187,18 @@ def test_report_lists_vit_blocks_against_the_residual_one(tmp_path):
     text = markdown(*load(path), [])
     assert "| 8x64x192 | fp32 | pnnh | 5.000 | 1.25x | 62 | 396.0 |" in text
     assert "| 8x64x192 | fp32 | plain | 3.000 | 0.75x |" in text
+
+
+def test_host_cost_table_from_benchmark_json():
+    from pnnh_kernels.benchmarking.host_cost import format_results
+
+    info = {
+        "device_name": "cpu", "torch": "2.13", "method": "CPU: thread time", "baseline": "resnet-layer",
+        "pnnh_host_us_median": 300.0, "pnnh_host_us_p20": 290.0, "pnnh_host_us_p80": 310.0,
+        "baseline_host_us_median": 330.0, "baseline_host_us_p20": 320.0,
+        "baseline_host_us_p80": 340.0, "host_ratio": 300 / 330,
+    }  # fmt: skip
+    table = format_results({"benchmarks": [{"name": "test_layer_step[x]", "extra_info": info}]})
+    assert "| layer_step[x] | 300 (290-310) | 330 (320-340) | 0.91 | resnet-layer |" in table
+    with pytest.raises(ValueError, match="no host-cost rows"):
+        format_results({"benchmarks": [{"name": "other", "extra_info": {}}]})

@@ -223,3 +223,63 @@ def python_calls(step: Callable[[], Any]) -> int:
     finally:
         sys.setprofile(previous)
     return count - 1  # sys.setprofile's own return is reported as a c_call
+
+
+def format_results(results: dict[str, Any]) -> str:
+    """A Markdown table of bench/test_host_cost.py's rows from pytest-benchmark's JSON: host time
+    of each side (median, p20-p80, µs), their ratio, and on a GPU the graph-replay device time and
+    eager wall time of each side."""
+    rows = [b for b in results.get("benchmarks", []) if "host_ratio" in b.get("extra_info", {})]
+    if not rows:
+        raise ValueError("no host-cost rows (bench/test_host_cost.py) in these results")
+    first = rows[0]["extra_info"]
+    lines = [
+        f"Device: {first['device_name']}; torch {first['torch']}; {first['method']}.",
+        "",
+        "| step | PNNH host µs (p20-p80) | baseline host µs (p20-p80) | ratio | baseline |",
+        "|---|---|---|---|---|",
+    ]
+    gpu = "pnnh_device_us_graph_replay" in first
+    for row in rows:
+        info = row["extra_info"]
+        ratio = f"{info['host_ratio']:.2f}"
+        if "host_ratio_less_head_compute" in info:
+            ratio += (
+                f" ({info['host_ratio_less_head_compute']:.2f} less the head's CPU compute, "
+                f"{info['pnnh_head_compute_us']:.0f} µs)"
+            )
+        lines.append(
+            f"| {row['name'].removeprefix('test_')} | {info['pnnh_host_us_median']:.0f} "
+            f"({info['pnnh_host_us_p20']:.0f}-{info['pnnh_host_us_p80']:.0f}) | "
+            f"{info['baseline_host_us_median']:.0f} ({info['baseline_host_us_p20']:.0f}-"
+            f"{info['baseline_host_us_p80']:.0f}) | {ratio} | {info['baseline']} |"
+        )
+    if gpu:
+        lines += [
+            "",
+            "| step | PNNH device µs (graph replay) | baseline device µs | PNNH eager wall µs | "
+            "baseline eager wall µs |",
+            "|---|---|---|---|---|",
+        ]
+        for row in rows:
+            info = row["extra_info"]
+            lines.append(
+                f"| {row['name'].removeprefix('test_')} | {info['pnnh_device_us_graph_replay']:.0f} | "
+                f"{info['baseline_device_us_graph_replay']:.0f} | {info['pnnh_eager_wall_us']:.0f} | "
+                f"{info['baseline_eager_wall_us']:.0f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(description="Markdown table of bench/test_host_cost.py's JSON")
+    parser.add_argument("results", type=Path, help="pytest-benchmark JSON (--benchmark-json)")
+    path = parser.parse_args().results
+    try:
+        print(format_results(json.loads(path.read_text())), end="")
+    except (OSError, ValueError) as error:
+        parser.error(f"{path}: {error}")
