@@ -134,7 +134,7 @@ def eager(x: Tensor) -> bool:
         and x.device.type != "meta"
         and torch._C._len_torch_dispatch_stack() == 0
         and torch._C._functorch.peek_interpreter_stack() is None
-        and not torch.jit.is_tracing()
+        and not torch._C._is_tracing()  # torch.jit.is_tracing() without its Python wrapper
     )
 
 

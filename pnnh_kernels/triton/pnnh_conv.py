@@ -767,13 +767,13 @@ def _backward_reduce(
     encoder, encoder_bias, decoder = coder if coder is not None else (None, None, None)
     z_image, mean = batch_norm if batch_norm is not None else (None, None)
 
-    def given(tensor: Optional[Tensor]) -> Tensor:
-        return tensor if tensor is not None else dummy
-
-    arguments = (
-        given(x_image if coder is not None else None), given(encoder), given(encoder_bias),
-        given(decoder), dy_image, given(y_image), given(z_image), given(mean), given(code), given(dpre),
-        given(sums[0] if sums else None), given(sums[1] if sums else None),
+    arguments = tuple(
+        dummy if tensor is None else tensor
+        for tensor in (
+            x_image if coder is not None else None, encoder, encoder_bias, decoder, dy_image,
+            y_image, z_image, mean, code, dpre, sums[0] if sums else None,
+            sums[1] if sums else None,
+        )
     )  # fmt: skip
     site = _backward_reduce_site(
         tuple(x_image.shape), c_out, out_hw, c_b,
