@@ -11,6 +11,7 @@ device, dtype or shape raises ValueError naming the argument, never an illegal m
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import weakref
 from collections.abc import Callable, Iterator
@@ -181,23 +182,22 @@ def _transposed(tensor: Tensor) -> Tensor:
 
 
 def _shape(module: ModuleType, x: Tensor, weight: Tensor, geometry: ConvGeometry):
-    n, c_in, height, width = x.shape
-    c_out, _, kh, kw = weight.shape
+    """The kernels' ConvShape of a call, made once per module (extension or emulation) and shape:
+    a ConvShape is never changed after it is made, and building one crosses pybind11 with 16 ints."""
+    return _conv_shape(module, tuple(x.shape), tuple(weight.shape), geometry)
+
+
+@functools.lru_cache(maxsize=1024)
+def _conv_shape(
+    module: ModuleType, x_shape: tuple[int, ...], weight_shape: tuple[int, ...], geometry: ConvGeometry
+):
+    n, c_in, height, width = x_shape
+    c_out, _, kh, kw = weight_shape
     oh, ow = geometry.output_size(height, width)
     return module.ConvShape(
-        n,
-        height,
-        width,
-        c_in,
-        oh,
-        ow,
-        c_out,
-        kh,
-        kw,
-        *geometry.stride,
-        *geometry.padding,
-        *geometry.dilation,
-    )
+        n, height, width, c_in, oh, ow, c_out, kh, kw,
+        *geometry.stride, *geometry.padding, *geometry.dilation,
+    )  # fmt: skip
 
 
 def _launch_forward(
