@@ -92,6 +92,29 @@ def _check_tensors(
             )
 
 
+def _check_layer_tensors(
+    input: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    encoder_weight: Optional[Tensor],
+    encoder_bias: Optional[Tensor],
+    decoder_weight: Optional[Tensor],
+) -> None:
+    """The learner's and the coder's tensors: floating point, on the input's device, in its dtype
+    (other dtypes only under autocast)."""
+    _check_tensors(
+        input,
+        [
+            ("weight", weight),
+            ("bias", bias),
+            ("encoder_weight", encoder_weight),
+            ("encoder_bias", encoder_bias),
+            ("decoder_weight", decoder_weight),
+        ],
+        check_dtype=not _autocast_enabled(input.device),
+    )
+
+
 def _check_vector(name: str, tensor: Optional[Tensor], length: int) -> None:
     if tensor is not None and tuple(tensor.shape) != (length,):
         raise ValueError(f"{name}: expected shape ({length},), got {tuple(tensor.shape)}")
@@ -197,17 +220,7 @@ def pnnh_conv2d(
                 ("norm.bias", norm.bias),
             ]
         )
-        _check_tensors(
-            input,
-            [
-                ("weight", weight),
-                ("bias", bias),
-                ("encoder_weight", encoder_weight),
-                ("encoder_bias", encoder_bias),
-                ("decoder_weight", decoder_weight),
-            ],
-            check_dtype=not _autocast_enabled(input.device),
-        )
+        _check_layer_tensors(input, weight, bias, encoder_weight, encoder_bias, decoder_weight)
         # BatchNorm may keep float32 parameters and statistics beside a bf16/fp16 input, as
         # F.batch_norm allows.
         _check_tensors(input, norm_tensors, check_dtype=False)
@@ -279,17 +292,7 @@ def pnnh_linear(
                 "input: expected a tensor with at least 1 dimension (..., C_in), got "
                 f"{tuple(input.shape) if isinstance(input, Tensor) else type(input).__name__}"
             )
-        _check_tensors(
-            input,
-            [
-                ("weight", weight),
-                ("bias", bias),
-                ("encoder_weight", encoder_weight),
-                ("encoder_bias", encoder_bias),
-                ("decoder_weight", decoder_weight),
-            ],
-            check_dtype=not _autocast_enabled(input.device),
-        )
+        _check_layer_tensors(input, weight, bias, encoder_weight, encoder_bias, decoder_weight)
         out_features, in_features = weight.shape
         if input.shape[-1] != in_features:
             raise ValueError(

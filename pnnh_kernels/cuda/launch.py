@@ -663,6 +663,68 @@ def conv_backward(
     return grads.op_outputs(x) if op_outputs else grads
 
 
+def _batch_norm_backward(
+    module: ModuleType,
+    dy: Tensor,
+    mask: Optional[Tensor],
+    z_rows: Tensor,
+    mean: Tensor,
+    rstd: Tensor,
+    norm_weight: Optional[Tensor],
+    norm_bias: Optional[Tensor],
+    relu: bool,
+) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor], Tensor, Tensor]:
+    """Training BatchNorm's backward reductions in two launches: (dp or None, d gamma, d beta, the
+    coefficients of dz = a * dp + b * z + c, d b_L)."""
+    n, c_out, oh, ow = dy.shape
+    m = n * oh * ow
+    dtype_code = DTYPE_CODES[dy.dtype]
+    stream = _stream(dy.device)
+    rows = module.tile_rows()
+    tiles = math.ceil(m / rows)
+    sums = tuple(output_buffer((2, tiles, c_out), torch.float32, dy.device).unbind(0))
+    # dp = dy * (y > 0), written once: the coder and the two gradient kernels read it (without an
+    # output ReLU dp is dy itself).
+    dp = image_buffer((n, c_out, oh, ow), dy.dtype, dy.device) if relu else None
+    reduce_arguments = (
+        m, c_out, rows, dtype_code, _pointer(dy), _pointer(mask), _pointer(z_rows), _pointer(mean),
+        *map(_pointer, sums), _pointer(dp), stream,
+    )  # fmt: skip
+    launch(
+        "bn_backward_reduce_kernel",
+        "cuda",
+        module.bn_backward_reduce,
+        reduce_arguments,
+        lambda: Declared(reads=[dy, mask, z_rows, mean], writes=[*sums, dp], flops=4 * m * c_out),
+    )
+    grad_norm_weight = (
+        output_buffer((c_out,), norm_weight.dtype, dy.device) if norm_weight is not None else None
+    )
+    grad_norm_bias = (
+        output_buffer((c_out,), norm_bias.dtype, dy.device) if norm_bias is not None else None
+    )
+    coefficients = output_buffer((3, c_out), torch.float32, dy.device)
+    # The learner bias's gradient (4 bytes a channel; the op returns it whether or not there is one).
+    grad_learner_bias = output_buffer((c_out,), torch.float32, dy.device)
+    finalize_arguments = (
+        tiles, c_out, m, DTYPE_CODES[_param_dtype(norm_weight, norm_bias)], *map(_pointer, sums),
+        _pointer(mean), _pointer(rstd), _pointer(norm_weight), _pointer(grad_norm_weight),
+        _pointer(grad_norm_bias), _pointer(coefficients), _pointer(grad_learner_bias), stream,
+    )  # fmt: skip
+    launch(
+        "bn_finalize_backward_kernel",
+        "cuda",
+        module.bn_finalize_backward,
+        finalize_arguments,
+        lambda: Declared(
+            reads=[*sums, mean, rstd, norm_weight],
+            writes=[grad_norm_weight, grad_norm_bias, coefficients, grad_learner_bias],
+            flops=4 * tiles * c_out,
+        ),
+    )
+    return dp, grad_norm_weight, grad_norm_bias, coefficients, grad_learner_bias
+
+
 def conv_backward_train(
     grad_output: Tensor,
     x: Tensor,
@@ -697,58 +759,16 @@ def conv_backward_train(
     _check_call(x, weight, encoder_weight, encoder_bias, decoder_weight)
     _check("grad_output", grad_output, x.device, None, tuple(y.shape))
     module = _module(x)
-    dtype_code = DTYPE_CODES[x.dtype]
-    stream = _stream(x.device)
     n, c_in, height, width = x.shape
-    c_out, _, kh, kw = weight.shape
+    kh, kw = weight.shape[2], weight.shape[3]
     oh, ow = y.shape[2], y.shape[3]
-    m = n * oh * ow
     x_rows = channels_last(x)
     dy = channels_last(in_dtype(grad_output, x.dtype))
     y_rows, z_rows = channels_last(y), channels_last(z)
     mask = y_rows if relu else None
     has_coder = encoder_weight is not None
-    rows = module.tile_rows()
-    tiles = math.ceil(m / rows)
-    sums = tuple(output_buffer((2, tiles, c_out), torch.float32, x.device).unbind(0))
-    # dp = dy * (y > 0), written once: the coder and the two gradient kernels read it (without an
-    # output ReLU dp is dy itself).
-    dp = image_buffer((n, c_out, oh, ow), x.dtype, x.device) if relu else None
-    reduce_arguments = (
-        m, c_out, rows, dtype_code, _pointer(dy), _pointer(mask), _pointer(z_rows), _pointer(mean),
-        *map(_pointer, sums), _pointer(dp), stream,
-    )  # fmt: skip
-    launch(
-        "bn_backward_reduce_kernel",
-        "cuda",
-        module.bn_backward_reduce,
-        reduce_arguments,
-        lambda: Declared(reads=[dy, mask, z_rows, mean], writes=[*sums, dp], flops=4 * m * c_out),
-    )
-    grad_norm_weight = (
-        output_buffer((c_out,), norm_weight.dtype, x.device) if norm_weight is not None else None
-    )
-    grad_norm_bias = (
-        output_buffer((c_out,), norm_bias.dtype, x.device) if norm_bias is not None else None
-    )
-    coefficients = output_buffer((3, c_out), torch.float32, x.device)
-    # The learner bias's gradient (4 bytes a channel; the op returns it whether or not there is one).
-    grad_learner_bias = output_buffer((c_out,), torch.float32, x.device)
-    finalize_arguments = (
-        tiles, c_out, m, DTYPE_CODES[_param_dtype(norm_weight, norm_bias)], *map(_pointer, sums),
-        _pointer(mean), _pointer(rstd), _pointer(norm_weight), _pointer(grad_norm_weight),
-        _pointer(grad_norm_bias), _pointer(coefficients), _pointer(grad_learner_bias), stream,
-    )  # fmt: skip
-    launch(
-        "bn_finalize_backward_kernel",
-        "cuda",
-        module.bn_finalize_backward,
-        finalize_arguments,
-        lambda: Declared(
-            reads=[*sums, mean, rstd, norm_weight],
-            writes=[grad_norm_weight, grad_norm_bias, coefficients, grad_learner_bias],
-            flops=4 * tiles * c_out,
-        ),
+    dp, grad_norm_weight, grad_norm_bias, coefficients, grad_learner_bias = _batch_norm_backward(
+        module, dy, mask, z_rows, mean, rstd, norm_weight, norm_bias, relu
     )
     shape = _shape(module, x, weight, geometry)
     grads_coder: tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]] = (None, None, None)
