@@ -5,12 +5,13 @@ tensors made outside PyTorch's allocator.
 It needs the compiled kernels' launch path, so it runs without TRITON_INTERPRET (the test process
 has it on), through pnnh_kernels.benchmarking.host_cost's stub launchers. Prints one JSON object.
 
-    python tests/host_probe.py [--no-plans] [--observe] [--cumulative-batch-norm]
+    python tests/host_probe.py [--no-plans] [--observe] [--cumulative-batch-norm] [--broken-plans]
 
 The flags make the step deliberately worse, so that tests/test_host_cost.py can prove its checks
 fail: every Triton launch through ``kernel[grid]``; an observer installed that builds every
 launch's declaration; BatchNorm with ``momentum=None``, whose factor 1 / num_batches_tracked is read
-on the host each step (a synchronisation, as in nn.BatchNorm2d).
+on the host each step (a synchronisation, as in nn.BatchNorm2d); launch plans that drop their last
+constexpr.
 """
 
 from __future__ import annotations
@@ -85,6 +86,39 @@ _CUDA_ENTRIES = (
 )  # fmt: skip
 
 
+def _canonical(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), value.stride(), value.dtype)
+    return value
+
+
+def _launcher_calls(step: Any) -> list[tuple]:
+    """What every launch of one step hands the compiled kernel's launcher (tensors by shape,
+    strides and dtype; the launch metadata and hooks, positions 6-8, left out)."""
+    calls: list[tuple] = []
+    saved = host_cost._StubCompiled.run
+
+    def run(self: Any, *args: Any) -> None:
+        calls.append(tuple(_canonical(a) for i, a in enumerate(args) if i not in (6, 7, 8)))
+
+    host_cost._StubCompiled.run = run
+    try:
+        step()
+    finally:
+        host_cost._StubCompiled.run = saved
+    return calls
+
+
+def _plans_match_triton(step: Any) -> bool:
+    """Whether a step through the launch plans hands the launcher what Triton's own kernel[grid]
+    path hands it: the plans are dropped (compiles and autotuning stay cached), one step goes
+    through Triton's path and makes the plans, the next one through the plans."""
+    compiled_launch.clear()
+    through_triton = _launcher_calls(step)
+    through_plans = _launcher_calls(step)
+    return len(through_triton) > 0 and through_triton == through_plans
+
+
 def _syncs(step: Any) -> list[str]:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
         step()
@@ -132,8 +166,18 @@ def main() -> None:
     parser.add_argument("--no-plans", action="store_true", help="every launch through kernel[grid]")
     parser.add_argument("--observe", action="store_true", help="an observer builds declarations")
     parser.add_argument("--cumulative-batch-norm", action="store_true", help="momentum=None")
+    parser.add_argument("--broken-plans", action="store_true", help="plans drop a constexpr")
     arguments = parser.parse_args()
     compiled_launch.plans_enabled = not arguments.no_plans
+    if arguments.broken_plans:
+        make_plan = compiled_launch._plan
+
+        def broken(*args: Any) -> Any:
+            plan = make_plan(*args)
+            plan.constants = plan.constants[:-1]
+            return plan
+
+        compiled_launch._plan = broken
     if arguments.observe:
         observer.observer = _Declaring()
     result: dict[str, Any] = {}
@@ -152,6 +196,8 @@ def main() -> None:
                 "syncs": _syncs(step),
                 "foreign_tensors": _foreign_tensors(step),
             }
+            if backend == "triton":
+                result[backend]["plans_match_triton"] = _plans_match_triton(step)
         resnet = _step(ResNetLayer(channels))
         resnet()
         result["resnet-layer"] = {"python_calls": host_cost.python_calls(resnet)}

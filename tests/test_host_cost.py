@@ -62,6 +62,10 @@ def test_training_step_makes_no_host_synchronisation(counts, backend):
     assert counts[backend]["foreign_tensors"] == []
 
 
+def test_launch_plans_hand_the_launcher_what_triton_does(counts):
+    assert counts["triton"]["plans_match_triton"]
+
+
 def test_the_budgets_fail_on_slowed_steps():
     unplanned = _probe("--no-plans")
     assert unplanned["triton"]["python_calls"] > PYTHON_CALLS_BUDGET["triton"]
@@ -69,6 +73,7 @@ def test_the_budgets_fail_on_slowed_steps():
     for backend in ("triton", "cuda"):
         assert observed[backend]["python_calls"] > PYTHON_CALLS_BUDGET[backend]
         assert observed[backend]["frames_at_launch"] > FRAMES_BUDGET
+    assert not _probe("--broken-plans")["triton"]["plans_match_triton"]
     synchronising = _probe("--cumulative-batch-norm")
     for backend in ("triton", "cuda"):
         assert "aten::_local_scalar_dense" in synchronising[backend]["syncs"]

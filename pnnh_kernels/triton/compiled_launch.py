@@ -23,7 +23,7 @@ import functools
 import operator
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Optional
 
 from torch import Tensor
 from triton import knobs
@@ -59,12 +59,13 @@ class Site:
         self.grid = grid
         self.scalars = scalars
         self.constants = constants
-        self.plans: dict[tuple, _Plan] = {}
+        self.plans: dict[tuple, Optional[_Plan]] = {}
         _sites.add(self)
 
 
 _sites: weakref.WeakSet[Site] = weakref.WeakSet()
 _DTYPE = operator.attrgetter("dtype")
+_UNPLANNED: Any = object()
 _POINTER = Tensor.data_ptr
 _INTERPRETED = interpreter_enabled()  # read once: the kernels were defined under the same switch
 # False: every launch takes ``kernel[grid]`` (a comparison of the two paths, as the host-cost
@@ -72,9 +73,13 @@ _INTERPRETED = interpreter_enabled()  # read once: the kernels were defined unde
 plans_enabled = True
 
 
-def _plan(site: Site, arguments: tuple, compiled: Any) -> _Plan:
+def _plan(site: Site, arguments: tuple, compiled: Any) -> Optional[_Plan]:
     """The plan of a launch that ``kernel[grid]`` has just made with ``arguments`` (tensors, scalars
-    and floats) and that returned ``compiled``."""
+    and floats) and that returned ``compiled``; None where the compiled kernel does not offer the
+    launcher that Triton 3.4-3.9 call (``run``, ``function``, ``packed_metadata``): such a Triton
+    takes the regular path on every launch."""
+    if not all(hasattr(compiled, name) for name in ("run", "function", "packed_metadata")):
+        return None
     kernel = site.kernel
     function = kernel.fn if isinstance(kernel, Autotuner) else kernel
     values = dict(site.constants)
@@ -127,10 +132,11 @@ def launch(
     dtypes = tuple(map(_DTYPE, tensors))
     misaligned = functools.reduce(operator.or_, map(_POINTER, tensors), 0) & 15
     key = dtypes if not misaligned else (dtypes, tuple(p & 15 for p in map(_POINTER, tensors)))
-    plan = site.plans.get(key)
-    if plan is None:
+    plan = site.plans.get(key, _UNPLANNED)
+    if plan is _UNPLANNED or plan is None:  # a first launch, or a Triton without the launcher
         compiled = site.kernel[site.grid](*tensors, *site.scalars, *floats, **site.constants)
-        site.plans[key] = _plan(site, (*tensors, *site.scalars, *floats), compiled)
+        if plan is _UNPLANNED:
+            site.plans[key] = _plan(site, (*tensors, *site.scalars, *floats), compiled)
         return
     compiled = plan.compiled
     active = driver.active
