@@ -328,6 +328,16 @@ def launches(shape: LayerShape, dtype: torch.dtype) -> list[Launch]:
                      "BN_GRAD": bn_grad, "HAS_CODER": has_coder, "RELU": relu, **tiles}  # fmt: skip
             label = ("train-BN" if bn_grad else "eval") + (", relu" if relu else "")
             add(label, kernels._pnnh_conv_dgrad_kernel, dgrad, warps, stages)
+    _add_backward_passes(add, shape, config, dtype, oh, ow)
+    return result
+
+
+def _add_backward_passes(
+    add: Any, shape: LayerShape, config: ConvConfig, dtype: torch.dtype, oh: int, ow: int
+) -> None:
+    """The backward's first passes and weight gradients of :func:`launches` (``add`` records one)."""
+    c_b = shape.code_channels
+    has_coder = c_b > 0
     # (label, C_x, C_g, kernel size, ReLU mask, dz formed on load, stored in the weight's layout, H, W)
     wgrads = [
         ("learner, relu", shape.c_in, shape.c_out, shape.kernel, True, False, False, shape.h, shape.w),
@@ -366,7 +376,6 @@ def launches(shape: LayerShape, dtype: torch.dtype) -> list[Launch]:
             extra.update(pad_h=0, pad_w=0, dil_h=1, dil_w=1)
         add(label, kernels._conv_wgrad_kernel, wgrad, config.num_warps, config.num_stages,
             **extra)  # fmt: skip
-    return result
 
 
 def specialise(launch: Launch, dtype: torch.dtype) -> tuple[dict[str, str], dict[str, Any], dict]:
