@@ -192,72 +192,107 @@ def pnnh_conv2d(
         backend: "auto", "torch", "triton" or "cuda".
     """
     with _tracer_warnings_silenced():
-        if not isinstance(weight, Tensor) or weight.dim() != 4:
-            raise ValueError(
-                f"weight: expected a 4-D tensor (C_out, C_in, kH, kW), got "
-                f"{tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__}"
-            )
-        coder = _coder_or_none(encoder_weight, encoder_bias, decoder_weight)
-        geometry = ConvGeometry.from_args(
-            # int(): under torch.jit.trace a shape's entries are tensors
-            (int(weight.shape[2]), int(weight.shape[3])), stride, padding, dilation,
-            with_coder=coder is not None,
+        coder, geometry = check_conv2d(
+            input, weight, bias, encoder_weight, encoder_bias, decoder_weight, stride, padding,
+            dilation, norm, activation,
         )  # fmt: skip
-        _check_activation(activation)
-        if not isinstance(input, Tensor) or input.dim() not in (3, 4):
-            raise ValueError(
-                "input: expected a 3-D (C, H, W) or 4-D (N, C, H, W) tensor, got "
-                f"{tuple(input.shape) if isinstance(input, Tensor) else type(input).__name__}"
-            )
-        out_channels, in_channels = weight.shape[:2]
-        norm_tensors = (
-            []
-            if norm is None
-            else [
-                ("norm.running_mean", norm.running_mean),
-                ("norm.running_var", norm.running_var),
-                ("norm.weight", norm.weight),
-                ("norm.bias", norm.bias),
-            ]
-        )
-        _check_layer_tensors(input, weight, bias, encoder_weight, encoder_bias, decoder_weight)
-        # BatchNorm may keep float32 parameters and statistics beside a bf16/fp16 input, as
-        # F.batch_norm allows.
-        _check_tensors(input, norm_tensors, check_dtype=False)
-        channel_dim = input.dim() - 3
-        if input.shape[channel_dim] != in_channels:
-            raise ValueError(
-                f"input: expected {in_channels} channels (dimension {channel_dim}) to match weight, got "
-                f"shape {tuple(input.shape)}"
-            )
-        out_h, out_w = geometry.output_size(input.shape[-2], input.shape[-1])
-        if out_h < 1 or out_w < 1:
-            raise ValueError(
-                f"input: spatial size {tuple(input.shape[-2:])} is too small for kernel_size "
-                f"{geometry.kernel_size}, dilation {geometry.dilation} and padding (top, left, bottom, "
-                f"right) {tuple(geometry.op_padding)}: the output would be {out_h}x{out_w}"
-            )
-        _check_vector("bias", bias, out_channels)
-        if norm is not None:
-            for name, tensor in norm_tensors:
-                _check_vector(name, tensor, out_channels)
-        if coder is not None:
-            _check_coder(coder, in_channels, out_channels)
+        return run_conv2d(input, weight, bias, coder, geometry, norm, activation, backend)
 
-        unbatched = input.dim() == 3
-        batched = input.unsqueeze(0) if unbatched else input
-        chosen = resolve_backend(backend, input.device, input.dtype, "conv2d")
-        call = ConvCall(batched, weight, bias, coder, geometry, norm, activation)
-        if profiling.nvtx_enabled():
-            label = (
-                f"pnnh_conv2d[{chosen.name}] {'x'.join(map(str, batched.shape))} -> {weight.shape[0]} "
-                f"k{geometry.kernel_size[0]} s{geometry.stride[0]}"
-            )
-            with profiling.op_range(label):
-                out = chosen.conv2d(call)
-        else:
+
+def check_conv2d(
+    input: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    encoder_weight: Optional[Tensor],
+    encoder_bias: Optional[Tensor],
+    decoder_weight: Optional[Tensor],
+    stride: IntOrPair,
+    padding: Padding,
+    dilation: IntOrPair,
+    norm: Optional[BatchNormParams],
+    activation: Optional[str],
+) -> tuple[Optional[CoderTensors], ConvGeometry]:
+    """:func:`pnnh_conv2d`'s checks of its arguments: raises on anything a backend cannot run,
+    else returns the coder's tensors (or None) and the normalised geometry."""
+    if not isinstance(weight, Tensor) or weight.dim() != 4:
+        raise ValueError(
+            f"weight: expected a 4-D tensor (C_out, C_in, kH, kW), got "
+            f"{tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__}"
+        )
+    coder = _coder_or_none(encoder_weight, encoder_bias, decoder_weight)
+    geometry = ConvGeometry.from_args(
+        # int(): under torch.jit.trace a shape's entries are tensors
+        (int(weight.shape[2]), int(weight.shape[3])), stride, padding, dilation,
+        with_coder=coder is not None,
+    )  # fmt: skip
+    _check_activation(activation)
+    if not isinstance(input, Tensor) or input.dim() not in (3, 4):
+        raise ValueError(
+            "input: expected a 3-D (C, H, W) or 4-D (N, C, H, W) tensor, got "
+            f"{tuple(input.shape) if isinstance(input, Tensor) else type(input).__name__}"
+        )
+    out_channels, in_channels = weight.shape[:2]
+    norm_tensors = (
+        []
+        if norm is None
+        else [
+            ("norm.running_mean", norm.running_mean),
+            ("norm.running_var", norm.running_var),
+            ("norm.weight", norm.weight),
+            ("norm.bias", norm.bias),
+        ]
+    )
+    _check_layer_tensors(input, weight, bias, encoder_weight, encoder_bias, decoder_weight)
+    # BatchNorm may keep float32 parameters and statistics beside a bf16/fp16 input, as
+    # F.batch_norm allows.
+    _check_tensors(input, norm_tensors, check_dtype=False)
+    channel_dim = input.dim() - 3
+    if input.shape[channel_dim] != in_channels:
+        raise ValueError(
+            f"input: expected {in_channels} channels (dimension {channel_dim}) to match weight, got "
+            f"shape {tuple(input.shape)}"
+        )
+    out_h, out_w = geometry.output_size(input.shape[-2], input.shape[-1])
+    if out_h < 1 or out_w < 1:
+        raise ValueError(
+            f"input: spatial size {tuple(input.shape[-2:])} is too small for kernel_size "
+            f"{geometry.kernel_size}, dilation {geometry.dilation} and padding (top, left, bottom, "
+            f"right) {tuple(geometry.op_padding)}: the output would be {out_h}x{out_w}"
+        )
+    _check_vector("bias", bias, out_channels)
+    if norm is not None:
+        for name, tensor in norm_tensors:
+            _check_vector(name, tensor, out_channels)
+    if coder is not None:
+        _check_coder(coder, in_channels, out_channels)
+    return coder, geometry
+
+
+def run_conv2d(
+    input: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    coder: Optional[CoderTensors],
+    geometry: ConvGeometry,
+    norm: Optional[BatchNormParams],
+    activation: Optional[str],
+    backend: str,
+) -> Tensor:
+    """:func:`pnnh_conv2d` on arguments :func:`check_conv2d` has passed: the backend's conv2d."""
+    unbatched = input.dim() == 3
+    batched = input.unsqueeze(0) if unbatched else input
+    chosen = resolve_backend(backend, input.device, input.dtype, "conv2d")
+    call = ConvCall(batched, weight, bias, coder, geometry, norm, activation)
+    if profiling.nvtx_enabled():
+        label = (
+            f"pnnh_conv2d[{chosen.name}] {'x'.join(map(str, batched.shape))} -> {weight.shape[0]} "
+            f"k{geometry.kernel_size[0]} s{geometry.stride[0]}"
+        )
+        with profiling.op_range(label):
             out = chosen.conv2d(call)
-        return out.squeeze(0) if unbatched else out
+    else:
+        out = chosen.conv2d(call)
+    return out.squeeze(0) if unbatched else out
 
 
 def pnnh_linear(

@@ -12,13 +12,14 @@ from pnnh_kernels.backends import check_backend_name, resolve_backend
 from pnnh_kernels.backends.call import ACTIVATIONS, BatchNormParams
 from pnnh_kernels.coder import (
     DEFAULT_CODER_INIT,
+    CoderTensors,
     CoderUser,
     PNNHCoder,
     coder_for_layer,
     default_code_channels,
 )
 from pnnh_kernels.conv_geometry import ConvGeometry, IntOrPair, Padding
-from pnnh_kernels.functional import RefusesTorchScript, pnnh_conv2d
+from pnnh_kernels.functional import RefusesTorchScript, check_conv2d, pnnh_conv2d, run_conv2d
 from pnnh_kernels.validation import check_positive_int
 
 NORMS = (None, "batch")
@@ -150,6 +151,9 @@ class FusedPNNHConv(RefusesTorchScript, CoderUser):
             coder_trainable=coder_trainable,
             factory=factory,
         )
+        # The signature of the last call whose arguments passed pnnh_conv2d's checks (see forward).
+        self._checked_signature: Optional[tuple] = None
+        self._checked_geometry = self.geometry
         self.reset_parameters()
 
     @torch.no_grad()
@@ -171,19 +175,40 @@ class FusedPNNHConv(RefusesTorchScript, CoderUser):
         return resolve_backend(self.backend, self.weight.device, self.weight.dtype, "conv2d").name
 
     def forward(self, input: Tensor) -> Tensor:
-        coder = self.coder.tensors() if self.coder is not None else (None, None, None)
-        return pnnh_conv2d(
-            input,
-            self.weight,
-            self.bias,
-            *coder,
-            stride=self.geometry.stride,
-            padding=self.padding,
-            dilation=self.geometry.dilation,
-            norm=None if self.norm is None else batch_norm_params(self.norm),
-            activation=self.activation,
-            backend=self.backend,
-        )
+        coder = self.coder.tensors() if self.coder is not None else None
+        norm = None if self.norm is None else batch_norm_params(self.norm)
+        if type(input) is not Tensor or torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return pnnh_conv2d(
+                input, self.weight, self.bias, *(coder or (None, None, None)),
+                stride=self.geometry.stride, padding=self.padding, dilation=self.geometry.dilation,
+                norm=norm, activation=self.activation, backend=self.backend,
+            )  # fmt: skip
+        # pnnh_conv2d's checks depend only on what this signature holds: they run again only when
+        # something in it changes (a new input shape, a parameter moved to another device or dtype,
+        # autocast switched), not on every step (~18 µs a call, measured on the development CPU).
+        signature = self._signature(input, coder, norm)
+        if signature != getattr(self, "_checked_signature", None):  # None: a module from before
+            checked = check_conv2d(
+                input, self.weight, self.bias, *(coder or (None, None, None)),
+                self.geometry.stride, self.padding, self.geometry.dilation, norm, self.activation,
+            )  # fmt: skip
+            self._checked_geometry = checked[1]
+            self._checked_signature = signature
+        return run_conv2d(
+            input, self.weight, self.bias, coder, self._checked_geometry, norm, self.activation,
+            self.backend,
+        )  # fmt: skip
+
+    def _signature(
+        self, input: Tensor, coder: Optional[CoderTensors], norm: Optional[BatchNormParams]
+    ) -> tuple:
+        tensors = (input, self.weight, self.bias, *(coder or ()), *(norm[:4] if norm else ()))
+        device = input.device.type
+        return (
+            self.padding, self.geometry, self.activation, self.backend, norm is None, coder is None,
+            device != "meta" and torch.is_autocast_enabled(device),
+            *[None if t is None else (t.shape, t.dtype, t.device) for t in tensors],
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
         g = self.geometry

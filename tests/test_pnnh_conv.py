@@ -257,3 +257,24 @@ def test_state_dict_round_trip_keeps_values_and_sharing():
     assert fresh[0].coder is fresh[1].coder
     x = torch.randn(2, 4, 7, 5)
     torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+
+
+def test_checks_run_again_when_a_warm_layer_changes():
+    """The module skips pnnh_conv2d's checks while nothing they read changed; a parameter given
+    another dtype, a coder on another device's dtype or a wrong input after warm calls still gets
+    the checks' error (and a mutated coder never reaches a backend unchecked)."""
+    layer = FusedPNNHConv(4, 4, norm="batch")
+    x = torch.randn(2, 4, 5, 5)
+    layer(x)
+    layer(x)  # warm: the signature matches
+    with pytest.raises(ValueError, match="input: expected 4 channels"):
+        layer(torch.randn(2, 3, 5, 5))
+    layer.coder.encoder_weight.data = layer.coder.encoder_weight.data.double()
+    with pytest.raises(TypeError, match="encoder_weight: expected the input's dtype"):
+        layer(x)
+    layer.coder.encoder_weight.data = layer.coder.encoder_weight.data.float()
+    layer.norm.running_var.data = torch.ones(3)
+    with pytest.raises(ValueError, match=r"norm.running_var: expected shape \(4,\)"):
+        layer(x)
+    layer.norm.running_var.data = torch.ones(4)
+    torch.testing.assert_close(layer(x), layer.double()(x.double()).float(), rtol=1e-4, atol=1e-5)
