@@ -27,7 +27,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def _forced(config: Optional[Any]) -> Any:
     if config is None:
         return contextlib.nullcontext()
-    from pnnh_kernels.triton.pnnh_conv import forced_config
+    from pnnh_kernels.triton.pnnh_conv_config import forced_config
 
     return forced_config(config)
 

@@ -233,11 +233,11 @@ def test_split_weight_gradients_match_what_runs(triton_launches, cuda_launches, 
 
     from pnnh_kernels.backends import fused_common
     from pnnh_kernels.cuda import launch
-    from pnnh_kernels.triton import pnnh_conv
+    from pnnh_kernels.triton import pnnh_conv_config
 
     shape = (4, 24, 12, 12)  # 576 pixels: three 256-pixel ranges of the interpreter's 128-pixel steps
-    split = dataclasses.replace(pnnh_conv.INTERPRETER_CONFIG, wgrad_splits=3)
-    with pnnh_conv.forced_config(split):
+    split = dataclasses.replace(pnnh_conv_config.INTERPRETER_CONFIG, wgrad_splits=3)
+    with pnnh_conv_config.forced_config(split):
         meta = count_step(default_layer("triton"), shape, torch.float32, "meta")
         with poisoned_outputs():
             real = record_step(default_layer("triton"), shape, torch.float32, "cpu", instrument=True)

@@ -28,7 +28,7 @@ import torch
 pytest.importorskip("triton")
 
 from pnnh_kernels.triton import report
-from pnnh_kernels.triton.pnnh_conv import ConvConfig, tuning_configs
+from pnnh_kernels.triton.pnnh_conv_config import ConvConfig, tuning_configs
 
 SHAPES = {
     "bf16": [
@@ -117,9 +117,9 @@ def test_shapes_parse_and_the_resnet_grid_has_every_stage():
 
 def test_autotune_candidates_start_at_the_default_and_never_exceed_it():
     from pnnh_kernels.triton import kernels
-    from pnnh_kernels.triton.pnnh_conv import _TUNING_KEYS
+    from pnnh_kernels.triton.pnnh_conv_config import TUNING_KEYS
 
-    for name, keys in _TUNING_KEYS.items():
+    for name, keys in TUNING_KEYS.items():
         assert set(keys) <= set(getattr(kernels, name).arg_names), name
     narrow = ConvConfig(block_m=128, block_n=32, block_k=16, block_b=16, num_warps=8, num_stages=3)
     configs = tuning_configs(narrow, torch.bfloat16)

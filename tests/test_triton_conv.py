@@ -16,7 +16,7 @@ from torch import nn
 pytest.importorskip("triton")
 
 from pnnh_kernels import FusedPNNHConv
-from pnnh_kernels.triton.pnnh_conv import ConvConfig
+from pnnh_kernels.triton.pnnh_conv_config import ConvConfig
 from tests.conv_cases import (
     CASES,
     TRAINING_CASES,

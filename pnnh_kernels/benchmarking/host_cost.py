@@ -121,11 +121,11 @@ def _stub_compile(self: Any, key: Any, signature: Any, device: Any, *args: Any) 
 
 def _forget_compiled() -> None:
     """Drop every compiled kernel, launch plan and autotuning result made under the stub."""
-    from pnnh_kernels.triton import compiled_launch, pnnh_conv
+    from pnnh_kernels.triton import compiled_launch, pnnh_conv, pnnh_conv_config
 
     compiled_launch.clear()
     pnnh_conv.clear_sites()
-    pnnh_conv._tuned_kernels.clear()
+    pnnh_conv_config.tuned_kernels.clear()
     for kernel in _triton_kernels():
         kernel.device_caches.clear()
 
@@ -155,11 +155,11 @@ def stub_launches() -> Iterator[None]:
         if "triton" in real:
             from triton.runtime import driver
 
-            from pnnh_kernels.triton import pnnh_conv as triton_launchers
+            from pnnh_kernels.triton import pnnh_conv_config
 
             # Split weight gradients as on an H100 (132 multiprocessors): the same launches.
-            stack.callback(setattr, triton_launchers, "STUB_MULTIPROCESSORS", None)
-            triton_launchers.STUB_MULTIPROCESSORS = 132
+            stack.callback(setattr, pnnh_conv_config, "STUB_MULTIPROCESSORS", None)
+            pnnh_conv_config.STUB_MULTIPROCESSORS = 132
             from triton.runtime.jit import JITFunction
 
             previous_driver, previous_compile = driver._active, JITFunction._do_compile

@@ -1,19 +1,17 @@
-"""Launchers of the fused PNNH convolution kernels: check, allocate, pick a configuration, launch.
+"""Launchers of the fused PNNH convolution kernels: allocate, take the configuration
+(pnnh_kernels.triton.pnnh_conv_config), launch. Each launcher is the implementation of the op of
+its name (pnnh_kernels.ops.pnnh_conv) and has its flat signature.
 
-No autograd here (see :mod:`pnnh_kernels.triton.ops`). Tensors arrive as NCHW tensors in
-channels_last memory (so their storage is NHWC) and leave the same way.
+No autograd here (see :mod:`pnnh_kernels.ops.pnnh_conv`). Tensors arrive as NCHW tensors in
+channels_last memory (so their storage is NHWC, the kernels' layout) and leave the same way.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from collections.abc import Iterator
-from dataclasses import dataclass, replace
 from typing import Any, NamedTuple, Optional
 
 import torch
-import triton
 from torch import Tensor
 
 from pnnh_kernels.backends.fused_common import (
@@ -32,7 +30,6 @@ from pnnh_kernels.backends.fused_common import output_buffer as _output
 from pnnh_kernels.conv_geometry import ConvGeometry, op_geometry
 from pnnh_kernels.observer import (
     Declared,
-    modelled_multiprocessors,
     placeholder,
     tensor_bytes,
 )
@@ -50,264 +47,22 @@ from pnnh_kernels.triton.kernels import (
     _pnnh_conv_fwd_kernel,
     _wgrad_reduce_kernel,
 )
-
-
-@dataclass(frozen=True)
-class ConvConfig:
-    """Tile sizes of the conv kernels (M: pixels, N: output or input channels, K: reduction chunk,
-    B: code channels). Each is a power of two >= 16, as ``tl.dot`` needs."""
-
-    block_m: int
-    block_n: int
-    block_k: int
-    block_b: int
-    num_warps: int = 4
-    num_stages: int = 2
-    wgrad_splits: Optional[int] = None  # None: chosen from the GPU's size (see wgrad_splits)
-
-
-# One large-block configuration for the CPU interpreter: it runs one Python program per tile, so
-# fewer, larger tiles keep the tests fast.
-INTERPRETER_CONFIG = ConvConfig(
-    block_m=64, block_n=64, block_k=64, block_b=64, num_warps=1, num_stages=1
+from pnnh_kernels.triton.pnnh_conv_config import (
+    ConvConfig,
+    block_size,
+    cdiv,
+    choose_config,
+    code_in_main_loop,
+    forcing,
+    grid_of,
+    input_precision,
+    launch_options,
+    reduce_block_k,
+    tuned_or_fixed,
+    upcast_dot,
+    wgrad_splits,
+    wgrad_tiles,
 )
-
-_forced_config: Optional[ConvConfig] = None
-
-
-@contextlib.contextmanager
-def forced_config(config: ConvConfig) -> Iterator[None]:
-    """Run every launch in the block with ``config`` (tests use it to exercise the chunked paths)."""
-    global _forced_config
-    previous, _forced_config = _forced_config, config
-    try:
-        yield
-    finally:
-        _forced_config = previous
-
-
-def _cdiv(a: int, b: int) -> int:
-    # Integer arithmetic on the host: triton.cdiv is a constexpr function there (~4 µs a call).
-    return -(-a // b)
-
-
-def _block(size: int, cap: int) -> int:
-    return max(16, min(cap, 1 << max(0, size - 1).bit_length()))
-
-
-def choose_config(c_in: int, c_out: int, c_b: int, dtype: torch.dtype) -> ConvConfig:
-    if _forced_config is not None:
-        return _forced_config
-    if interpreter_enabled():
-        return INTERPRETER_CONFIG
-    return _gpu_config(c_in, c_out, c_b, dtype)
-
-
-@functools.lru_cache(maxsize=4096)  # the launchers ask on every call; a pure function of its key
-def _gpu_config(c_in: int, c_out: int, c_b: int, dtype: torch.dtype) -> ConvConfig:
-    # GPU: bf16/fp16 tiles twice as deep as fp32 for the same shared memory per stage. In fp32 with
-    # 64-wide output tiles the training-mode input gradient spilled 16 bytes on sm_80 (8 warps at
-    # 128 registers) with 32-deep chunks and not with 16-deep ones.
-    deep = 64 if dtype != torch.float32 else (32 if c_out > 64 else 16)
-    return ConvConfig(
-        block_m=128,
-        block_n=_block(c_out, 128),
-        block_k=_block(c_in, deep),
-        # Beside 128-wide output tiles the code is encoded in the epilogue (code_in_main_loop), in
-        # 32-channel chunks: a 64-channel chunk in the main loop there spilled 112 bytes on sm_80.
-        block_b=_block(c_b, 64 if c_out <= 64 else 32),
-        # 4 warps spilled (255 registers) on the 128-pixel tiles in the sm_90 compile report; 8 do not.
-        num_warps=8,
-        num_stages=3,
-    )
-
-
-# Shared memory one block may use on the smallest supported card (the A100's opt-in maximum is
-# 166,912 bytes; H100/H200 have 232,448). The weight-gradient tiles are sized to a budget below it so
-# that one choice holds on every card; ``python -m pnnh_kernels.triton.report`` checks the compiled
-# kernels against each card's limit.
-WGRAD_SHARED_MEMORY_BUDGET = 128 * 1024
-
-
-@dataclass(frozen=True)
-class WgradTiles:
-    block_x: int  # image channels per program
-    block_g: int  # gradient channels per program
-    block_m: int  # pixels per step of the reduction
-
-
-def wgrad_shared_bytes(
-    tiles: WgradTiles, stages: int, dtype: torch.dtype, relu: bool, batch_norm: bool = False
-) -> int:
-    """Shared memory of the weight-gradient kernel as Triton's software pipeline lays it out: every
-    stage holds the image and gradient tiles, every stage but one also each extra tile read beside
-    the gradient (the output for the ReLU mask; z for training BatchNorm's dz). It matched triton
-    3.9's sm_90 compiles in sixteen cases (bf16/fp32, ReLU on/off, 64/128 channels, 2-3 stages) and
-    the 256 KiB launch failure of triton 3.6 on an H200; the ahead-of-time report stays the judge."""
-    element = torch.finfo(dtype).bits // 8
-    operands = stages * (tiles.block_x + tiles.block_g) * tiles.block_m
-    extra = (stages - 1) * tiles.block_g * tiles.block_m * (int(relu) + int(batch_norm))
-    return (operands + extra) * element
-
-
-@functools.lru_cache(maxsize=4096)  # a pure function of its arguments, asked on every launch
-def wgrad_tiles(
-    config: ConvConfig, c_x: int, c_g: int, dtype: torch.dtype, relu: bool, batch_norm: bool = False
-) -> WgradTiles:
-    """Tiles of one weight-gradient launch: channel tiles as wide as the configuration's output
-    tile, and a reduction step two K-chunks deep, halved until the pipeline's shared memory fits
-    ``WGRAD_SHARED_MEMORY_BUDGET`` (at 128 x 128 channel tiles a 128-pixel step needed 256 KiB with
-    the ReLU mask: more than any card has)."""
-    # 128 x 128 channel tiles spilled on sm_80 (bf16: 16 bytes at 128 registers), and fp32 spilled
-    # at 64 x 128: the image tile stays at 64 channels, the gradient tile at 128 (bf16/fp16) or 64.
-    gradient_cap = 128 if torch.finfo(dtype).bits <= 16 else 64
-    tiles = WgradTiles(
-        _block(c_x, min(config.block_n, 64)),
-        _block(c_g, min(config.block_n, gradient_cap)),
-        2 * config.block_k,
-    )
-    stages = config.num_stages
-    while (
-        tiles.block_m > 16
-        and wgrad_shared_bytes(tiles, stages, dtype, relu, batch_norm) > WGRAD_SHARED_MEMORY_BUDGET
-    ):
-        tiles = replace(tiles, block_m=tiles.block_m // 2)
-    return tiles
-
-
-# Set by pnnh_kernels.benchmarking.host_cost's stub launch path, whose CPU tensors stand for a
-# GPU's: the multiprocessors of the card it stands for (None: CPU tensors are not split).
-STUB_MULTIPROCESSORS: Optional[int] = None
-
-
-@functools.lru_cache(maxsize=16)
-def _multiprocessors(index: Optional[int]) -> int:
-    # torch.cuda.get_device_properties costs microseconds a call; a device's count never changes.
-    device = torch.device("cuda", torch.cuda.current_device() if index is None else index)
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def wgrad_splits(config: ConvConfig, m: int, block_m: int, tiles: int, device: torch.device) -> int:
-    """How many pixel ranges the weight-gradient reduction is split into: the configuration's
-    number if it sets one, else on a GPU enough programs to fill it about four times over (each
-    still reducing at least 8 blocks of pixels), and 1 elsewhere."""
-    if config.wgrad_splits is not None:
-        return config.wgrad_splits
-    if device.type == "meta":  # a ledger on meta tensors: the card it models
-        multiprocessors = modelled_multiprocessors()
-    elif device.type == "cuda":
-        multiprocessors = _multiprocessors(device.index)
-    elif STUB_MULTIPROCESSORS is not None:
-        multiprocessors = STUB_MULTIPROCESSORS
-    else:
-        return 1
-    target = 4 * multiprocessors
-    return max(1, min(_cdiv(m, 8 * block_m), _cdiv(target, tiles)))
-
-
-def input_precision(dtype: torch.dtype, device: torch.device) -> str:
-    """fp32 dots use TF32 only where PyTorch's own convolutions would (cudnn.allow_tf32)."""
-    if dtype == torch.float32 and device.type == "cuda" and torch.backends.cudnn.allow_tf32:
-        return "tf32"
-    return "ieee"
-
-
-def code_in_main_loop(config: ConvConfig, c_b: int, kh: int, kw: int) -> bool:
-    """Whether the fused forward encodes the code in its main loop (from the centre tap, in one code
-    chunk) rather than in the epilogue. Not beside 128-wide output tiles: there the second
-    accumulator spilled on sm_80 (bf16, 32 bytes at 255 registers with a 32-channel code)."""
-    centred = kh % 2 == 1 and kw % 2 == 1
-    return 0 < c_b <= config.block_b and centred and config.block_n <= 64
-
-
-def reduce_block_k(config: ConvConfig, has_coder: bool, batch_norm: bool) -> int:
-    """Output channels per step of the backward's first pass. With both the coder and training
-    BatchNorm's sums in one step, 32 (the z tile and the fp32 sums beside the decoder's MMA spilled
-    104 bytes on sm_80 at 64 channels: a 256 -> 64 1x1 layer with a 128-channel code)."""
-    if has_coder and batch_norm:
-        return min(config.block_k, 32)
-    return config.block_k
-
-
-def upcast_dot(dtype: torch.dtype) -> bool:
-    """Whether the kernels must compute their dots in fp32 (see kernels._mma)."""
-    return interpreter_enabled() and dtype == torch.bfloat16
-
-
-def _launch_kwargs(config: ConvConfig) -> dict[str, int]:
-    if interpreter_enabled():
-        return {}
-    return {"num_warps": config.num_warps, "num_stages": config.num_stages}
-
-
-# Autotuning (GPU only). The first configuration is the shape's heuristic default (choose_config),
-# the one the compile report checks; the others trade tile shape against occupancy, and only those
-# the shape can use are tried: none with a wider channel tile or a deeper K chunk than the default
-# (which already stops at the channel counts), so no trial is spent on padding. Keys: every argument
-# that changes the best tiles (the GEMM sizes M/NHW, C_in, C_out, C_B; the image size; stride,
-# dilation and kernel size, which change the tap loop and the masked fraction; whether there is a
-# coder and where it is encoded). Outputs are only written, never accumulated, so no reset between
-# trials.
-_TUNING_KEYS = {
-    "_pnnh_conv_fwd_kernel": [
-        "M", "H", "W", "C_in", "C_out", "C_B", "stride_h", "stride_w", "dil_h", "dil_w",
-        "KH", "KW", "HAS_CODER", "CODE_IN_MAIN_LOOP", "Z_INPUT",
-    ],
-    "_pnnh_conv_dgrad_kernel": [
-        "NHW", "H", "W", "C_in", "C_out", "C_B", "stride_h", "stride_w", "dil_h", "dil_w",
-        "KH", "KW", "HAS_CODER",
-    ],
-}  # fmt: skip
-_tuned_kernels: dict[tuple, object] = {}
-# Alternatives to the default for bf16/fp16, as (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); BLOCK_N and
-# BLOCK_K are capped at the default's. The ahead-of-time report over the ResNet grid
-# (docs/perf/triton_resources.md) removed three kinds: 256-pixel tiles spilled on sm_80 and sm_90
-# (up to 208 bytes at 255 registers); 128 x 64 x 64 tiles as an alternative spilled 8 bytes in the
-# strided layers' input gradient on sm_80 (it stays the default of 64-channel layers, where it fits);
-# and in fp32 every alternative spilled somewhere on sm_80, so fp32 (not the fast path: bf16 is)
-# runs its default alone.
-_ALTERNATIVE_TILES = (
-    (128, 128, 32, 8, 3),
-    (64, 64, 64, 4, 4),
-)
-
-
-def tuning_configs(config: ConvConfig, dtype: torch.dtype) -> list[triton.Config]:
-    """The autotuner's candidates for a shape in ``dtype`` whose default configuration is ``config``."""
-    candidates = [(config.block_m, config.block_n, config.block_k, config.num_warps, config.num_stages)]
-    alternatives = _ALTERNATIVE_TILES if dtype != torch.float32 else ()
-    for block_m, block_n, block_k, warps, stages in alternatives:
-        tiles = (block_m, min(block_n, config.block_n), min(block_k, config.block_k), warps, stages)
-        # An alternative clamped to the default's tile with only a shallower K chunk adds nothing
-        # but risk: at 64 output channels (128 x 64 x 32) it spilled 8-24 bytes on sm_80 in the
-        # input gradient of ResNet-50's 1x1 layers (the full-grid report of 2026-11-28).
-        shallower_only = tiles[:2] == candidates[0][:2] and tiles[2] < candidates[0][2]
-        if tiles not in candidates and not shallower_only:
-            candidates.append(tiles)
-    return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=warps, num_stages=stages)
-        for m, n, k, warps, stages in candidates
-    ]
-
-
-def _tuned_or_fixed(kernel, config: ConvConfig, dtype: torch.dtype):
-    """(kernel to launch, tile keyword arguments): on a GPU the kernel autotuned over the shape's
-    candidates, else the plain kernel with the configuration's tiles."""
-    if interpreter_enabled() or _forced_config is not None:
-        tiles = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k}
-        return kernel, {**tiles, **_launch_kwargs(config)}
-    name = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
-    key = (name, config, dtype)
-    if key not in _tuned_kernels:
-        configs = tuning_configs(config, dtype)
-        _tuned_kernels[key] = triton.autotune(configs=configs, key=_TUNING_KEYS[name])(kernel)
-    return _tuned_kernels[key], {}
-
-
-def _grid(rows: int, columns: int, config: ConvConfig):
-    if interpreter_enabled() or _forced_config is not None:
-        return (_cdiv(rows, config.block_m), _cdiv(columns, config.block_n))
-    return lambda meta: (_cdiv(rows, meta["BLOCK_M"]), _cdiv(columns, meta["BLOCK_N"]))
 
 
 @functools.lru_cache(maxsize=1024)
@@ -331,11 +86,11 @@ def _forward_site(
     m = n * oh * ow
     if write_stats:  # the partial buffers have one row per BLOCK_M tile: no autotuning of BLOCK_M
         tiles = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k}
-        kernel, tiles = _pnnh_conv_fwd_kernel, {**tiles, **_launch_kwargs(config)}
-        grid: Any = (_cdiv(m, config.block_m), _cdiv(c_out, config.block_n))
+        kernel, tiles = _pnnh_conv_fwd_kernel, {**tiles, **launch_options(config)}
+        grid: Any = (cdiv(m, config.block_m), cdiv(c_out, config.block_n))
     else:
-        kernel, tiles = _tuned_or_fixed(_pnnh_conv_fwd_kernel, config, dtype)
-        grid = _grid(m, c_out, config)
+        kernel, tiles = tuned_or_fixed(_pnnh_conv_fwd_kernel, config, dtype)
+        grid = grid_of(m, c_out, config)
     scalars = (
         m, height, width, c_in, oh, ow, c_out, c_b,
         *geometry.stride, *geometry.padding, *geometry.dilation, *weight_strides,
@@ -385,7 +140,7 @@ def _launch_forward(
         tuple(x.shape), tuple(weight.shape), weight.stride(), c_b,
         (scale is not None, shift is not None, encoder_bias is not None, write_stats, z_input, relu),
         x.dtype, input_precision(x.dtype, x.device), geometry, config,
-        _forced_config is not None,
+        forcing(),
     )  # fmt: skip
     # Absent pointer arguments get a placeholder the kernel never dereferences (constexpr-guarded).
     dummy = placeholder(x.device, x.dtype)
@@ -412,7 +167,7 @@ def _launch_forward(
         c_in = x.shape[1]
         c_out, _, kh, kw = weight.shape
         m = site.scalars[0]
-        tiles_m, tiles_n = _cdiv(m, config.block_m), _cdiv(c_out, config.block_n)
+        tiles_m, tiles_n = cdiv(m, config.block_m), cdiv(c_out, config.block_n)
         learner_flops = 0 if z_input else 2 * m * c_out * c_in * kh * kw
         # the encoder per output-channel tile (every tile recomputes the code), the decoder once
         coder_flops = 2 * m * c_b * (c_in * tiles_n + c_out) if has_coder else 0
@@ -501,7 +256,7 @@ def conv_forward_train(
     c_b = 0 if encoder_weight is None else encoder_weight.shape[0]
     config = choose_config(c_in, c_out, c_b, x.dtype)
     z = image_buffer((n, c_out, oh, ow), x.dtype, x.device)
-    tiles = _cdiv(m, config.block_m)
+    tiles = cdiv(m, config.block_m)
     # One allocation for the two per-tile partials (each allocation is a host cost of its own).
     partials = tuple(_output((2, tiles, c_out), torch.float32, x.device).unbind(0))
     shift = None if bias is None else bias.float()
@@ -518,7 +273,7 @@ def conv_forward_train(
 
 
 def _channel_block(channels: int) -> int:
-    return 64 if interpreter_enabled() else min(128, _block(channels, 128))
+    return 64 if interpreter_enabled() else min(128, block_size(channels, 128))
 
 
 @functools.lru_cache(maxsize=1024)
@@ -528,7 +283,7 @@ def _finalize_forward_site(
     return compiled_launch.Site(
         "_bn_finalize_forward_kernel",
         _bn_finalize_forward_kernel,
-        (_cdiv(channels, block_c),),
+        (cdiv(channels, block_c),),
         (tiles, channels, tile_rows, pixels),
         {"HAS_WEIGHT": weight, "HAS_BIAS": bias, "BLOCK_T": 32, "BLOCK_C": block_c},
     )
@@ -590,7 +345,7 @@ def update_running_statistics(
 
 @functools.lru_cache(maxsize=1024)
 def _running_update_site(channels: int, block_c: int) -> compiled_launch.Site:
-    grid = (_cdiv(channels, block_c),)
+    grid = (cdiv(channels, block_c),)
     constants = {"BLOCK_C": block_c}
     return compiled_launch.Site(
         "_bn_running_update_kernel", _bn_running_update_kernel, grid, (channels,), constants
@@ -620,7 +375,7 @@ def _wgrad(
         tuple(image.shape), grad.shape[1], out_hw, kernel, geometry, config, image.dtype,
         input_precision(image.dtype, image.device), relu, batch_norm is not None,
         None if out is None else (tuple(out.shape), out.stride()), image.device,
-        _forced_config is not None,
+        forcing(),
     )  # fmt: skip
     if plan.strided_out:
         assert out is not None
@@ -692,17 +447,17 @@ def _wgrad_plan(
     wgrad = wgrad_tiles(config, c_x, c_g, dtype, relu, batch_norm)
     block_x, block_g, block_m = wgrad.block_x, wgrad.block_g, wgrad.block_m
     taps = kernel[0] * kernel[1]
-    tiles = _cdiv(c_x, block_x) * _cdiv(c_g, block_g) * taps
+    tiles = cdiv(c_x, block_x) * cdiv(c_g, block_g) * taps
     # dy, and y and z where the kernel reads them: dense images of m x c_g elements
     gradient_bytes = m * c_g * (torch.finfo(dtype).bits // 8) * (1 + relu + batch_norm)
     splits = wgrad_splits(config, m, block_m, tiles, device)
     if config.wgrad_splits is None:  # an explicit count (tests) is taken as it is
         splits = capped_wgrad_splits(splits, gradient_bytes, taps, c_x, c_g)
-    m_per_split = _cdiv(_cdiv(m, splits), block_m) * block_m
-    splits = _cdiv(m, m_per_split)
+    m_per_split = cdiv(cdiv(m, splits), block_m) * block_m
+    splits = cdiv(m, m_per_split)
     strided_out = out_layout is not None and splits == 1
     out_strides = tuple(out_layout[1]) if out_layout is not None else (0, 0, 0, 0)
-    grid = (_cdiv(c_x, block_x), _cdiv(c_g, block_g), splits * taps)
+    grid = (cdiv(c_x, block_x), cdiv(c_g, block_g), splits * taps)
     scalars = (
         m, m_per_split, height, width, c_x, *out_hw, c_g,
         *geometry.stride, *geometry.padding, *geometry.dilation, *out_strides,
@@ -718,7 +473,7 @@ def _wgrad_plan(
         BLOCK_X=block_x,
         BLOCK_G=block_g,
         BLOCK_M=block_m,
-        **_launch_kwargs(config),
+        **launch_options(config),
     )
     site = compiled_launch.Site("_conv_wgrad_kernel", _conv_wgrad_kernel, grid, scalars, constants)
     partial_shape = (splits, kernel[0], kernel[1], c_x, c_g)
@@ -728,7 +483,7 @@ def _wgrad_plan(
         reduce_site = compiled_launch.Site(
             "_wgrad_reduce_kernel",
             _wgrad_reduce_kernel,
-            (_cdiv(kernel[0] * kernel[1] * c_x * c_g, block),),
+            (cdiv(kernel[0] * kernel[1] * c_x * c_g, block),),
             (splits, c_x, c_g, *out_strides),
             {"KH": kernel[0], "KW": kernel[1], "BLOCK": block},
         )
@@ -756,8 +511,8 @@ def _backward_reduce(
     dtype, device = x_image.dtype, x_image.device
     dummy = placeholder(device, dtype)
     c_b = 0 if coder is None else coder[0].shape[0]
-    tiles = _cdiv(m, config.block_m)
-    block_b = _block(c_b, config.block_b) if coder is not None else 16
+    tiles = cdiv(m, config.block_m)
+    block_b = block_size(c_b, config.block_b) if coder is not None else 16
     code_shape = (n, c_b, *out_hw)
     code = image_buffer(code_shape, dtype, device) if coder is not None and write_code else None
     dpre = image_buffer(code_shape, dtype, device) if coder is not None else None
@@ -828,9 +583,9 @@ def _backward_reduce_site(
         BLOCK_M=config.block_m,
         BLOCK_B=block_b,
         BLOCK_K=reduce_block_k(config, has_coder, batch_norm),
-        **_launch_kwargs(config),
+        **launch_options(config),
     )
-    grid = (_cdiv(m, config.block_m), _cdiv(c_b, block_b) if has_coder else 1)
+    grid = (cdiv(m, config.block_m), cdiv(c_b, block_b) if has_coder else 1)
     scalars = (m, height, width, c_in, *out_hw, c_out, c_b, *stride)
     return compiled_launch.Site(
         "_pnnh_coder_bwd_kernel", _pnnh_coder_bwd_kernel, grid, scalars, constants
@@ -898,11 +653,11 @@ def _input_grad(
     site = _input_grad_site(
         tuple(input_shape), tuple(weight.shape), weight.stride(), (oh, ow), c_b,
         (batch_norm is not None, scale is not None, y_image is not None), dtype,
-        input_precision(dtype, device), geometry, config, _forced_config is not None,
+        input_precision(dtype, device), geometry, config, forcing(),
     )  # fmt: skip
 
     def declare() -> Declared:
-        tiles_m, tiles_n = _cdiv(n * height * width, config.block_m), _cdiv(c_in, config.block_n)
+        tiles_m, tiles_n = cdiv(n * height * width, config.block_m), cdiv(c_in, config.block_n)
         gradient_bytes = sum(tensor_bytes(t) for t in (learner, y_image, z_image) if t is not None)
         learner_flops = 2 * n * height * width * c_in * c_out * kh * kw
         return Declared(
@@ -937,8 +692,8 @@ def _input_grad_site(
     batch_norm, has_scale, relu = flags
     n, c_in, height, width = input_shape
     c_out, _, kh, kw = weight_shape
-    kernel, tiles = _tuned_or_fixed(_pnnh_conv_dgrad_kernel, config, dtype)
-    grid = _grid(n * height * width, c_in, config)
+    kernel, tiles = tuned_or_fixed(_pnnh_conv_dgrad_kernel, config, dtype)
+    grid = grid_of(n * height * width, c_in, config)
     scalars = (
         n * height * width, height, width, c_in, *out_hw, c_out, c_b,
         *geometry.stride, *geometry.padding, *geometry.dilation, *weight_strides,
@@ -1020,7 +775,7 @@ def _finalize_backward_site(
     return compiled_launch.Site(
         "_bn_finalize_backward_kernel",
         _bn_finalize_backward_kernel,
-        (_cdiv(channels, block_c),),
+        (cdiv(channels, block_c),),
         (tiles, channels, pixels),
         {"HAS_WEIGHT": weight, "HAS_BIAS": bias, "BLOCK_T": 32, "BLOCK_C": block_c},
     )

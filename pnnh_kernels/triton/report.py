@@ -38,9 +38,9 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from pnnh_kernels.triton import kernels
-from pnnh_kernels.triton.pnnh_conv import (
+from pnnh_kernels.triton.pnnh_conv_config import (
     ConvConfig,
-    _block,
+    block_size,
     choose_config,
     code_in_main_loop,
     reduce_block_k,
@@ -347,7 +347,7 @@ def _add_backward_passes(
     ]  # fmt: skip
     # The backward's first pass: the coder (with or without its code written for a trainable
     # coder's weight gradients) and training BatchNorm's per-tile sums, or the sums alone.
-    block_b = _block(c_b, config.block_b) if has_coder else 16
+    block_b = block_size(c_b, config.block_b) if has_coder else 16
     passes = [(True, False, False), (True, True, False), (False, True, True)] if has_coder else []
     passes += [(False, True, False)]  # no coder: the BatchNorm sums only
     for coder_pass, bn_reduce, write_code in passes:

@@ -1,0 +1,284 @@
+"""The tile and autotuning policy of the fused convolution's Triton kernels: the configuration of
+each launch (tile sizes, warps, stages, the weight gradient's tiles and split count, where the code
+is encoded) and the autotuner's candidates. Pure functions of a launch's shape, dtype and device,
+memoised where the launchers ask on every call; the launchers (pnnh_kernels.triton.pnnh_conv) use
+them, and the ahead-of-time report (pnnh_kernels.triton.report) compiles what they choose.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+import triton
+
+from pnnh_kernels.observer import modelled_multiprocessors
+from pnnh_kernels.triton.availability import interpreter_enabled
+
+
+@dataclass(frozen=True)
+class ConvConfig:
+    """Tile sizes of the conv kernels (M: pixels, N: output or input channels, K: reduction chunk,
+    B: code channels). Each is a power of two >= 16, as ``tl.dot`` needs."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    block_b: int
+    num_warps: int = 4
+    num_stages: int = 2
+    wgrad_splits: Optional[int] = None  # None: chosen from the GPU's size (see wgrad_splits)
+
+
+# One large-block configuration for the CPU interpreter: it runs one Python program per tile, so
+# fewer, larger tiles keep the tests fast.
+INTERPRETER_CONFIG = ConvConfig(
+    block_m=64, block_n=64, block_k=64, block_b=64, num_warps=1, num_stages=1
+)
+
+_forced_config: Optional[ConvConfig] = None
+
+
+def forcing() -> bool:
+    """Whether a test's :func:`forced_config` is in force (every launch takes its tiles, none
+    autotunes)."""
+    return _forced_config is not None
+
+
+@contextlib.contextmanager
+def forced_config(config: ConvConfig) -> Iterator[None]:
+    """Run every launch in the block with ``config`` (tests use it to exercise the chunked paths)."""
+    global _forced_config
+    previous, _forced_config = _forced_config, config
+    try:
+        yield
+    finally:
+        _forced_config = previous
+
+
+def cdiv(a: int, b: int) -> int:
+    # Integer arithmetic on the host: triton.cdiv is a constexpr function there (~4 µs a call).
+    return -(-a // b)
+
+
+def block_size(size: int, cap: int) -> int:
+    return max(16, min(cap, 1 << max(0, size - 1).bit_length()))
+
+
+def choose_config(c_in: int, c_out: int, c_b: int, dtype: torch.dtype) -> ConvConfig:
+    if _forced_config is not None:
+        return _forced_config
+    if interpreter_enabled():
+        return INTERPRETER_CONFIG
+    return _gpu_config(c_in, c_out, c_b, dtype)
+
+
+@functools.lru_cache(maxsize=4096)  # the launchers ask on every call; a pure function of its key
+def _gpu_config(c_in: int, c_out: int, c_b: int, dtype: torch.dtype) -> ConvConfig:
+    # GPU: bf16/fp16 tiles twice as deep as fp32 for the same shared memory per stage. In fp32 with
+    # 64-wide output tiles the training-mode input gradient spilled 16 bytes on sm_80 (8 warps at
+    # 128 registers) with 32-deep chunks and not with 16-deep ones.
+    deep = 64 if dtype != torch.float32 else (32 if c_out > 64 else 16)
+    return ConvConfig(
+        block_m=128,
+        block_n=block_size(c_out, 128),
+        block_k=block_size(c_in, deep),
+        # Beside 128-wide output tiles the code is encoded in the epilogue (code_in_main_loop), in
+        # 32-channel chunks: a 64-channel chunk in the main loop there spilled 112 bytes on sm_80.
+        block_b=block_size(c_b, 64 if c_out <= 64 else 32),
+        # 4 warps spilled (255 registers) on the 128-pixel tiles in the sm_90 compile report; 8 do not.
+        num_warps=8,
+        num_stages=3,
+    )
+
+
+# Shared memory one block may use on the smallest supported card (the A100's opt-in maximum is
+# 166,912 bytes; H100/H200 have 232,448). The weight-gradient tiles are sized to a budget below it so
+# that one choice holds on every card; ``python -m pnnh_kernels.triton.report`` checks the compiled
+# kernels against each card's limit.
+WGRAD_SHARED_MEMORY_BUDGET = 128 * 1024
+
+
+@dataclass(frozen=True)
+class WgradTiles:
+    block_x: int  # image channels per program
+    block_g: int  # gradient channels per program
+    block_m: int  # pixels per step of the reduction
+
+
+def wgrad_shared_bytes(
+    tiles: WgradTiles, stages: int, dtype: torch.dtype, relu: bool, batch_norm: bool = False
+) -> int:
+    """Shared memory of the weight-gradient kernel as Triton's software pipeline lays it out: every
+    stage holds the image and gradient tiles, every stage but one also each extra tile read beside
+    the gradient (the output for the ReLU mask; z for training BatchNorm's dz). It matched triton
+    3.9's sm_90 compiles in sixteen cases (bf16/fp32, ReLU on/off, 64/128 channels, 2-3 stages) and
+    the 256 KiB launch failure of triton 3.6 on an H200; the ahead-of-time report stays the judge."""
+    element = torch.finfo(dtype).bits // 8
+    operands = stages * (tiles.block_x + tiles.block_g) * tiles.block_m
+    extra = (stages - 1) * tiles.block_g * tiles.block_m * (int(relu) + int(batch_norm))
+    return (operands + extra) * element
+
+
+@functools.lru_cache(maxsize=4096)  # a pure function of its arguments, asked on every launch
+def wgrad_tiles(
+    config: ConvConfig, c_x: int, c_g: int, dtype: torch.dtype, relu: bool, batch_norm: bool = False
+) -> WgradTiles:
+    """Tiles of one weight-gradient launch: channel tiles as wide as the configuration's output
+    tile, and a reduction step two K-chunks deep, halved until the pipeline's shared memory fits
+    ``WGRAD_SHARED_MEMORY_BUDGET`` (at 128 x 128 channel tiles a 128-pixel step needed 256 KiB with
+    the ReLU mask: more than any card has)."""
+    # 128 x 128 channel tiles spilled on sm_80 (bf16: 16 bytes at 128 registers), and fp32 spilled
+    # at 64 x 128: the image tile stays at 64 channels, the gradient tile at 128 (bf16/fp16) or 64.
+    gradient_cap = 128 if torch.finfo(dtype).bits <= 16 else 64
+    tiles = WgradTiles(
+        block_size(c_x, min(config.block_n, 64)),
+        block_size(c_g, min(config.block_n, gradient_cap)),
+        2 * config.block_k,
+    )
+    stages = config.num_stages
+    while (
+        tiles.block_m > 16
+        and wgrad_shared_bytes(tiles, stages, dtype, relu, batch_norm) > WGRAD_SHARED_MEMORY_BUDGET
+    ):
+        tiles = replace(tiles, block_m=tiles.block_m // 2)
+    return tiles
+
+
+# Set by pnnh_kernels.benchmarking.host_cost's stub launch path, whose CPU tensors stand for a
+# GPU's: the multiprocessors of the card it stands for (None: CPU tensors are not split).
+STUB_MULTIPROCESSORS: Optional[int] = None
+
+
+@functools.lru_cache(maxsize=16)
+def _multiprocessors(index: Optional[int]) -> int:
+    # torch.cuda.get_device_properties costs microseconds a call; a device's count never changes.
+    device = torch.device("cuda", torch.cuda.current_device() if index is None else index)
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def wgrad_splits(config: ConvConfig, m: int, block_m: int, tiles: int, device: torch.device) -> int:
+    """How many pixel ranges the weight-gradient reduction is split into: the configuration's
+    number if it sets one, else on a GPU enough programs to fill it about four times over (each
+    still reducing at least 8 blocks of pixels), and 1 elsewhere."""
+    if config.wgrad_splits is not None:
+        return config.wgrad_splits
+    if device.type == "meta":  # a ledger on meta tensors: the card it models
+        multiprocessors = modelled_multiprocessors()
+    elif device.type == "cuda":
+        multiprocessors = _multiprocessors(device.index)
+    elif STUB_MULTIPROCESSORS is not None:
+        multiprocessors = STUB_MULTIPROCESSORS
+    else:
+        return 1
+    target = 4 * multiprocessors
+    return max(1, min(cdiv(m, 8 * block_m), cdiv(target, tiles)))
+
+
+def input_precision(dtype: torch.dtype, device: torch.device) -> str:
+    """fp32 dots use TF32 only where PyTorch's own convolutions would (cudnn.allow_tf32)."""
+    if dtype == torch.float32 and device.type == "cuda" and torch.backends.cudnn.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def code_in_main_loop(config: ConvConfig, c_b: int, kh: int, kw: int) -> bool:
+    """Whether the fused forward encodes the code in its main loop (from the centre tap, in one code
+    chunk) rather than in the epilogue. Not beside 128-wide output tiles: there the second
+    accumulator spilled on sm_80 (bf16, 32 bytes at 255 registers with a 32-channel code)."""
+    centred = kh % 2 == 1 and kw % 2 == 1
+    return 0 < c_b <= config.block_b and centred and config.block_n <= 64
+
+
+def reduce_block_k(config: ConvConfig, has_coder: bool, batch_norm: bool) -> int:
+    """Output channels per step of the backward's first pass. With both the coder and training
+    BatchNorm's sums in one step, 32 (the z tile and the fp32 sums beside the decoder's MMA spilled
+    104 bytes on sm_80 at 64 channels: a 256 -> 64 1x1 layer with a 128-channel code)."""
+    if has_coder and batch_norm:
+        return min(config.block_k, 32)
+    return config.block_k
+
+
+def upcast_dot(dtype: torch.dtype) -> bool:
+    """Whether the kernels must compute their dots in fp32 (see kernels._mma)."""
+    return interpreter_enabled() and dtype == torch.bfloat16
+
+
+def launch_options(config: ConvConfig) -> dict[str, int]:
+    if interpreter_enabled():
+        return {}
+    return {"num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
+# Autotuning (GPU only). The first configuration is the shape's heuristic default (choose_config),
+# the one the compile report checks; the others trade tile shape against occupancy, and only those
+# the shape can use are tried: none with a wider channel tile or a deeper K chunk than the default
+# (which already stops at the channel counts), so no trial is spent on padding. Keys: every argument
+# that changes the best tiles (the GEMM sizes M/NHW, C_in, C_out, C_B; the image size; stride,
+# dilation and kernel size, which change the tap loop and the masked fraction; whether there is a
+# coder and where it is encoded). Outputs are only written, never accumulated, so no reset between
+# trials.
+TUNING_KEYS = {
+    "_pnnh_conv_fwd_kernel": [
+        "M", "H", "W", "C_in", "C_out", "C_B", "stride_h", "stride_w", "dil_h", "dil_w",
+        "KH", "KW", "HAS_CODER", "CODE_IN_MAIN_LOOP", "Z_INPUT",
+    ],
+    "_pnnh_conv_dgrad_kernel": [
+        "NHW", "H", "W", "C_in", "C_out", "C_B", "stride_h", "stride_w", "dil_h", "dil_w",
+        "KH", "KW", "HAS_CODER",
+    ],
+}  # fmt: skip
+tuned_kernels: dict[tuple, object] = {}
+# Alternatives to the default for bf16/fp16, as (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); BLOCK_N and
+# BLOCK_K are capped at the default's. The ahead-of-time report over the ResNet grid
+# (docs/perf/triton_resources.md) removed three kinds: 256-pixel tiles spilled on sm_80 and sm_90
+# (up to 208 bytes at 255 registers); 128 x 64 x 64 tiles as an alternative spilled 8 bytes in the
+# strided layers' input gradient on sm_80 (it stays the default of 64-channel layers, where it fits);
+# and in fp32 every alternative spilled somewhere on sm_80, so fp32 (not the fast path: bf16 is)
+# runs its default alone.
+_ALTERNATIVE_TILES = (
+    (128, 128, 32, 8, 3),
+    (64, 64, 64, 4, 4),
+)
+
+
+def tuning_configs(config: ConvConfig, dtype: torch.dtype) -> list[triton.Config]:
+    """The autotuner's candidates for a shape in ``dtype`` whose default configuration is ``config``."""
+    candidates = [(config.block_m, config.block_n, config.block_k, config.num_warps, config.num_stages)]
+    alternatives = _ALTERNATIVE_TILES if dtype != torch.float32 else ()
+    for block_m, block_n, block_k, warps, stages in alternatives:
+        tiles = (block_m, min(block_n, config.block_n), min(block_k, config.block_k), warps, stages)
+        # An alternative clamped to the default's tile with only a shallower K chunk adds nothing
+        # but risk: at 64 output channels (128 x 64 x 32) it spilled 8-24 bytes on sm_80 in the
+        # input gradient of ResNet-50's 1x1 layers (the full-grid report of 2026-11-28).
+        shallower_only = tiles[:2] == candidates[0][:2] and tiles[2] < candidates[0][2]
+        if tiles not in candidates and not shallower_only:
+            candidates.append(tiles)
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=warps, num_stages=stages)
+        for m, n, k, warps, stages in candidates
+    ]
+
+
+def tuned_or_fixed(kernel, config: ConvConfig, dtype: torch.dtype):
+    """(kernel to launch, tile keyword arguments): on a GPU the kernel autotuned over the shape's
+    candidates, else the plain kernel with the configuration's tiles."""
+    if interpreter_enabled() or _forced_config is not None:
+        tiles = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k}
+        return kernel, {**tiles, **launch_options(config)}
+    name = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
+    key = (name, config, dtype)
+    if key not in tuned_kernels:
+        configs = tuning_configs(config, dtype)
+        tuned_kernels[key] = triton.autotune(configs=configs, key=TUNING_KEYS[name])(kernel)
+    return tuned_kernels[key], {}
+
+
+def grid_of(rows: int, columns: int, config: ConvConfig):
+    if interpreter_enabled() or _forced_config is not None:
+        return (cdiv(rows, config.block_m), cdiv(columns, config.block_n))
+    return lambda meta: (cdiv(rows, meta["BLOCK_M"]), cdiv(columns, meta["BLOCK_N"]))
