@@ -35,20 +35,10 @@ def _tracer_warnings_silenced() -> contextlib.AbstractContextManager[Any]:
     keyword defaults and dataclasses.)"""
     if not torch.jit.is_tracing():
         return _NOT_TRACING
-    silenced = warnings.catch_warnings()
-    silenced.__enter__()
+    silenced = contextlib.ExitStack()
+    silenced.enter_context(warnings.catch_warnings())
     warnings.simplefilter("ignore", torch.jit.TracerWarning)
-    return _Exit(silenced)
-
-
-class _Exit(contextlib.AbstractContextManager):
-    """Leaves an already entered context manager."""
-
-    def __init__(self, entered: Any) -> None:
-        self.entered = entered
-
-    def __exit__(self, *exc: Any) -> None:
-        self.entered.__exit__(*exc)
+    return silenced
 
 
 class RefusesTorchScript:
@@ -63,7 +53,7 @@ class RefusesTorchScript:
         )
 
 
-def _autocast_enabled(device: torch.device) -> bool:
+def autocast_enabled(device: torch.device) -> bool:
     if device.type == "meta":  # autocast has no meta device; shapes and the ledger run on meta
         return False
     return torch.is_autocast_enabled(device.type)
@@ -111,7 +101,7 @@ def _check_layer_tensors(
             ("encoder_bias", encoder_bias),
             ("decoder_weight", decoder_weight),
         ],
-        check_dtype=not _autocast_enabled(input.device),
+        check_dtype=not autocast_enabled(input.device),
     )
 
 

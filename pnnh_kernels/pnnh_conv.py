@@ -19,15 +19,16 @@ from pnnh_kernels.coder import (
     default_code_channels,
 )
 from pnnh_kernels.conv_geometry import ConvGeometry, IntOrPair, Padding
-from pnnh_kernels.functional import RefusesTorchScript, check_conv2d, pnnh_conv2d, run_conv2d
+from pnnh_kernels.functional import (
+    RefusesTorchScript,
+    autocast_enabled,
+    check_conv2d,
+    pnnh_conv2d,
+    run_conv2d,
+)
 from pnnh_kernels.validation import check_positive_int
 
 NORMS = (None, "batch")
-
-
-def uses_batch_statistics(norm: nn.BatchNorm2d) -> bool:
-    """Whether ``norm`` normalises with the batch's statistics (nn.BatchNorm2d's rule)."""
-    return norm.training or (norm.running_mean is None and norm.running_var is None)
 
 
 def batch_norm_params(norm: nn.BatchNorm2d) -> BatchNormParams:
@@ -49,7 +50,8 @@ def batch_norm_params(norm: nn.BatchNorm2d) -> BatchNormParams:
         running_var if pass_running else None,
         parameters.get("weight"),
         parameters.get("bias"),
-        training or (running_mean is None and running_var is None),  # uses_batch_statistics
+        # nn.BatchNorm2d's rule for normalising with the batch's statistics
+        training or (running_mean is None and running_var is None),
         factor,
         norm.eps,
     )
@@ -203,10 +205,9 @@ class FusedPNNHConv(RefusesTorchScript, CoderUser):
         self, input: Tensor, coder: Optional[CoderTensors], norm: Optional[BatchNormParams]
     ) -> tuple:
         tensors = (input, self.weight, self.bias, *(coder or ()), *(norm[:4] if norm else ()))
-        device = input.device.type
         return (
             self.padding, self.geometry, self.activation, self.backend, norm is None, coder is None,
-            device != "meta" and torch.is_autocast_enabled(device),
+            autocast_enabled(input.device),
             *[None if t is None else (t.shape, t.dtype, t.device) for t in tensors],
         )  # fmt: skip
 

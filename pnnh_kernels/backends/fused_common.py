@@ -29,12 +29,17 @@ def poisoned_outputs() -> Iterator[None]:
         _poison_outputs = previous
 
 
-def output_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-    buffer = torch.empty(shape, dtype=dtype, device=device)
-    if _poison_outputs and device.type != "meta":
+def _poisoned(buffer: Tensor) -> Tensor:
+    """``buffer`` filled with NaN, for :func:`poisoned_outputs` (a meta tensor has nothing to fill)."""
+    if buffer.device.type != "meta":
         with unobserved():  # a check's fill, not part of the step the ledger counts
             buffer.fill_(float("nan"))
     return buffer
+
+
+def output_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    buffer = torch.empty(shape, dtype=dtype, device=device)
+    return _poisoned(buffer) if _poison_outputs else buffer  # no call on the hot path
 
 
 # The weight gradient's float32 split partials (written, then read back by the reduction) may move
@@ -54,10 +59,7 @@ def output_like(tensor: Tensor) -> Tensor:
     """An output buffer with ``tensor``'s shape, dtype and memory layout (NaN-poisoned under
     :func:`poisoned_outputs`)."""
     buffer = torch.empty_like(tensor)
-    if _poison_outputs and tensor.device.type != "meta":
-        with unobserved():
-            buffer.fill_(float("nan"))
-    return buffer
+    return _poisoned(buffer) if _poison_outputs else buffer
 
 
 def image_buffer(shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -65,10 +67,7 @@ def image_buffer(shape: tuple[int, int, int, int], dtype: torch.dtype, device: t
     layout), NaN-poisoned under :func:`poisoned_outputs`. The kernels take its pointer: no NHWC view
     is made of it (each view is a dispatch of its own on the host, ~2.5 µs)."""
     buffer = torch.empty(shape, dtype=dtype, device=device, memory_format=torch.channels_last)
-    if _poison_outputs and device.type != "meta":
-        with unobserved():
-            buffer.fill_(float("nan"))
-    return buffer
+    return _poisoned(buffer) if _poison_outputs else buffer
 
 
 def channels_last(tensor: Tensor) -> Tensor:

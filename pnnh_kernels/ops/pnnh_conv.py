@@ -409,12 +409,10 @@ def coder_in(coder: Any, dtype: torch.dtype) -> tuple[Optional[Tensor], ...]:
 
 
 def enters_function(args: tuple) -> bool:
-    """Whether an eager call goes into the autograd Function directly: the op's Autograd kernel
-    (which does the same) would only add a frame and a dispatch. torch.compile and torch.jit.trace
-    see the op itself."""
-    if not torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return False
-    return torch._C._any_requires_grad(*args)
+    """Whether a call goes into the autograd Function directly: an :func:`eager` call that needs
+    gradients (the op's Autograd kernel, which the other calls reach, does the same with a frame
+    and a dispatch more)."""
+    return torch.is_grad_enabled() and eager(args[0]) and torch._C._any_requires_grad(*args)
 
 
 def conv2d(library: str, call: ConvCall) -> Tensor:
