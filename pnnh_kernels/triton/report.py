@@ -11,6 +11,11 @@ matter (tensor-core MMAs, async copies), and checks each against the limits of t
     python -m pnnh_kernels.triton.report --shape 256,128,128,16,16  # N,C_in,C_out,H,W[,K[,S[,C_B]]]
     python -m pnnh_kernels.triton.report --grid resnet --check      # exit 1 if a compile does not fit
 
+``--model`` adds, for every sm_90 compile of a convolution mainloop (the forward, the input gradient
+and the weight gradients), its mainloop's SASS per iteration by class and the static model's time on
+an H200 (pnnh_kernels.mainloop: modelled, not measured; calibrated on the 994ebd4 kernels' Nsight
+times, ``python -m pnnh_kernels.mainloop.calibration``). Its DRAM term counts each operand once.
+
 ``--grid resnet`` is every conv of ResNet-18/34/50 (PNNH variant) at the CIFAR shape (batch 256,
 32 x 32) and the ImageNet shape (batch 64, 224 x 224). The resource numbers come from the cubin, read
 with the ``cuobjdump`` that ships inside the triton wheel. Launches that compile to the same kernel
@@ -37,10 +42,13 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from pnnh_kernels.mainloop import sass
+from pnnh_kernels.mainloop.model import LaunchShape, modelled_time
 from pnnh_kernels.triton import kernels
 from pnnh_kernels.triton.pnnh_conv_config import (
     ConvConfig,
     block_size,
+    cdiv,
     choose_config,
     code_in_main_loop,
     reduce_block_k,
@@ -444,14 +452,62 @@ class Row:
     instructions: dict[str, int]
     shapes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    # sm_90 with --model: the mainloop's SASS per iteration by class, and the modelled time
+    mainloop: Optional[dict[str, int]] = None
+    modelled_us: Optional[float] = None
+    bound: str = ""
 
 
-def _compile_row(job: tuple[Launch, str, str]) -> Row:
-    launch, dtype_name, target = job
+def model_launch(
+    launch: Launch, dtype: torch.dtype, registers: int, shared: int
+) -> Optional[LaunchShape]:
+    """What the static model needs of a convolution mainloop's launch: its grid (as the launchers
+    make it; weight-gradient splits for an H100's 132 multiprocessors), the MMA work and DRAM bytes
+    with each operand read or written once. None for the other kernels."""
+    c, i = dict(launch.constexprs), dict(launch.ints)
+    size = torch.finfo(dtype).bits // 8
+    taps = c.get("KH", 1) * c.get("KW", 1)
+    ratio = i["H"] * i["W"] / (i["OH"] * i["OW"])  # input pixels per output pixel
+    if launch.kernel == "_pnnh_conv_fwd_kernel" and not c["Z_INPUT"]:
+        ctas = cdiv(i["M"], c["BLOCK_M"]) * cdiv(i["C_out"], c["BLOCK_N"])
+        flops = 2.0 * i["M"] * i["C_out"] * taps * i["C_in"]
+        operands = i["M"] * ratio * i["C_in"] + i["C_out"] * taps * i["C_in"] + i["M"] * i["C_out"]
+    elif launch.kernel == "_pnnh_conv_dgrad_kernel":
+        ctas = cdiv(i["NHW"], c["BLOCK_M"]) * cdiv(i["C_in"], c["BLOCK_N"])
+        flops = 2.0 * i["NHW"] * i["C_in"] * taps * i["C_out"]
+        reads = 3 if c["BN_GRAD"] else 2 if c["RELU"] else 1  # dy, and y and z where read
+        operands = reads * i["NHW"] / ratio * i["C_out"] + i["C_out"] * taps * i["C_in"]
+        operands += i["NHW"] * i["C_in"]
+    elif launch.kernel == "_conv_wgrad_kernel":
+        pixels = i["M"]
+        tiles = cdiv(i["C_x"], c["BLOCK_X"]) * cdiv(i["C_g"], c["BLOCK_G"])
+        splits = max(1, min(cdiv(pixels, 8 * c["BLOCK_M"]), cdiv(4 * 132, tiles)))
+        ctas = tiles * splits
+        flops = 2.0 * pixels * taps * i["C_x"] * i["C_g"]
+        reads = 3 if c["BN_GRAD"] else 2 if c["RELU"] else 1
+        operands = pixels * ratio * i["C_x"] + reads * pixels * i["C_g"]
+        operands += splits * taps * i["C_x"] * i["C_g"] * 4 // size  # float32 partials
+    else:
+        return None
+    warps = launch.num_warps
+    return LaunchShape(ctas, warps, registers, shared, flops, operands * size)
+
+
+def _compile_row(job: tuple[Launch, str, str, bool]) -> Row:
+    launch, dtype_name, target, with_model = job
     compiled = compile_launch(launch, DTYPES[dtype_name], target)
     usage = resource_usage(compiled.asm["cubin"])
     ptx = compiled.asm["ptx"]
     constexprs = dict(launch.constexprs)
+    mainloop, modelled_us, bound = None, None, ""
+    if with_model and target == "sm_90":
+        (listing,) = sass.listings(compiled.asm["cubin"]).values()
+        if listing.mainloop is not None:
+            mainloop = {**listing.mainloop.counts(), "total": len(listing.mainloop)}
+        shape = model_launch(launch, DTYPES[dtype_name], usage.get("REG", 0), compiled.metadata.shared)
+        if shape is not None and listing.mainloop is not None:
+            modelled = modelled_time(listing, shape)
+            modelled_us, bound = modelled.seconds * 1e6, modelled.bound
     return Row(
         kernel=launch.name,
         dtype=dtype_name,
@@ -464,6 +520,9 @@ def _compile_row(job: tuple[Launch, str, str]) -> Row:
         stack=usage.get("STACK", -1),
         local=usage.get("LOCAL", -1),
         instructions={name: len(re.findall(pattern, ptx)) for name, pattern in INSTRUCTIONS.items()},
+        mainloop=mainloop,
+        modelled_us=modelled_us,
+        bound=bound,
     )
 
 
@@ -487,11 +546,12 @@ def report_rows(
     card_names: list[str],
     jobs: int = 1,
     only: Optional[str] = None,
+    with_model: bool = False,
 ) -> list[Row]:
     """One row per distinct compile of the launches of ``shapes`` (those whose name matches the
     regular expression ``only``, if given), checked against the named cards."""
     targets = sorted({CARDS[name].target for name in card_names})
-    unique: dict[tuple, tuple[Launch, str, str]] = {}
+    unique: dict[tuple, tuple[Launch, str, str, bool]] = {}
     used_by: dict[tuple, list[str]] = {}
     for dtype_name in dtype_names:
         for shape in shapes:
@@ -500,7 +560,9 @@ def report_rows(
                     continue
                 for target in targets:
                     key = (*launch.compile_key(DTYPES[dtype_name]), target)
-                    unique.setdefault(key, (launch, dtype_name, target))
+                    if with_model:  # the model reads the grid: one row per shape
+                        key = (*key, str(shape))
+                    unique.setdefault(key, (launch, dtype_name, target, with_model))
                     used_by.setdefault(key, []).append(str(shape))
     keys = list(unique)
     if not keys:
@@ -516,6 +578,27 @@ def report_rows(
             if CARDS[name].target == row.target:
                 row.problems += problems(row, CARDS[name])
     return rows
+
+
+def format_model_table(rows: list[Row]) -> str:
+    """The modelled rows: one per launch and shape (sm_90, H200, modelled, not measured)."""
+    header = (
+        "| kernel | shape | tiles | warps/stages | mainloop SASS per iteration: total (tensor / "
+        "global / shared / integer / float / barrier) | modelled H200 time (µs) | bound |"
+    )
+    lines = [header, "|" + "---|" * 7]
+    for row in sorted(rows, key=lambda r: (r.shapes, r.kernel)):
+        if row.modelled_us is None or row.mainloop is None:
+            continue
+        loop = row.mainloop
+        classes = " / ".join(
+            str(loop[k]) for k in ("tensor", "global", "shared", "integer", "float", "barrier")
+        )
+        lines.append(
+            f"| {row.kernel} | {row.shapes[0]} | {row.tiles} | {row.warps}/{row.stages} "
+            f"| {loop['total']} ({classes}) | {row.modelled_us:.1f} | {row.bound} |"
+        )
+    return "\n".join(lines)
 
 
 def format_table(rows: list[Row]) -> str:
@@ -549,6 +632,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--only", metavar="REGEX", help="only the launches whose name matches")
     parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
     parser.add_argument("--check", action="store_true", help="exit 1 if a compile does not fit a card")
+    model_help = "also read each sm_90 mainloop's SASS and print its modelled H200 time"
+    parser.add_argument("--model", action="store_true", help=model_help)
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         parser.error("unset TRITON_INTERPRET: interpreted kernels cannot be compiled ahead of time")
@@ -556,12 +641,15 @@ def main(argv: Optional[list[str]] = None) -> None:
     if not shapes:
         shapes = [LayerShape(256, 64, 64, 32, 32)]  # ResNet-18's first CIFAR stage
     cards = args.card or list(CARDS)
-    rows = report_rows(shapes, args.dtype or list(DTYPES), cards, args.jobs, args.only)
+    rows = report_rows(shapes, args.dtype or list(DTYPES), cards, args.jobs, args.only, args.model)
     if args.json:
         args.json.write_text(json.dumps([row.__dict__ for row in rows], indent=1))
     print(f"triton {triton.__version__}; {len(shapes)} layer shapes, {len(rows)} distinct compiles; "
           f"cards: {', '.join(cards)}\n")  # fmt: skip
     print(format_table(rows))
+    if args.model:
+        print("\nThe static mainloop model (pnnh_kernels.mainloop), H200, modelled, not measured:\n")
+        print(format_model_table(rows))
     failing = [row for row in rows if row.problems]
     print(
         f"\n{len(failing)} of {len(rows)} compiles do not fit." if failing else "\nEvery compile fits."

@@ -1,0 +1,406 @@
+"""The static model against the one hardware measurement of these kernels: Nsight Compute on an H200.
+
+``docs/perf/ncu_2026-11-28/`` holds Nsight Compute's per-kernel times and DRAM bytes of one training
+step (batch 256, bf16, training BatchNorm; caches flushed per kernel, clocks not locked) at the four
+CIFAR stage shapes, measured with the kernels of commit 994ebd4. This module takes those kernels'
+sources from git, compiles them for sm_90 here (Triton's with this machine's Triton, ``triton.compile``
+as the ahead-of-time report does; the CUDA ones with nvcc), reads each mainloop's SASS
+(pnnh_kernels.mainloop.sass) and prints the model's time beside the measured one at every point:
+
+    python -m pnnh_kernels.mainloop.calibration [--fit]
+
+Which compile each measured kernel is: its launch order in the step, its grid and its block size
+(the autotuner's choice is read from them; where two candidates give the same grid and warps the
+shape's default is taken, and the row says so). The constants (pnnh_kernels.mainloop.model) are fitted
+on the Triton mainloops: the forward convolution, the input gradient and the three weight gradients
+at the four shapes (20 points); ``--fit`` refits them and also prints each shape's points predicted
+from a fit on the other three. Shown but outside the fit, with the reason in the row: the Triton
+apply pass (BatchNorm + coder + ReLU over z, no convolution: its time is in work outside its small
+encoder loop, which the model counts once), and every CUDA kernel (mma.sync mainloops whose loads
+are synchronous LDG -> STS -> barrier chains; the model has no term for that exposed latency and
+under-predicts them by 26-92%). Not shown: the coder backward kernels (two MMA loops of different
+trip counts in one kernel) and the CUDA apply pass (the forward's kernel with run-time flags that
+skip the convolution loop the SASS shows). Caveat: the H200 ran Triton 3.6's compiles, this model
+reads Triton 3.9's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import functools
+import gzip
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from pnnh_kernels.mainloop import sass
+from pnnh_kernels.mainloop.model import (
+    CALIBRATED,
+    CARDS,
+    Constants,
+    LaunchShape,
+    ModelledTime,
+    Terms,
+    terms,
+)
+
+COMMIT = "994ebd407153d125c3c8467ff18736bb90bc6293"
+REPOSITORY = Path(__file__).resolve().parents[2]
+MEASUREMENTS = REPOSITORY / "docs" / "perf" / "ncu_2026-11-28"
+CARD = "H200"
+BATCH = 256
+STAGES = ((64, 32), (128, 16), (256, 8), (512, 4))  # channels, image size
+# The project's kernels of one training step at 994ebd4, in launch order (the rest are PyTorch's).
+ROLES = (
+    "forward statistics", "forward apply", "coder backward", "wgrad encoder", "wgrad decoder",
+    "dgrad", "wgrad learner",
+)  # fmt: skip
+_NOT_SHOWN = {
+    "triton": {"coder backward"},
+    "cuda": {"coder backward", "forward apply"},
+}
+
+
+def outside_fit(point: Measured) -> str:
+    """Why a shown point is outside the fit ("" where it is in it)."""
+    if point.backend == "cuda":
+        return "not fitted: mma.sync fed by 2-byte synchronous loads"
+    if point.role == "forward apply":
+        return "not fitted: no convolution; work outside its loop"
+    return ""
+
+
+@dataclass(frozen=True)
+class Measured:
+    backend: str
+    role: str
+    channels: int
+    size: int
+    ctas: int
+    threads: int
+    seconds: float
+    dram_bytes: float
+
+
+def measured(backend: str) -> list[Measured]:
+    """The project's kernels in ``ncu_<backend>.csv.gz``: one step per stage shape, each step after
+    a marker kernel (``spin_kernel``)."""
+    path = MEASUREMENTS / f"ncu_{backend}.csv.gz"
+    with gzip.open(path, "rt") as handle:
+        lines = [line for line in handle if line.startswith('"')]
+    rows = list(csv.DictReader(io.StringIO("".join(lines))))
+    kernels: dict[str, dict] = {}
+    for row in rows:
+        entry = kernels.setdefault(row["ID"], {"name": row["Kernel Name"], "grid": row["Grid Size"],
+                                              "block": row["Block Size"]})  # fmt: skip
+        entry[row["Metric Name"]] = float(row["Metric Value"].replace(",", ""))
+    points: list[Measured] = []
+    stage, order = -1, 0
+    for entry in kernels.values():
+        if "spin_kernel" in entry["name"]:
+            stage, order = stage + 1, 0
+            continue
+        if "pnnh" not in entry["name"] and "_conv_" not in entry["name"]:
+            continue
+        channels, size = STAGES[stage]
+        points.append(
+            Measured(
+                backend, ROLES[order], channels, size, _product(entry["grid"]),
+                _product(entry["block"]), entry["gpu__time_duration.sum"] * 1e-9,
+                entry["dram__bytes_read.sum"] + entry["dram__bytes_write.sum"],
+            )
+        )  # fmt: skip
+        order += 1
+    if len(points) != len(ROLES) * len(STAGES):
+        raise ValueError(f"{path}: expected {len(ROLES)} project kernels per stage, got {len(points)}")
+    return points
+
+
+def _product(triple: str) -> int:
+    return math.prod(int(part) for part in triple.strip("()").split(","))
+
+
+def mainloop_flops(role: str, channels: int, size: int) -> float:
+    """The MMA work of the measured kernel's mainloop (the 3x3 convolutions' and the 1x1 coder
+    GEMMs'; a coder of half the width, stride 1): what its iterations multiply."""
+    pixels = BATCH * size * size
+    code = channels // 2
+    if role in ("forward statistics", "dgrad", "wgrad learner"):
+        return 2.0 * pixels * channels * 9 * channels
+    if role in ("wgrad encoder", "wgrad decoder"):
+        return 2.0 * pixels * channels * code
+    if role == "forward apply":  # the encoder, recomputed by every output-channel tile
+        return 2.0 * pixels * code * channels
+    raise ValueError(f"no mainloop work for {role!r}")
+
+
+# Source at the measured commit ------------------------------------------------------------------
+
+
+def source_tree(destination: Path, commit: str = COMMIT) -> Path:
+    """``pnnh_kernels/`` and ``csrc/`` of ``commit``, extracted from this repository's git history."""
+    try:
+        archive = subprocess.run(
+            ["git", "-C", str(REPOSITORY), "archive", "--format=tar", commit, "pnnh_kernels", "csrc"],
+            capture_output=True, check=True,
+        ).stdout  # fmt: skip
+    except (OSError, subprocess.CalledProcessError) as error:
+        raise RuntimeError(
+            f"calibration: cannot read commit {commit[:7]} from the git history of {REPOSITORY} "
+            f"(a clone with its history is needed): {error}"
+        ) from error
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(destination, filter="data")
+    return destination
+
+
+# Run in a process of its own with the old tree first on the path: it imports the old package.
+_TRITON_DRIVER = r"""
+import json, sys
+sys.meta_path[:] = [f for f in sys.meta_path if "ScikitBuild" not in type(f).__name__]
+sys.path.insert(0, sys.argv[1])
+import torch
+from pnnh_kernels.triton import report
+requests, out = json.loads(sys.argv[2]), sys.argv[3]
+results = []
+for index, (shape, prefix, warps, ctas, rows, columns, tile_rows, tile_columns) in enumerate(requests):
+    found = []
+    for launch in report.launches(report.LayerShape(*shape), torch.bfloat16):
+        if launch.name != prefix:
+            continue
+        tiles = dict(launch.constexprs)
+        grid = -(-rows // tiles[tile_rows]) * -(-columns // tiles[tile_columns]) if rows else ctas
+        if launch.num_warps == warps and grid == ctas:
+            found.append(launch)
+    if not found:
+        results.append(None)
+        continue
+    compiled = report.compile_launch(found[0], torch.bfloat16, "sm_90")
+    path = f"{out}/{index}.cubin"
+    open(path, "wb").write(compiled.asm["cubin"])
+    results.append({"cubin": path, "shared": int(compiled.metadata.shared),
+                    "ambiguous": len(found) > 1})
+print(json.dumps(results))
+"""
+
+_TRITON_VARIANTS = {
+    "forward statistics": ("_pnnh_conv_fwd_kernel[bn stats]", "M", "C", "BLOCK_M", "BLOCK_N"),
+    "forward apply": ("_pnnh_conv_fwd_kernel[bn apply, relu]", "M", "C", "BLOCK_M", "BLOCK_N"),
+    "wgrad encoder": ("_conv_wgrad_kernel[encoder]", None, None, None, None),
+    "wgrad decoder": ("_conv_wgrad_kernel[decoder, relu]", None, None, None, None),
+    # dz formed by PyTorch at 994ebd4: no scale, no ReLU mask in the kernel
+    "dgrad": ("_pnnh_conv_dgrad_kernel[train-BN]", "M", "C", "BLOCK_M", "BLOCK_N"),
+    "wgrad learner": ("_conv_wgrad_kernel[learner]", None, None, None, None),
+}
+
+
+@dataclass(frozen=True)
+class Compiled:
+    listing: sass.KernelListing
+    registers: int
+    shared_bytes: int
+    note: str = ""
+
+
+def compile_triton(tree: Path, points: list[Measured]) -> dict[Measured, Compiled]:
+    requests, wanted = [], []
+    for point in points:
+        if point.role not in _TRITON_VARIANTS:
+            continue
+        name, rows, columns, tile_rows, tile_columns = _TRITON_VARIANTS[point.role]
+        pixels = BATCH * point.size * point.size
+        shape = (BATCH, point.channels, point.channels, point.size, point.size)
+        requests.append((shape, name, point.threads // 32, point.ctas, pixels if rows else 0,
+                         point.channels if columns else 0, tile_rows, tile_columns))  # fmt: skip
+        wanted.append(point)
+    with tempfile.TemporaryDirectory() as out:
+        environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        run = subprocess.run(
+            [sys.executable, "-c", _TRITON_DRIVER, str(tree), json.dumps(requests), out],
+            capture_output=True, text=True, env=environment,
+        )  # fmt: skip
+        if run.returncode != 0:
+            raise RuntimeError(
+                f"compiling the {COMMIT[:7]} Triton kernels failed:\n{run.stderr[-3000:]}"
+            )
+        results = json.loads(run.stdout.strip().splitlines()[-1])
+        compiled: dict[Measured, Compiled] = {}
+        for point, result in zip(wanted, results):
+            if result is None:
+                continue
+            cubin = Path(result["cubin"]).read_bytes()
+            ((name, listing),) = sass.listings(cubin).items()
+            usage = sass.resource_usage(cubin)[name]
+            note = "autotuner's choice ambiguous: default taken" if result["ambiguous"] else ""
+            compiled[point] = Compiled(listing, usage["REG"], result["shared"], note)
+    return compiled
+
+
+_CUDA_KERNELS = {
+    "forward statistics": "pnnh_conv_forward_kernel",
+    "dgrad": "pnnh_conv_dgrad_kernel",
+    "wgrad encoder": "pnnh_conv_wgrad_kernel",
+    "wgrad decoder": "pnnh_conv_wgrad_kernel",
+    "wgrad learner": "pnnh_conv_wgrad_kernel",
+}
+
+
+def compile_cuda(tree: Path, points: list[Measured]) -> dict[Measured, Compiled]:
+    """The bf16 instantiations of the CUDA kernels, compiled with nvcc as the extension's build
+    compiles them for sm_90a (CMakeLists.txt's flags)."""
+    listings: dict[str, sass.KernelListing] = {}
+    usage: dict[str, dict[str, int]] = {}
+    with tempfile.TemporaryDirectory() as out:
+        for source in ("pnnh_forward.cu", "pnnh_backward.cu"):
+            cubin = Path(out) / (source + ".cubin")
+            subprocess.run(
+                ["nvcc", "-cubin", "-arch=sm_90a", "-O3", "-std=c++17", "--expt-relaxed-constexpr",
+                 f"-I{tree / 'csrc'}", str(tree / "csrc" / source), "-o", str(cubin)],
+                capture_output=True, check=True,
+            )  # fmt: skip
+            binary = cubin.read_bytes()
+            listings.update(sass.listings(binary))
+            usage.update(sass.resource_usage(binary))
+    compiled: dict[Measured, Compiled] = {}
+    for point in points:
+        kernel = _CUDA_KERNELS.get(point.role)
+        if kernel is None:
+            continue
+        (name,) = [n for n in listings if kernel in n and "13__nv_bfloat16" in n]
+        # static shared memory only: the CUDA kernels allocate none dynamically
+        compiled[point] = Compiled(listings[name], usage[name]["REG"], usage[name]["SHARED"])
+    return compiled
+
+
+# The comparison ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class Point:
+    measured: Measured
+    compiled: Compiled
+
+    def launch(self) -> LaunchShape:
+        m = self.measured
+        return LaunchShape(
+            m.ctas, m.threads // 32, self.compiled.registers, self.compiled.shared_bytes,
+            mainloop_flops(m.role, m.channels, m.size), m.dram_bytes,
+        )  # fmt: skip
+
+    @functools.cached_property
+    def model_terms(self) -> Terms:
+        return terms(self.compiled.listing, self.launch(), CARDS[CARD])
+
+    def modelled(self, constants: Constants = CALIBRATED) -> ModelledTime:
+        return self.model_terms.with_constants(constants)
+
+    def error(self, constants: Constants = CALIBRATED) -> float:
+        """Modelled over measured, less one."""
+        return self.modelled(constants).seconds / self.measured.seconds - 1
+
+
+def points(backends: Iterable[str] = ("triton", "cuda")) -> list[Point]:
+    found: list[Point] = []
+    with tempfile.TemporaryDirectory() as directory:
+        tree = source_tree(Path(directory))
+        for backend in backends:
+            wanted = [p for p in measured(backend) if p.role not in _NOT_SHOWN[backend]]
+            compile_ = compile_triton if backend == "triton" else compile_cuda
+            compiled = compile_(tree, wanted)
+            found += [Point(p, compiled[p]) for p in wanted if p in compiled]
+    return found
+
+
+def fitted(found: list[Point]) -> list[Point]:
+    return [p for p in found if not outside_fit(p.measured)]
+
+
+def fit(found: list[Point]) -> Constants:
+    """The constants with the smallest worst-case relative error over the fitted points of
+    ``found`` (a grid search: 4 x 19 x 17 x 10 candidates)."""
+    best: Optional[tuple[float, Constants]] = None
+    chosen = fitted(found)
+    for norm in (1.0, 2.0, 3.0, 4.0):
+        for cycles in [0.5 * i for i in range(2, 21)]:
+            for l2 in [4.0e12 + 0.25e12 * i for i in range(17)]:
+                for fixed in [0.5e-6 * i for i in range(10)]:
+                    constants = Constants(cycles, l2, norm, fixed)
+                    worst = max(abs(p.error(constants)) for p in chosen)
+                    if best is None or worst < best[0]:
+                        best = (worst, constants)
+    if best is None:
+        raise ValueError("no fitted points to calibrate on")
+    return best[1]
+
+
+def held_out_errors(found: list[Point]) -> dict[Point, float]:
+    """Each shape's fitted points predicted by constants fitted on the other three shapes."""
+    errors: dict[Point, float] = {}
+    chosen = fitted(found)
+    for channels, _ in STAGES:
+        train = [p for p in chosen if p.measured.channels != channels]
+        constants = fit(train)
+        for point in chosen:
+            if point.measured.channels == channels:
+                errors[point] = point.error(constants)
+    return errors
+
+
+def format_table(
+    found: list[Point], constants: Constants = CALIBRATED, held_out: Optional[dict] = None
+) -> str:
+    lines = [
+        "| backend | kernel | shape | measured (µs) | modelled (µs) | error | held-out error "
+        "| bound | issue / tensor / L2 / DRAM (µs, modelled) | SASS per iteration (tensor) "
+        "| iterations | CTAs resident | note |",
+        "|" + "---|" * 13,
+    ]
+    for point in found:
+        m, t = point.measured, point.modelled(constants)
+        loop = point.compiled.listing.mainloop
+        assert loop is not None
+        held = "" if held_out is None or point not in held_out else f"{held_out[point]:+.0%}"
+        note = "; ".join(n for n in (outside_fit(m), point.compiled.note) if n)
+        lines.append(
+            f"| {m.backend} | {m.role} | {m.channels}x{m.size}x{m.size} | {m.seconds * 1e6:.1f} "
+            f"| {t.seconds * 1e6:.1f} | {point.error(constants):+.0%} | {held} | {t.bound} "
+            f"| {t.issue_seconds * 1e6:.1f} / {t.tensor_seconds * 1e6:.1f} / "
+            f"{t.l2_seconds * 1e6:.1f} / {t.memory_seconds * 1e6:.1f} "
+            f"| {len(loop)} ({loop.counts()['tensor']}) | {t.iterations:.0f} | {t.resident_ctas} "
+            f"| {note} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pnnh_kernels.mainloop.calibration",
+                                     description=__doc__.splitlines()[0])  # fmt: skip
+    parser.add_argument("--fit", action="store_true", help="refit the constants on these points")
+    parser.add_argument("--backend", choices=["triton", "cuda"], action="append")
+    args = parser.parse_args(argv)
+    found = points(args.backend or ("triton", "cuda"))
+    constants = fit(found) if args.fit else CALIBRATED
+    held_out = held_out_errors(found) if args.fit else None
+    print(f"Modelled against measured (Nsight Compute, {CARD}), kernels of {COMMIT[:7]}; "
+          f"constants: {constants}\n")  # fmt: skip
+    print(format_table(found, constants, held_out))
+    errors = [abs(p.error(constants)) for p in fitted(found)]
+    if errors:
+        print(f"\nfitted points: {len(errors)}; |error| median {sorted(errors)[len(errors) // 2]:.0%}, "
+              f"max {max(errors):.0%}; within 20%: {sum(e <= 0.2 for e in errors)}")  # fmt: skip
+    if held_out:
+        print(f"held out by shape: max |error| {max(abs(e) for e in held_out.values()):.0%}")
+
+
+if __name__ == "__main__":
+    main()
