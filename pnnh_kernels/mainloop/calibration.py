@@ -86,10 +86,18 @@ class Measured:
     role: str
     channels: int
     size: int
-    ctas: int
+    grid: tuple[int, ...]
     threads: int
     seconds: float
     dram_bytes: float
+
+    @property
+    def ctas(self) -> int:
+        return math.prod(self.grid)
+
+
+_UNITS = {"gpu__time_duration.sum": {"ns": 1e-9, "us": 1e-6}, "dram__bytes_read.sum": {"byte": 1},
+          "dram__bytes_write.sum": {"byte": 1}}  # fmt: skip
 
 
 def measured(backend: str) -> list[Measured]:
@@ -103,7 +111,11 @@ def measured(backend: str) -> list[Measured]:
     for row in rows:
         entry = kernels.setdefault(row["ID"], {"name": row["Kernel Name"], "grid": row["Grid Size"],
                                               "block": row["Block Size"]})  # fmt: skip
-        entry[row["Metric Name"]] = float(row["Metric Value"].replace(",", ""))
+        name, unit = row["Metric Name"], row["Metric Unit"]
+        if name in _UNITS:
+            if unit not in _UNITS[name]:
+                raise ValueError(f"{path}: {name} in {unit!r}, expected one of {list(_UNITS[name])}")
+            entry[name] = float(row["Metric Value"].replace(",", "")) * _UNITS[name][unit]
     points: list[Measured] = []
     stage, order = -1, 0
     for entry in kernels.values():
@@ -112,11 +124,13 @@ def measured(backend: str) -> list[Measured]:
             continue
         if "pnnh" not in entry["name"] and "_conv_" not in entry["name"]:
             continue
+        if stage < 0 or order >= len(ROLES):
+            raise ValueError(f"{path}: a project kernel outside the {len(ROLES)} of a marked step")
         channels, size = STAGES[stage]
         points.append(
             Measured(
-                backend, ROLES[order], channels, size, _product(entry["grid"]),
-                _product(entry["block"]), entry["gpu__time_duration.sum"] * 1e-9,
+                backend, ROLES[order], channels, size, _dimensions(entry["grid"]),
+                math.prod(_dimensions(entry["block"])), entry["gpu__time_duration.sum"],
                 entry["dram__bytes_read.sum"] + entry["dram__bytes_write.sum"],
             )
         )  # fmt: skip
@@ -126,11 +140,11 @@ def measured(backend: str) -> list[Measured]:
     return points
 
 
-def _product(triple: str) -> int:
-    return math.prod(int(part) for part in triple.strip("()").split(","))
+def _dimensions(triple: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in triple.strip("()").split(","))
 
 
-def mainloop_flops(role: str, channels: int, size: int) -> float:
+def mainloop_flops(role: str, channels: int, size: int, grid: tuple[int, ...]) -> float:
     """The MMA work of the measured kernel's mainloop (the 3x3 convolutions' and the 1x1 coder
     GEMMs'; a coder of half the width, stride 1): what its iterations multiply."""
     pixels = BATCH * size * size
@@ -139,8 +153,8 @@ def mainloop_flops(role: str, channels: int, size: int) -> float:
         return 2.0 * pixels * channels * 9 * channels
     if role in ("wgrad encoder", "wgrad decoder"):
         return 2.0 * pixels * channels * code
-    if role == "forward apply":  # the encoder, recomputed by every output-channel tile
-        return 2.0 * pixels * code * channels
+    if role == "forward apply":  # the encoder, recomputed by every output-channel tile (grid[1])
+        return 2.0 * pixels * code * channels * grid[1]
     raise ValueError(f"no mainloop work for {role!r}")
 
 
@@ -173,14 +187,14 @@ import torch
 from pnnh_kernels.triton import report
 requests, out = json.loads(sys.argv[2]), sys.argv[3]
 results = []
-for index, (shape, prefix, warps, ctas, rows, columns, tile_rows, tile_columns) in enumerate(requests):
+for index, (shape, name, warps, grid, extents, tiles, step) in enumerate(requests):
     found = []
     for launch in report.launches(report.LayerShape(*shape), torch.bfloat16):
-        if launch.name != prefix:
+        if launch.name != name or launch.num_warps != warps:
             continue
-        tiles = dict(launch.constexprs)
-        grid = -(-rows // tiles[tile_rows]) * -(-columns // tiles[tile_columns]) if rows else ctas
-        if launch.num_warps == warps and grid == ctas:
+        constexprs = dict(launch.constexprs)
+        dims = [-(-extent // constexprs[tile]) for extent, tile in zip(extents, tiles)]
+        if dims == grid[: len(dims)]:
             found.append(launch)
     if not found:
         results.append(None)
@@ -188,20 +202,32 @@ for index, (shape, prefix, warps, ctas, rows, columns, tile_rows, tile_columns) 
     compiled = report.compile_launch(found[0], torch.bfloat16, "sm_90")
     path = f"{out}/{index}.cubin"
     open(path, "wb").write(compiled.asm["cubin"])
+    constexprs = dict(found[0].constexprs)
+    per_warp = None
+    if step:
+        per_warp = 2 * constexprs[step[0]] * constexprs[step[1]] * constexprs[step[2]] // warps
     results.append({"cubin": path, "shared": int(compiled.metadata.shared),
-                    "ambiguous": len(found) > 1})
+                    "ambiguous": len(found) > 1, "flops_per_warp": per_warp})
 print(json.dumps(results))
 """
 
+# Per role: the variant's name at 994ebd4; the grid's first dimensions as (extent, tile) pairs, the
+# extents named by the measured point (pixels, channels, code); the tiles of one mainloop step.
 _TRITON_VARIANTS = {
-    "forward statistics": ("_pnnh_conv_fwd_kernel[bn stats]", "M", "C", "BLOCK_M", "BLOCK_N"),
-    "forward apply": ("_pnnh_conv_fwd_kernel[bn apply, relu]", "M", "C", "BLOCK_M", "BLOCK_N"),
-    "wgrad encoder": ("_conv_wgrad_kernel[encoder]", None, None, None, None),
-    "wgrad decoder": ("_conv_wgrad_kernel[decoder, relu]", None, None, None, None),
+    "forward statistics": ("_pnnh_conv_fwd_kernel[bn stats]", ("pixels", "channels"),
+                           ("BLOCK_M", "BLOCK_N"), ("BLOCK_M", "BLOCK_N", "BLOCK_K")),
+    "forward apply": ("_pnnh_conv_fwd_kernel[bn apply, relu]", ("pixels", "channels"),
+                      ("BLOCK_M", "BLOCK_N"), None),  # its loop is the encoder's
+    "wgrad encoder": ("_conv_wgrad_kernel[encoder]", ("channels", "code"),
+                      ("BLOCK_X", "BLOCK_G"), ("BLOCK_X", "BLOCK_G", "BLOCK_M")),
+    "wgrad decoder": ("_conv_wgrad_kernel[decoder, relu]", ("code", "channels"),
+                      ("BLOCK_X", "BLOCK_G"), ("BLOCK_X", "BLOCK_G", "BLOCK_M")),
     # dz formed by PyTorch at 994ebd4: no scale, no ReLU mask in the kernel
-    "dgrad": ("_pnnh_conv_dgrad_kernel[train-BN]", "M", "C", "BLOCK_M", "BLOCK_N"),
-    "wgrad learner": ("_conv_wgrad_kernel[learner]", None, None, None, None),
-}
+    "dgrad": ("_pnnh_conv_dgrad_kernel[train-BN]", ("pixels", "channels"),
+              ("BLOCK_M", "BLOCK_N"), ("BLOCK_M", "BLOCK_N", "BLOCK_K")),
+    "wgrad learner": ("_conv_wgrad_kernel[learner]", ("channels", "channels"),
+                      ("BLOCK_X", "BLOCK_G"), ("BLOCK_X", "BLOCK_G", "BLOCK_M")),
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -213,15 +239,18 @@ class Compiled:
 
 
 def compile_triton(tree: Path, points: list[Measured]) -> dict[Measured, Compiled]:
+    """The 994ebd4 Triton launch of each point: the variant of its role whose warps and grid
+    match the measured ones (the autotuner's choice), compiled for sm_90 in a process of its own."""
     requests, wanted = [], []
     for point in points:
         if point.role not in _TRITON_VARIANTS:
             continue
-        name, rows, columns, tile_rows, tile_columns = _TRITON_VARIANTS[point.role]
-        pixels = BATCH * point.size * point.size
+        name, extents, tiles, step = _TRITON_VARIANTS[point.role]
+        sizes = {"pixels": BATCH * point.size * point.size, "channels": point.channels,
+                 "code": point.channels // 2}  # fmt: skip
         shape = (BATCH, point.channels, point.channels, point.size, point.size)
-        requests.append((shape, name, point.threads // 32, point.ctas, pixels if rows else 0,
-                         point.channels if columns else 0, tile_rows, tile_columns))  # fmt: skip
+        requests.append((shape, name, point.threads // 32, list(point.grid),
+                         [sizes[e] for e in extents], tiles, step))  # fmt: skip
         wanted.append(point)
     with tempfile.TemporaryDirectory() as out:
         environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -230,16 +259,17 @@ def compile_triton(tree: Path, points: list[Measured]) -> dict[Measured, Compile
             capture_output=True, text=True, env=environment,
         )  # fmt: skip
         if run.returncode != 0:
-            raise RuntimeError(
-                f"compiling the {COMMIT[:7]} Triton kernels failed:\n{run.stderr[-3000:]}"
-            )
+            failure = run.stderr[-3000:]
+            raise RuntimeError(f"compiling the {COMMIT[:7]} Triton kernels failed:\n{failure}")
         results = json.loads(run.stdout.strip().splitlines()[-1])
         compiled: dict[Measured, Compiled] = {}
         for point, result in zip(wanted, results):
             if result is None:
-                continue
+                raise ValueError(f"no {COMMIT[:7]} launch matches the measured {point}")
             cubin = Path(result["cubin"]).read_bytes()
-            ((name, listing),) = sass.listings(cubin).items()
+            ((name, listing),) = sass.listings(cubin, result["flops_per_warp"]).items()
+            if listing.mainloop is None:
+                raise ValueError(f"{point}: no mainloop of the expected step in {name}")
             usage = sass.resource_usage(cubin)[name]
             note = "autotuner's choice ambiguous: default taken" if result["ambiguous"] else ""
             compiled[point] = Compiled(listing, usage["REG"], result["shared"], note)
@@ -294,7 +324,7 @@ class Point:
         m = self.measured
         return LaunchShape(
             m.ctas, m.threads // 32, self.compiled.registers, self.compiled.shared_bytes,
-            mainloop_flops(m.role, m.channels, m.size), m.dram_bytes,
+            mainloop_flops(m.role, m.channels, m.size, m.grid), m.dram_bytes,
         )  # fmt: skip
 
     @functools.cached_property

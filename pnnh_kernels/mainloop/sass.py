@@ -162,11 +162,11 @@ def loops(instructions: list[Instruction]) -> list[Loop]:
     return found
 
 
-def mainloop(instructions: list[Instruction]) -> Optional[Loop]:
-    """The innermost loop with the most tensor-core work per iteration (None: no loop issues any).
-    Innermost: a loop that contains another tensor-core loop is its outer loop, not the mainloop."""
+def mma_loops(instructions: list[Instruction]) -> list[Loop]:
+    """The innermost loops that issue tensor-core work (a loop that contains another tensor-core
+    loop is its outer loop)."""
     candidates = [loop for loop in loops(instructions) if loop.mma_flops_per_warp > 0]
-    innermost = [
+    return [
         loop
         for loop in candidates
         if not any(
@@ -174,7 +174,20 @@ def mainloop(instructions: list[Instruction]) -> Optional[Loop]:
             for other in candidates
         )
     ]
-    return max(innermost, key=lambda loop: loop.mma_flops_per_warp, default=None)
+
+
+def mainloop(instructions: list[Instruction], flops_per_warp: Optional[int] = None) -> Optional[Loop]:
+    """The mainloop: the innermost tensor-core loop whose iteration does ``flops_per_warp`` of MMA
+    work per warp (one K step of the CTA's tile: what the caller knows from the tiles), the first
+    such in program order; without it, the first with the most work per iteration. None: no such
+    loop. Other MMA loops come after the convolution's in these kernels (the input gradient's coder
+    loop, whose iteration can do the same work) or do other work per iteration (the fused forward's
+    centre-tap code loop: twice an iteration of its convolution loop, once)."""
+    found = mma_loops(instructions)
+    if flops_per_warp is not None:
+        matching = [loop for loop in found if loop.mma_flops_per_warp == flops_per_warp]
+        return matching[0] if matching else None
+    return max(found, key=lambda loop: loop.mma_flops_per_warp, default=None)
 
 
 @dataclass(frozen=True)
@@ -209,10 +222,11 @@ def dump(cubin: bytes, *, resources: bool = False) -> str:
         ).stdout
 
 
-def listings(cubin: bytes) -> dict[str, KernelListing]:
-    """Every kernel of a cubin, read for its mainloop."""
+def listings(cubin: bytes, flops_per_warp: Optional[int] = None) -> dict[str, KernelListing]:
+    """Every kernel of a cubin, read for its mainloop (see :func:`mainloop`)."""
     return {
-        name: KernelListing(name, len(body), mainloop(body)) for name, body in parse(dump(cubin)).items()
+        name: KernelListing(name, len(body), mainloop(body, flops_per_warp))
+        for name, body in parse(dump(cubin)).items()
     }
 
 

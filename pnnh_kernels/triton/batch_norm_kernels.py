@@ -8,8 +8,10 @@ sums of dp and dp * (z - mean)). These kernels finish the job in a fixed order (
   the scale and shift the apply pass uses (cuDNN's "BN finalize" node);
 - :func:`_bn_running_update_kernel`: the running statistics, updated in place;
 - :func:`_bn_finalize_backward_kernel`: the gradients of gamma and beta and the three per-channel
-  coefficients of ``dz = a * dp + b * z + c``, which the input- and weight-gradient kernels apply
-  where they load dy (``BN_GRAD`` in kernels.py): dz is never stored.
+  coefficients of ``dz = a * dp + b * z + c``;
+- :func:`_bn_dz_kernel`: dz stored once, which the input- and weight-gradient kernels read (one
+  tile per tap; forming dz where they loaded dy had them load dy, y and z per tap, three times the
+  L2 traffic of their mainloops, which the static model finds L2-bound).
 
 With ``dp = dy * (y > 0)``, ``x_hat = (z - mean) * rstd``, ``gain = gamma * rstd`` and N pixels:
 ``dz = gain * (dp - sum(dp) / N - x_hat * sum(dp * x_hat) / N)``, i.e. ``a = gain``,
@@ -22,6 +24,8 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from pnnh_kernels.triton.kernels import _relu_grad
 
 
 @triton.jit
@@ -156,3 +160,42 @@ def _bn_finalize_backward_kernel(
     # The learner bias's gradient sum(dz): 0 exactly in theory (the batch mean cancels any
     # per-channel constant before it), NaN wherever dz is not finite, as PyTorch's sum(dz) would be.
     tl.store(grad_learner_bias_ptr + offs_c, 0.0 * (a + b + c), mask=mask_c)
+
+
+@triton.jit
+def _batch_norm_grad(g, z_ptr, coefficients_ptr, offsets, tile, cs, mask_c, C):
+    """dz = a * g + b * z + c on a loaded tile of the masked output gradient g (training-mode
+    BatchNorm's backward, coefficients from _bn_finalize_backward_kernel), zero outside ``tile``."""
+    z = tl.load(z_ptr + offsets, mask=tile, other=0.0).to(tl.float32)
+    a = tl.load(coefficients_ptr + cs, mask=mask_c, other=0.0)
+    b = tl.load(coefficients_ptr + C + cs, mask=mask_c, other=0.0)
+    c = tl.load(coefficients_ptr + 2 * C + cs, mask=mask_c, other=0.0)
+    return tl.where(tile, a[None, :] * g.to(tl.float32) + b[None, :] * z + c[None, :], 0.0)
+
+
+@triton.jit
+def _bn_dz_kernel(
+    dy_ptr,  # [M, C] the output gradient (NHWC rows)
+    y_ptr,  # [M, C] the output, for the ReLU mask, if RELU
+    z_ptr,  # [M, C] the learner output before BatchNorm
+    coefficients_ptr,  # [3, C] fp32 from _bn_finalize_backward_kernel
+    dz_ptr,  # out: [M, C] dz in the data dtype
+    M,
+    C,
+    RELU: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """dz = a * dp + b * z + c with dp = dy masked by y > 0, stored once in the data dtype: the
+    input- and weight-gradient kernels then load one tile per tap (dz) instead of three (dy, y, z).
+    Rounded to the data dtype once, as the gradient kernels round what they feed their dots."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    tile = (offs_m < M)[:, None] & mask_c[None, :]
+    offsets = offs_m.to(tl.int64)[:, None] * C + offs_c[None, :]
+    g = tl.load(dy_ptr + offsets, mask=tile, other=0.0)
+    if RELU:
+        g = _relu_grad(g, tl.load(y_ptr + offsets, mask=tile, other=0.0))
+    dz = _batch_norm_grad(g, z_ptr, coefficients_ptr, offsets, tile, offs_c, mask_c, C)
+    tl.store(dz_ptr + offsets, dz.to(dz_ptr.dtype.element_ty), mask=tile)

@@ -47,17 +47,6 @@ def _relu_grad(g, v):
 
 
 @triton.jit
-def _batch_norm_grad(g, z_ptr, coefficients_ptr, offsets, tile, cs, mask_c, C):
-    """dz = a * g + b * z + c on a loaded tile of the masked output gradient g (training-mode
-    BatchNorm's backward, coefficients from _bn_finalize_backward_kernel), zero outside ``tile``."""
-    z = tl.load(z_ptr + offsets, mask=tile, other=0.0).to(tl.float32)
-    a = tl.load(coefficients_ptr + cs, mask=mask_c, other=0.0)
-    b = tl.load(coefficients_ptr + C + cs, mask=mask_c, other=0.0)
-    c = tl.load(coefficients_ptr + 2 * C + cs, mask=mask_c, other=0.0)
-    return tl.where(tile, a[None, :] * g.to(tl.float32) + b[None, :] * z + c[None, :], 0.0)
-
-
-@triton.jit
 def _pnnh_conv_fwd_kernel(
     x_ptr,  # [N, H, W, C_in]
     w_ptr,  # the weight [C_out, C_in, KH, KW], read through its strides (w_stride_*)
@@ -389,8 +378,6 @@ def _conv_wgrad_kernel(
     x_ptr,  # [N, H, W, C_x]: the image whose taps are reduced
     g_ptr,  # [M, C_g]: the gradient rows
     y_ptr,  # [M, C_g]: read for the output ReLU's mask when RELU
-    z_ptr,  # [M, C_g]: the learner output before BatchNorm, if BN_GRAD
-    coefficients_ptr,  # [3, C_g] fp32: dz = a * dp + b * z + c, if BN_GRAD
     out_ptr,  # out: [splits, KH, KW, C_x, C_g] float32 partial sums, unless STRIDED_OUT
     weight_grad_ptr,  # out if STRIDED_OUT: the gradient as the weight [C_g, C_x, KH, KW], its dtype
     M,
@@ -414,7 +401,6 @@ def _conv_wgrad_kernel(
     KH: tl.constexpr,
     KW: tl.constexpr,
     RELU: tl.constexpr,
-    BN_GRAD: tl.constexpr,
     STRIDED_OUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
@@ -469,8 +455,6 @@ def _conv_wgrad_kernel(
         if RELU:
             y = tl.load(y_ptr + g_offsets, mask=tile, other=0.0)
             g = _relu_grad(g, y)
-        if BN_GRAD:
-            g = _batch_norm_grad(g, z_ptr, coefficients_ptr, g_offsets, tile, offs_g, mask_g, C_g)
         acc = _mma(a, g.to(a.dtype), acc, INPUT_PRECISION, UPCAST_DOT)
     if STRIDED_OUT:
         out = (
@@ -523,8 +507,6 @@ def _wgrad_reduce_kernel(
 def _pnnh_conv_dgrad_kernel(
     dy_ptr,  # [N, OH, OW, C_out]
     y_ptr,  # [N, OH, OW, C_out], read for the output ReLU's mask when RELU
-    z_ptr,  # [N, OH, OW, C_out]: the learner output before BatchNorm, if BN_GRAD
-    coefficients_ptr,  # [3, C_out] fp32: dz = a * dp + b * z + c, if BN_GRAD
     scale_ptr,  # [C_out] fp32, if HAS_SCALE
     w_ptr,  # the weight [C_out, C_in, KH, KW], read through its strides (w_stride_*)
     dpre_ptr,  # [M, C_B] coder scratch, if HAS_CODER
@@ -550,7 +532,6 @@ def _pnnh_conv_dgrad_kernel(
     w_stride_kw,
     KH: tl.constexpr,
     KW: tl.constexpr,
-    BN_GRAD: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     HAS_CODER: tl.constexpr,
     RELU: tl.constexpr,
@@ -562,11 +543,11 @@ def _pnnh_conv_dgrad_kernel(
 ):
     """dX for a ``[BLOCK_M input pixels, BLOCK_N input channels]`` tile, both paths, one store.
 
-    Learner: the transposed convolution of ``dz = dy * (y > 0) * scale`` (eval) or of training
-    BatchNorm's ``dz = a * dp + b * z + c`` formed on load (``BN_GRAD``: dz is never stored) as an
-    implicit GEMM over taps and C_out chunks; a tap contributes to input pixel (ih, iw) only where
-    ``ih + pad - kh * dil`` is a non-negative multiple of the stride (masked loads skip the rest, so a
-    stride-2 layer spends 3/4 of its tap iterations on masked tiles: simple, not optimal).
+    Learner: the transposed convolution of ``dz = dy * (y > 0) * scale`` (eval; training BatchNorm
+    passes its dz, stored by _bn_dz_kernel, with no mask and no scale) as an implicit GEMM over taps
+    and C_out chunks; a tap contributes to input pixel (ih, iw) only where ``ih + pad - kh * dil``
+    is a non-negative multiple of the stride (masked loads skip the rest, so a stride-2 layer spends
+    3/4 of its tap iterations on masked tiles: simple, not optimal).
     Coder: an input pixel on the stride grid is x_s of output pixel (ih / s, iw / s) and receives
     ``dpre @ we`` from the scratch the coder kernel wrote.
     """
@@ -606,8 +587,6 @@ def _pnnh_conv_dgrad_kernel(
         if RELU:
             y = tl.load(y_ptr + g_offsets, mask=tile, other=0.0)
             g = _relu_grad(g, y)
-        if BN_GRAD:
-            g = _batch_norm_grad(g, z_ptr, coefficients_ptr, g_offsets, tile, cs, mask_c, C_out)
         if HAS_SCALE:
             g = g * tl.load(scale_ptr + cs, mask=mask_c, other=0.0)[None, :]
         b = tl.load(

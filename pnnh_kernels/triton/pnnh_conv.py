@@ -36,6 +36,7 @@ from pnnh_kernels.observer import (
 from pnnh_kernels.triton import compiled_launch
 from pnnh_kernels.triton.availability import interpreter_enabled
 from pnnh_kernels.triton.batch_norm_kernels import (
+    _bn_dz_kernel,
     _bn_finalize_backward_kernel,
     _bn_finalize_forward_kernel,
     _bn_running_update_kernel,
@@ -60,6 +61,7 @@ from pnnh_kernels.triton.pnnh_conv_config import (
     reduce_block_k,
     tuned_or_fixed,
     upcast_dot,
+    wgrad_split_rows,
     wgrad_splits,
     wgrad_tiles,
 )
@@ -361,19 +363,15 @@ def _wgrad(
     geometry: ConvGeometry,
     config: ConvConfig,
     out: Optional[Tensor] = None,
-    batch_norm: Optional[tuple[Tensor, Tensor]] = None,
 ) -> Tensor:
     """The weight gradient, sum over output pixels of image_tap^T @ grad: into ``out`` (shaped as
     the weight [C_g, C_x, KH, KW], any strides and dtype) when given, else as a new
     ``[KH, KW, C_x, C_g]`` float32 tensor. ``image`` [N, C_x, H, W], ``grad`` and ``y_image``
-    [N, C_g, OH, OW], all in channels_last memory (NHWC storage: the pixels' rows of channels).
-    ``batch_norm`` = (z, coefficients): the grad is training BatchNorm's dz, formed from dy, y and z
-    as they are loaded."""
+    [N, C_g, OH, OW], all in channels_last memory (NHWC storage: the pixels' rows of channels)."""
     relu = y_image is not None
-    z_image, coefficients = batch_norm if batch_norm is not None else (None, None)
     plan = _wgrad_plan(
         tuple(image.shape), grad.shape[1], out_hw, kernel, geometry, config, image.dtype,
-        input_precision(image.dtype, image.device), relu, batch_norm is not None,
+        input_precision(image.dtype, image.device), relu,
         None if out is None else (tuple(out.shape), out.stride()), image.device,
         forcing(),
     )  # fmt: skip
@@ -386,9 +384,7 @@ def _wgrad(
         partial = target
     absent = placeholder(image.device, image.dtype)
     arguments = (
-        image, grad, y_image if relu else absent, z_image if z_image is not None else absent,
-        coefficients if coefficients is not None else placeholder(image.device, torch.float32),
-        partial, out if plan.strided_out else absent,
+        image, grad, y_image if relu else absent, partial, out if plan.strided_out else absent,
     )  # fmt: skip
 
     def declare() -> Declared:
@@ -396,7 +392,7 @@ def _wgrad(
         m, c_x, c_g, taps = plan.site.scalars[0], image.shape[1], grad.shape[1], plan.taps
         tiles_x, tiles_g = plan.site.grid[0], plan.site.grid[1]
         return Declared(
-            reads=[image, grad, y_image if relu else None, z_image, coefficients],
+            reads=[image, grad, y_image if relu else None],
             writes=[target],
             flops=2 * m * c_x * c_g * taps,
             cached_read=(tiles_g * taps - 1) * tensor_bytes(image)
@@ -436,7 +432,6 @@ def _wgrad_plan(
     dtype: torch.dtype,
     precision: str,
     relu: bool,
-    batch_norm: bool,
     out_layout: Optional[tuple[tuple[int, ...], tuple[int, ...]]],
     device: torch.device,
     fixed_tiles: bool,
@@ -444,17 +439,16 @@ def _wgrad_plan(
     """Tiles, split count and the fixed part of the weight gradient's launches, once per shape."""
     n, c_x, height, width = image_shape
     m = n * out_hw[0] * out_hw[1]
-    wgrad = wgrad_tiles(config, c_x, c_g, dtype, relu, batch_norm)
+    wgrad = wgrad_tiles(config, c_x, c_g, dtype, relu)
     block_x, block_g, block_m = wgrad.block_x, wgrad.block_g, wgrad.block_m
     taps = kernel[0] * kernel[1]
     tiles = cdiv(c_x, block_x) * cdiv(c_g, block_g) * taps
-    # dy, and y and z where the kernel reads them: dense images of m x c_g elements
-    gradient_bytes = m * c_g * (torch.finfo(dtype).bits // 8) * (1 + relu + batch_norm)
+    # dy, and y where the kernel reads it: dense images of m x c_g elements
+    gradient_bytes = m * c_g * (torch.finfo(dtype).bits // 8) * (1 + relu)
     splits = wgrad_splits(config, m, block_m, tiles, device)
     if config.wgrad_splits is None:  # an explicit count (tests) is taken as it is
         splits = capped_wgrad_splits(splits, gradient_bytes, taps, c_x, c_g)
-    m_per_split = cdiv(cdiv(m, splits), block_m) * block_m
-    splits = cdiv(m, m_per_split)
+    splits, m_per_split = wgrad_split_rows(m, block_m, splits)
     strided_out = out_layout is not None and splits == 1
     out_strides = tuple(out_layout[1]) if out_layout is not None else (0, 0, 0, 0)
     grid = (cdiv(c_x, block_x), cdiv(c_g, block_g), splits * taps)
@@ -466,7 +460,6 @@ def _wgrad_plan(
         KH=kernel[0],
         KW=kernel[1],
         RELU=relu,
-        BN_GRAD=batch_norm,
         STRIDED_OUT=strided_out,
         INPUT_PRECISION=precision,
         UPCAST_DOT=upcast_dot(dtype),
@@ -626,12 +619,10 @@ def _input_grad(
     input_shape: tuple[int, ...],
     geometry: ConvGeometry,
     config: ConvConfig,
-    batch_norm: Optional[tuple[Tensor, Tensor]] = None,
 ) -> Tensor:
     """dX [N, C_in, H, W] (channels_last memory) of both paths (``_pnnh_conv_dgrad_kernel``): the
     learner's transposed convolution of ``learner`` (masked by ``y_image > 0`` and scaled when
-    given; with ``batch_norm`` = (z, coefficients) turned into training BatchNorm's dz on load) and
-    the coder's ``dpre @ W_E``."""
+    given; training BatchNorm's dz as it is) and the coder's ``dpre @ W_E``."""
     n, c_in, height, width = input_shape
     c_out, _, kh, kw = weight.shape
     oh, ow = learner.shape[2], learner.shape[3]
@@ -642,27 +633,24 @@ def _input_grad(
     dx = image_buffer((n, c_in, height, width), dtype, device)
     has_coder = encoder_weight is not None
     we_in = encoder_weight.contiguous() if has_coder else None
-    z_image, coefficients = batch_norm if batch_norm is not None else (None, None)
     arguments = (
         learner, y_image if y_image is not None else dummy,
-        z_image if z_image is not None else dummy,
-        coefficients if coefficients is not None else placeholder(device, torch.float32),
         scale if scale is not None else dummy, weight,
         dpre if has_coder else dummy, we_in if has_coder else dummy, dx,
     )  # fmt: skip
     site = _input_grad_site(
         tuple(input_shape), tuple(weight.shape), weight.stride(), (oh, ow), c_b,
-        (batch_norm is not None, scale is not None, y_image is not None), dtype,
+        (scale is not None, y_image is not None), dtype,
         input_precision(dtype, device), geometry, config, forcing(),
     )  # fmt: skip
 
     def declare() -> Declared:
         tiles_m, tiles_n = cdiv(n * height * width, config.block_m), cdiv(c_in, config.block_n)
-        gradient_bytes = sum(tensor_bytes(t) for t in (learner, y_image, z_image) if t is not None)
+        gradient_bytes = sum(tensor_bytes(t) for t in (learner, y_image) if t is not None)
         learner_flops = 2 * n * height * width * c_in * c_out * kh * kw
         return Declared(
             reads=[
-                learner, y_image, z_image, coefficients, scale, weight,
+                learner, y_image, scale, weight,
                 dpre if has_coder else None, we_in,
             ],
             writes=[dx],
@@ -682,14 +670,14 @@ def _input_grad_site(
     weight_strides: tuple[int, ...],
     out_hw: tuple[int, int],
     c_b: int,
-    flags: tuple[bool, ...],  # training BatchNorm's dz; a scale; the ReLU mask
+    flags: tuple[bool, ...],  # a scale; the ReLU mask
     dtype: torch.dtype,
     precision: str,
     geometry: ConvGeometry,
     config: ConvConfig,
     fixed_tiles: bool,
 ) -> compiled_launch.Site:
-    batch_norm, has_scale, relu = flags
+    has_scale, relu = flags
     n, c_in, height, width = input_shape
     c_out, _, kh, kw = weight_shape
     kernel, tiles = tuned_or_fixed(_pnnh_conv_dgrad_kernel, config, dtype)
@@ -701,7 +689,6 @@ def _input_grad_site(
     constants = dict(
         KH=kh,
         KW=kw,
-        BN_GRAD=batch_norm,
         HAS_SCALE=has_scale,
         HAS_CODER=c_b > 0,
         RELU=relu,
@@ -781,11 +768,45 @@ def _finalize_backward_site(
     )
 
 
+def _batch_norm_dz(
+    dy_image: Tensor, mask: Optional[Tensor], z_image: Tensor, coefficients: Tensor
+) -> Tensor:
+    """Training BatchNorm's dz [N, C, OH, OW] (channels_last memory) from dy, the ReLU mask's y
+    (None: no output ReLU), z and the finalize kernel's coefficients."""
+    n, c, oh, ow = dy_image.shape
+    dz = image_buffer((n, c, oh, ow), dy_image.dtype, dy_image.device)
+    m = n * oh * ow
+    if m == 0:
+        return dz
+    arguments = (
+        dy_image, mask if mask is not None else placeholder(dy_image.device, dy_image.dtype),
+        z_image, coefficients, dz,
+    )  # fmt: skip
+    compiled_launch.launch(
+        _dz_site(m, c, mask is not None, _channel_block(c)),
+        lambda: Declared(reads=[dy_image, mask, z_image, coefficients], writes=[dz], flops=4 * m * c),
+        arguments,
+    )
+    return dz
+
+
+@functools.lru_cache(maxsize=1024)
+def _dz_site(pixels: int, channels: int, relu: bool, block_c: int) -> compiled_launch.Site:
+    block_m = 64 if interpreter_enabled() else 32
+    return compiled_launch.Site(
+        "_bn_dz_kernel",
+        _bn_dz_kernel,
+        (cdiv(pixels, block_m), cdiv(channels, block_c)),
+        (pixels, channels),
+        {"RELU": relu, "BLOCK_M": block_m, "BLOCK_C": block_c},
+    )
+
+
 def clear_sites() -> None:
     """Forget every launch site (the stub launch path: its sites hold stand-in autotuners)."""
     for site_builder in (
         _forward_site, _finalize_forward_site, _running_update_site, _wgrad_plan,
-        _backward_reduce_site, _input_grad_site, _finalize_backward_site,
+        _backward_reduce_site, _input_grad_site, _finalize_backward_site, _dz_site,
     ):  # fmt: skip
         site_builder.cache_clear()
 
@@ -814,11 +835,11 @@ def conv_backward_train(
     """All gradients of the training-mode op (BatchNorm on the learner branch with batch
     statistics; ``z``, ``mean``, ``rstd`` saved by the forward).
 
-    Four passes: (1) one over dy, y, z (and x for the coder) that writes the coder's dpre and the
+    Five passes: (1) one over dy, y, z (and x for the coder) that writes the coder's dpre and the
     per-tile sums BatchNorm needs; (2) the sums finished into the gradients of gamma and beta and
-    the coefficients of dz = a * dp + b * z + c; (3) dX of both paths from dpre and dz, formed from
-    dy, y and z as they are loaded; (4) dW from x and dz, formed the same way (one more launch when
-    the weight gradient is split). Plus, for a trainable coder only, its weight gradients.
+    the coefficients of dz = a * dp + b * z + c; (3) dz stored, from dy, y and z; (4) dX of both
+    paths from dpre and dz; (5) dW from x and dz (one more launch when the weight gradient is
+    split). Plus, for a trainable coder only, its weight gradients.
     """
     geometry = op_geometry(weight, stride, padding, dilation)
     n, c_in = x.shape[:2]
@@ -870,14 +891,15 @@ def conv_backward_train(
             x_image, code, dpre, dy_image, mask, geometry, (oh, ow), decoder_weight is None,
             encoder_bias is not None, config,
         )  # fmt: skip
-    # dz = a * dp + b * z + c is formed where the two gradient kernels load dy: never stored.
+    # dz = a * dp + b * z + c stored once: the two gradient kernels then load one tile per tap
+    # (dz) where forming it on load had them load three (dy, y, z); the same DRAM bytes, a third of
+    # the L2 bytes per tap (their mainloops are L2-bound: docs/kernels.md, the static model).
+    dz = _batch_norm_dz(dy_image, mask, z_image, coefficients)
     dx = _input_grad(
-        dy_image, y_image if relu else None, None, weight, dpre, encoder_weight, tuple(x.shape),
-        geometry, config, batch_norm=(z_image, coefficients),
+        dz, None, None, weight, dpre, encoder_weight, tuple(x.shape), geometry, config
     )  # fmt: skip
     weight_grad = _wgrad(
-        x_image, dy_image, mask, (oh, ow), (kh, kw), geometry, config, out=output_like(weight),
-        batch_norm=(z_image, coefficients),
+        x_image, dz, None, (oh, ow), (kh, kw), geometry, config, out=output_like(weight)
     )  # fmt: skip
     grads = TrainingGradients(
         dx,

@@ -110,24 +110,20 @@ class WgradTiles:
     block_m: int  # pixels per step of the reduction
 
 
-def wgrad_shared_bytes(
-    tiles: WgradTiles, stages: int, dtype: torch.dtype, relu: bool, batch_norm: bool = False
-) -> int:
+def wgrad_shared_bytes(tiles: WgradTiles, stages: int, dtype: torch.dtype, relu: bool) -> int:
     """Shared memory of the weight-gradient kernel as Triton's software pipeline lays it out: every
     stage holds the image and gradient tiles, every stage but one also each extra tile read beside
-    the gradient (the output for the ReLU mask; z for training BatchNorm's dz). It matched triton
+    the gradient (the output for the ReLU mask). It matched triton
     3.9's sm_90 compiles in sixteen cases (bf16/fp32, ReLU on/off, 64/128 channels, 2-3 stages) and
     the 256 KiB launch failure of triton 3.6 on an H200; the ahead-of-time report stays the judge."""
     element = torch.finfo(dtype).bits // 8
     operands = stages * (tiles.block_x + tiles.block_g) * tiles.block_m
-    extra = (stages - 1) * tiles.block_g * tiles.block_m * (int(relu) + int(batch_norm))
+    extra = (stages - 1) * tiles.block_g * tiles.block_m * int(relu)
     return (operands + extra) * element
 
 
 @functools.lru_cache(maxsize=4096)  # a pure function of its arguments, asked on every launch
-def wgrad_tiles(
-    config: ConvConfig, c_x: int, c_g: int, dtype: torch.dtype, relu: bool, batch_norm: bool = False
-) -> WgradTiles:
+def wgrad_tiles(config: ConvConfig, c_x: int, c_g: int, dtype: torch.dtype, relu: bool) -> WgradTiles:
     """Tiles of one weight-gradient launch: channel tiles as wide as the configuration's output
     tile, and a reduction step two K-chunks deep, halved until the pipeline's shared memory fits
     ``WGRAD_SHARED_MEMORY_BUDGET`` (at 128 x 128 channel tiles a 128-pixel step needed 256 KiB with
@@ -143,7 +139,7 @@ def wgrad_tiles(
     stages = config.num_stages
     while (
         tiles.block_m > 16
-        and wgrad_shared_bytes(tiles, stages, dtype, relu, batch_norm) > WGRAD_SHARED_MEMORY_BUDGET
+        and wgrad_shared_bytes(tiles, stages, dtype, relu) > WGRAD_SHARED_MEMORY_BUDGET
     ):
         tiles = replace(tiles, block_m=tiles.block_m // 2)
     return tiles
@@ -177,6 +173,14 @@ def wgrad_splits(config: ConvConfig, m: int, block_m: int, tiles: int, device: t
         return 1
     target = 4 * multiprocessors
     return max(1, min(cdiv(m, 8 * block_m), cdiv(target, tiles)))
+
+
+def wgrad_split_rows(m: int, block_m: int, splits: int) -> tuple[int, int]:
+    """(splits, pixels per split) of a weight gradient reducing ``m`` pixels in about ``splits``
+    ranges of whole ``block_m`` blocks (the last may be shorter). The launchers and the static
+    model's report (pnnh_kernels.triton.report) both size the launch with it."""
+    m_per_split = cdiv(cdiv(m, splits), block_m) * block_m
+    return cdiv(m, m_per_split), m_per_split
 
 
 def input_precision(dtype: torch.dtype, device: torch.device) -> str:

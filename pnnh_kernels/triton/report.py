@@ -42,6 +42,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from pnnh_kernels.backends.fused_common import capped_wgrad_splits
 from pnnh_kernels.mainloop import sass
 from pnnh_kernels.mainloop.model import LaunchShape, modelled_time
 from pnnh_kernels.triton import kernels
@@ -53,6 +54,7 @@ from pnnh_kernels.triton.pnnh_conv_config import (
     code_in_main_loop,
     reduce_block_k,
     tuning_configs,
+    wgrad_split_rows,
     wgrad_tiles,
 )
 
@@ -328,13 +330,13 @@ def launches(shape: LayerShape, dtype: torch.dtype) -> list[Launch]:
     statistics.update(HAS_ENCODER_BIAS=False, CODE_IN_MAIN_LOOP=False, WRITE_STATS=True)
     add("bn stats", kernels._pnnh_conv_fwd_kernel, {**statistics, "Z_INPUT": False, "RELU": False},
         config.num_warps, config.num_stages)  # fmt: skip
-    # Input gradient: eval mode (scale folded, ReLU mask), training mode (dz formed on load from dy,
-    # y and z), and a layer without an output ReLU.
-    for has_scale, bn_grad, relu in ((True, False, True), (False, True, True), (True, False, False)):
+    # Input gradient: eval mode (scale folded, ReLU mask), training mode (BatchNorm's dz as it is:
+    # no mask, no scale), and a layer without an output ReLU.
+    for has_scale, relu in ((True, True), (False, False), (True, False)):
         for tiles, warps, stages in candidates():
             dgrad = {"KH": shape.kernel, "KW": shape.kernel, "HAS_SCALE": has_scale,
-                     "BN_GRAD": bn_grad, "HAS_CODER": has_coder, "RELU": relu, **tiles}  # fmt: skip
-            label = ("train-BN" if bn_grad else "eval") + (", relu" if relu else "")
+                     "HAS_CODER": has_coder, "RELU": relu, **tiles}  # fmt: skip
+            label = ("eval" if has_scale else "train-BN") + (", relu" if relu else "")
             add(label, kernels._pnnh_conv_dgrad_kernel, dgrad, warps, stages)
     _add_backward_passes(add, shape, config, dtype, oh, ow)
     return result
@@ -346,12 +348,12 @@ def _add_backward_passes(
     """The backward's first passes and weight gradients of :func:`launches` (``add`` records one)."""
     c_b = shape.code_channels
     has_coder = c_b > 0
-    # (label, C_x, C_g, kernel size, ReLU mask, dz formed on load, stored in the weight's layout, H, W)
+    # (label, C_x, C_g, kernel size, ReLU mask, stored in the weight's layout, H, W); training
+    # BatchNorm's reads its stored dz (no mask) and writes the weight's gradient in place
     wgrads = [
-        ("learner, relu", shape.c_in, shape.c_out, shape.kernel, True, False, False, shape.h, shape.w),
-        ("learner", shape.c_in, shape.c_out, shape.kernel, False, False, False, shape.h, shape.w),
-        ("learner, train-BN", shape.c_in, shape.c_out, shape.kernel, True, True, True, shape.h,
-         shape.w),
+        ("learner, relu", shape.c_in, shape.c_out, shape.kernel, True, False, shape.h, shape.w),
+        ("learner", shape.c_in, shape.c_out, shape.kernel, False, False, shape.h, shape.w),
+        ("learner, train-BN", shape.c_in, shape.c_out, shape.kernel, False, True, shape.h, shape.w),
     ]  # fmt: skip
     # The backward's first pass: the coder (with or without its code written for a trainable
     # coder's weight gradients) and training BatchNorm's per-tile sums, or the sums alone.
@@ -367,13 +369,13 @@ def _add_backward_passes(
         label += ", code written" if write_code else ""
         add(label, kernels._pnnh_coder_bwd_kernel, first, config.num_warps, config.num_stages)
     if has_coder:
-        wgrads += [("encoder", shape.c_in, c_b, 1, False, False, False, shape.h, shape.w),
-                   ("decoder, relu", c_b, shape.c_out, 1, True, False, False, oh, ow),
-                   ("decoder", c_b, shape.c_out, 1, False, False, False, oh, ow)]  # fmt: skip
-    for label, c_x, c_g, kernel, relu, bn_grad, strided_out, height, width in wgrads:
-        tiles = wgrad_tiles(config, c_x, c_g, dtype, relu, bn_grad)
-        wgrad = {"KH": kernel, "KW": kernel, "RELU": relu, "BN_GRAD": bn_grad,
-                 "STRIDED_OUT": strided_out, "BLOCK_X": tiles.block_x, "BLOCK_G": tiles.block_g,
+        wgrads += [("encoder", shape.c_in, c_b, 1, False, False, shape.h, shape.w),
+                   ("decoder, relu", c_b, shape.c_out, 1, True, False, oh, ow),
+                   ("decoder", c_b, shape.c_out, 1, False, False, oh, ow)]  # fmt: skip
+    for label, c_x, c_g, kernel, relu, strided_out, height, width in wgrads:
+        tiles = wgrad_tiles(config, c_x, c_g, dtype, relu)
+        wgrad = {"KH": kernel, "KW": kernel, "RELU": relu, "STRIDED_OUT": strided_out,
+                 "BLOCK_X": tiles.block_x, "BLOCK_G": tiles.block_g,
                  "BLOCK_M": tiles.block_m}  # fmt: skip
         extra = {"C_x": c_x, "C_g": c_g, "H": height, "W": width, "m_per_split": 8 * tiles.block_m,
                  "out_stride_g": kernel * kernel * c_x, "out_stride_x": 1,
@@ -475,22 +477,38 @@ def model_launch(
     elif launch.kernel == "_pnnh_conv_dgrad_kernel":
         ctas = cdiv(i["NHW"], c["BLOCK_M"]) * cdiv(i["C_in"], c["BLOCK_N"])
         flops = 2.0 * i["NHW"] * i["C_in"] * taps * i["C_out"]
-        reads = 3 if c["BN_GRAD"] else 2 if c["RELU"] else 1  # dy, and y and z where read
+        reads = 2 if c["RELU"] else 1  # dy (or dz), and y where read
         operands = reads * i["NHW"] / ratio * i["C_out"] + i["C_out"] * taps * i["C_in"]
         operands += i["NHW"] * i["C_in"]
     elif launch.kernel == "_conv_wgrad_kernel":
-        pixels = i["M"]
-        tiles = cdiv(i["C_x"], c["BLOCK_X"]) * cdiv(i["C_g"], c["BLOCK_G"])
+        # as pnnh_conv._wgrad_plan sizes it, for an H100/H200's 132 multiprocessors
+        pixels, c_x, c_g = i["M"], i["C_x"], i["C_g"]
+        tiles = cdiv(c_x, c["BLOCK_X"]) * cdiv(c_g, c["BLOCK_G"]) * taps
+        reads = 1 + c["RELU"]  # dy (or dz), and y where read
         splits = max(1, min(cdiv(pixels, 8 * c["BLOCK_M"]), cdiv(4 * 132, tiles)))
+        splits = capped_wgrad_splits(splits, pixels * c_g * size * reads, taps, c_x, c_g)
+        splits, _ = wgrad_split_rows(pixels, c["BLOCK_M"], splits)
         ctas = tiles * splits
-        flops = 2.0 * pixels * taps * i["C_x"] * i["C_g"]
-        reads = 3 if c["BN_GRAD"] else 2 if c["RELU"] else 1
-        operands = pixels * ratio * i["C_x"] + reads * pixels * i["C_g"]
-        operands += splits * taps * i["C_x"] * i["C_g"] * 4 // size  # float32 partials
+        flops = 2.0 * pixels * taps * c_x * c_g
+        operands = pixels * ratio * c_x + reads * pixels * c_g
+        if splits > 1:  # float32 partials, written and read back by the reduction
+            operands += 2 * splits * taps * c_x * c_g * 4 // size
     else:
         return None
     warps = launch.num_warps
     return LaunchShape(ctas, warps, registers, shared, flops, operands * size)
+
+
+def _mainloop_step_flops(launch: Launch) -> Optional[int]:
+    """MMA work of one mainloop iteration of the CTA (one K step of its tile), where known."""
+    c = dict(launch.constexprs)
+    if launch.kernel in ("_pnnh_conv_fwd_kernel", "_pnnh_conv_dgrad_kernel"):
+        if c.get("Z_INPUT"):
+            return None
+        return 2 * c["BLOCK_M"] * c["BLOCK_N"] * c["BLOCK_K"]
+    if launch.kernel == "_conv_wgrad_kernel":
+        return 2 * c["BLOCK_X"] * c["BLOCK_G"] * c["BLOCK_M"]
+    return None
 
 
 def _compile_row(job: tuple[Launch, str, str, bool]) -> Row:
@@ -501,7 +519,9 @@ def _compile_row(job: tuple[Launch, str, str, bool]) -> Row:
     constexprs = dict(launch.constexprs)
     mainloop, modelled_us, bound = None, None, ""
     if with_model and target == "sm_90":
-        (listing,) = sass.listings(compiled.asm["cubin"]).values()
+        step = _mainloop_step_flops(launch)
+        per_warp = None if step is None else step // launch.num_warps
+        (listing,) = sass.listings(compiled.asm["cubin"], per_warp).values()
         if listing.mainloop is not None:
             mainloop = {**listing.mainloop.counts(), "total": len(listing.mainloop)}
         shape = model_launch(launch, DTYPES[dtype_name], usage.get("REG", 0), compiled.metadata.shared)
@@ -560,7 +580,7 @@ def report_rows(
                     continue
                 for target in targets:
                     key = (*launch.compile_key(DTYPES[dtype_name]), target)
-                    if with_model:  # the model reads the grid: one row per shape
+                    if with_model and target == "sm_90":  # the model reads the grid: per shape
                         key = (*key, str(shape))
                     unique.setdefault(key, (launch, dtype_name, target, with_model))
                     used_by.setdefault(key, []).append(str(shape))
