@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from pnnh_kernels.mainloop import calibration, sass
 from pnnh_kernels.mainloop.model import CALIBRATED, CARDS, LaunchShape, modelled_time, resident_ctas
@@ -78,9 +79,12 @@ def test_an_outer_loop_is_not_the_mainloop():
 
 def test_resident_ctas_follow_the_tightest_limit():
     h100 = CARDS["H100"]
-    assert resident_ctas(h100, warps=8, registers=128, shared_bytes=98_304) == 2  # shared memory
+    # each case binds one limit, the other two allowing more
+    assert resident_ctas(h100, warps=8, registers=32, shared_bytes=98_304) == 2  # shared memory
     assert resident_ctas(h100, warps=8, registers=255, shared_bytes=1_024) == 1  # registers
-    assert resident_ctas(h100, warps=4, registers=32, shared_bytes=0) == 16  # threads
+    assert resident_ctas(h100, warps=16, registers=16, shared_bytes=0) == 4  # threads
+    # registers are allocated per warp in 256s: 129 per thread costs 136
+    assert resident_ctas(h100, warps=4, registers=129, shared_bytes=0) == 65536 // (136 * 32 * 4)
 
 
 def test_more_instructions_or_fewer_warps_cost_issue_time():
@@ -104,7 +108,7 @@ TRAINING_MAINLOOPS = r"bn stats|dgrad_kernel\[train-BN\]|learner, train-BN"
 
 
 @pytest.mark.skipif(not sass.cuobjdump().exists(), reason="triton's cuobjdump is not installed")
-def test_the_report_models_the_current_mainloops_at_the_largest_shape(tmp_path):
+def test_the_report_models_the_current_mainloops_at_the_first_stage(tmp_path):
     rows_path = tmp_path / "rows.json"
     environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     subprocess.run(
@@ -146,3 +150,28 @@ def test_the_model_reproduces_the_measured_triton_kernels_within_20_percent():
     # tensor and DRAM time) miss by more than 20%.
     without_l2 = dataclasses.replace(CALIBRATED, l2_bytes_per_second=1e30)
     assert max(abs(p.error(without_l2)) for p in fitted) > 0.2
+
+
+@pytest.mark.parametrize(("channels", "size"), [(64, 32), (128, 16), (256, 8), (512, 4)])
+def test_the_report_sizes_the_weight_gradient_as_its_launcher(channels, size, monkeypatch):
+    """The model's grid of the training weight gradient is the launcher's (taps, split count and
+    its cap for an H100/H200's 132 multiprocessors)."""
+    from pnnh_kernels.conv_geometry import ConvGeometry
+    from pnnh_kernels.triton import availability, pnnh_conv, pnnh_conv_config, report
+
+    monkeypatch.setattr(availability, "_INTERPRETER", False)  # the GPU's tiles
+    monkeypatch.setattr(pnnh_conv_config, "STUB_MULTIPROCESSORS", 132)
+    shape = report.LayerShape(256, channels, channels, size, size)
+    (launch,) = [
+        x for x in report.launches(shape, torch.bfloat16) if x.name.endswith("[learner, train-BN]")
+    ]
+    modelled = report.model_launch(launch, torch.bfloat16, registers=128, shared=0)
+    config = pnnh_conv_config.choose_config(channels, channels, channels // 2, torch.bfloat16)
+    weight_layout = ((channels, channels, 3, 3), (9 * channels, 1, 3 * channels, channels))
+    plan = pnnh_conv._wgrad_plan(
+        (256, channels, size, size), channels, (size, size), (3, 3),
+        ConvGeometry((3, 3), (1, 1), (1, 1), (1, 1)), config, torch.bfloat16, "ieee", False,
+        weight_layout, torch.device("cpu"), False,
+    )  # fmt: skip
+    assert modelled is not None
+    assert modelled.ctas == plan.site.grid[0] * plan.site.grid[1] * plan.site.grid[2]
