@@ -33,8 +33,7 @@ from pnnh_kernels.observer import (
     placeholder,
     tensor_bytes,
 )
-from pnnh_kernels.triton import compiled_launch
-from pnnh_kernels.triton.availability import interpreter_enabled
+from pnnh_kernels.triton import availability, compiled_launch
 from pnnh_kernels.triton.batch_norm_kernels import (
     _bn_dz_kernel,
     _bn_finalize_backward_kernel,
@@ -275,7 +274,14 @@ def conv_forward_train(
 
 
 def _channel_block(channels: int) -> int:
-    return 64 if interpreter_enabled() else min(128, block_size(channels, 128))
+    """Channels per program of the per-channel BatchNorm kernels (four launches a step: one cached
+    call each, where computing it was five)."""
+    return _channel_block_for(channels, availability._INTERPRETER)
+
+
+@functools.lru_cache(maxsize=1024)
+def _channel_block_for(channels: int, interpreted: bool) -> int:
+    return 64 if interpreted else min(128, block_size(channels, 128))
 
 
 @functools.lru_cache(maxsize=1024)
@@ -783,7 +789,7 @@ def _batch_norm_dz(
         z_image, coefficients, dz,
     )  # fmt: skip
     compiled_launch.launch(
-        _dz_site(m, c, mask is not None, _channel_block(c)),
+        _dz_site(m, c, mask is not None, 64 if availability._INTERPRETER else 32, _channel_block(c)),
         lambda: Declared(reads=[dy_image, mask, z_image, coefficients], writes=[dz], flops=4 * m * c),
         arguments,
     )
@@ -791,8 +797,7 @@ def _batch_norm_dz(
 
 
 @functools.lru_cache(maxsize=1024)
-def _dz_site(pixels: int, channels: int, relu: bool, block_c: int) -> compiled_launch.Site:
-    block_m = 64 if interpreter_enabled() else 32
+def _dz_site(pixels: int, channels: int, relu: bool, block_m: int, block_c: int) -> compiled_launch.Site:
     return compiled_launch.Site(
         "_bn_dz_kernel",
         _bn_dz_kernel,
@@ -807,6 +812,7 @@ def clear_sites() -> None:
     for site_builder in (
         _forward_site, _finalize_forward_site, _running_update_site, _wgrad_plan,
         _backward_reduce_site, _input_grad_site, _finalize_backward_site, _dz_site,
+        _channel_block_for,
     ):  # fmt: skip
         site_builder.cache_clear()
 
