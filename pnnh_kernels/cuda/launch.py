@@ -122,8 +122,9 @@ def _check_call(
             raise ValueError(f"decoder_weight: a tied coder needs C_out == C_in, got {c_out} != {c_in}")
 
 
-def _pointer(tensor: Optional[Tensor]) -> int:
-    return 0 if tensor is None else tensor.data_ptr()
+def _pointers(*tensors: Optional[Tensor]) -> list[int]:
+    """The tensors' device addresses (0 for None) in one call: a launch passes up to 13."""
+    return [0 if tensor is None else tensor.data_ptr() for tensor in tensors]
 
 
 def _stream(device: torch.device) -> int:
@@ -244,11 +245,12 @@ def _launch_forward(
         decoder = _transposed(encoder_weight) if decoder_weight is None else decoder_weight.contiguous()
     shape = _shape(module, x, weight, geometry)
     arguments = (
-        shape, c_b if (encodes or decodes) else 0, mode, relu, DTYPE_CODES[x.dtype], _pointer(x_rows),
-        _pointer(weight_rows), _pointer(scale_f), _pointer(shift_f), _pointer(encoder),
-        _pointer(encoder_bias_f), _pointer(decoder), _pointer(y), _pointer(z),
-        _pointer(partials[0] if partials else None), _pointer(partials[1] if partials else None),
-        _pointer(code if c_b else None), _stream(x.device),
+        shape, c_b if (encodes or decodes) else 0, mode, relu, DTYPE_CODES[x.dtype], *_pointers(
+            x_rows, weight_rows, scale_f, shift_f, encoder, encoder_bias_f, decoder, y, z,
+            partials[0] if partials else None, partials[1] if partials else None,
+            code if c_b else None,
+        ),
+        _stream(x.device),
     )  # fmt: skip
 
     def declare() -> Declared:
@@ -360,9 +362,9 @@ def conv_forward_train(
     scale, shift = output_buffer((2, c_out), torch.float32, x.device).unbind(0)
     param_dtype = _param_dtype(norm.weight, norm.bias)
     arguments = (
-        tiles, c_out, rows, m, norm.eps, DTYPE_CODES[param_dtype], *map(_pointer, partials),
-        _pointer(norm.weight), _pointer(norm.bias), _pointer(mean), _pointer(variance),
-        _pointer(rstd), _pointer(scale), _pointer(shift), _stream(x.device),
+        tiles, c_out, rows, m, norm.eps, DTYPE_CODES[param_dtype],
+        *_pointers(*partials, norm.weight, norm.bias, mean, variance, rstd, scale, shift),
+        _stream(x.device),
     )  # fmt: skip
     launch(
         "bn_finalize_forward_kernel",
@@ -411,7 +413,7 @@ def update_running_statistics(
     channels = running_mean.shape[0]
     arguments = (
         channels, momentum, pixels / (pixels - 1), DTYPE_CODES[running_mean.dtype],
-        _pointer(running_mean), _pointer(running_var), _pointer(mean), _pointer(variance),
+        *_pointers(running_mean, running_var, mean, variance),
         _stream(running_mean.device),
     )  # fmt: skip
     launch(
@@ -476,9 +478,9 @@ def _wgrad(
     out_strides = list(out.stride()) if out is not None else [0, 0, 0, 0]
     learner, coefficients = batch_norm if batch_norm is not None else (None, None)
     arguments = (
-        shape, c_g, per_split, splits, DTYPE_CODES[image.dtype], _pointer(image), _pointer(grad),
-        _pointer(partial), _pointer(out if direct else None), out_strides, _pointer(learner),
-        _pointer(coefficients), _stream(image.device),
+        shape, c_g, per_split, splits, DTYPE_CODES[image.dtype],
+        *_pointers(image, grad, partial, out if direct else None), out_strides,
+        *_pointers(learner, coefficients), _stream(image.device),
     )  # fmt: skip
     tiles_x, tiles_g = math.ceil(c_x / sizes["block_m"]), math.ceil(c_g / sizes["block_n"])
     launch(
@@ -500,7 +502,7 @@ def _wgrad(
         return partial.sum(0) if splits > 1 else partial[0]
     if not direct:
         reduce_arguments = (
-            splits, *kernel, c_x, c_g, DTYPE_CODES[out.dtype], _pointer(partial), _pointer(out),
+            splits, *kernel, c_x, c_g, DTYPE_CODES[out.dtype], *_pointers(partial, out),
             out_strides, _stream(image.device),
         )  # fmt: skip
         launch(
@@ -538,8 +540,8 @@ def _coder_backward(
     encoder_bias_f = _encoder_bias_rows(encoder_bias)
     decoder_t = decoder_rows(encoder_weight, decoder_weight)  # [C_B, C_out]
     arguments = (
-        shape, c_b, DTYPE_CODES[dtype], _pointer(x_rows), _pointer(encoder), _pointer(encoder_bias_f),
-        _pointer(decoder_t), _pointer(dp), _pointer(code), _pointer(grad_pre), _stream(device),
+        shape, c_b, DTYPE_CODES[dtype],
+        *_pointers(x_rows, encoder, encoder_bias_f, decoder_t, dp, code, grad_pre), _stream(device),
     )  # fmt: skip
     launch(
         "pnnh_coder_backward_kernel",
@@ -588,8 +590,8 @@ def _dgrad(
     weight_rows = _weight_rows(weight)
     learner, coefficients = batch_norm if batch_norm is not None else (None, None)
     arguments = (
-        shape, c_b, DTYPE_CODES[dx.dtype], _pointer(grad), _pointer(weight_rows), _pointer(grad_pre),
-        _pointer(encoder_t_rows), _pointer(dx), _pointer(learner), _pointer(coefficients),
+        shape, c_b, DTYPE_CODES[dx.dtype],
+        *_pointers(grad, weight_rows, grad_pre, encoder_t_rows, dx, learner, coefficients),
         _stream(dx.device),
     )  # fmt: skip
     sizes = module.tile_sizes()
@@ -687,8 +689,8 @@ def _batch_norm_backward(
     # output ReLU dp is dy itself).
     dp = image_buffer((n, c_out, oh, ow), dy.dtype, dy.device) if relu else None
     reduce_arguments = (
-        m, c_out, rows, dtype_code, _pointer(dy), _pointer(mask), _pointer(z_rows), _pointer(mean),
-        *map(_pointer, sums), _pointer(dp), stream,
+        m, c_out, rows, dtype_code, *_pointers(dy, mask, z_rows, mean, *sums, dp),
+        stream,
     )  # fmt: skip
     launch(
         "bn_backward_reduce_kernel",
@@ -707,9 +709,12 @@ def _batch_norm_backward(
     # The learner bias's gradient (4 bytes a channel; the op returns it whether or not there is one).
     grad_learner_bias = output_buffer((c_out,), torch.float32, dy.device)
     finalize_arguments = (
-        tiles, c_out, m, DTYPE_CODES[_param_dtype(norm_weight, norm_bias)], *map(_pointer, sums),
-        _pointer(mean), _pointer(rstd), _pointer(norm_weight), _pointer(grad_norm_weight),
-        _pointer(grad_norm_bias), _pointer(coefficients), _pointer(grad_learner_bias), stream,
+        tiles, c_out, m, DTYPE_CODES[_param_dtype(norm_weight, norm_bias)],
+        *_pointers(
+            *sums, mean, rstd, norm_weight, grad_norm_weight, grad_norm_bias, coefficients,
+            grad_learner_bias,
+        ),
+        stream,
     )  # fmt: skip
     launch(
         "bn_finalize_backward_kernel",
