@@ -175,3 +175,25 @@ def test_the_report_sizes_the_weight_gradient_as_its_launcher(channels, size, mo
     )  # fmt: skip
     assert modelled is not None
     assert modelled.ctas == plan.site.grid[0] * plan.site.grid[1] * plan.site.grid[2]
+
+
+@pytest.mark.skipif(not sass.cuobjdump().exists(), reason="triton's cuobjdump is not installed")
+def test_the_ledger_shows_the_modelled_mainloop_times():
+    environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, "-m", "pnnh_kernels", "ledger", "--shape", "256x64x32x32",
+         "--backend", "triton", "--model"],
+        check=True, capture_output=True, text=True, env=environment,
+    )  # fmt: skip
+    rows = [  # the launch rows of the Triton ledger (numbered), not the comparison's
+        line for line in result.stdout.splitlines()
+        if line.startswith("| ") and line.split("|")[1].strip().isdigit()
+    ]  # fmt: skip
+    assert "modelled H200 mainloop (us)" in result.stdout
+    labelled = {
+        row.split("|")[3].strip(): float(row.split("|")[9]) for row in rows if row.split("|")[9].strip()
+    }
+    assert set(labelled) == {
+        "_pnnh_conv_fwd_kernel (statistics)", "_pnnh_conv_dgrad_kernel", "_conv_wgrad_kernel",
+    }  # fmt: skip
+    assert all(1 < value < 10_000 for value in labelled.values())

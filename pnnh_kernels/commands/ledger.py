@@ -48,6 +48,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--totals-only", action="store_true", help="only the comparison, not each launch"
     )
+    model_help = (
+        "beside each Triton convolution launch, the static mainloop model's H200 time (modelled "
+        "from its sm_90 SASS, compiled here: about 15 s a shape; needs triton)"
+    )
+    parser.add_argument("--model", action="store_true", help=model_help)
+
+
+def _modelled(batch: int, channels: int, size: int, dtype: str, training: bool) -> dict[str, float]:
+    import os
+
+    from pnnh_kernels.triton import report
+
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise SystemExit("pnnh ledger --model: unset TRITON_INTERPRET (kernels compile ahead of time)")
+    shape = report.LayerShape(batch, channels, channels, size, size)
+    return report.modelled_mainloops(shape, DTYPES[dtype], training)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -64,5 +80,8 @@ def run(args: argparse.Namespace) -> None:
         ]
         if not (args.totals_only or args.cifar_stages):
             for ledger in (baseline, *ledgers):
-                print(format_ledger(ledger, args.cards[0]))
+                modelled = None
+                if args.model and ledger.label.startswith("pnnh") and "[triton]" in ledger.label:
+                    modelled = _modelled(batch, channels, size, args.dtype, not args.eval)
+                print(format_ledger(ledger, args.cards[0], modelled))
         print(format_comparison(ledgers, baseline, args.cards))

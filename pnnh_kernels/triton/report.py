@@ -511,6 +511,40 @@ def _mainloop_step_flops(launch: Launch) -> Optional[int]:
     return None
 
 
+# The ledger's names of the Triton launches the model reads, by BatchNorm mode, and the report's
+# variant of each (the first candidate of a variant is the launchers' default tiles).
+_LEDGER_VARIANTS = {
+    True: {
+        "_pnnh_conv_fwd_kernel (statistics)": "_pnnh_conv_fwd_kernel[bn stats]",
+        "_pnnh_conv_dgrad_kernel": "_pnnh_conv_dgrad_kernel[train-BN]",
+        "_conv_wgrad_kernel": "_conv_wgrad_kernel[learner, train-BN]",
+    },
+    False: {
+        "_pnnh_conv_fwd_kernel (fused)": "_pnnh_conv_fwd_kernel[relu]",
+        "_pnnh_conv_dgrad_kernel": "_pnnh_conv_dgrad_kernel[eval, relu]",
+        "_conv_wgrad_kernel": "_conv_wgrad_kernel[learner, relu]",
+    },
+}
+
+
+def modelled_mainloops(shape: LayerShape, dtype: torch.dtype, training: bool) -> dict[str, float]:
+    """The static model's H200 time (seconds; modelled) of a PNNH layer's convolution mainloops at
+    ``shape``, by the ledger's launch names (``pnnh ledger --model``): the launchers' default tiles,
+    sm_90. The learner's weight gradient only (the coder's 1x1 ones share its ledger name)."""
+    wanted = _LEDGER_VARIANTS[training]
+    by_variant = {variant: name for name, variant in wanted.items()}
+    chosen: dict[str, Launch] = {}
+    for launch in launches(shape, dtype):
+        if launch.name in by_variant and launch.name not in chosen:
+            chosen[launch.name] = launch
+    times: dict[str, float] = {}
+    for variant, launch in chosen.items():
+        row = _compile_row((launch, TRITON_TYPES[dtype], "sm_90", True))
+        if row.modelled_us is not None:
+            times[by_variant[variant]] = row.modelled_us * 1e-6
+    return times
+
+
 def _compile_row(job: tuple[Launch, str, str, bool]) -> Row:
     launch, dtype_name, target, with_model = job
     compiled = compile_launch(launch, DTYPES[dtype_name], target)
