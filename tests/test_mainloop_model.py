@@ -16,7 +16,14 @@ import pytest
 import torch
 
 from pnnh_kernels.mainloop import calibration, sass
-from pnnh_kernels.mainloop.model import CALIBRATED, CARDS, LaunchShape, modelled_time, resident_ctas
+from pnnh_kernels.mainloop.model import (
+    CALIBRATED,
+    CARDS,
+    LaunchShape,
+    modelled_time,
+    resident_ctas,
+    tensor_rate,
+)
 
 LISTING = """
         Function : outer_kernel
@@ -57,6 +64,11 @@ def test_listing_is_read_into_loops_and_classes():
     assert loop.global_load_bytes_per_warp == 32 * 16
     assert sass.mma_flops_per_warp("HMMA.16816.F32.BF16") == 2 * 16 * 8 * 16
     assert sass.mma_flops_per_warp("HMMA.1688.F32.TF32") == 2 * 16 * 8 * 8
+    assert sass.mma_flops_per_warp("QGMMA.64x128x32.F32.E4M3.E4M3") == 2 * 64 * 128 * 32 // 4
+    h100 = CARDS["H100"]
+    assert tensor_rate(h100, {"HGMMA.64x128x16.F32.BF16": 4}) == 4096
+    assert tensor_rate(h100, {"HGMMA.64x128x8.F32.TF32": 4}) == 2048
+    assert tensor_rate(h100, {"QGMMA.64x128x32.F32.E4M3.E4M3": 4}) == 8192
     assert sass.classify("FFMA") == "float"
     assert sass.classify("BAR.SYNC") == "barrier"
     assert sass.load_width("LDG.E.U16") == 2

@@ -109,6 +109,23 @@ class ModelledTime:
         return max(terms, key=terms.__getitem__)
 
 
+def tensor_rate(card: Hopper, opcodes: dict[str, int]) -> float:
+    """Operations per cycle per multiprocessor of a mainloop's tensor-core instructions: wgmma's
+    dense 16-bit rate, half of it for TF32 inputs, twice it for fp8 and int8; mma.sync (HMMA)
+    at the assumed legacy rate (halved again for TF32). The slowest kind present bounds."""
+    rates = []
+    for opcode in opcodes:
+        base = card.mma_sync_flops_per_cycle if opcode.startswith(("HMMA", "IMMA")) else (
+            card.wgmma_flops_per_cycle
+        )  # fmt: skip
+        if ".TF32" in opcode:
+            base /= 2
+        elif opcode.startswith(("QGMMA", "IGMMA")):
+            base *= 2
+        rates.append(base)
+    return min(rates) if rates else card.wgmma_flops_per_cycle
+
+
 def resident_ctas(card: Hopper, warps: int, registers: int, shared_bytes: int) -> int:
     """CTAs one multiprocessor holds at once (registers are allocated per warp in 256s)."""
     per_warp = math.ceil(registers * 32 / 256) * 256
@@ -158,8 +175,7 @@ def terms(listing: KernelListing, launch: LaunchShape, card: Hopper = CARDS["H20
         raise ValueError(f"{listing.name}: no mainloop with tensor-core instructions to model")
     mma_per_iteration = loop.mma_flops_per_warp * launch.warps  # one CTA's
     iterations = launch.mainloop_flops / launch.ctas / mma_per_iteration
-    sync = any(opcode.startswith("HMMA") for opcode in loop.tensor_opcodes)
-    rate = card.mma_sync_flops_per_cycle if sync else card.wgmma_flops_per_cycle
+    rate = tensor_rate(card, loop.tensor_opcodes)
     resident = resident_ctas(card, launch.warps, launch.registers, launch.shared_bytes)
     per_sm = math.ceil(launch.ctas / card.multiprocessors)  # CTAs of the busiest multiprocessor
     concurrent = min(resident, per_sm)

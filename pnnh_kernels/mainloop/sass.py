@@ -42,7 +42,7 @@ _CONTROL = {"BRA", "EXIT", "RET", "CALL", "JMP", "BRX", "NOP", "YIELD", "BPT", "
 
 _LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P[T0-9]\s+)?([A-Z0-9_]+(?:\.[A-Za-z0-9_]+)*)([^;]*);")
 _FUNCTION = re.compile(r"^\s*Function\s*:\s*(\S+)", re.MULTILINE)
-_HGMMA_SHAPE = re.compile(r"HGMMA\.(\d+)x(\d+)x(\d+)")
+_GMMA_SHAPE = re.compile(r"[HQIB]GMMA\.(\d+)x(\d+)x(\d+)")  # wgmma: 16-bit/tf32, fp8, int8, binary
 _HMMA_SHAPES = {"16816": (16, 8, 16), "1688": (16, 8, 8), "16832": (16, 8, 32), "884": (8, 8, 4)}
 
 
@@ -82,9 +82,10 @@ def classify(opcode: str) -> str:
 
 
 def mma_flops_per_warp(opcode: str) -> int:
-    """Floating-point operations one warp's issue of a tensor-core instruction contributes: an
-    HGMMA.MxNxK is one warpgroup's (four warps') M x N x K product, an HMMA.MNK one warp's."""
-    match = _HGMMA_SHAPE.match(opcode)
+    """Operations one warp's issue of a tensor-core instruction contributes: an HGMMA.MxNxK (or
+    QGMMA, IGMMA: fp8, int8) is one warpgroup's (four warps') M x N x K product, an HMMA.MNK one
+    warp's."""
+    match = _GMMA_SHAPE.match(opcode)
     if match:
         m, n, k = map(int, match.groups())
         return 2 * m * n * k // 4
