@@ -56,11 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _modelled(batch: int, channels: int, size: int, dtype: str, training: bool) -> dict[str, float]:
-    import os
+    from pnnh_kernels.triton import interpreter_enabled, report
 
-    from pnnh_kernels.triton import report
-
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if interpreter_enabled():
         raise SystemExit("pnnh ledger --model: unset TRITON_INTERPRET (kernels compile ahead of time)")
     shape = report.LayerShape(batch, channels, channels, size, size)
     return report.modelled_mainloops(shape, DTYPES[dtype], training)

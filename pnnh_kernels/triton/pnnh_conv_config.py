@@ -171,8 +171,14 @@ def wgrad_splits(config: ConvConfig, m: int, block_m: int, tiles: int, device: t
         multiprocessors = STUB_MULTIPROCESSORS
     else:
         return 1
-    target = 4 * multiprocessors
-    return max(1, min(cdiv(m, 8 * block_m), cdiv(target, tiles)))
+    return wgrad_split_target(m, block_m, tiles, multiprocessors)
+
+
+def wgrad_split_target(m: int, block_m: int, tiles: int, multiprocessors: int) -> int:
+    """Splits enough for ``tiles`` programs each to fill ``multiprocessors`` about four times over,
+    each still reducing at least 8 blocks of ``block_m`` pixels (before :func:`capped_wgrad_splits`
+    and :func:`wgrad_split_rows`; the static model's report sizes the launch with it too)."""
+    return max(1, min(cdiv(m, 8 * block_m), cdiv(4 * multiprocessors, tiles)))
 
 
 def wgrad_split_rows(m: int, block_m: int, splits: int) -> tuple[int, int]:

@@ -28,9 +28,7 @@ import argparse
 import json
 import os
 import re
-import subprocess
 import sys
-import tempfile
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -55,6 +53,7 @@ from pnnh_kernels.triton.pnnh_conv_config import (
     reduce_block_k,
     tuning_configs,
     wgrad_split_rows,
+    wgrad_split_target,
     wgrad_tiles,
 )
 
@@ -421,22 +420,10 @@ def compile_launch(launch: Launch, dtype: torch.dtype, target: str) -> Any:
     return triton.compile(source, target=TARGETS[target], options=options)
 
 
-def _cuobjdump() -> Path:
-    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-
-
 def resource_usage(cubin: bytes) -> dict[str, int]:
     """REG, STACK, SHARED, LOCAL of the (single) kernel in ``cubin``."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
-        handle.write(cubin)
-        handle.flush()
-        text = subprocess.run(
-            [str(_cuobjdump()), "--dump-resource-usage", handle.name],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-    return {key: int(value) for key, value in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", text)}
+    (usage,) = sass.resource_usage(cubin).values()
+    return usage
 
 
 @dataclass
@@ -485,7 +472,7 @@ def model_launch(
         pixels, c_x, c_g = i["M"], i["C_x"], i["C_g"]
         tiles = cdiv(c_x, c["BLOCK_X"]) * cdiv(c_g, c["BLOCK_G"]) * taps
         reads = 1 + c["RELU"]  # dy (or dz), and y where read
-        splits = max(1, min(cdiv(pixels, 8 * c["BLOCK_M"]), cdiv(4 * 132, tiles)))
+        splits = wgrad_split_target(pixels, c["BLOCK_M"], tiles, 132)
         splits = capped_wgrad_splits(splits, pixels * c_g * size * reads, taps, c_x, c_g)
         splits, _ = wgrad_split_rows(pixels, c["BLOCK_M"], splits)
         ctas = tiles * splits
