@@ -244,10 +244,10 @@ def format_results(results: dict[str, Any]) -> str:
     for row in rows:
         info = row["extra_info"]
         ratio = f"{info['host_ratio']:.2f}"
-        if "host_ratio_less_head_compute" in info:
+        if "host_ratio_whole_step" in info:
             ratio += (
-                f" ({info['host_ratio_less_head_compute']:.2f} less the head's CPU compute, "
-                f"{info['pnnh_head_compute_us']:.0f} µs)"
+                f" (whole step {info['host_ratio_whole_step']:.2f}: the head's "
+                f"{info['head_host_us_median']:.0f} µs added to both sides)"
             )
         minima = info.get("host_ratio_min")
         lines.append(

@@ -16,7 +16,7 @@ from pnnh_kernels.backends.call import LinearCall
 from pnnh_kernels.backends.fused_common import in_dtype
 from pnnh_kernels.ops.pnnh_conv import (
     OPS,
-    Conv2dFused,
+    apply_fused,
     autocast_dtype,
     coder_in,
     enters_function,
@@ -42,5 +42,5 @@ def linear(library: str, call: LinearCall) -> Tensor:
         _UNIT,
         call.activation == "relu",
     )
-    out = Conv2dFused.apply(ops, *args) if enters_function(args) else ops.conv2d_fused(*args)
+    out = apply_fused(ops, *args) if enters_function(args) else ops.conv2d_fused(*args)
     return out.reshape(*call.input.shape[:-1], call.weight.shape[0])
