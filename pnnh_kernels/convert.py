@@ -11,7 +11,8 @@ What is converted (docs/convert.md):
 - torchvision's ResNet stem (a module with ``conv1, bn1, relu, maxpool`` beside ``layer1``): its
   conv + BN + ReLU becomes one FusedPNNHConv without a coder (the stem sees pixels, not the
   rectified activations a coder is made for), ``bn1`` and ``relu`` become ``nn.Identity``.
-- in any ``nn.Sequential``: ``Conv2d, BatchNorm2d[, ReLU]`` runs, and a ``Conv2d, ReLU`` pair.
+- in any ``nn.Sequential``: ``Conv2d, BatchNorm2d[, ReLU]`` runs, and a ``Conv2d, ReLU`` pair. The
+  first convolution of the model (in its modules' order) reads the input and is its stem: no coder.
 
 Coders (``"pnnh"``) follow the rule of the library's own PNNH models (pnnh_kernels.models): within a
 stage (one ``nn.Sequential`` of blocks, or one ``nn.Sequential`` of layers) layers of the same
@@ -94,6 +95,9 @@ class _Converter:
         self.unsupported = unsupported
         self.backend = backend
         self.rows: list[ConversionRow] = []
+        # Whether a convolution has been met yet (walking the model in its modules' order): the
+        # first one reads the model's input, pixels, and gets no coder, as a ResNet stem does not.
+        self.convs_met = False
         # Rows whose detail names coders, finished once every layer has attached to its coder.
         self.pending: list[tuple[ConversionRow, str, list[tuple[str, FusedPNNHConv]]]] = []
 
@@ -133,8 +137,15 @@ class _Converter:
         same_like = all(
             2 * p == d * (k - 1) for p, d, k in zip(conv.padding, conv.dilation, conv.kernel_size)
         )
+        reads_input, self.convs_met = not self.convs_met, True
         coder = None
-        if bank is not None and self.coders and same_like and isinstance(stride, int):
+        if (
+            bank is not None
+            and self.coders
+            and same_like
+            and isinstance(stride, int)
+            and not reads_input
+        ):
             coder = bank.coder(conv.in_channels, conv.out_channels, stride, key)
         weight = conv.weight
         if coder is not None:  # the bank makes coders in the default dtype, on the CPU
@@ -178,6 +189,7 @@ class _Converter:
     def unsupported_module(self, path: str, reason: str) -> None:
         if self.unsupported == "refuse":
             raise NotImplementedError(f"{path or '(model)'}: cannot convert: {reason}")
+        self.convs_met = True  # a kept convolution, or a kept block holding them
         self.rows.append(ConversionRow(path, "kept", reason))
 
     def block(self, path: str, block: nn.Module, bank: CoderBank) -> nn.Module:
@@ -261,9 +273,10 @@ class _Converter:
                     out.append((name, module))
                     index += 1
                     continue
+                stem = "" if self.convs_met else "stem (reads the input) "
                 layer = self.fused(module, norm, relu, bank)
                 parts = "conv" + ("+bn" if norm is not None else "") + ("+relu" if relu else "")
-                self.converted(child_path, "", [(parts, layer)])
+                self.converted(child_path, stem, [(parts, layer)])
                 out.append((name, layer))
                 index += 1 + (norm is not None) + relu
                 changed = True

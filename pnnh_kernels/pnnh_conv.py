@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -112,8 +112,9 @@ class FusedPNNHConv(RefusesTorchScript, CoderUser):
         check_positive_int("out_channels", out_channels)
         if groups != 1:
             raise NotImplementedError(
-                f"groups: only groups=1 is supported, got {groups}; the coder mixes all input "
-                "channels, which a grouped learner would not"
+                f"groups: grouped and depthwise convolutions are not supported (got groups={groups}): "
+                "the fused kernels compute a dense convolution over all input channels; keep "
+                "nn.Conv2d for a grouped layer"
             )
         if padding_mode != "zeros":
             raise NotImplementedError(
@@ -133,8 +134,9 @@ class FusedPNNHConv(RefusesTorchScript, CoderUser):
             kernel_size, stride, padding, dilation, with_coder=wants_coder
         )
         # As given: forward hands it to pnnh_conv2d, which resolves it to self.geometry's pads again
-        # (geometry.padding alone would lose the bottom/right part of an asymmetric padding).
-        self.padding: Padding = padding
+        # (geometry.padding alone would lose the bottom/right part of an asymmetric padding). The
+        # attribute ``padding`` is nn.Conv2d's view of it (see the property).
+        self._padding_given: Padding = padding
         factory = {"device": device, "dtype": dtype}
         self.in_channels = in_channels
         self.out_channels = out_channels
@@ -167,6 +169,39 @@ class FusedPNNHConv(RefusesTorchScript, CoderUser):
             bound = 1 / math.sqrt(fan_in)
             nn.init.uniform_(self.bias, -bound, bound)
 
+    # nn.Conv2d's attributes, for the tools that read them (FLOP counters, model surgery): only
+    # these values are accepted by the constructor.
+    groups = 1
+    padding_mode = "zeros"
+
+    @property
+    def kernel_size(self) -> tuple[int, int]:
+        return self.geometry.kernel_size
+
+    @property
+    def stride(self) -> tuple[int, int]:
+        return self.geometry.stride
+
+    @property
+    def dilation(self) -> tuple[int, int]:
+        return self.geometry.dilation
+
+    @property
+    def padding(self) -> Union[tuple[int, int], str]:
+        """As nn.Conv2d's: the string given (``"same"``, ``"valid"``), else the zeros on each side;
+        ``"same"`` for the default "same"-like padding where it is asymmetric (nn.Conv2d has no
+        tuple for that either)."""
+        given = self._padding_given
+        if isinstance(given, str):
+            return given
+        return self.geometry.padding if self.geometry.is_symmetric else "same"
+
+    def __setstate__(self, state: dict) -> None:
+        # A module pickled before ``padding`` became a property kept the given padding under it.
+        if "padding" in state and "_padding_given" not in state:
+            state["_padding_given"] = state.pop("padding")
+        super().__setstate__(state)
+
     @property
     def code_channels(self) -> int:
         return 0 if self.coder is None else self.coder.code_channels
@@ -182,8 +217,9 @@ class FusedPNNHConv(RefusesTorchScript, CoderUser):
         if type(input) is not Tensor or torch.compiler.is_compiling() or torch.jit.is_tracing():
             return pnnh_conv2d(
                 input, self.weight, self.bias, *(coder or (None, None, None)),
-                stride=self.geometry.stride, padding=self.padding, dilation=self.geometry.dilation,
-                norm=norm, activation=self.activation, backend=self.backend,
+                stride=self.geometry.stride, padding=self._padding_given,
+                dilation=self.geometry.dilation, norm=norm, activation=self.activation,
+                backend=self.backend,
             )  # fmt: skip
         # pnnh_conv2d's checks depend only on what this signature holds: they run again only when
         # something in it changes (a new input shape, a parameter moved to another device or dtype,
@@ -192,7 +228,7 @@ class FusedPNNHConv(RefusesTorchScript, CoderUser):
         if signature != getattr(self, "_checked_signature", None):  # None: a module from before
             checked = check_conv2d(
                 input, self.weight, self.bias, *(coder or (None, None, None)),
-                self.geometry.stride, self.padding, self.geometry.dilation, norm, self.activation,
+                self.geometry.stride, self._padding_given, self.geometry.dilation, norm, self.activation,
             )  # fmt: skip
             self._checked_geometry = checked[1]
             self._checked_signature = signature
@@ -206,7 +242,8 @@ class FusedPNNHConv(RefusesTorchScript, CoderUser):
     ) -> tuple:
         tensors = (input, self.weight, self.bias, *(coder or ()), *(norm[:4] if norm else ()))
         return (
-            self.padding, self.geometry, self.activation, self.backend, norm is None, coder is None,
+            self._padding_given, self.geometry, self.activation, self.backend, norm is None,
+            coder is None,
             autocast_enabled(input.device),
             *[None if t is None else (t.shape, t.dtype, t.device) for t in tensors],
         )  # fmt: skip

@@ -139,8 +139,11 @@ def test_a_vgg_like_stack_converts():
     assert summary.count("kept") == 1  # the depthwise conv
     pnnh, pnnh_summary = convert(stack, "pnnh")
     coders = [m.coder for m in pnnh.modules() if isinstance(m, FusedPNNHConv)]
-    assert coders[0] is not None
-    assert coders[0] is not coders[1]  # 3 -> 16 and 16 -> 16 differ
+    assert coders[0] is None  # the first conv reads the pixels: the stem, no coder
+    assert "| 0 | converted | stem (reads the input) conv+bn+relu: no coder |" in pnnh_summary.table()
+    assert coders[1] is not None
+    assert coders[2] is not None
+    assert coders[1] is not coders[2]  # 16 -> 16 and 16 -> 32 differ
     assert coders[3] is None  # padding 0 is not "same"-like: no coder
     assert "depthwise convolution (groups=32)" in pnnh_summary.table()
 
@@ -195,8 +198,12 @@ def test_a_pnnh_resnet_takes_the_learners_of_a_torchvision_checkpoint():
     missing, _ = deeper.load_torchvision_state_dict(theirs.state_dict(), strict=False)
     assert "layer1.2.conv1.weight" in missing  # a shallower checkpoint: said, not hidden
     torch.testing.assert_close(pnnh.stages[1][0].layers[0].weight, theirs.layer2[0].conv1.weight)
-    with pytest.raises(ValueError, match="unexpected"):
+    # Strict: the message names the real cause (no shortcuts here) and the fix.
+    with pytest.raises(ValueError, match=r"no shortcut connections.*strict=False"):
         pnnh.load_torchvision_state_dict(theirs.state_dict())
+    # Anything else wrong as well: the general message with the keys.
+    with pytest.raises(ValueError, match=r"unexpected \d+ keys"):
+        deeper.load_torchvision_state_dict(theirs.state_dict())
 
 
 def test_an_eval_mode_model_converts_to_an_eval_mode_twin():

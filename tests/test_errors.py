@@ -20,7 +20,7 @@ def conv(**overrides):
     [
         ({"in_channels": 0}, ValueError, "in_channels"),
         ({"out_channels": 2.5}, ValueError, "out_channels"),
-        ({"groups": 2}, NotImplementedError, "groups"),
+        ({"groups": 2, "coder_channels": 0}, NotImplementedError, "groups: grouped .* not supported"),
         ({"padding_mode": "reflect"}, NotImplementedError, "padding_mode"),
         ({"norm": "layer"}, ValueError, "norm"),
         ({"activation": "gelu"}, ValueError, "activation"),
@@ -240,3 +240,10 @@ def test_channel_counts_are_held_to_one_rule_everywhere(value):
     ):
         with pytest.raises(ValueError, match="expected a positive int"):
             build()
+
+
+def test_a_code_wider_than_the_input_is_warned_about():
+    with pytest.warns(UserWarning, match=r"coder_channels=100 is wider than the layer's 8 input"):
+        FusedPNNHConv(8, 8, coder_channels=100, backend="torch")
+    with pytest.warns(UserWarning, match=r"coder_features=20 is wider"):
+        FusedPNNHLinear(8, 8, coder_features=20, backend="torch")

@@ -129,3 +129,40 @@ def test_jit_trace_runs_at_other_shapes(backend, training):
 def test_jit_script_refuses_clearly(make):
     with pytest.raises(RuntimeError, match=r"torch.jit.script: FusedPNNH\w+ cannot be scripted"):
         torch.jit.script(nn.Sequential(make()))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "padding"),
+    [
+        ({"kernel_size": 3, "stride": 2}, (1, 1)),
+        ({"kernel_size": (3, 5), "dilation": (2, 1)}, (2, 2)),
+        ({"kernel_size": 4, "coder_channels": 0}, "same"),  # asymmetric: no tuple, as nn.Conv2d
+        ({"kernel_size": 3, "padding": "same"}, "same"),
+        ({"kernel_size": 3, "padding": 0, "coder_channels": 0}, (0, 0)),
+    ],
+)
+def test_the_layer_has_nn_conv2d_attributes(kwargs, padding):
+    """FLOP counters and model surgery read these from anything that looks like a conv."""
+    layer = FusedPNNHConv(8, 16, backend="torch", **kwargs)
+    conv = nn.Conv2d(8, 16, **{k: v for k, v in kwargs.items() if k != "coder_channels"})
+    for name in ("kernel_size", "stride", "dilation", "groups", "padding_mode"):
+        assert getattr(layer, name) == getattr(conv, name), name
+    assert layer.padding == padding
+    # nn.Conv2d given that padding computes the same convolution (the learner, coder off).
+    plain = FusedPNNHConv(8, 16, backend="torch", **{**kwargs, "coder_channels": 0}, activation=None)
+    geometry = {k: v for k, v in kwargs.items() if k not in ("coder_channels", "padding")}
+    same = nn.Conv2d(8, 16, **geometry, padding=plain.padding)
+    same.weight, same.bias = plain.weight, plain.bias
+    x = torch.randn(1, 8, 9, 9)
+    torch.testing.assert_close(plain(x), same(x))
+
+
+def test_a_layer_pickled_with_the_old_padding_attribute_loads():
+    layer = FusedPNNHConv(8, 8, padding="same", backend="torch")
+    state = layer.__dict__.copy()
+    state["padding"] = state.pop("_padding_given")  # as a module pickled before 2026-12-07
+    restored = FusedPNNHConv.__new__(FusedPNNHConv)
+    restored.__setstate__(state)
+    assert restored.padding == "same"
+    x = torch.randn(2, 8, 5, 5)
+    torch.testing.assert_close(restored(x), layer(x))

@@ -88,6 +88,16 @@ def load_torchvision_state_dict(
         for key, theirs in mapping.items()
         if theirs in state_dict and state_dict[theirs].shape != ours[key].shape
     ]
+    shortcuts = [key for key in unexpected if ".downsample." in key]
+    if strict and shortcuts and not mismatched and not missing and len(shortcuts) == len(unexpected):
+        # The plain and PNNH variants have no shortcut connections: a correct torchvision
+        # checkpoint of the same depth differs from them by exactly its downsample entries.
+        raise ValueError(
+            f"state_dict: its {len(shortcuts)} shortcut entries ({', '.join(shortcuts[:3])}...) "
+            f"have no place in this {getattr(model, 'variant', 'plain')!r} ResNet, which has no "
+            "shortcut connections; everything else matches. Load with strict=False to skip them "
+            "(they come back in the result's unexpected_keys)"
+        )
     if mismatched or (strict and (missing or unexpected)):
         problems = []
         if missing:
