@@ -8,7 +8,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
-from pnnh_kernels.backends import check_backend_name, resolve_backend
+from pnnh_kernels.backends import backend_reason, check_backend_name, resolve_backend
 from pnnh_kernels.backends.call import ACTIVATIONS, BatchNormParams
 from pnnh_kernels.coder import (
     DEFAULT_CODER_INIT,
@@ -210,6 +210,12 @@ class FusedPNNHConv(RefusesTorchScript, CoderUser):
     def backend_in_use(self) -> str:
         """The backend that runs this layer for inputs on its parameters' device and dtype."""
         return resolve_backend(self.backend, self.weight.device, self.weight.dtype, "conv2d").name
+
+    @property
+    def backend_reason(self) -> str:
+        """Why :attr:`backend_in_use` runs this layer: the measurement behind ``"auto"``'s choice on
+        this device family (pnnh_kernels.backends.auto), or that the backend was named."""
+        return backend_reason(self.backend, self.weight.device, self.weight.dtype, "conv2d")
 
     def forward(self, input: Tensor) -> Tensor:
         coder = self.coder.tensors() if self.coder is not None else None

@@ -167,6 +167,25 @@ def test_explicit_triton_backend_with_unsupported_dtype_raises():
 def test_auto_backend_says_which_runs():
     assert conv().backend_in_use == "torch"
     assert FusedPNNHLinear(3, 3, coder_init="he", coder_trainable=True).backend_in_use == "torch"
+    assert conv().backend_reason.startswith("auto: torch, on a CPU")
+    assert conv(backend="torch").backend_reason == "backend='torch' was named explicitly"
+
+
+def test_auto_follows_the_measurement_table(monkeypatch):
+    """"auto" runs the backend of the device family's row, and says why; where that backend cannot
+    run the call, the torch backend, saying so."""
+    from pnnh_kernels import backends
+    from pnnh_kernels.backends import auto
+
+    pytest.importorskip("triton")
+    monkeypatch.setattr(backends, "_resolved", {})
+    rule = auto.AutoRule("triton", "measured in a test")
+    monkeypatch.setitem(auto.MEASURED_FASTEST, ("cpu", None), rule)
+    layer = conv()
+    assert layer.backend_in_use == "triton"  # the CPU interpreter runs it under the tests
+    assert layer.backend_reason == "auto: triton, measured in a test"
+    assert conv().double().backend_in_use == "torch"  # Triton takes no float64
+    assert "auto: torch, because triton (measured fastest here" in conv().double().backend_reason
 
 
 @pytest.mark.parametrize(

@@ -8,10 +8,11 @@ their arguments once and then call ``backend.conv2d`` / ``backend.linear`` of th
 :func:`resolve_backend` picks. Adding the Triton or CUDA kernels means registering another table; the
 modules and the functional API do not change.
 
-``"auto"`` takes the first backend in :data:`AUTO_PREFERENCE` that can run the call and says which
-through :func:`resolve_backend` (the modules expose it as ``backend_in_use``). A backend named
-explicitly that cannot run the call raises :class:`BackendUnavailableError` with the reason: no silent
-fallback hides a slow path.
+``"auto"`` runs the backend measured fastest on the device's family (:mod:`pnnh_kernels.backends.auto`:
+a table of measurements, each row citing its file in docs/perf) and says which through
+:func:`resolve_backend` and why through :func:`backend_reason` (the modules expose them as
+``backend_in_use`` and ``backend_reason``). A backend named explicitly that cannot run the call
+raises :class:`BackendUnavailableError` with the reason: no silent fallback hides a slow path.
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ from typing import Optional
 
 import torch
 
+from pnnh_kernels.backends.auto import auto_rule
 from pnnh_kernels.backends.call import ConvCall, LinearCall
 
-# Fastest first. Names that are not registered are skipped by "auto" and rejected when asked for.
-AUTO_PREFERENCE = ("cuda", "triton", "torch")
-KNOWN_BACKENDS = ("auto", *AUTO_PREFERENCE)
+# The concrete backends; a name that is not registered is rejected when asked for.
+BACKEND_NAMES = ("cuda", "triton", "torch")
+KNOWN_BACKENDS = ("auto", *BACKEND_NAMES)
+REFERENCE_BACKEND = "torch"
 
 
 class BackendUnavailableError(RuntimeError):
@@ -38,17 +41,15 @@ class Backend:
     """One backend's implementations.
 
     ``unavailable_reason(device, dtype, op)`` returns None when the backend can run ``op`` ("conv2d"
-    or "linear") on tensors of that device and dtype, else a sentence saying why not.
-    ``auto_device_types``: where "auto" may pick it (None: everywhere); the Triton interpreter runs
-    on the CPU but is far slower there than PyTorch, so "auto" only picks Triton on GPUs. Every
-    backend computes training-mode BatchNorm itself.
+    or "linear") on tensors of that device and dtype, else a sentence saying why not. Every backend
+    computes training-mode BatchNorm itself. Where "auto" runs it is not the backend's to say: see
+    :mod:`pnnh_kernels.backends.auto`.
     """
 
     name: str
     conv2d: Callable[[ConvCall], torch.Tensor]
     linear: Callable[[LinearCall], torch.Tensor]
     unavailable_reason: Callable[[torch.device, torch.dtype, str], Optional[str]]
-    auto_device_types: Optional[tuple[str, ...]] = None
 
 
 _REGISTRY: dict[str, Backend] = {}
@@ -58,8 +59,8 @@ _resolved: dict[tuple, Backend] = {}
 
 
 def register_backend(backend: Backend) -> None:
-    if backend.name not in AUTO_PREFERENCE:
-        raise ValueError(f"backend.name: expected one of {AUTO_PREFERENCE}, got {backend.name!r}")
+    if backend.name not in BACKEND_NAMES:
+        raise ValueError(f"backend.name: expected one of {BACKEND_NAMES}, got {backend.name!r}")
     _REGISTRY[backend.name] = backend
     _resolved.clear()
 
@@ -88,8 +89,8 @@ def check_backend_name(name: str) -> str:
 
 
 def registered_backends() -> tuple[str, ...]:
-    """Names of the backends built into this installation, fastest first."""
-    return tuple(name for name in AUTO_PREFERENCE if name in _REGISTRY)
+    """Names of the backends built into this installation."""
+    return tuple(name for name in BACKEND_NAMES if name in _REGISTRY)
 
 
 def _why_unavailable(name: str, device: torch.device, dtype: torch.dtype, op: str) -> Optional[str]:
@@ -122,14 +123,11 @@ def resolve_backend(
 def _resolve(name: str, device: torch.device, dtype: torch.dtype, op: str) -> Backend:
     check_backend_name(name)
     if name == "auto":
-        for candidate in AUTO_PREFERENCE:
-            if _why_unavailable(candidate, device, dtype, op) is not None:
-                continue
-            backend = _REGISTRY[candidate]
-            allowed = backend.auto_device_types
-            if allowed is not None and device.type not in allowed:
-                continue
-            return backend
+        chosen = auto_rule(device).backend
+        if _why_unavailable(chosen, device, dtype, op) is None:
+            return _REGISTRY[chosen]
+        if _why_unavailable(REFERENCE_BACKEND, device, dtype, op) is None:
+            return _REGISTRY[REFERENCE_BACKEND]
         raise BackendUnavailableError(f"no backend can run {op} on {device} with {dtype}")
     reason = _why_unavailable(name, device, dtype, op)
     if reason is not None:
@@ -139,13 +137,29 @@ def _resolve(name: str, device: torch.device, dtype: torch.dtype, op: str) -> Ba
     return _REGISTRY[name]
 
 
+def backend_reason(name: str, device: torch.device, dtype: torch.dtype, op: str) -> str:
+    """Why :func:`resolve_backend` runs what it runs for ``name``: the measurement behind "auto"'s
+    choice on this device family, or that the backend was named."""
+    if name != "auto":
+        return f"backend={name!r} was named explicitly"
+    rule = auto_rule(device)
+    unavailable = _why_unavailable(rule.backend, device, dtype, op)
+    if unavailable is None:
+        return f"auto: {rule.backend}, {rule.evidence}"
+    return (
+        f"auto: {REFERENCE_BACKEND}, because {rule.backend} (measured fastest here: "
+        f"{rule.evidence}) cannot run {op} on {device} with {dtype}: {unavailable}"
+    )
+
+
 __all__ = [
-    "AUTO_PREFERENCE",
+    "BACKEND_NAMES",
     "Backend",
     "BackendUnavailableError",
     "ConvCall",
     "LinearCall",
     "backend_named",
+    "backend_reason",
     "register_backend",
     "registered_backends",
     "resolve_backend",

@@ -7,5 +7,5 @@ from pnnh_kernels.cuda import launch
 from pnnh_kernels.cuda.availability import unavailable_reason
 from pnnh_kernels.ops import register_fused_backend
 
-# Not picked by "auto" until its GPU tests have passed on a GPU (docs/kernels.md).
-register_fused_backend("cuda", "pnnh_cuda", launch, unavailable_reason, auto_device_types=())
+# Where "auto" runs it is decided by measurements: pnnh_kernels.backends.auto.
+register_fused_backend("cuda", "pnnh_cuda", launch, unavailable_reason)

@@ -18,7 +18,6 @@ def register_fused_backend(
     library: str,
     launchers: pnnh_conv.FusedKernels,
     unavailable_reason: Callable[[torch.device, torch.dtype, str], Optional[str]],
-    auto_device_types: tuple[str, ...],
 ) -> None:
     """Make ``launchers`` the implementations of ``library``'s ops and register the backend
     ``name`` over them (what each fused backend's package does on import)."""
@@ -29,6 +28,5 @@ def register_fused_backend(
             functools.partial(pnnh_conv.conv2d, library),
             functools.partial(pnnh_linear.linear, library),
             unavailable_reason,
-            auto_device_types=auto_device_types,
         )
     )

@@ -7,5 +7,5 @@ from pnnh_kernels.ops import register_fused_backend
 from pnnh_kernels.triton import pnnh_conv as launchers
 from pnnh_kernels.triton.availability import unavailable_reason
 
-# The CPU interpreter runs the kernels far slower than PyTorch there: "auto" picks Triton on GPUs.
-register_fused_backend("triton", "pnnh", launchers, unavailable_reason, auto_device_types=("cuda",))
+# Where "auto" runs it is decided by measurements: pnnh_kernels.backends.auto.
+register_fused_backend("triton", "pnnh", launchers, unavailable_reason)
