@@ -77,5 +77,7 @@ def test_training_step(run_benchmark, benchmark, name, stem, batch, size, classe
             "peak_memory_bytes": torch.cuda.max_memory_allocated(DEVICE) if ON_GPU else None,
             "parameters": parts["total"],
             "coder_parameters": parts["coder"],
+            # what the optimizer trains: the default coders are fixed (stored, not trained)
+            "trained_parameters": parts["trainable"],
         }
     )

@@ -57,8 +57,10 @@ class ConversionRow:
 @dataclass
 class ConversionSummary:
     variant: str
-    parameters_before: int
+    parameters_before: int  # trained: what the optimizer updates
     parameters_after: int = 0
+    stored_before: int = 0  # stored: a fixed coder is stored, not trained
+    stored_after: int = 0
     rows: list[ConversionRow] = field(default_factory=list)
 
     def count(self, action: str) -> int:
@@ -69,8 +71,9 @@ class ConversionSummary:
         lines = [
             f"Conversion to {self.variant}: {self.count('converted')} converted, "
             f"{self.count('kept')} kept as they were, {self.count('removed')} shortcuts removed; "
-            f"parameters {self.parameters_before:,} -> {self.parameters_after:,} "
-            "(a shared coder counted once)",
+            f"trained parameters {self.parameters_before:,} -> {self.parameters_after:,} "
+            f"(stored {self.stored_before:,} -> {self.stored_after:,}: fixed coders are stored, "
+            "not trained; a shared coder counted once)",
             "",
             "| module | action | detail |",
             "|---|---|---|",
@@ -403,12 +406,15 @@ def convert(
         )
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-    summary = ConversionSummary(variant, count_parameters(model))
+    summary = ConversionSummary(
+        variant, count_parameters(model, trainable_only=True), stored_before=count_parameters(model)
+    )
     target = model if inplace else copy.deepcopy(model)
     converter = _Converter(variant, coder_channels, coder_init, coder_trainable, unsupported, backend)
     converted = converter.module("", target)
     summary.rows = converter.finish()
-    summary.parameters_after = count_parameters(converted)
+    summary.parameters_after = count_parameters(converted, trainable_only=True)
+    summary.stored_after = count_parameters(converted)
     if not any(row.action == "converted" for row in summary.rows):
         raise ValueError(
             "model: nothing to convert: no torchvision-style residual block, ResNet stem or "

@@ -134,6 +134,11 @@ def test_report_says_when_the_claims_hold(tmp_path):
     rows = _model_rows(results)
     assert throughput_verdict(rows).startswith("supported here: PNNH trains +37.5% faster")
     assert parameter_verdict(rows).startswith("PNNH is smaller")
+    assert "the residual's stored parameters" in parameter_verdict(rows)  # recorded without trained
+    for row in rows:  # a run that recorded the trained counts: the verdict uses them
+        row["trained_parameters"] = 1000
+        row["parameters_vs_residual"] = 1.0
+    assert "1.000x the residual's trained parameters" in parameter_verdict(rows)
 
 
 def test_write_report_makes_markdown_and_plots(tmp_path):

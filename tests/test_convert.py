@@ -103,7 +103,15 @@ def test_resnet50_converts_to_pnnh_and_plain_twins(capsys):
         if isinstance(m, nn.Sequential) and len(m) == 2 and isinstance(m[1], nn.BatchNorm2d)
     )
     assert plain_summary.parameters_after == plain_summary.parameters_before - shortcuts
-    assert summary.parameters_after > plain_summary.parameters_after  # the coders
+    # The default coders are fixed: stored, not trained. The summary leads with what is trained.
+    assert summary.parameters_after == plain_summary.parameters_after
+    coders = {id(m.coder): m.coder for m in layers if m.coder is not None}
+    assert summary.stored_after == plain_summary.stored_after + sum(
+        count_parameters(c) for c in coders.values()
+    )
+    assert f"trained parameters {summary.parameters_before:,} -> {summary.parameters_after:,}" in (
+        summary.table()
+    )
     x = torch.randn(2, 3, 32, 32)
     assert pnnh.eval()(x).shape == plain.eval()(x).shape == (2, 10)
     # A converted layer's learner and norm are the original's.
