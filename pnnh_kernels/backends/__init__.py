@@ -93,7 +93,8 @@ def registered_backends() -> tuple[str, ...]:
     return tuple(name for name in BACKEND_NAMES if name in _REGISTRY)
 
 
-def _why_unavailable(name: str, device: torch.device, dtype: torch.dtype, op: str) -> Optional[str]:
+def why_unavailable(name: str, device: torch.device, dtype: torch.dtype, op: str) -> Optional[str]:
+    """Why the backend ``name`` cannot run ``op`` on ``device`` with ``dtype``, or None if it can."""
     backend = _REGISTRY.get(name)
     if backend is None:
         return f"no {name} kernels are registered in this installation of pnnh_kernels"
@@ -124,12 +125,12 @@ def _resolve(name: str, device: torch.device, dtype: torch.dtype, op: str) -> Ba
     check_backend_name(name)
     if name == "auto":
         chosen = auto_rule(device).backend
-        if _why_unavailable(chosen, device, dtype, op) is None:
+        if why_unavailable(chosen, device, dtype, op) is None:
             return _REGISTRY[chosen]
-        if _why_unavailable(REFERENCE_BACKEND, device, dtype, op) is None:
+        if why_unavailable(REFERENCE_BACKEND, device, dtype, op) is None:
             return _REGISTRY[REFERENCE_BACKEND]
         raise BackendUnavailableError(f"no backend can run {op} on {device} with {dtype}")
-    reason = _why_unavailable(name, device, dtype, op)
+    reason = why_unavailable(name, device, dtype, op)
     if reason is not None:
         raise BackendUnavailableError(
             f"backend={name!r} cannot run {op} on {device} with {dtype}: {reason}"
@@ -143,7 +144,7 @@ def backend_reason(name: str, device: torch.device, dtype: torch.dtype, op: str)
     if name != "auto":
         return f"backend={name!r} was named explicitly"
     rule = auto_rule(device)
-    unavailable = _why_unavailable(rule.backend, device, dtype, op)
+    unavailable = why_unavailable(rule.backend, device, dtype, op)
     if unavailable is None:
         return f"auto: {rule.backend}, {rule.evidence}"
     return (
@@ -164,4 +165,5 @@ __all__ = [
     "registered_backends",
     "resolve_backend",
     "unregister_backend",
+    "why_unavailable",
 ]
