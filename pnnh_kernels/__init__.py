@@ -12,8 +12,9 @@ from pnnh_kernels.backends import reference as _torch_backend  # noqa: F401
 from pnnh_kernels.coder import PNNHCoder
 from pnnh_kernels.pnnh_conv import FusedPNNHConv
 from pnnh_kernels.pnnh_linear import FusedPNNHLinear
+from pnnh_kernels.version import VERSION
 
-__version__ = "0.1.0"
+__version__ = VERSION
 
 __all__ = [
     "BackendUnavailableError",

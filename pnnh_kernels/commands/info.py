@@ -14,6 +14,8 @@ from typing import Optional
 
 import torch
 
+from pnnh_kernels.version import version_string
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -61,7 +63,6 @@ def _extension_line() -> str:
 
 def report(dtype: torch.dtype) -> str:
     """The lines ``pnnh info`` prints."""
-    import pnnh_kernels
     from pnnh_kernels.backends import (
         BACKEND_NAMES,
         BackendUnavailableError,
@@ -72,7 +73,7 @@ def report(dtype: torch.dtype) -> str:
     )
 
     lines = [
-        f"pnnh-kernels {pnnh_kernels.__version__}",
+        version_string(),
         f"python {sys.version.split()[0]} ({platform.platform()})",
         f"torch {torch.__version__}, CUDA {torch.version.cuda or 'none'}, triton {_version('triton')}",
         _extension_line(),
