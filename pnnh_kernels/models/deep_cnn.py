@@ -93,4 +93,8 @@ class DeepCNN(nn.Module):
 
 
 def deep_cnn(depth: int, width: int = 16, variant: str = "pnnh", **kwargs) -> DeepCNN:
+    """A deep plain, residual or PNNH CNN of ``depth`` 3x3 layers of ``width`` channels (the nets of
+    the demo and the depth studies, docs/analysis.md): see :class:`DeepCNN` for the keyword
+    arguments (``in_channels=1``, ``num_classes=10``, the coder's width, init, sharing and
+    tying, ``norm``). ``deep_cnn(64, 16, "pnnh")`` is the demo's PNNH net."""
     return DeepCNN(depth, width, variant, **kwargs)
