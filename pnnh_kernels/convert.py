@@ -35,14 +35,13 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Optional
 
-import torch
 from torch import nn
 
 from pnnh_kernels.coder import DEFAULT_CODER_INIT
 from pnnh_kernels.models.coder_bank import CoderBank, check_variant
 from pnnh_kernels.models.parameters import count_parameters
 from pnnh_kernels.models.resnet import _Block
-from pnnh_kernels.pnnh_conv import FusedPNNHConv
+from pnnh_kernels.pnnh_conv import FusedPNNHConv, fusion_problem
 
 UNSUPPORTED_CHOICES = ("keep", "refuse")
 
@@ -106,31 +105,10 @@ class _Converter:
 
     # -- one conv + BN (+ ReLU) -----------------------------------------------------------------
 
-    def why_not(self, conv: nn.Conv2d, norm: Optional[nn.Module] = None) -> Optional[str]:
+    @staticmethod
+    def why_not(conv: nn.Conv2d, norm: Optional[nn.Module] = None) -> Optional[str]:
         """Why ``conv`` (with ``norm``) cannot become a FusedPNNHConv, or None."""
-        if type(conv) is not nn.Conv2d:  # a subclass may have its own forward (timm's Conv2dSame)
-            return f"{type(conv).__name__} is a Conv2d subclass: its forward may differ"
-        if norm is not None and type(norm) is not nn.BatchNorm2d:
-            return f"{type(norm).__name__} where a BatchNorm2d was expected"
-        if norm is not None and not (norm.affine and norm.track_running_stats):
-            return (
-                f"BatchNorm2d(affine={norm.affine}, track_running_stats={norm.track_running_stats}): "
-                "the fused layer's norm has both"
-            )
-        if (
-            conv._forward_hooks
-            or conv._forward_pre_hooks
-            or (norm is not None and (norm._forward_hooks or norm._forward_pre_hooks))
-        ):
-            return "forward hooks on the conv or its norm would be lost"
-        if conv.groups != 1:
-            kind = "depthwise" if conv.groups == conv.in_channels else "grouped"
-            return f"{kind} convolution (groups={conv.groups}): a coder mixes all input channels"
-        if conv.padding_mode != "zeros":
-            return f"padding_mode={conv.padding_mode!r}: the fused kernels read zeros outside the image"
-        if isinstance(conv.padding, str):
-            return f"padding={conv.padding!r}: give the conversion explicit padding"
-        return None
+        return fusion_problem(conv, norm)
 
     def fused(
         self, conv: nn.Conv2d, norm: Optional[nn.BatchNorm2d], relu: bool, bank: Optional[CoderBank],
@@ -150,36 +128,12 @@ class _Converter:
             and not reads_input
         ):
             coder = bank.coder(conv.in_channels, conv.out_channels, stride, key)
-        weight = conv.weight
-        if coder is not None:  # the bank makes coders in the default dtype, on the CPU
-            coder.to(device=weight.device, dtype=weight.dtype)
-        layer = FusedPNNHConv(
-            conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
-            padding=conv.padding, dilation=conv.dilation, bias=conv.bias is not None,
-            coder_channels=None if coder is not None else 0, coder=coder,
-            norm="batch" if norm is not None else None, activation="relu" if relu else None,
-            backend=self.backend, device=weight.device, dtype=weight.dtype,
+            # the bank makes coders in the default dtype, on the CPU
+            coder.to(device=conv.weight.device, dtype=conv.weight.dtype)
+        return FusedPNNHConv.from_modules(
+            conv, norm, nn.ReLU() if relu else None, coder=coder,
+            coder_channels=None if coder is not None else 0, backend=self.backend,
         )  # fmt: skip
-        layer.train(conv.training)  # an eval-mode model converts to an eval-mode twin
-        with torch.no_grad():
-            layer.weight.copy_(conv.weight)
-            if conv.bias is not None:
-                layer.bias.copy_(conv.bias)
-        if norm is not None:
-            self._copy_norm(norm, layer.norm)
-        # What is frozen stays frozen (the coder keeps its own setting).
-        layer.weight.requires_grad_(conv.weight.requires_grad)
-        if conv.bias is not None:
-            layer.bias.requires_grad_(conv.bias.requires_grad)
-        if norm is not None:
-            layer.norm.weight.requires_grad_(norm.weight.requires_grad)
-            layer.norm.bias.requires_grad_(norm.bias.requires_grad)
-        return layer
-
-    @staticmethod
-    def _copy_norm(source: nn.BatchNorm2d, target: nn.BatchNorm2d) -> None:
-        target.eps, target.momentum = source.eps, source.momentum
-        target.load_state_dict(source.state_dict())
 
     def _coder_note(self, layer: FusedPNNHConv) -> str:
         if layer.coder is None:

@@ -57,6 +57,50 @@ def batch_norm_params(norm: nn.BatchNorm2d) -> BatchNormParams:
     )
 
 
+def fusion_problem(conv: nn.Module, norm: Optional[nn.Module] = None) -> Optional[str]:
+    """Why ``conv`` (with ``norm``) cannot become one FusedPNNHConv that computes what they compute,
+    or None: :meth:`FusedPNNHConv.from_modules` raises with it, the converter keeps such modules."""
+    if type(conv) is not nn.Conv2d:  # a subclass may have its own forward (timm's Conv2dSame)
+        what = type(conv).__name__
+        return (
+            f"{what} is a Conv2d subclass: its forward may differ"
+            if isinstance(conv, nn.Conv2d)
+            else f"{what} is not an nn.Conv2d"
+        )
+    if norm is not None and type(norm) is not nn.BatchNorm2d:
+        return f"{type(norm).__name__} where a BatchNorm2d was expected"
+    if norm is not None and not (norm.affine and norm.track_running_stats):
+        return (
+            f"BatchNorm2d(affine={norm.affine}, track_running_stats={norm.track_running_stats}): "
+            "the fused layer's norm has both"
+        )
+    if (
+        conv._forward_hooks
+        or conv._forward_pre_hooks
+        or (norm is not None and (norm._forward_hooks or norm._forward_pre_hooks))
+    ):
+        return "forward hooks on the conv or its norm would be lost"
+    if conv.groups != 1:
+        kind = "depthwise" if conv.groups == conv.in_channels else "grouped"
+        return (
+            f"{kind} convolution (groups={conv.groups}): the fused kernels compute dense "
+            "convolutions over all input channels"
+        )
+    if conv.padding_mode != "zeros":
+        return f"padding_mode={conv.padding_mode!r}: the fused kernels read zeros outside the image"
+    if isinstance(conv.padding, str):
+        return f"padding={conv.padding!r}: give the conv explicit padding"
+    if norm is not None and norm.num_features != conv.out_channels:
+        return f"the norm has {norm.num_features} features for the conv's {conv.out_channels} outputs"
+    return None
+
+
+def _copy_batch_norm(source: nn.BatchNorm2d, target: nn.BatchNorm2d) -> None:
+    """Affine parameters, running statistics, eps and momentum: what the forward reads."""
+    target.eps, target.momentum = source.eps, source.momentum
+    target.load_state_dict(source.state_dict())
+
+
 class FusedPNNHConv(RefusesTorchScript, CoderUser):
     """``y = act(norm(conv2d(x, W_L, b_L)) + W_D relu(W_E x_s + b_E))``, one PNNH layer.
 
@@ -159,6 +203,57 @@ class FusedPNNHConv(RefusesTorchScript, CoderUser):
         self._checked_signature: Optional[tuple] = None
         self._checked_geometry = self.geometry
         self.reset_parameters()
+
+    @classmethod
+    def from_modules(
+        cls,
+        conv: nn.Conv2d,
+        norm: Optional[nn.BatchNorm2d] = None,
+        relu: Optional[nn.Module] = None,
+        *,
+        coder_channels: Optional[int] = None,
+        coder: Optional[PNNHCoder] = None,
+        coder_init: str = DEFAULT_CODER_INIT,
+        coder_trainable: bool = False,
+        backend: str = "auto",
+    ) -> FusedPNNHConv:
+        """The layer that computes ``relu(norm(conv(x)))`` (``norm`` and ``relu`` optional), plus a
+        coder unless ``coder_channels=0``: the conv's weight and bias and the BatchNorm's affine
+        parameters, running statistics, eps and momentum copied exactly, on their device and dtype,
+        with their training mode and ``requires_grad`` flags (the coder keeps its own setting).
+
+        Raises ValueError naming the argument for what one layer cannot compute: a Conv2d subclass,
+        grouped convolutions, string padding, a padding mode other than zeros, forward hooks, a
+        BatchNorm without affine parameters or running statistics, ``relu`` not an nn.ReLU.
+        """
+        problem = fusion_problem(conv, norm)
+        if problem is not None:
+            raise ValueError(f"conv, norm: cannot fuse: {problem}")
+        if relu is not None and type(relu) is not nn.ReLU:
+            raise ValueError(f"relu: expected an nn.ReLU or None, got {type(relu).__name__}")
+        weight = conv.weight
+        layer = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+            padding=conv.padding, dilation=conv.dilation, bias=conv.bias is not None,
+            coder_channels=coder_channels, coder=coder, norm=None if norm is None else "batch",
+            activation=None if relu is None else "relu", backend=backend, coder_init=coder_init,
+            coder_trainable=coder_trainable, device=weight.device, dtype=weight.dtype,
+        )  # fmt: skip
+        if coder is None and layer.coder is not None:  # a new coder: on the conv's device, dtype
+            layer.coder.to(device=weight.device, dtype=weight.dtype)
+        layer.train(conv.training)
+        with torch.no_grad():
+            layer.weight.copy_(weight)
+            if conv.bias is not None:
+                layer.bias.copy_(conv.bias)
+        layer.weight.requires_grad_(weight.requires_grad)
+        if conv.bias is not None:
+            layer.bias.requires_grad_(conv.bias.requires_grad)
+        if norm is not None:
+            _copy_batch_norm(norm, layer.norm)
+            layer.norm.weight.requires_grad_(norm.weight.requires_grad)
+            layer.norm.bias.requires_grad_(norm.bias.requires_grad)
+        return layer
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

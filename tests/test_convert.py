@@ -64,14 +64,14 @@ def test_the_identity_conversion_reproduces_the_original(source, depth):
 
 def test_the_identity_check_fails_on_a_wrong_copy(monkeypatch):
     # The check above can fail: a conversion that forgets the BatchNorm's running variance.
-    from pnnh_kernels import convert as convert_module
+    from pnnh_kernels import pnnh_conv
 
     def forgetful(source, target):
         target.load_state_dict(
             {**source.state_dict(), "running_var": torch.ones_like(source.running_var)}
         )
 
-    monkeypatch.setattr(convert_module._Converter, "_copy_norm", staticmethod(forgetful))
+    monkeypatch.setattr(pnnh_conv, "_copy_batch_norm", forgetful)
     original = _randomise_norms(torchvision_like.resnet18(num_classes=10)).double().eval()
     twin, _ = convert(original, "residual", backend="torch")
     x = torch.randn(1, 3, 32, 32, dtype=torch.float64)

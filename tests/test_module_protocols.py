@@ -166,3 +166,49 @@ def test_a_layer_pickled_with_the_old_padding_attribute_loads():
     assert restored.padding == "same"
     x = torch.randn(2, 8, 5, 5)
     torch.testing.assert_close(restored(x), layer(x))
+
+
+def _conv_bn(groups: int = 1) -> tuple[nn.Conv2d, nn.BatchNorm2d]:
+    conv = nn.Conv2d(8, 8, 3, padding=1, groups=groups).double()
+    norm = nn.BatchNorm2d(8).double()
+    with torch.no_grad():
+        norm.running_mean.normal_()
+        norm.running_var.uniform_(0.5, 2.0)
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.normal_()
+    norm.momentum, norm.eps = 0.3, 1e-3
+    return conv, norm
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_from_modules_computes_what_the_modules_compute(training):
+    conv, norm = _conv_bn()
+    conv.weight.requires_grad_(False)
+    modules = nn.Sequential(conv, norm, nn.ReLU()).train(training)
+    layer = FusedPNNHConv.from_modules(conv, norm, nn.ReLU(), coder_channels=0, backend="torch")
+    assert layer.training == training
+    assert not layer.weight.requires_grad  # frozen stays frozen
+    assert (layer.norm.momentum, layer.norm.eps) == (0.3, 1e-3)
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), modules(x), rtol=0, atol=1e-12)
+    # training mode updated both running means alike
+    torch.testing.assert_close(layer.norm.running_mean, norm.running_mean, rtol=0, atol=1e-12)
+    with_coder = FusedPNNHConv.from_modules(conv, norm, backend="torch")
+    assert with_coder.code_channels == 4
+    assert with_coder.activation is None
+    assert with_coder.coder.encoder_weight.dtype == torch.float64
+
+
+@pytest.mark.parametrize(
+    ("modules", "match"),
+    [
+        (lambda: (*_conv_bn(groups=2), None), "conv, norm: cannot fuse: grouped convolution"),
+        (lambda: (nn.Conv2d(8, 8, 3, padding="same"), None, None), "padding='same'"),
+        (lambda: (*_conv_bn(), nn.GELU()), "relu: expected an nn.ReLU or None, got GELU"),
+        (lambda: (nn.Linear(8, 8), None, None), "Linear is not an nn.Conv2d"),
+        (lambda: (nn.Conv2d(8, 4, 3, padding=1), nn.BatchNorm2d(8), None), "norm has 8 features"),
+    ],
+)
+def test_from_modules_names_what_it_cannot_fuse(modules, match):
+    with pytest.raises(ValueError, match=match):
+        FusedPNNHConv.from_modules(*modules(), coder_channels=0)
