@@ -297,9 +297,122 @@ def test_pnnh_ledger_command_prints_both_tables_in_under_a_minute(capsys, cuda_e
     assert elapsed < 60
     for title in ("resnet-layer 256x128x16x16", "pnnh-layer [triton]", "pnnh-layer [cuda]"):
         assert f"### {title}" in out
-    assert "H100 SXM (us)" in out
-    assert "A100 SXM 80GB (us)" in out
+    assert "H100 SXM modelled (us)" in out
+    assert "A100 SXM 80GB modelled (us)" in out
     assert out.count("**total:") == 3
+
+
+@pytest.fixture
+def without_triton():
+    """An installation without triton, as pnnh_kernels.triton leaves it (the backend never
+    registered); the backend is put back afterwards."""
+    from pnnh_kernels.backends import register_backend, unregister_backend
+
+    real = unregister_backend("triton")  # None where triton is really missing
+    try:
+        yield
+    finally:
+        if real is not None:
+            register_backend(real)
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [["--shape", "256x128x16x16"], ["--cifar-stages", "--totals-only"]],
+    ids=["shape", "cifar-stages"],
+)
+def test_pnnh_ledger_command_without_triton_counts_the_rest(
+    arguments, capsys, cuda_emulator, without_triton
+):
+    """Without triton the default (triton and cuda) counts the ResNet and CUDA steps, on meta
+    tensors, and says in one line that triton was left out and how to install it."""
+    from pnnh_kernels.commands import main
+    from pnnh_kernels.cuda import launch
+
+    with launch.emulated(cuda_emulator):
+        main(["ledger", *arguments])
+    captured = capsys.readouterr()
+    assert "[triton]" not in captured.out
+    shapes = ["256x128x16x16"] if "--shape" in arguments else ["256x64x32x32", "256x512x4x4"]
+    for shape in shapes:
+        assert f"| resnet-layer {shape} |" in captured.out
+        assert f"| pnnh-layer [cuda] {shape} |" in captured.out
+    notes = captured.err.strip().splitlines()
+    assert len(notes) == 1, captured.err
+    for words in ("the triton backend is left out", "pip install triton", "pnnh-kernels[triton]"):
+        assert words in notes[0], notes[0]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "named"),
+    [(["--backend", "triton"], "--backend"), (["--model"], "--model")],
+    ids=["backend-triton", "model"],
+)
+def test_pnnh_ledger_command_without_triton_refuses_what_needs_it(
+    arguments, named, capsys, without_triton
+):
+    """Asked for nothing but triton (or for its mainloop model), the command stops with one line
+    naming the argument and what to install, not a traceback from inside the step."""
+    from pnnh_kernels.commands import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["ledger", "--shape", "2x24x7x7", *arguments])
+    message = str(stopped.value.code)
+    assert named in message, message
+    assert "pip install triton" in message, message
+    assert "\n" not in message
+    assert capsys.readouterr().out == ""
+
+
+def test_step_ledger_without_triton_says_what_to_install(without_triton):
+    from pnnh_kernels.backends import BackendUnavailableError
+
+    with pytest.raises(BackendUnavailableError, match="pip install triton"):
+        step_ledger("pnnh-layer", 2, 24, 7, backend="triton")
+    assert step_ledger("resnet-layer", 2, 24, 7).launches  # the baseline needs no backend
+
+
+def table_rows(table: str) -> list[list[str]]:
+    """The body rows of a Markdown table (after its header and rule), as stripped cells."""
+    rows = [line for line in table.splitlines() if line.startswith("|")][2:]
+    return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows]
+
+
+def test_tables_label_modelled_times_and_explain_them_in_a_legend():
+    from pnnh_kernels.ledger import format_comparison, format_ledger
+
+    resnet = step_ledger("resnet-layer", 2, 24, 7)
+    pnnh = step_ledger("pnnh-layer", 2, 24, 7, backend="torch")
+    for table in (format_ledger(resnet, "H100"), format_comparison([pnnh], resnet, ("H100",))):
+        lines = table.strip().splitlines()
+        header = next(line for line in lines if line.startswith("|"))
+        assert "| H100 SXM modelled (us) |" in header
+        assert "(us) |" not in header.replace("modelled (us) |", "")  # every time is labelled
+        legend = lines[-1]  # one line under the table
+        assert not legend.startswith("|")
+        for words in ("roofline", "DRAM bandwidth", "datasheet", "no launch overhead"):
+            assert words in legend, legend
+    legend = format_ledger(resnet, "H100").strip().splitlines()[-1]
+    for words in ("cached re-read", "cache would serve", "estimated"):
+        assert words in legend, legend
+
+
+def test_small_shape_times_keep_three_significant_digits():
+    """At 2x24x7x7 every launch takes nanoseconds: printed as such, never as a bare 0.0."""
+    from pnnh_kernels.ledger import format_comparison, format_ledger
+
+    card = CARDS["H100"]
+    ledger = step_ledger("resnet-layer", 2, 24, 7)
+    rows = table_rows(format_ledger(ledger, "H100"))
+    assert len(rows) == len(ledger.launches) + 1  # and the total
+    bits = torch.finfo(ledger.dtype).bits
+    for row, launch in zip(rows, ledger.launches):
+        expected = card.seconds(launch.bytes, launch.flops, bits) * 1e6
+        assert expected > 0
+        assert float(row[7]) == pytest.approx(expected, rel=5e-3), row
+    assert float(rows[-1][7].strip("*")) == pytest.approx(ledger.seconds(card) * 1e6, rel=5e-3)
+    (baseline,) = table_rows(format_comparison([], ledger, ("H100",)))
+    assert float(baseline[6]) == pytest.approx(ledger.seconds(card) * 1e6, rel=5e-3)
 
 
 # The budget of issue #13: at ResNet-18's CIFAR stage shapes (batch 256, bf16, training BatchNorm),

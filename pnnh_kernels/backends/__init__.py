@@ -72,6 +72,14 @@ def unregister_backend(name: str) -> Optional[Backend]:
     return _REGISTRY.pop(name, None)
 
 
+# What to install or build for a backend an installation may lack (pnnh_kernels.triton registers its
+# backend only when triton imports; the CUDA backend needs its extension only when it runs).
+INSTALL_HINTS = {
+    "triton": "pip install triton, or the [triton] extra: pip install 'pnnh-kernels[triton]'",
+    "cuda": "build the extension: python -m pnnh_kernels.cuda.build",
+}
+
+
 def backend_named(name: str) -> Backend:
     """The backend registered under ``name`` (a concrete name, not "auto")."""
     check_backend_name(name)
@@ -155,6 +163,7 @@ def backend_reason(name: str, device: torch.device, dtype: torch.dtype, op: str)
 
 __all__ = [
     "BACKEND_NAMES",
+    "INSTALL_HINTS",
     "Backend",
     "BackendUnavailableError",
     "ConvCall",

@@ -65,6 +65,7 @@ def report(dtype: torch.dtype) -> str:
     """The lines ``pnnh info`` prints."""
     from pnnh_kernels.backends import (
         BACKEND_NAMES,
+        INSTALL_HINTS,
         BackendUnavailableError,
         backend_reason,
         registered_backends,
@@ -90,7 +91,7 @@ def report(dtype: torch.dtype) -> str:
             reason: Optional[str] = (
                 why_unavailable(name, device, dtype, "conv2d")
                 if name in registered
-                else f"not registered in this installation ({_install_hint(name)})"
+                else f"not registered in this installation ({INSTALL_HINTS.get(name, 'reinstall')})"
             )
             lines.append(f"    {name:7s} {'available' if reason is None else 'unavailable: ' + reason}")
         try:
@@ -99,14 +100,6 @@ def report(dtype: torch.dtype) -> str:
         except BackendUnavailableError as error:
             lines.append(f"    auto: {error}")
     return "\n".join(lines)
-
-
-def _install_hint(name: str) -> str:
-    if name == "triton":
-        return "pip install triton, or the project's [triton] extra"
-    if name == "cuda":
-        return "python -m pnnh_kernels.cuda.build"
-    return "reinstall pnnh-kernels"
 
 
 def run(args: argparse.Namespace) -> None:

@@ -5,12 +5,14 @@ ResNet layer (or block) it replaces, with bytes, FLOPs and roofline times, count
 from __future__ import annotations
 
 import argparse
+import sys
 
 from pnnh_kernels.ledger import CARDS, DEFAULT_CARDS, format_comparison, format_ledger, step_ledger
-from pnnh_kernels.ledger.steps import DTYPES
+from pnnh_kernels.ledger.steps import DTYPES, backend_unavailable_reason
 
 # ResNet-18's CIFAR stages at batch 256: (channels, spatial size)
 CIFAR_STAGES = ((64, 32), (128, 16), (256, 8), (512, 4))
+DEFAULT_BACKENDS = ("triton", "cuda")
 
 
 def _shape(text: str) -> tuple[int, int, int]:
@@ -39,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--backend", choices=("triton", "cuda", "torch"), action="append",
-        help="PNNH backend(s) to count (repeatable; default: triton and cuda)",
+        help="PNNH backend(s) to count (repeatable; default: triton and cuda; one this "
+        "installation lacks is left out, with a line saying what to install)",
     )  # fmt: skip
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
     parser.add_argument("--block", action="store_true", help="two layers (a BasicBlock) per step")
@@ -64,8 +67,33 @@ def _modelled(batch: int, channels: int, size: int, dtype: str, training: bool) 
     return report.modelled_mainloops(shape, DTYPES[dtype], training)
 
 
+def _countable(args: argparse.Namespace) -> list[str]:
+    """The requested backends this installation can count. One it lacks (triton, where triton is not
+    installed) is left out with a line on stderr saying what to install, and the rest are counted:
+    they run on meta tensors and need no GPU. The command stops only when none of the backends
+    asked for can be counted, or --model lacks triton."""
+    requested = args.backend or list(DEFAULT_BACKENDS)
+    dtype = DTYPES[args.dtype]
+    missing = {name: backend_unavailable_reason(name, dtype) for name in dict.fromkeys(requested)}
+    missing = {name: reason for name, reason in missing.items() if reason is not None}
+    if args.model and "triton" in missing:
+        raise SystemExit(
+            f"pnnh ledger --model: expected the triton backend (the model reads its kernels): "
+            f"{missing['triton']}"
+        )
+    backends = [name for name in requested if name not in missing]
+    if not backends:
+        raise SystemExit(
+            f"pnnh ledger --backend: expected a backend this installation can count, got "
+            f"{', '.join(missing)}: {'; '.join(missing.values())}"
+        )
+    for name, reason in missing.items():
+        print(f"pnnh ledger: the {name} backend is left out: {reason}", file=sys.stderr)
+    return backends
+
+
 def run(args: argparse.Namespace) -> None:
-    backends = args.backend or ["triton", "cuda"]
+    backends = _countable(args)
     kind = "block" if args.block else "layer"
     batch = args.shape[0]
     shapes = CIFAR_STAGES if args.cifar_stages else ((args.shape[1], args.shape[2]),)

@@ -9,6 +9,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pnnh_kernels.backends import (
+    INSTALL_HINTS,
+    BackendUnavailableError,
+    check_backend_name,
+    registered_backends,
+    resolve_backend,
+)
 from pnnh_kernels.benchmarking.baselines import ResNetBasicBlock, ResNetLayer
 from pnnh_kernels.ledger.cards import Card
 from pnnh_kernels.ledger.record import Launch, Recorder, recording
@@ -62,6 +69,21 @@ class StepLedger:
         return sum(card.seconds(launch.bytes, launch.flops, bits) for launch in self.launches)
 
 
+def backend_unavailable_reason(backend: str, dtype: torch.dtype) -> str | None:
+    """None when this installation can count a PNNH step on ``backend`` (on meta tensors: the
+    launchers declare their launches, no GPU is needed), else why not and what to install."""
+    check_backend_name(backend)
+    if backend != "auto" and backend not in registered_backends():
+        hint = INSTALL_HINTS.get(backend)
+        reason = f"no {backend} kernels are registered in this installation of pnnh_kernels"
+        return f"{reason} (to count it: {hint})" if hint else reason
+    try:
+        resolve_backend(backend, torch.device("meta"), dtype, "conv2d")
+    except BackendUnavailableError as error:
+        return str(error)
+    return None
+
+
 def build_step_module(step: str, channels: int, backend: str, training_norm: bool = True) -> nn.Module:
     """The module of ``step`` (see :data:`STEPS`) on the CPU, in training or eval mode."""
     from pnnh_kernels import FusedPNNHConv
@@ -107,6 +129,9 @@ def step_ledger(
     """
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     pnnh = step.startswith("pnnh")
+    reason = backend_unavailable_reason(backend, dtype) if pnnh else None
+    if reason is not None:  # here, not as a traceback from inside the module's forward
+        raise BackendUnavailableError(f"backend={backend!r}: cannot count a {step} step: {reason}")
     module = build_step_module(step, channels, backend if pnnh else "torch", training_norm)
     launches = count_step(module, (batch, channels, size, size), dtype, device, backward)
     return StepLedger(
