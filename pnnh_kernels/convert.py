@@ -11,6 +11,8 @@ What is converted (docs/convert.md):
 - torchvision's ResNet stem (a module with ``conv1, bn1, relu, maxpool`` beside ``layer1``): its
   conv + BN + ReLU becomes one FusedPNNHConv without a coder (the stem sees pixels, not the
   rectified activations a coder is made for), ``bn1`` and ``relu`` become ``nn.Identity``.
+- blocks of other layouts registered with :func:`register_block_layout` (kuangliu's CIFAR ResNets:
+  ``KUANGLIU_BASIC``, ``KUANGLIU_BOTTLENECK``).
 - in any ``nn.Sequential``: ``Conv2d, BatchNorm2d[, ReLU]`` runs, and a ``Conv2d, ReLU`` pair. The
   first convolution of the model (in its modules' order) reads the input and is its stem: no coder.
 
@@ -150,23 +152,26 @@ class _Converter:
         self.rows.append(ConversionRow(path, "kept", reason))
 
     def block(self, path: str, block: nn.Module, bank: CoderBank) -> nn.Module:
-        problem = _block_problem(block)
+        layout = _layout_of(block)
+        assert layout is not None  # callers check _is_block
+        problem = _block_problem(block, layout)
         if problem is not None:
             self.unsupported_module(path, problem)
             return block
-        names = ["1", "2", "3"] if hasattr(block, "conv3") else ["1", "2"]
-        convs = [getattr(block, f"conv{n}") for n in names]
-        norms = [getattr(block, f"bn{n}") for n in names]
-        downsample = getattr(block, "downsample", None)
+        convs = [getattr(block, name) for name in layout.convs]
+        norms = [getattr(block, name) for name in layout.norms]
+        projection = getattr(block, layout.shortcut, None)
         shortcut_parts: list[nn.Module] = []
-        if downsample is not None:
-            parts = list(downsample.children()) if isinstance(downsample, nn.Sequential) else []
-            if (
+        if projection is not None and not isinstance(projection, nn.Identity):
+            parts = list(projection.children()) if isinstance(projection, nn.Sequential) else [None]
+            if parts and (
                 len(parts) != 2
                 or not isinstance(parts[0], nn.Conv2d)
                 or not isinstance(parts[1], nn.BatchNorm2d)
             ):
-                self.unsupported_module(path, "downsample is not Sequential(Conv2d, BatchNorm2d)")
+                self.unsupported_module(
+                    path, f"{layout.shortcut} is not empty or Sequential(Conv2d, BatchNorm2d)"
+                )
                 return block
             shortcut_parts = parts
         for conv, norm in zip([*convs, *shortcut_parts[:1]], [*norms, *shortcut_parts[1:]]):
@@ -175,7 +180,8 @@ class _Converter:
                 self.unsupported_module(path, reason)
                 return block
         residual = self.variant == "residual"
-        keys = [0, 1, 2] if len(convs) == 3 else [None, None]
+        # Bottleneck positions share coders per position; a two-layer block's layers share one.
+        keys = list(range(len(convs))) if len(convs) > 2 else [None] * len(convs)
         layers = [
             self.fused(conv, norm, relu=index < len(convs) - 1 or not residual, bank=bank, key=key)
             for index, (conv, norm, key) in enumerate(zip(convs, norms, keys))
@@ -187,11 +193,11 @@ class _Converter:
                 shortcut = self.fused(shortcut_parts[0], shortcut_parts[1], relu=False, bank=None)
         else:
             what = "projection (1x1 conv + BN)" if shortcut_parts else "identity"
-            self.rows.append(ConversionRow(f"{path}.downsample" if shortcut_parts else path,
-                                           "removed", f"{what} shortcut"))  # fmt: skip
+            where = f"{path}.{layout.shortcut}" if shortcut_parts else path
+            self.rows.append(ConversionRow(where, "removed", f"{what} shortcut"))
         parts = [
-            (f"conv{n}+bn{n}{'+relu' if layer.activation else ''}", layer)
-            for n, layer in zip(names, layers)
+            (f"{conv}+{norm}{'+relu' if layer.activation else ''}", layer)
+            for conv, norm, layer in zip(layout.convs, layout.norms, layers)
         ]
         self.converted(path, f"{type(block).__name__}: ", parts)
         return _Block(layers, shortcut).train(block.training)
@@ -287,21 +293,79 @@ class _Converter:
         self.converted(f"{path}.conv1" if path else "conv1", "stem ", [("conv1+bn1+relu", model.conv1)])
 
 
-BLOCK_CHILDREN = {"conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "relu", "downsample"}
+@dataclass(frozen=True)
+class BlockLayout:
+    """Where a residual block keeps its parts, for a block whose forward is
+    ``relu(bn_k(conv_k(... relu(bn_1(conv_1(x))) ...)) + shortcut(x))``: the convolutions and their
+    BatchNorms in order, the shortcut's attribute (None, an empty nn.Sequential or nn.Identity for
+    the identity; ``Sequential(Conv2d, BatchNorm2d)`` for a projection) and the attribute of its
+    ReLU module, if it has one (a block that calls F.relu has none). torchvision's BasicBlock and
+    Bottleneck are recognised without registration; register others with
+    :func:`register_block_layout`."""
+
+    convs: tuple[str, ...] = ("conv1", "conv2")
+    norms: tuple[str, ...] = ("bn1", "bn2")
+    shortcut: str = "downsample"
+    relu: Optional[str] = "relu"
+
+    def __post_init__(self) -> None:
+        if not self.convs or len(self.convs) != len(self.norms):
+            raise ValueError(
+                f"layout: expected as many norms as convs (at least one), got {self.convs} and "
+                f"{self.norms}"
+            )
 
 
-def _block_problem(block: nn.Module) -> Optional[str]:
-    """Why a module with torchvision's block attributes is not one the converter can rebuild."""
-    extra = sorted(name for name, _ in block.named_children() if name not in BLOCK_CHILDREN)
+TORCHVISION_BASIC = BlockLayout()
+TORCHVISION_BOTTLENECK = BlockLayout(("conv1", "conv2", "conv3"), ("bn1", "bn2", "bn3"))
+# kuangliu/pytorch-cifar's BasicBlock and Bottleneck: the shortcut is "shortcut", F.relu is called.
+KUANGLIU_BASIC = BlockLayout(shortcut="shortcut", relu=None)
+KUANGLIU_BOTTLENECK = BlockLayout(
+    ("conv1", "conv2", "conv3"), ("bn1", "bn2", "bn3"), shortcut="shortcut", relu=None
+)
+
+_registered_layouts: dict[type, BlockLayout] = {}
+
+
+def register_block_layout(block_class: type[nn.Module], layout: BlockLayout) -> None:
+    """Convert every instance of ``block_class`` (exactly that class) by ``layout``: the user
+    vouches that its forward is the one :class:`BlockLayout` describes; the conversion with
+    ``variant="residual"`` computes what the original computes, which checks it."""
+    if not (isinstance(block_class, type) and issubclass(block_class, nn.Module)):
+        raise TypeError(f"block_class: expected an nn.Module subclass, got {block_class!r}")
+    if not isinstance(layout, BlockLayout):
+        raise TypeError(f"layout: expected a BlockLayout, got {type(layout).__name__}")
+    _registered_layouts[block_class] = layout
+
+
+def _layout_of(module: nn.Module) -> Optional[BlockLayout]:
+    """The layout ``module`` is converted by: registered for its class, or torchvision's."""
+    registered = _registered_layouts.get(type(module))
+    if registered is not None:
+        return registered
+    if all(hasattr(module, name) for name in ("conv1", "bn1", "conv2", "bn2", "downsample")) and (
+        isinstance(module.conv1, nn.Conv2d) and isinstance(module.bn1, nn.BatchNorm2d)
+    ):
+        return TORCHVISION_BOTTLENECK if hasattr(module, "conv3") else TORCHVISION_BASIC
+    return None
+
+
+def _block_problem(block: nn.Module, layout: BlockLayout) -> Optional[str]:
+    """Why a block with ``layout``'s attributes is not one the converter can rebuild."""
+    known = {*layout.convs, *layout.norms, layout.shortcut, *((layout.relu,) if layout.relu else ())}
+    missing = [name for name in (*layout.convs, *layout.norms) if not hasattr(block, name)]
+    if missing:
+        return f"{type(block).__name__} has no {', '.join(missing)} (its layout names them)"
+    extra = sorted(name for name, _ in block.named_children() if name not in known)
     if extra:
-        return f"{type(block).__name__} has modules a torchvision block has not: {', '.join(extra)}"
-    relu = getattr(block, "relu", None)
+        return f"{type(block).__name__} has modules its layout has not: {', '.join(extra)}"
+    relu = getattr(block, layout.relu, None) if layout.relu else None
     if relu is not None and type(relu) is not nn.ReLU:
-        return f"{type(block).__name__}.relu is {type(relu).__name__}, not nn.ReLU"
+        return f"{type(block).__name__}.{layout.relu} is {type(relu).__name__}, not nn.ReLU"
     if block._forward_hooks or block._forward_pre_hooks:
         return "forward hooks on the block would be lost"
-    for name in ("conv2", "conv3"):
-        if hasattr(block, name) and not isinstance(getattr(block, name), nn.Conv2d):
+    for name in layout.convs:
+        if not isinstance(getattr(block, name), nn.Conv2d):
             return f"{name} is {type(getattr(block, name)).__name__}, not Conv2d"
     return None
 
@@ -315,9 +379,7 @@ def _looks_like_a_block(module: nn.Module) -> bool:
 
 
 def _is_block(module: nn.Module) -> bool:
-    return all(hasattr(module, name) for name in ("conv1", "bn1", "conv2", "bn2", "downsample")) and (
-        isinstance(module.conv1, nn.Conv2d) and isinstance(module.bn1, nn.BatchNorm2d)
-    )
+    return _layout_of(module) is not None
 
 
 def _is_torchvision_resnet(module: nn.Module) -> bool:

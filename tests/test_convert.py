@@ -234,9 +234,11 @@ class KuangliuBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(c_out)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(c_out)
-        self.shortcut = nn.Sequential(
-            nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)
-        )
+        self.shortcut = nn.Sequential()  # kuangliu's identity
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)
+            )
 
     def forward(self, x):
         out = torch.relu(self.bn1(self.conv1(x)))
@@ -254,6 +256,35 @@ def test_an_unrecognised_block_is_kept_whole_or_refused():
     assert "a residual block of a layout the converter does not recognise" in summary.table()
     with pytest.raises(NotImplementedError, match="3: cannot convert: KuangliuBlock"):
         convert(model, "pnnh", unsupported="refuse")
+
+
+def test_a_registered_block_layout_converts_kuangliu_resnets(monkeypatch):
+    from pnnh_kernels import convert as convert_module
+    from pnnh_kernels.convert import KUANGLIU_BASIC, BlockLayout, register_block_layout
+
+    monkeypatch.setattr(convert_module, "_registered_layouts", {})
+    register_block_layout(KuangliuBlock, KUANGLIU_BASIC)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        KuangliuBlock(8, 8, 1), KuangliuBlock(8, 16, 2), KuangliuBlock(16, 16, 1),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 3),
+    )  # fmt: skip
+    _randomise_norms(model).double().eval()
+    twin, summary = convert(model, "residual", backend="torch")
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    torch.testing.assert_close(twin.eval()(x), model(x), rtol=0, atol=1e-10)  # copied exactly
+    assert summary.count("kept") == 0
+    pnnh, pnnh_summary = convert(model, "pnnh")
+    assert pnnh_summary.count("removed") == 3  # two identity shortcuts and one projection
+    assert "| 4.shortcut | removed | projection (1x1 conv + BN) shortcut |" in pnnh_summary.table()
+    layers = [m for m in pnnh.modules() if isinstance(m, FusedPNNHConv)]
+    assert len(layers) == 1 + 3 * 2
+    assert layers[1].coder is layers[2].coder  # 8 -> 8 within a block and across
+    assert pnnh(x).shape == (2, 3)
+    with pytest.raises(TypeError, match="layout: expected a BlockLayout"):
+        register_block_layout(KuangliuBlock, "shortcut")
+    with pytest.raises(ValueError, match="as many norms as convs"):
+        BlockLayout(("conv1", "conv2"), ("bn1",))
 
 
 def test_a_torchvision_block_with_other_parts_is_kept():
