@@ -172,7 +172,7 @@ def test_auto_backend_says_which_runs():
 
 
 def test_auto_follows_the_measurement_table(monkeypatch):
-    """"auto" runs the backend of the device family's row, and says why; where that backend cannot
+    """What "auto" runs: the backend of the device family's row, and says why; where that backend cannot
     run the call, the torch backend, saying so."""
     from pnnh_kernels import backends
     from pnnh_kernels.backends import auto

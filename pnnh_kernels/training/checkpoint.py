@@ -79,8 +79,9 @@ def restore_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def load_for_resume(path: Path, identity: dict[str, Any]) -> dict[str, Any]:
-    """The checkpoint at ``path``, after checking it was written by a run of the same model."""
+def read_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
+    """The checkpoint at ``path`` (any run's), after checking that it is one. ``mmap``: map the
+    tensors instead of reading them, for a look at the settings, epoch and history only."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint at {path}")
@@ -88,7 +89,7 @@ def load_for_resume(path: Path, identity: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"--resume: {path} is empty (0 bytes): not a checkpoint")
     try:
         # weights_only: a checkpoint is data (tensors, numbers, strings), never code to unpickle.
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except (EOFError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, KeyError,
             TypeError, AttributeError, IndexError) as error:  # fmt: skip
         raise ValueError(
@@ -100,6 +101,12 @@ def load_for_resume(path: Path, identity: dict[str, Any]) -> dict[str, Any]:
             f"--resume: {path} is not a pnnh train checkpoint of format {FORMAT_VERSION} "
             f"(found {state.get('format_version') if isinstance(state, dict) else type(state)})"
         )
+    return state
+
+
+def check_identity(state: dict[str, Any], identity: dict[str, Any], path: Path) -> None:
+    """Raise ValueError naming what differs when the checkpoint ``state`` (read from ``path``) was
+    not written by a run of the model and label space ``identity`` describes."""
     mismatched = {
         key: (state["identity"].get(key), identity[key])
         for key in IDENTITY_KEYS
@@ -110,4 +117,10 @@ def load_for_resume(path: Path, identity: dict[str, Any]) -> dict[str, Any]:
             f"{k}: checkpoint {old!r}, this run {new!r}" for k, (old, new) in mismatched.items()
         )
         raise ValueError(f"--resume: {path} was written by a different run ({details})")
+
+
+def load_for_resume(path: Path, identity: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint at ``path``, after checking it was written by a run of the same model."""
+    state = read_checkpoint(path)
+    check_identity(state, identity, path)
     return state
