@@ -32,6 +32,11 @@ def note_missing(name: str, reason: str) -> None:
     pytest.skip(f"{name} missing: {reason}")
 
 
+def pytest_benchmark_update_json(config: Any, benchmarks: Any, output_json: dict) -> None:
+    """The implementations this machine could not benchmark, with the reason, for the report."""
+    output_json["missing_implementations"] = dict(sorted(_missing.items()))
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     if _missing:
         terminalreporter.section("implementations missing on this machine")

@@ -76,11 +76,13 @@ def test_cpu_peaks_are_positive():
     assert peaks.copy_bytes_per_second > 1e8
 
 
-def _benchmark(name, group, median, **info):
-    return {"name": name, "group": group, "stats": {"median": median}, "extra_info": info}
+def _benchmark(name, group, median, spread=0.01, **info):
+    """A pytest-benchmark row whose quartiles lie ``spread`` (relative) either side of the median."""
+    stats = {"median": median, "q1": median * (1 - spread), "q3": median * (1 + spread)}
+    return {"name": name, "group": group, "stats": stats, "extra_info": info}
 
 
-def _recorded_run(pnnh_images_per_s: float, pnnh_parameters: int) -> dict:
+def _recorded_run(pnnh_images_per_s: float, pnnh_parameters: int, spread: float = 0.01) -> dict:
     peaks = {"compute_flops": {"float32": 5e11, "bfloat16": 1e12}, "copy_bytes_per_second": 1e12}
     layer = {"kind": "layer", "shape": "8x64x32x32", "dtype": "bf16", "mode": "forward", "peaks": peaks}
     model = {"kind": "model", "model": "resnet18", "stem": "cifar", "batch": 8, "mode": "eager"}
@@ -94,6 +96,7 @@ def _recorded_run(pnnh_images_per_s: float, pnnh_parameters: int) -> dict:
                 "c",
                 "m",
                 0.1,
+                spread=spread,
                 variant="residual",
                 images_per_s=80.0,
                 parameters=1000,
@@ -104,6 +107,7 @@ def _recorded_run(pnnh_images_per_s: float, pnnh_parameters: int) -> dict:
                 "d",
                 "m",
                 0.1,
+                spread=spread,
                 variant="pnnh",
                 images_per_s=pnnh_images_per_s,
                 parameters=pnnh_parameters,
@@ -122,7 +126,20 @@ def test_report_says_when_the_claims_do_not_hold(tmp_path):
     assert "Test CPU" in text
     assert "not supported here" in text
     assert "PNNH is not smaller" in text
-    assert "| layer | 8x64x32x32 | bf16 | forward | pnnh-torch | 3.000 | 1.50x |" in text
+    assert "| layer | 8x64x32x32 | bf16 | forward | pnnh-torch | 3.000 | 1.0% | 1.50x |" in text
+    assert "Not recorded: this file predates the list of skipped implementations." in text
+
+
+def test_report_lists_what_was_not_measured(tmp_path):
+    run = _recorded_run(pnnh_images_per_s=60.0, pnnh_parameters=1010)
+    run["missing_implementations"] = {"pnnh-layer-cuda": "the CUDA extension is not built"}
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(run))
+    text = markdown(*load(path), [])
+    assert "| pnnh-layer-cuda | the CUDA extension is not built |" in text
+    run["missing_implementations"] = {}
+    path.write_text(json.dumps(run))
+    assert "Every implementation of the suite ran on this machine." in markdown(*load(path), [])
 
 
 def test_report_says_when_the_claims_hold(tmp_path):
@@ -132,7 +149,12 @@ def test_report_says_when_the_claims_hold(tmp_path):
     from pnnh_kernels.benchmarking.report import _model_rows
 
     rows = _model_rows(results)
-    assert throughput_verdict(rows).startswith("supported here: PNNH trains +37.5% faster")
+    assert throughput_verdict(rows).startswith("supported here")
+    assert "resnet18 cifar batch 8 eager: 1.38x ± 0.03" in throughput_verdict(rows)
+    # The same medians with 10% spread either side: the claim is within the noise.
+    path.write_text(json.dumps(_recorded_run(110.0, 400, spread=0.1)))
+    noisy = _model_rows(load(path)[1])
+    assert throughput_verdict(noisy).startswith("inconclusive here: within the noise of 1.3x")
     assert parameter_verdict(rows).startswith("PNNH is smaller")
     assert "the residual's stored parameters" in parameter_verdict(rows)  # recorded without trained
     for row in rows:  # a run that recorded the trained counts: the verdict uses them
