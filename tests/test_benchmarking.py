@@ -130,6 +130,23 @@ def test_report_says_when_the_claims_do_not_hold(tmp_path):
     assert "Not recorded: this file predates the list of skipped implementations." in text
 
 
+def test_a_pnnh_net_faster_than_its_plain_net_is_flagged(tmp_path):
+    run = _recorded_run(pnnh_images_per_s=110.0, pnnh_parameters=400)
+    model = {"kind": "model", "model": "resnet18", "stem": "cifar", "batch": 8, "mode": "eager"}
+    plain = _benchmark("e", "m", 0.1, variant="plain", images_per_s=90.0, parameters=900,
+                       coder_parameters=0, **model)  # fmt: skip
+    run["benchmarks"].append(plain)
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(run))
+    from pnnh_kernels.benchmarking.report import _model_rows
+
+    verdict = throughput_verdict(_model_rows(load(path)[1]))
+    assert "Measurement problem: resnet18 cifar batch 8 eager: PNNH ran 1.22x the plain" in verdict
+    plain["extra_info"]["images_per_s"] = 115.0  # plain faster, as the work says: no flag
+    path.write_text(json.dumps(run))
+    assert "Measurement problem" not in throughput_verdict(_model_rows(load(path)[1]))
+
+
 def test_report_lists_what_was_not_measured(tmp_path):
     run = _recorded_run(pnnh_images_per_s=60.0, pnnh_parameters=1010)
     run["missing_implementations"] = {"pnnh-layer-cuda": "the CUDA extension is not built"}

@@ -178,7 +178,30 @@ def throughput_verdict(model_rows: list[dict[str, Any]]) -> str:
         )
     else:
         verdict = f"inconclusive here: within the noise of {target:.1f}x"
-    return f"{verdict} (PNNH/residual images/s, ± half the IQRs: {listed})."
+    flags = _work_order_flags(model_rows)
+    flagged = f" Measurement problem: {'; '.join(flags)}." if flags else ""
+    return f"{verdict} (PNNH/residual images/s, ± half the IQRs: {listed}).{flagged}"
+
+
+def _work_order_flags(model_rows: list[dict[str, Any]]) -> list[str]:
+    """Settings where the PNNH net, which does strictly more work than the plain net of the same
+    architecture (the plain net's layers plus the coders), ran faster than it beyond the noise: an
+    ordering that contradicts the work done is a problem of the measurement, not support."""
+    plain = {
+        (r["model"], r["stem"], r["batch"], r["mode"]): r for r in model_rows if r["variant"] == "plain"
+    }
+    flags = []
+    for r in model_rows:
+        other = plain.get((r["model"], r["stem"], r["batch"], r["mode"]))
+        if r["variant"] != "pnnh" or other is None:
+            continue
+        ratio = r["images_per_s"] / other["images_per_s"]
+        if ratio * (1 - r["spread"] - other["spread"]) > 1.0:
+            flags.append(
+                f"{r['model']} {r['stem']} batch {r['batch']} {r['mode']}: PNNH ran {ratio:.2f}x the "
+                "plain net's images/s, though it does strictly more work"
+            )
+    return flags
 
 
 def parameter_verdict(model_rows: list[dict[str, Any]]) -> str:
