@@ -409,12 +409,15 @@ def coder_for_layer(
         if coder_channels == 0:
             return None
         if coder_channels > in_channels:
+            idle = (
+                f"; with the rectified isometry the code units beyond {in_channels} stay zero"
+                if coder_init == "rectified_isometry"
+                else ""
+            )
             warnings.warn(
                 f"coder_{channels_word}={coder_channels} is wider than the layer's {in_channels} "
-                f"input {channels_word}: the coder is then not a bottleneck, and with the "
-                f"{'fixed ' if not coder_trainable else ''}{coder_init!r} initialisation code units "
-                f"beyond {in_channels} may add compute without adding to the path (the "
-                "rectified isometry leaves them zero); the default is max(1, C_in // 2)",
+                f"input {channels_word}: the coder is then not a bottleneck{idle}; the default is "
+                "max(1, C_in // 2)",
                 UserWarning,
                 stacklevel=3,
             )

@@ -99,9 +99,9 @@ class _Converter:
         self.unsupported = unsupported
         self.backend = backend
         self.rows: list[ConversionRow] = []
-        # Whether a convolution has been met yet (walking the model in its modules' order): the
-        # first one reads the model's input, pixels, and gets no coder, as a ResNet stem does not.
-        self.convs_met = False
+        # The model's first convolution in its modules' order: it reads the input, pixels, and gets
+        # no coder, as a ResNet stem does not (set by convert; None: every conv may get one).
+        self.stem: Optional[nn.Module] = None
         # Rows whose detail names coders, finished once every layer has attached to its coder.
         self.pending: list[tuple[ConversionRow, str, list[tuple[str, FusedPNNHConv]]]] = []
 
@@ -109,7 +109,10 @@ class _Converter:
 
     @staticmethod
     def why_not(conv: nn.Conv2d, norm: Optional[nn.Module] = None) -> Optional[str]:
-        """Why ``conv`` (with ``norm``) cannot become a FusedPNNHConv, or None."""
+        """Why ``conv`` (with ``norm``) cannot become a FusedPNNHConv, or None (the converter
+        decides coders from numeric padding: a string padding is refused here)."""
+        if isinstance(conv, nn.Conv2d) and isinstance(conv.padding, str):
+            return f"padding={conv.padding!r}: give the conversion explicit padding"
         return fusion_problem(conv, norm)
 
     def fused(
@@ -120,7 +123,7 @@ class _Converter:
         same_like = all(
             2 * p == d * (k - 1) for p, d, k in zip(conv.padding, conv.dilation, conv.kernel_size)
         )
-        reads_input, self.convs_met = not self.convs_met, True
+        reads_input = conv is self.stem
         coder = None
         if (
             bank is not None
@@ -148,7 +151,6 @@ class _Converter:
     def unsupported_module(self, path: str, reason: str) -> None:
         if self.unsupported == "refuse":
             raise NotImplementedError(f"{path or '(model)'}: cannot convert: {reason}")
-        self.convs_met = True  # a kept convolution, or a kept block holding them
         self.rows.append(ConversionRow(path, "kept", reason))
 
     def block(self, path: str, block: nn.Module, bank: CoderBank) -> nn.Module:
@@ -200,7 +202,11 @@ class _Converter:
             for conv, norm, layer in zip(layout.convs, layout.norms, layers)
         ]
         self.converted(path, f"{type(block).__name__}: ", parts)
-        return _Block(layers, shortcut).train(block.training)
+        converted = _Block(layers, shortcut)
+        # The block's mode on its containers; the fused layers keep the modes they took from the
+        # modules they replace (a BatchNorm frozen in eval mode stays so).
+        _train_containers(converted, block.training)
+        return converted
 
     def converted(self, path: str, prefix: str, parts: list[tuple[str, FusedPNNHConv]]) -> None:
         row = ConversionRow(path, "converted", "")
@@ -236,7 +242,7 @@ class _Converter:
                     out.append((name, module))
                     index += 1
                     continue
-                stem = "" if self.convs_met else "stem (reads the input) "
+                stem = "stem (reads the input) " if module is self.stem else ""
                 layer = self.fused(module, norm, relu, bank)
                 parts = "conv" + ("+bn" if norm is not None else "") + ("+relu" if relu else "")
                 self.converted(child_path, stem, [(parts, layer)])
@@ -370,6 +376,14 @@ def _block_problem(block: nn.Module, layout: BlockLayout) -> Optional[str]:
     return None
 
 
+def _train_containers(module: nn.Module, mode: bool) -> None:
+    """``module.train(mode)`` that leaves every FusedPNNHConv inside it (and its parts) as it is."""
+    module.training = mode
+    for child in module.children():
+        if not isinstance(child, FusedPNNHConv):
+            _train_containers(child, mode)
+
+
 def _looks_like_a_block(module: nn.Module) -> bool:
     """A residual block the converter does not recognise: a shortcut-like child, or a block-like
     class name (kuangliu's CIFAR ResNets, timm's blocks)."""
@@ -400,6 +414,7 @@ def convert(
     unsupported: str = "keep",
     backend: str = "auto",
     inplace: bool = False,
+    first_conv_is_stem: bool = True,
 ) -> tuple[nn.Module, ConversionSummary]:
     """The PNNH (``"pnnh"``), plain (``"plain"``) or residual (``"residual"``) twin of ``model`` and
     a summary of what was converted, kept and removed (see the module docstring for the rules).
@@ -410,6 +425,8 @@ def convert(
     of what they replace. ``coder_channels``: C_B of every coder (default max(1, C_in // 2)); 0 with
     ``"pnnh"`` gives the plain twin. ``inplace=False`` converts a deep copy; ``inplace=True``
     converts ``model`` itself, except a top-level block, which is replaced: use the returned model.
+    ``first_conv_is_stem``: the model's first convolution (in its modules' order) reads its input,
+    pixels, and gets no coder, wherever it sits; False when converting part of a network.
     """
     check_variant(variant)
     if unsupported not in UNSUPPORTED_CHOICES:
@@ -427,6 +444,8 @@ def convert(
     )
     target = model if inplace else copy.deepcopy(model)
     converter = _Converter(variant, coder_channels, coder_init, coder_trainable, unsupported, backend)
+    if first_conv_is_stem:
+        converter.stem = next((m for m in target.modules() if isinstance(m, nn.Conv2d)), None)
     converted = converter.module("", target)
     summary.rows = converter.finish()
     summary.parameters_after = count_parameters(converted, trainable_only=True)

@@ -88,8 +88,6 @@ def fusion_problem(conv: nn.Module, norm: Optional[nn.Module] = None) -> Optiona
         )
     if conv.padding_mode != "zeros":
         return f"padding_mode={conv.padding_mode!r}: the fused kernels read zeros outside the image"
-    if isinstance(conv.padding, str):
-        return f"padding={conv.padding!r}: give the conv explicit padding"
     if norm is not None and norm.num_features != conv.out_channels:
         return f"the norm has {norm.num_features} features for the conv's {conv.out_channels} outputs"
     return None
@@ -219,18 +217,21 @@ class FusedPNNHConv(RefusesTorchScript, CoderUser):
     ) -> FusedPNNHConv:
         """The layer that computes ``relu(norm(conv(x)))`` (``norm`` and ``relu`` optional), plus a
         coder unless ``coder_channels=0``: the conv's weight and bias and the BatchNorm's affine
-        parameters, running statistics, eps and momentum copied exactly, on their device and dtype,
-        with their training mode and ``requires_grad`` flags (the coder keeps its own setting).
+        parameters, running statistics, eps and momentum copied, on the conv's device and in its
+        dtype (one dtype for the whole layer: a float32 BatchNorm under a float16 conv is rounded),
+        with each module's training mode and ``requires_grad`` flags (the coder keeps its own).
 
         Raises ValueError naming the argument for what one layer cannot compute: a Conv2d subclass,
-        grouped convolutions, string padding, a padding mode other than zeros, forward hooks, a
-        BatchNorm without affine parameters or running statistics, ``relu`` not an nn.ReLU.
+        grouped convolutions, a padding mode other than zeros, forward hooks, a BatchNorm without
+        affine parameters or running statistics, ``relu`` not an nn.ReLU or hooked.
         """
         problem = fusion_problem(conv, norm)
         if problem is not None:
             raise ValueError(f"conv, norm: cannot fuse: {problem}")
         if relu is not None and type(relu) is not nn.ReLU:
             raise ValueError(f"relu: expected an nn.ReLU or None, got {type(relu).__name__}")
+        if relu is not None and (relu._forward_hooks or relu._forward_pre_hooks):
+            raise ValueError("relu: forward hooks on it would be lost")
         weight = conv.weight
         layer = cls(
             conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
@@ -242,6 +243,8 @@ class FusedPNNHConv(RefusesTorchScript, CoderUser):
         if coder is None and layer.coder is not None:  # a new coder: on the conv's device, dtype
             layer.coder.to(device=weight.device, dtype=weight.dtype)
         layer.train(conv.training)
+        if norm is not None:  # a BatchNorm kept in eval mode inside a training model stays so
+            layer.norm.train(norm.training)
         with torch.no_grad():
             layer.weight.copy_(weight)
             if conv.bias is not None:
@@ -283,13 +286,22 @@ class FusedPNNHConv(RefusesTorchScript, CoderUser):
 
     @property
     def padding(self) -> Union[tuple[int, int], str]:
-        """As nn.Conv2d's: the string given (``"same"``, ``"valid"``), else the zeros on each side;
-        ``"same"`` for the default "same"-like padding where it is asymmetric (nn.Conv2d has no
-        tuple for that either)."""
+        """As nn.Conv2d's: the string given (``"same"``, ``"valid"``), else the zeros before the
+        image (top, left); ``"same"`` for an asymmetric default padding at stride 1, as nn.Conv2d
+        spells it. A strided layer with an asymmetric padding (which nn.Conv2d cannot express) has
+        its zeros after the image in :attr:`padding_end`."""
         given = self._padding_given
         if isinstance(given, str):
             return given
-        return self.geometry.padding if self.geometry.is_symmetric else "same"
+        geometry = self.geometry
+        if not geometry.is_symmetric and geometry.stride == (1, 1):
+            return "same"
+        return geometry.padding
+
+    @property
+    def padding_end(self) -> tuple[int, int]:
+        """The zeros after the image (bottom, right): :attr:`padding` unless it is asymmetric."""
+        return self.geometry.padding_end
 
     def __setstate__(self, state: dict) -> None:
         # A module pickled before ``padding`` became a property kept the given padding under it.

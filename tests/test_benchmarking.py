@@ -142,6 +142,7 @@ def test_a_pnnh_net_faster_than_its_plain_net_is_flagged(tmp_path):
 
     verdict = throughput_verdict(_model_rows(load(path)[1]))
     assert "Measurement problem: resnet18 cifar batch 8 eager: PNNH ran 1.22x the plain" in verdict
+    assert verdict.startswith("inconclusive here: the ordering contradicts the work done")
     plain["extra_info"]["images_per_s"] = 115.0  # plain faster, as the work says: no flag
     path.write_text(json.dumps(run))
     assert "Measurement problem" not in throughput_verdict(_model_rows(load(path)[1]))
@@ -172,6 +173,14 @@ def test_report_says_when_the_claims_hold(tmp_path):
     path.write_text(json.dumps(_recorded_run(110.0, 400, spread=0.1)))
     noisy = _model_rows(load(path)[1])
     assert throughput_verdict(noisy).startswith("inconclusive here: within the noise of 1.3x")
+    # No quartiles recorded: no verdict can rest on the rows.
+    run = _recorded_run(110.0, 400)
+    for row in run["benchmarks"]:
+        row["stats"] = {"median": row["stats"]["median"]}
+    path.write_text(json.dumps(run))
+    unknown = throughput_verdict(_model_rows(load(path)[1]))
+    assert unknown.startswith("inconclusive here"), unknown
+    assert "1.38x ± n/a" in unknown
     assert parameter_verdict(rows).startswith("PNNH is smaller")
     assert "the residual's stored parameters" in parameter_verdict(rows)  # recorded without trained
     for row in rows:  # a run that recorded the trained counts: the verdict uses them

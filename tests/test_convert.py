@@ -223,6 +223,14 @@ def test_an_eval_mode_model_converts_to_an_eval_mode_twin():
     torch.testing.assert_close(twin(x), original(x), rtol=0, atol=1e-10)  # no .eval() needed
     assert not twin.layer1[0].layers[0].weight.requires_grad
     assert twin.layer1[0].layers[1].weight.requires_grad
+    # Training, with one BatchNorm frozen in eval mode (fine-tuning): it stays frozen.
+    original.train()
+    original.layer1[0].bn1.eval()
+    twin, _ = convert(original, "residual", backend="torch")
+    assert twin.layer1[0].training
+    assert twin.layer1[0].layers[0].training
+    assert not twin.layer1[0].layers[0].norm.training
+    assert twin.layer1[0].layers[1].norm.training
 
 
 class KuangliuBlock(nn.Module):
@@ -285,6 +293,38 @@ def test_a_registered_block_layout_converts_kuangliu_resnets(monkeypatch):
         register_block_layout(KuangliuBlock, "shortcut")
     with pytest.raises(ValueError, match="as many norms as convs"):
         BlockLayout(("conv1", "conv2"), ("bn1",))
+
+
+class KuangliuNet(nn.Module):
+    """kuangliu's CIFAR ResNet shape: the stem is a direct attribute, not in a Sequential."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.layer1 = nn.Sequential(KuangliuBlock(8, 8, 1), KuangliuBlock(8, 8, 1))
+        self.linear = nn.Linear(8, 3)
+
+    def forward(self, x):
+        out = self.layer1(torch.relu(self.bn1(self.conv1(x))))
+        return self.linear(out.mean((2, 3)))
+
+
+def test_the_stem_is_the_first_conv_wherever_it_sits(monkeypatch):
+    from pnnh_kernels import convert as convert_module
+    from pnnh_kernels.convert import KUANGLIU_BASIC
+
+    monkeypatch.setattr(convert_module, "_registered_layouts", {KuangliuBlock: KUANGLIU_BASIC})
+    pnnh, _ = convert(KuangliuNet(), "pnnh")
+    assert type(pnnh.conv1) is nn.Conv2d  # the stem: not in a Sequential, left as it was
+    layers = [m for m in pnnh.modules() if isinstance(m, FusedPNNHConv)]
+    assert len(layers) == 4
+    assert all(layer.coder is not None for layer in layers)  # none mistaken for the stem
+    # Converting part of a network: its first conv does not read pixels.
+    part, _ = convert(KuangliuNet().layer1, "pnnh", first_conv_is_stem=False)
+    assert all(m.coder is not None for m in part.modules() if isinstance(m, FusedPNNHConv))
+    whole, _ = convert(KuangliuNet().layer1, "pnnh")
+    assert next(m.coder is None for m in whole.modules() if isinstance(m, FusedPNNHConv))
 
 
 def test_a_torchvision_block_with_other_parts_is_kept():

@@ -68,7 +68,12 @@ def test_a_truncated_file_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"train-images-idx3-ubyte.gz holds .* truncated"):
         load_fashion_mnist(tmp_path, train=True)
     path.write_bytes(b"not gzip")
-    with pytest.raises(ValueError, match="is not a readable gzip file"):
+    with pytest.raises(ValueError, match=r"cannot read .*train-images-idx3-ubyte.gz"):
+        load_fashion_mnist(tmp_path, train=True)
+    corrupt = bytearray(gzip.compress(payload))
+    corrupt[len(corrupt) // 2] ^= 0xFF  # a damaged deflate stream: zlib.error, not OSError
+    path.write_bytes(bytes(corrupt))
+    with pytest.raises(ValueError, match=r"cannot read .*train-images-idx3-ubyte.gz"):
         load_fashion_mnist(tmp_path, train=True)
 
 

@@ -212,3 +212,51 @@ def test_from_modules_computes_what_the_modules_compute(training):
 def test_from_modules_names_what_it_cannot_fuse(modules, match):
     with pytest.raises(ValueError, match=match):
         FusedPNNHConv.from_modules(*modules(), coder_channels=0)
+
+
+def test_a_strided_asymmetric_padding_is_reported_with_its_end():
+    """nn.Conv2d cannot express it ("same" is refused with a stride): padding is the top/left
+    zeros, padding_end the bottom/right ones."""
+    layer = FusedPNNHConv(4, 4, 4, stride=2, coder_channels=0, backend="torch")
+    assert layer.padding == (1, 1)
+    assert layer.padding_end == (2, 2)
+
+
+def test_from_modules_keeps_a_frozen_batch_norm_in_eval_mode():
+    conv, norm = _conv_bn()
+    conv.train()
+    norm.eval()  # fine-tuning with frozen statistics
+    layer = FusedPNNHConv.from_modules(conv, norm, nn.ReLU(), coder_channels=0, backend="torch")
+    assert layer.training
+    assert not layer.norm.training
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), torch.relu(norm(conv(x))), rtol=0, atol=1e-12)
+
+
+def test_a_functorch_wrapper_leaked_from_a_transform_takes_the_op_route():
+    from pnnh_kernels.ops.pnnh_conv import eager
+
+    leaked = []
+
+    def function(x):
+        leaked.append(x * 1)
+        return x.sum()
+
+    torch.func.vjp(function, torch.randn(3))
+    assert torch._C._functorch.is_functorch_wrapped_tensor(leaked[0])
+    assert not eager(leaked[0])  # its storage is gone: the launchers must not get it
+    assert eager(torch.randn(3))
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_double_backward_is_refused_by_the_fused_backends(backend, request):
+    if backend == "triton":
+        pytest.importorskip("triton")
+    elif DEVICE == "cpu":
+        request.getfixturevalue("emulated_cuda_backend")  # the kernels' source on the CPU
+    layer = FusedPNNHConv(4, 4, backend=backend, coder_init="he").to(DEVICE)
+    x = torch.randn(2, 4, 5, 5, device=DEVICE, requires_grad=True)
+    (grad,) = torch.autograd.grad(layer(x).square().sum(), layer.weight)  # first order: fine
+    assert grad.shape == layer.weight.shape
+    with pytest.raises(RuntimeError, match=r"double backward \(create_graph=True\) is not supported"):
+        torch.autograd.grad(layer(x).square().sum(), layer.weight, create_graph=True)

@@ -28,9 +28,10 @@ class Result:
 
     @property
     def spread(self) -> float:
-        """Half the interquartile range relative to the median: the noise a ratio must exceed."""
-        if not (self.q3_s >= self.q1_s):  # NaN: no quartiles recorded
-            return 0.0
+        """Half the interquartile range relative to the median: the noise a ratio must exceed; NaN
+        where the file has no quartiles (a verdict then cannot rest on the row)."""
+        if not (self.q3_s >= self.q1_s) or self.median_s <= 0:  # NaN: no quartiles recorded
+            return float("nan")
         return (self.q3_s - self.q1_s) / (2 * self.median_s)
 
 
@@ -146,8 +147,13 @@ def _shape_order(shape: str) -> tuple[int, ...]:
     return channels, size, batch
 
 
+def _noise(value: float) -> float:
+    """An error bar: 0 where no spread was recorded (NaN)."""
+    return 0.0 if value != value else value
+
+
 def _fmt(value: Optional[float], pattern: str = "{:.2f}") -> str:
-    return "n/a" if value is None else pattern.format(value)
+    return "n/a" if value is None or value != value else pattern.format(value)  # None or NaN
 
 
 def throughput_verdict(model_rows: list[dict[str, Any]]) -> str:
@@ -163,22 +169,26 @@ def throughput_verdict(model_rows: list[dict[str, Any]]) -> str:
     def pair(r: dict[str, Any]) -> str:
         return (
             f"{r['model']} {r['stem']} batch {r['batch']} {r['mode']}: "
-            f"{r['throughput_vs_residual']:.2f}x ± {r['ratio_spread'] * r['throughput_vs_residual']:.2f}"
+            f"{r['throughput_vs_residual']:.2f}x "
+            f"± {_fmt(r['ratio_spread'] * r['throughput_vs_residual'])}"
         )
 
     listed = "; ".join(pair(r) for r in sorted(pnnh, key=lambda r: -r["throughput_vs_residual"]))
+    # A row without quartiles has a NaN spread: it can neither support nor refute the claim.
     lows = [r["throughput_vs_residual"] * (1 - r["ratio_spread"]) for r in pnnh]
     highs = [r["throughput_vs_residual"] * (1 + r["ratio_spread"]) for r in pnnh]
-    if max(lows) >= target:
+    flags = _work_order_flags(model_rows)
+    if any(low >= target for low in lows) and not flags:
         verdict = f"supported here: at least one setting is {target:.1f}x or more beyond its noise"
-    elif max(highs) < target:
+    elif all(high < target for high in highs):
         faster = max(lows) > 1.0
         verdict = f"not supported here: every setting falls short of {target:.1f}x beyond its noise" + (
             " (PNNH faster in some)" if faster else ""
         )
     else:
-        verdict = f"inconclusive here: within the noise of {target:.1f}x"
-    flags = _work_order_flags(model_rows)
+        verdict = f"inconclusive here: within the noise of {target:.1f}x, or noise not recorded"
+        if flags:
+            verdict = "inconclusive here: the ordering contradicts the work done (below)"
     flagged = f" Measurement problem: {'; '.join(flags)}." if flags else ""
     return f"{verdict} (PNNH/residual images/s, ± half the IQRs: {listed}).{flagged}"
 
@@ -196,7 +206,7 @@ def _work_order_flags(model_rows: list[dict[str, Any]]) -> list[str]:
         if r["variant"] != "pnnh" or other is None:
             continue
         ratio = r["images_per_s"] / other["images_per_s"]
-        if ratio * (1 - r["spread"] - other["spread"]) > 1.0:
+        if ratio * (1 - r["spread"] - other["spread"]) > 1.0:  # False where a spread is NaN
             flags.append(
                 f"{r['model']} {r['stem']} batch {r['batch']} {r['mode']}: PNNH ran {ratio:.2f}x the "
                 "plain net's images/s, though it does strictly more work"
@@ -320,7 +330,7 @@ def markdown(data: dict[str, Any], results: list[Result], figures: list[str]) ->
     ):
         lines.append(
             f"| {row['kind']} | {row['shape']} | {row['dtype']} | {row['mode']} | "
-            f"{row['implementation']} | {row['median_ms']:.3f} | {row['spread']:.1%} | "
+            f"{row['implementation']} | {row['median_ms']:.3f} | {_fmt(row['spread'], '{:.1%}')} | "
             f"{_fmt(row['relative'], '{:.2f}x')} | "
             f"{_fmt(row['tflops'], '{:.3g}')} | {_fmt(row['gbps'], '{:.3g}')} | "
             f"{_roofline_cell(row)} | {_fmt(row['ledger_launches'], '{}')} | "
@@ -338,7 +348,7 @@ def markdown(data: dict[str, Any], results: list[Result], figures: list[str]) ->
         memory = row.get("peak_memory_bytes")
         lines.append(
             f"| {row['model']} | {row['stem']} | {row['batch']} | {row['mode']} | {row['variant']} | "
-            f"{row['images_per_s']:.1f} | {row['spread']:.1%} | "
+            f"{row['images_per_s']:.1f} | {_fmt(row['spread'], '{:.1%}')} | "
             f"{_fmt(row['throughput_vs_residual'], '{:.2f}x')} | "
             f"{_trained(row):,} | {row['parameters']:,} | {row['coder_parameters']:,} | "
             f"{'not measured' if memory is None else f'{memory / 2**20:.0f}'} |"
@@ -387,7 +397,7 @@ def plot(results: list[Result], out_dir: Path) -> list[str]:
                 cells = [by_key.get((shape, implementation)) for shape in shapes]
                 values = [c["relative"] if c else float("nan") for c in cells]
                 # the row's own noise; the baseline's is in the table
-                errors = [c["relative"] * c["spread"] if c else 0.0 for c in cells]
+                errors = [_noise(c["relative"] * c["spread"]) if c else 0.0 for c in cells]
                 positions = [i + index * width for i in range(len(shapes))]
                 ax.bar(positions, values, width, yerr=errors, capsize=2, label=implementation)
             ax.axhline(1.0, color="black", linewidth=0.8, label="ResNet layer = 1")
@@ -408,7 +418,7 @@ def plot(results: list[Result], out_dir: Path) -> list[str]:
         ax.bar(
             range(len(labels)),
             [r["images_per_s"] for r in model_rows],
-            yerr=[r["images_per_s"] * r["spread"] for r in model_rows],
+            yerr=[_noise(r["images_per_s"] * r["spread"]) for r in model_rows],
             capsize=3,
         )
         ax.set_xticks(range(len(labels)), labels, rotation=60, fontsize=7)

@@ -134,6 +134,8 @@ def eager(x: Tensor) -> bool:
         and x.device.type != "meta"
         and torch._C._len_torch_dispatch_stack() == 0
         and torch._C._functorch.peek_interpreter_stack() is None
+        # a wrapper leaked out of a finished transform has no storage: the op route unwraps it
+        and not torch._C._functorch.is_functorch_wrapped_tensor(x)
         and not torch._C._is_tracing()  # torch.jit.is_tracing() without its Python wrapper
     )
 
@@ -221,6 +223,17 @@ def _batch_norm_running_update_fake(running_mean, running_var, mean, variance, m
 # Autograd ----------------------------------------------------------------------------------------
 
 
+def _refuse_double_backward() -> None:
+    """The backward kernels' outputs carry no graph: with ``create_graph=True`` (grad mode on in a
+    backward) a second derivative would silently miss their part. Refused instead (the torch
+    backend supports double backward)."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "double backward (create_graph=True) is not supported by the fused PNNH kernels: use "
+            "backend='torch' for higher-order gradients"
+        )
+
+
 def _coder_grads(
     coder: tuple[Optional[Tensor], ...], grads: tuple[Optional[Tensor], ...]
 ) -> tuple[Optional[Tensor], ...]:
@@ -250,6 +263,7 @@ class Conv2dFused(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple:
+        _refuse_double_backward()
         x, output, weight, scale, encoder_weight, encoder_bias, decoder_weight = ctx.saved_tensors
         stride, padding, dilation, relu = ctx.arguments
         arguments = (
@@ -301,6 +315,7 @@ class Conv2dFusedTrain(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_output: Optional[Tensor], *unused: Optional[Tensor]) -> tuple:
+        _refuse_double_backward()
         if grad_output is None:
             return (None,) * 14
         (
