@@ -31,6 +31,59 @@ def test_module_entry_point_runs_a_tiny_demo():
     assert "| resnet18 | residual | 11,689,512 | 0 |" in result.stdout
 
 
+def test_a_usage_error_is_one_line_with_argparses_status_2():
+    result = subprocess.run(
+        [sys.executable, "-m", "pnnh_kernels", "train", "--epochs", "0"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1:] == [
+        "pnnh train: error: --epochs: expected a positive int, got 0"
+    ]
+    assert "Traceback" not in result.stderr
+
+
+def test_demo_arguments_are_checked_in_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--depth", "0"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "pnnh demo: error: --depth: expected a positive int, got 0\n"
+
+
+def test_an_error_during_the_work_keeps_its_traceback(monkeypatch):
+    from pnnh_kernels.commands import demo
+
+    def crash(args):
+        raise ValueError("a bug inside the work")
+
+    monkeypatch.setattr(demo, "depth_table", crash)
+    with pytest.raises(ValueError, match="a bug inside the work"):
+        main(["demo", "--depth", "2", "--width", "4", "--epochs", "1", "--skip-resnets"])
+
+
+def test_demo_without_scikit_learn_says_what_to_install_before_it_starts(monkeypatch, capsys):
+    from pnnh_kernels.commands import demo
+
+    for name in ("sklearn", "sklearn.datasets", "sklearn.model_selection"):
+        monkeypatch.setitem(sys.modules, name, None)  # import fails, as without the package
+
+    def started(args):
+        raise AssertionError("the demo started training without scikit-learn")
+
+    monkeypatch.setattr(demo, "depth_table", started)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--depth", "2", "--width", "4", "--epochs", "1"])
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1
+    assert captured.err.startswith("pnnh demo: error: the demo trains on scikit-learn's digits")
+    assert "pip install 'pnnh-kernels[experiments]'" in captured.err
+
+
 def test_profile_runs_one_step_of_a_layer_and_a_model(capsys):
     main(["profile", "--layer", "8,5,2", "--dtype", "fp32", "--warmup", "1", "--mode", "forward"])
     main(["profile", "--model", "resnet18", "--batch", "2", "--dtype", "fp32", "--warmup", "1"])

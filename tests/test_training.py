@@ -251,7 +251,12 @@ def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
         synthetic_train_size=64, synthetic_test_size=32, out=str(tmp_path / "other"),
         resume=str(tmp_path / "last.pt"), workers=0,
     )  # fmt: skip
-    with pytest.raises(ValueError, match=r"variant: checkpoint 'pnnh', this run 'residual'"):
+    refused = r"--variant residual contradicts the checkpoint .*last.pt, a run with --variant pnnh"
+    with pytest.raises(ValueError, match=refused):
+        Trainer(config)
+    # Not even on request: the weights are another model's.
+    config.override_resume_settings = True
+    with pytest.raises(ValueError, match=refused + r"; a resume cannot change the model, variant"):
         Trainer(config)
     with pytest.raises(FileNotFoundError, match="--resume: no checkpoint"):
         load_for_resume(tmp_path / "missing.pt", {})

@@ -4,21 +4,32 @@ good epoch."""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import errno
+import io
 import json
+import shlex
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+from pnnh_kernels.backends import BackendUnavailableError
 from pnnh_kernels.commands import build_parser
 from pnnh_kernels.commands import main as pnnh_main
-from pnnh_kernels.training import checkpoint
+from pnnh_kernels.commands import train as train_command
+from pnnh_kernels.training import checkpoint, trainer
 from pnnh_kernels.training.checkpoint import load_for_resume
 from pnnh_kernels.training.data import ImageFolder, load_cifar
+from pnnh_kernels.training.optim import WarmupSchedule
 from pnnh_kernels.training.trainer import TrainConfig, Trainer, resolve_precision
 from tests.test_training import SMOKE, write_cifar, write_folder
+
+# SMOKE with 2 steps an epoch and 1 test batch: for runs that only need to exist.
+TINY = [*SMOKE, "--synthetic-train-size", "32", "--synthetic-test-size", "16"]
+NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 
 
 def _config(out: Path, **changes) -> TrainConfig:
@@ -34,17 +45,35 @@ def _epochs_saved(out: Path) -> int:
     return int(torch.load(out / "last.pt", map_location="cpu", weights_only=True)["epoch"])
 
 
+def _one_line_error(capsys, command: str) -> str:
+    """The message of a usage error of ``pnnh command``: argparse's form, one line on stderr."""
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.endswith("\n"), err
+    assert "Traceback" not in err
+    prefix = f"pnnh {command}: error: "
+    assert err.startswith(prefix), err
+    return err[len(prefix) : -1]
+
+
 # -- one run per --out -------------------------------------------------------------------------
 
 
-def test_a_second_run_into_the_same_out_is_refused(tmp_path):
+def test_a_second_run_into_the_same_out_is_refused(tmp_path, capsys):
     pnnh_main(["train", *SMOKE, "--epochs", "1", "--out", str(tmp_path)])
     before = (tmp_path / "last.pt").read_bytes()
-    with pytest.raises(FileExistsError, match=r"already holds a run \(last.pt, metrics.jsonl") as e:
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
         pnnh_main(["train", *SMOKE, "--epochs", "1", "--out", str(tmp_path)])
-    assert "--resume" in str(e.value)
-    assert "--overwrite" in str(e.value)
+    assert exit_info.value.code == 2
+    error = _one_line_error(capsys, "train")
+    assert "already holds a run (last.pt, metrics.jsonl" in error
+    assert "--resume" in error
+    assert "--overwrite" in error
     assert (tmp_path / "last.pt").read_bytes() == before  # untouched
+    # The trainer itself raises (the command line reports it in one line).
+    with pytest.raises(FileExistsError, match=r"already holds a run \(last.pt, metrics.jsonl"):
+        Trainer(_config(tmp_path, epochs=1))
 
 
 def test_overwrite_replaces_the_run(tmp_path):
@@ -218,6 +247,213 @@ def test_train_help_shows_the_defaults(capsys):
         assert shown in text
 
 
+def _train_parser() -> argparse.ArgumentParser:
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return commands.choices["train"]
+
+
+def test_train_help_says_what_every_option_does_and_its_default_once():
+    parser = _train_parser()
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if "--help" in action.option_strings:
+            continue
+        text = formatter._expand_help(action)  # the option's help as --help prints it
+        assert text.count("(default:") == 1, (action.option_strings, text)
+        assert not text.startswith("(default:"), (action.option_strings, text)  # a default only
+        for internal in ("(default: None)", "(default: False)", "==SUPPRESS=="):
+            assert internal not in text, (action.option_strings, text)
+    flags = {flag for action in parser._actions for flag in action.option_strings}
+    assert {"--threads", "--override-resume-settings", "--no-compile"} <= flags
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--epochs", "0"], "--epochs: expected a positive int, got 0"),
+        (["--threads", "0"], "--threads: expected a positive int, got 0"),
+        (["--workers", "-1"], "--workers: expected an int >= 0, got -1"),
+        (["--synthetic-train-size", "8"], "--batch-size: 16 is larger than the 8 training images"),
+        (["--data", "cifar10"], "--data-dir: required for --data cifar10"),
+        (["--data", "cifar10", "--data-dir", "{tmp}"], "--data-dir: no cifar10 data in {tmp}"),
+        (["--data", "folder", "--data-dir", "{tmp}"],
+         "--data-dir: expected the image folder {tmp}/train"),
+        (["--override-resume-settings"], "--override-resume-settings: applies to a --resume only"),
+        (["--resume", "{tmp}/missing.pt"], "--resume: no checkpoint at {tmp}/missing.pt"),
+        pytest.param(["--device", "cuda"], "--device cuda: torch.cuda.is_available() is False",
+                     marks=NO_GPU),
+        pytest.param(["--backend", "cuda"], "--backend cuda: backend='cuda' cannot run conv2d on "
+                     "cpu with torch.float32: the CUDA kernels run on CUDA tensors", marks=NO_GPU),
+    ],
+)  # fmt: skip
+def test_usage_errors_are_one_line_with_status_2_and_create_nothing(
+    tmp_path, capsys, monkeypatch, arguments, message
+):
+    def read_data(*args, **kwargs):
+        raise AssertionError("the data was read before the arguments were checked")
+
+    monkeypatch.setattr(trainer, "ImageData", read_data)
+    arguments = [argument.replace("{tmp}", str(tmp_path)) for argument in arguments]
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        pnnh_main(["train", *TINY, "--out", str(out), *arguments])
+    assert exit_info.value.code == 2
+    assert _one_line_error(capsys, "train").startswith(message.replace("{tmp}", str(tmp_path)))
+    assert not out.exists()
+
+
+@NO_GPU
+def test_an_unavailable_backend_is_refused_before_the_data_and_model_are_built(tmp_path, monkeypatch):
+    def read_data(*args, **kwargs):
+        raise AssertionError("the data was read before the backend was checked")
+
+    monkeypatch.setattr(trainer, "ImageData", read_data)
+    with pytest.raises(BackendUnavailableError, match=r"--backend cuda: .* on cpu .*--backend auto"):
+        Trainer(_config(tmp_path / "run", backend="cuda"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_backend_check_knows_the_ops_of_every_model():
+    from pnnh_kernels import FusedPNNHConv, FusedPNNHLinear
+
+    for name in trainer.MODELS:
+        with torch.device("meta"):
+            model = trainer.build_model(TrainConfig(model=name, data="synthetic"), num_classes=10)
+        ops = {
+            "conv2d" if isinstance(module, FusedPNNHConv) else "linear"
+            for module in model.modules()
+            if isinstance(module, (FusedPNNHConv, FusedPNNHLinear))
+        }
+        assert set(trainer.LAYER_OPS[name]) == ops, name
+
+
+# -- resuming: the checkpoint's settings -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory) -> Path:
+    """The folder of a 2-epoch run stopped after its first epoch (--stop-after 1). Tests read it or
+    resume it into another --out; none changes it."""
+    out = tmp_path_factory.mktemp("stopped") / "run"
+    with contextlib.redirect_stdout(io.StringIO()):
+        pnnh_main(["train", *TINY, "--epochs", "2", "--stop-after", "1", "--out", str(out)])
+    return out
+
+
+def test_stop_after_prints_the_resume_command_which_alone_finishes_the_run(
+    tmp_path, capsys, monkeypatch
+):
+    out = tmp_path / "run"
+    pnnh_main(["train", *TINY, "--epochs", "2", "--stop-after", "1", "--out", str(out)])
+    printed = capsys.readouterr().out
+    command = f"pnnh train --resume {shlex.quote(str(out / 'last.pt'))}"
+    assert f"stopped after epoch 1 of 2 (--stop-after 1); continue with: {command}\n" in printed
+    # The printed command, from another folder: no setting repeated, the run's own --out. (A resume
+    # used to take every setting not repeated from the defaults: 200 epochs of 512 images at 32
+    # pixels, into runs/train.)
+    monkeypatch.chdir(tmp_path)
+    threads = torch.get_num_threads()
+    try:
+        pnnh_main([*shlex.split(command)[1:], "--threads", "1"])
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    printed = capsys.readouterr().out
+    assert "(32 training images, 10 classes)" in printed
+    assert "epochs 2-2" in printed
+    assert not (tmp_path / "runs").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["epochs_completed"], summary["epochs_planned"]) == (2, 2)
+    assert summary["peak_lr"] == 0.02
+    config = summary["config"]
+    assert config["out"] == str(out)
+    expected = {"image_size": 16, "batch_size": 16, "synthetic_train_size": 32, "workers": 0}
+    assert {key: config[key] for key in expected} == expected
+    rows = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(row)["epoch"] for row in rows] == [1, 2]
+
+    # Resuming the finished run says so, trains nothing, changes nothing and exits with status 0.
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    pnnh_main(shlex.split(command)[1:])
+    printed = capsys.readouterr().out
+    assert "holds a finished run (2 epochs done, --epochs 2, final test accuracy" in printed
+    assert "add --epochs N --override-resume-settings (N > 2)" in printed
+    assert "epoch 3" not in printed
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+
+
+def test_a_flag_that_contradicts_the_checkpoint_is_refused_in_one_line(stopped_run, capsys):
+    path = str(stopped_run / "last.pt")
+    before = {p.name: p.read_bytes() for p in stopped_run.iterdir()}
+    with pytest.raises(SystemExit) as exit_info:
+        pnnh_main(["train", "--resume", path, "--epochs", "200", "--image-size", "32",
+                   "--synthetic-train-size", "512", "--workers", "2"])  # fmt: skip
+    assert exit_info.value.code == 2
+    assert _one_line_error(capsys, "train") == (
+        f"--epochs 200, --image-size 32, --synthetic-train-size 512 contradict the checkpoint "
+        f"{path}, a run with --epochs 2, --image-size 16, --synthetic-train-size 32; a resume "
+        "continues with its run's own settings: drop --epochs, --image-size, "
+        "--synthetic-train-size, or add --override-resume-settings to apply them from epoch 2"
+    )  # --workers says how, not what, the run trains: it may change
+    assert {p.name: p.read_bytes() for p in stopped_run.iterdir()} == before
+    # A flag repeated with the checkpoint's value is no contradiction; the given --lr is compared
+    # with what the run trained at, --no-nesterov as what it is.
+    args = build_parser().parse_args(["train", *TINY, "--epochs", "2", "--resume", path])
+    train_command.check(args)
+    assert (args.config.epochs, args.config.image_size, args.epochs_done) == (2, 16, 1)
+    with pytest.raises(SystemExit):
+        pnnh_main(["train", "--resume", path, "--no-nesterov"])
+    assert "--no-nesterov contradicts the checkpoint" in _one_line_error(capsys, "train")
+
+
+def test_the_api_refuses_a_resume_with_other_settings_too(stopped_run, tmp_path):
+    resume = str(stopped_run / "last.pt")
+    with pytest.raises(ValueError, match=r"^--epochs 5 contradicts the checkpoint .*--epochs 2;"):
+        Trainer(_config(tmp_path / "run", lr=0.02, synthetic_train_size=32, synthetic_test_size=16,
+                        epochs=5, resume=resume))  # fmt: skip
+    with pytest.raises(ValueError, match=r"--variant plain contradicts .* not even with"):
+        Trainer(_config(tmp_path / "run", synthetic_train_size=32, synthetic_test_size=16,
+                        variant="plain", resume=resume, override_resume_settings=True))  # fmt: skip
+
+
+def test_override_applies_the_given_settings_from_the_next_epoch(stopped_run, tmp_path):
+    out = tmp_path / "longer"
+    with pytest.warns(UserWarning, match=r"differ .* apply from epoch 2: --epochs, --lr$"):
+        pnnh_main(["train", "--resume", str(stopped_run / "last.pt"), "--out", str(out),
+                   "--epochs", "3", "--lr", "0.01", "--stop-after", "1",
+                   "--override-resume-settings"])  # fmt: skip
+    state = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    assert state["epoch"] == 2
+    assert (state["config"]["epochs"], state["config"]["lr"]) == (3, 0.01)
+    # The optimizer's restored state had the checkpoint's peak (0.02): the override replaces it,
+    # and the schedule, rebuilt for 3 epochs of 2 steps, is at the step where epoch 3 begins.
+    groups = state["optimizer"]["param_groups"]
+    assert [group["initial_lr"] for group in groups] == [0.01, 0.01]
+    assert state["scheduler"]["last_epoch"] == 4
+    expected = 0.01 * WarmupSchedule("cosine", total_steps=6, warmup_steps=2)(4)
+    assert groups[0]["lr"] == pytest.approx(expected)
+    assert json.loads((out / "summary.json").read_text())["peak_lr"] == 0.01
+
+
+@NO_GPU
+def test_a_resume_names_the_checkpoints_backend_when_it_cannot_run_here(stopped_run, tmp_path, capsys):
+    state = torch.load(stopped_run / "last.pt", map_location="cpu", weights_only=True)
+    state["config"]["backend"] = "cuda"  # a run started on a GPU with --backend cuda
+    path = tmp_path / "gpu-run" / "last.pt"
+    path.parent.mkdir()
+    torch.save(state, path)
+    with pytest.raises(SystemExit):
+        pnnh_main(["train", "--resume", str(path)])
+    error = _one_line_error(capsys, "train")
+    assert error.startswith("--backend cuda: backend='cuda' cannot run conv2d on cpu")
+    assert error.endswith(
+        "--backend cuda is the checkpoint's setting: give --backend to resume with another"
+    )
+    args = build_parser().parse_args(["train", "--resume", str(path), "--backend", "torch"])
+    train_command.check(args)  # --backend may change on a resume: it trains the same model
+    assert args.config.backend == "torch"
+
+
 def test_profile_layer_argument_is_checked(capsys):
     with pytest.raises(ValueError, match="--layer: expected CHANNELS,SIZE,BATCH, three positive ints"):
         pnnh_main(["profile", "--layer", "8,8", "--backend", "torch", "--dtype", "fp32"])
@@ -275,8 +511,8 @@ def test_resuming_into_another_runs_folder_is_refused(tmp_path):
         Trainer(_config(tmp_path / "b", epochs=2, resume=str(tmp_path / "a" / "last.pt")))
     assert (tmp_path / "b" / "last.pt").read_bytes() == before
     # Its own folder, or an empty one, is fine.
-    Trainer(_config(tmp_path / "a", epochs=2, resume=str(tmp_path / "a" / "last.pt")))
-    Trainer(_config(tmp_path / "c", epochs=2, resume=str(tmp_path / "a" / "last.pt")))
+    Trainer(_config(tmp_path / "a", epochs=1, resume=str(tmp_path / "a" / "last.pt")))
+    Trainer(_config(tmp_path / "c", epochs=1, resume=str(tmp_path / "a" / "last.pt")))
 
 
 def test_overwrite_deletes_the_old_run_before_the_first_epoch(tmp_path):

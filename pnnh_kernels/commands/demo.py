@@ -136,11 +136,25 @@ def resnet_table() -> str:
     )
 
 
-def run(args: argparse.Namespace) -> None:
+def check(args: argparse.Namespace) -> None:
+    """The arguments, and scikit-learn (the digits), before any variant starts training: without it
+    the demo used to fail inside a worker process, in a process-pool traceback."""
     for name in ("threads", "depth", "width", "epochs", "batch_size"):
         check_positive_int(f"--{name.replace('_', '-')}", getattr(args, name))
     if args.jobs is not None:
         check_positive_int("--jobs", args.jobs)
+    try:
+        import sklearn.datasets
+        import sklearn.model_selection  # noqa: F401
+    except ImportError as error:
+        raise ImportError(
+            "the demo trains on scikit-learn's digits, and scikit-learn is not installed "
+            f"({error}): pip install 'pnnh-kernels[experiments]' (or pip install scikit-learn)"
+        ) from error
+
+
+def run(args: argparse.Namespace) -> None:
+    check(args)  # again, for a caller that did not go through pnnh_kernels.commands.main
     start = time.perf_counter()
     print(
         f"Training deep_cnn(depth={args.depth}, width={args.width}) on scikit-learn digits, "

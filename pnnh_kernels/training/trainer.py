@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import resource
+import shlex
 import time
 import warnings
+from collections.abc import Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from pnnh_kernels.backends import check_backend_name
+from pnnh_kernels.backends import BackendUnavailableError, check_backend_name, resolve_backend
 from pnnh_kernels.coder import PNNHCoder
 from pnnh_kernels.models import count_parameters, resnet18, resnet34, resnet50
 from pnnh_kernels.models.coder_bank import check_variant
@@ -25,7 +28,7 @@ from pnnh_kernels.models.vit import vit_small, vit_tiny
 from pnnh_kernels.pnnh_conv import FusedPNNHConv
 from pnnh_kernels.pnnh_linear import FusedPNNHLinear
 from pnnh_kernels.training import checkpoint, distributed, metrics
-from pnnh_kernels.training.data import DataSpec, ImageData
+from pnnh_kernels.training.data import CIFAR_LAYOUTS, DataSpec, ImageData, cifar_root
 from pnnh_kernels.training.optim import WarmupSchedule, scheduler, sgd
 
 MODELS = {
@@ -36,12 +39,22 @@ MODELS = {
     "vit_small": vit_small,
 }
 PRECISIONS = {"auto": None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Settings that may change between a run and its resumption without changing what is trained.
 # The default peak learning rate: 0.1 per 128 images of global batch (the CIFAR ResNet recipe's 0.1
 # at 128, scaled linearly). A fixed 0.1 diverged at batch 32 (the README's smoke run: NaN in epoch 2,
 # or a first-epoch test loss of 3e5), where 0.025 trains it to 100% test accuracy.
 LR_PER_128_IMAGES = 0.1
-RESUMABLE_CHANGES = {"resume", "stop_after", "out", "workers", "compile", "cuda_graphs", "overwrite"}
+# Resuming. A resume continues the checkpoint's run with the checkpoint's settings. Settings of one
+# invocation are never taken from the checkpoint:
+PER_INVOCATION = ("resume", "stop_after", "overwrite", "override_resume_settings")
+# Settings of where and how the run executes, not of what it trains: a resume may change them freely
+# (--out: where the files go; the others give the same arithmetic up to rounding).
+EXECUTION_SETTINGS = ("out", "workers", "compile", "cuda_graphs", "device", "backend")
+RESUMABLE_CHANGES = {*PER_INVOCATION, *EXECUTION_SETTINGS}
+# Any other setting that differs from the checkpoint's is refused unless the run says
+# override_resume_settings (--override-resume-settings); these not even then: they change the model's
+# parameters or what its checkpoint holds (coder_trainable: the optimizer's parameters).
+FIXED_ON_RESUME = ("model", "variant", "data", "coder_trainable")
+OVERRIDE_FLAG = "--override-resume-settings"
 
 
 @dataclass
@@ -79,6 +92,8 @@ class TrainConfig:
     resume: Optional[str] = None
     stop_after: Optional[int] = None  # epochs of this invocation, then checkpoint and exit
     overwrite: bool = False  # start a new run in an --out folder that holds one (deleting its files)
+    # resume with settings that differ from the checkpoint's (else refused); see FIXED_ON_RESUME
+    override_resume_settings: bool = False
 
     def validate(self) -> None:
         if self.model not in MODELS:
@@ -87,7 +102,13 @@ class TrainConfig:
         check_backend_name(self.backend)
         if self.precision not in PRECISIONS:
             raise ValueError(f"--precision: expected one of {tuple(PRECISIONS)}, got {self.precision!r}")
-        for name in ("epochs", "batch_size", "coder_loss_samples"):
+        for name in (
+            "epochs",
+            "batch_size",
+            "coder_loss_samples",
+            "synthetic_train_size",
+            "synthetic_test_size",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(
                     f"--{name.replace('_', '-')}: expected a positive int, got {getattr(self, name)}"
@@ -97,10 +118,14 @@ class TrainConfig:
                 "--overwrite: starts a new run over the one in --out, --resume continues one: give "
                 "one of them"
             )
+        if self.override_resume_settings and not self.resume:
+            raise ValueError(f"{OVERRIDE_FLAG}: applies to a --resume only, and no --resume is given")
         if self.image_size is not None and self.image_size < 8:
             raise ValueError(
                 f"--image-size: expected an int >= 8 (the networks downsample 8x), got {self.image_size}"
             )
+        if self.workers < 0:
+            raise ValueError(f"--workers: expected an int >= 0, got {self.workers}")
         if self.stop_after is not None and self.stop_after < 1:
             raise ValueError(f"--stop-after: expected a positive int, got {self.stop_after}")
         if self.lr is not None and not self.lr >= 0:
@@ -232,6 +257,213 @@ def check_out_folder(config: TrainConfig) -> None:
         )
 
 
+def flag(name: str) -> str:
+    """The command-line flag of a TrainConfig field."""
+    return "--" + name.replace("_", "-")
+
+
+def _check_device(config: TrainConfig) -> torch.device:
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: torch.cuda.is_available() is False on this machine")
+    return distributed.choose_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _check_data(config: TrainConfig, world_size: int) -> None:
+    """What can be known of the data without reading it: a --data-dir that is missing or does not
+    hold the data set, a synthetic set smaller than a batch."""
+    if config.data == "synthetic":
+        if (config.synthetic_train_size // world_size) // (config.batch_size // world_size) == 0:
+            raise ValueError(
+                f"--batch-size: {config.batch_size} is larger than the {config.synthetic_train_size} "
+                "training images (--synthetic-train-size)"
+            )
+        return
+    if config.data_dir is None:
+        raise ValueError(f"--data-dir: required for --data {config.data}")
+    root = Path(config.data_dir)
+    if config.data in CIFAR_LAYOUTS:
+        cifar_root(root, config.data)  # raises FileNotFoundError naming what it looked for
+        return
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise FileNotFoundError(
+                f"--data-dir: expected the image folder {root / split}, which does not exist "
+                "(--data folder reads DIR/train/<class>/* and DIR/val/<class>/*)"
+            )
+
+
+# The backend ops ("conv2d", "linear") that each model's PNNH layers call: every conv + BatchNorm of
+# a ResNet is a FusedPNNHConv; a ViT has no fused layer (its coders run as PNNHCoder's linear maps,
+# models/vit.py), so --backend does not reach it. Kept by hand (building a model, even on the meta
+# device, costs a second at start-up); tests/test_training_failures.py checks it against the models.
+LAYER_OPS = {
+    "resnet18": ("conv2d",),
+    "resnet34": ("conv2d",),
+    "resnet50": ("conv2d",),
+    "vit_tiny": (),
+    "vit_small": (),
+}
+
+
+def check_backend_available(config: TrainConfig) -> None:
+    """Raise BackendUnavailableError, with the backend's reason, when --backend cannot run this
+    run's PNNH layers on its device and precision: before any data is read or file written, not in
+    the first training step."""
+    device = _check_device(config)
+    autocast_dtype = PRECISIONS[resolve_precision(config.precision, device, warn=False)]
+    dtypes = [torch.float32] + ([autocast_dtype] if autocast_dtype is not None else [])
+    for op in LAYER_OPS.get(config.model, ("conv2d", "linear")):
+        for dtype in dtypes:
+            try:
+                resolve_backend(config.backend, device, dtype, op)
+            except BackendUnavailableError as error:
+                raise BackendUnavailableError(
+                    f"--backend {config.backend}: {error} (--backend auto picks one that runs here)"
+                ) from error
+
+
+def check_before_start(config: TrainConfig) -> None:
+    """Every check of a run's settings that needs no data read and no model built, so that a run
+    that cannot start fails at once and creates nothing: the values themselves, the batch over the
+    processes, the --out folder, the --data-dir, the device and the --backend."""
+    config.validate()
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if config.batch_size % world_size:
+        raise ValueError(
+            f"--batch-size: the global batch {config.batch_size} must divide evenly over "
+            f"{world_size} processes"
+        )
+    check_out_folder(config)
+    _check_data(config, world_size)
+    check_backend_available(config)
+
+
+# -- resuming ----------------------------------------------------------------------------------
+
+# Boolean settings with a --no- flag (the others are store_true flags: off means absent).
+_NEGATABLE = ("nesterov", "channels_last", "compile", "cuda_graphs")
+
+
+def config_from_checkpoint(values: dict[str, Any]) -> TrainConfig:
+    """The TrainConfig saved in a checkpoint (settings it lacks: their defaults; settings this
+    version no longer has: dropped)."""
+    names = {field.name for field in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{key: value for key, value in values.items() if key in names})
+
+
+def _comparable(config: TrainConfig, name: str) -> Any:
+    """What a setting means for the run: the resolved learning rate and image size, the path."""
+    if name == "lr":
+        return config.resolved_lr
+    if name == "image_size":
+        return config.resolved_image_size
+    if name == "data_dir" and config.data_dir is not None:
+        return Path(config.data_dir).expanduser().resolve()
+    return getattr(config, name)
+
+
+def _shown(config: TrainConfig, name: str) -> str:
+    """A setting as the command line gives it: "--epochs 4", "--no-nesterov"."""
+    value = getattr(config, name)
+    if name == "lr" and value is None:
+        return f"--lr {config.resolved_lr:g} (the default at --batch-size {config.batch_size})"
+    if name == "image_size" and value is None:
+        return f"--image-size {config.resolved_image_size}"
+    if isinstance(value, bool):
+        if value:
+            return flag(name)
+        return f"--no-{name.replace('_', '-')}" if name in _NEGATABLE else f"no {flag(name)}"
+    if value is None:
+        return f"no {flag(name)}"
+    return f"{flag(name)} {value}"
+
+
+def check_resume_settings(
+    saved: TrainConfig, config: TrainConfig, names: Iterable[str], path: Any, epoch: int
+) -> list[str]:
+    """The settings among ``names`` in which ``config``, a resume after ``epoch`` epochs of the
+    checkpoint at ``path``, differs from the checkpoint's run ``saved`` (execution settings such as
+    --out, --workers or --backend never count). Raises ValueError naming each, both values and the
+    way out, unless ``config.override_resume_settings``; for the model, variant, data set, coder
+    training or stem, always."""
+    names = set(names)
+    conflicts = [
+        field.name
+        for field in dataclasses.fields(TrainConfig)
+        if field.name in names
+        and field.name not in RESUMABLE_CHANGES
+        and getattr(saved, field.name) != getattr(config, field.name)
+        and _comparable(saved, field.name) != _comparable(config, field.name)
+    ]
+    fixed = [name for name in conflicts if name in FIXED_ON_RESUME]
+    if "image_size" in conflicts and (saved.stem != config.stem or config.model.startswith("vit")):
+        fixed.append("image_size")  # another stem, or another number of ViT tokens
+
+    def contradiction(which: list[str]) -> str:
+        verb = "contradicts" if len(which) == 1 else "contradict"
+        return (
+            f"{', '.join(_shown(config, name) for name in which)} {verb} the checkpoint {path}, a "
+            f"run with {', '.join(_shown(saved, name) for name in which)}"
+        )
+
+    def flags(which: list[str]) -> str:
+        return ", ".join(_shown(config, n) if isinstance(getattr(config, n), bool) else flag(n)
+                         for n in which)  # fmt: skip
+
+    if fixed:
+        raise ValueError(
+            f"{contradiction(fixed)}; a resume cannot change the model, variant, data set, coder "
+            f"training or stem, not even with {OVERRIDE_FLAG}: drop {flags(fixed)} to continue that "
+            "run, or start a new run in another --out"
+        )
+    if conflicts and not config.override_resume_settings:
+        them = "it" if len(conflicts) == 1 else "them"
+        raise ValueError(
+            f"{contradiction(conflicts)}; a resume continues with its run's own settings: drop "
+            f"{flags(conflicts)}, or add {OVERRIDE_FLAG} to apply {them} from epoch {epoch + 1}"
+        )
+    return conflicts
+
+
+def resume_settings(path: str, given: dict[str, Any]) -> tuple[TrainConfig, dict[str, Any]]:
+    """The configuration of a resume of the checkpoint at ``path``: the checkpoint's settings with the
+    ``given`` ones (those on the command line) on top; ``out`` is the checkpoint's folder unless
+    given. A given setting that contradicts the checkpoint's raises ValueError (see
+    check_resume_settings). Returns the configuration and the checkpoint, its tensors mapped from
+    the file, not read."""
+    state = checkpoint.read_checkpoint(Path(path), mmap=True)
+    saved = config_from_checkpoint(state["config"])
+    values = dataclasses.asdict(saved)
+    defaults = TrainConfig()
+    values.update({name: getattr(defaults, name) for name in PER_INVOCATION})
+    values["out"] = str(Path(path).parent)
+    values.update(given)
+    values["resume"] = str(path)
+    config = TrainConfig(**values)
+    check_resume_settings(saved, config, given, path, int(state["epoch"]))
+    return config, state
+
+
+def finished_message(path: Any, epochs_done: int, epochs: int, history: list[dict[str, Any]]) -> str:
+    """What a resume of a run that has trained all its epochs says instead of training."""
+    accuracy = ""
+    if history and "test_accuracy" in history[-1]:
+        accuracy = f", final test accuracy {history[-1]['test_accuracy']:.4f}"
+    return (
+        f"pnnh train: {path} holds a finished run ({epochs_done} epochs done, --epochs {epochs}"
+        f"{accuracy}): nothing to train. To train it longer, add --epochs N {OVERRIDE_FLAG} "
+        f"(N > {epochs_done})"
+    )
+
+
+def resume_command(checkpoint_path: Path, world_size: int) -> str:
+    """The command that continues a run stopped early (a resume takes the checkpoint's settings)."""
+    command = f"train --resume {shlex.quote(str(checkpoint_path))}"
+    if world_size > 1:
+        return f"the same torchrun launch of: -m pnnh_kernels {command}"
+    return f"pnnh {command}"
+
+
 def _divergence(
     epoch: int, what: str, value: float, history: list[dict[str, Any]], where: str = ""
 ) -> str:
@@ -289,9 +521,21 @@ def _progress(total: int, description: str, enabled: bool) -> Any:
 
 class Trainer:
     def __init__(self, config: TrainConfig) -> None:
-        config.validate()
-        check_out_folder(config)  # on every process, before any starts work
+        check_before_start(config)  # on every process, before any starts work
         self.config = config
+        # A resume's settings must be the checkpoint's, unless config.override_resume_settings:
+        # checked before the data is read (pnnh train fills in the checkpoint's settings itself).
+        resumed: Optional[dict[str, Any]] = None
+        self.resume_changes: list[str] = []
+        if config.resume:
+            resumed = checkpoint.read_checkpoint(Path(config.resume))
+            self.resume_changes = check_resume_settings(
+                config_from_checkpoint(resumed["config"]),
+                config,
+                [field.name for field in dataclasses.fields(TrainConfig)],
+                config.resume,
+                int(resumed["epoch"]),
+            )
         self.processes = distributed.start(config.device)
         world = self.processes.world_size
         if config.batch_size % world:
@@ -339,8 +583,9 @@ class Trainer:
         self.start_epoch = 0
         self.history: list[dict[str, Any]] = []
         torch.manual_seed(config.seed * 65_537 + self.processes.rank + 1)
-        if config.resume:
-            self._resume(Path(config.resume))
+        if resumed is not None:
+            self._resume(Path(config.resume), resumed)
+            del resumed  # its tensors are the model's and the optimizer's now
         wrapped: nn.Module = self.model
         if self.processes.distributed:
             wrapped = DistributedDataParallel(
@@ -403,30 +648,20 @@ class Trainer:
         params = sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad)
         return state + params + (1 << 20)
 
-    def _resume(self, path: Path) -> None:
-        state = checkpoint.load_for_resume(path, self.identity())
-        changed = {
-            key
-            for key, value in state["config"].items()
-            if key not in RESUMABLE_CHANGES and getattr(self.config, key, value) != value
-        }
-        if "lr" in changed:
-            # Compare what the runs train with: a checkpoint from before the batch-scaled default
-            # (lr 0.1 at batch 128) resolves to the same peak as lr=None does now.
-            before = TrainConfig(**{**dataclasses.asdict(self.config), "lr": state["config"]["lr"],
-                                    "batch_size": state["config"]["batch_size"]})  # fmt: skip
-            if before.resolved_lr == self.config.resolved_lr:
-                changed.discard("lr")
+    def _resume(self, path: Path, state: dict[str, Any]) -> None:
+        checkpoint.check_identity(state, self.identity(), path)
+        changed = self.resume_changes  # empty unless config.override_resume_settings
         if changed and self.processes.is_main:
             warnings.warn(
-                f"--resume: these settings differ from the checkpoint's run and apply from epoch "
-                f"{state['epoch'] + 1}: {sorted(changed)}",
+                f"{OVERRIDE_FLAG}: these settings differ from the checkpoint's run and apply from "
+                f"epoch {state['epoch'] + 1}: {', '.join(flag(name) for name in changed)}",
                 stacklevel=2,
             )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty when the run was not fp16 (a disabled scaler's state)
+            self.scaler.load_state_dict(state["scaler"])
         if state["world_size"] == self.processes.world_size:
             checkpoint.restore_rng_state(state["rng"][self.processes.rank], self.device)
         elif self.processes.is_main:
@@ -438,6 +673,31 @@ class Trainer:
             )
         self.start_epoch = state["epoch"]
         self.history = list(state["history"])
+        if changed:
+            self._apply_overridden_settings()
+
+    def _apply_overridden_settings(self) -> None:
+        """After an overriding resume: the optimizer's hyperparameters and the schedule's position
+        from this run's settings, not the checkpoint's (which the optimizer's and scheduler's state
+        restored): the peak --lr, --momentum, --nesterov, --weight-decay, and the step of the
+        (rebuilt) schedule at which epoch start_epoch + 1 begins with this run's --batch-size."""
+        config = self.config
+        peak = config.resolved_lr
+        groups = self.optimizer.param_groups
+        for group, decay in zip(groups, (config.weight_decay, 0.0)):
+            group.update(
+                momentum=config.momentum,
+                nesterov=config.nesterov,
+                weight_decay=decay,
+                initial_lr=peak,
+            )
+        step = self.start_epoch * self.data.steps_per_epoch
+        self.scheduler.base_lrs = [peak] * len(groups)
+        self.scheduler.last_epoch = step
+        rates = [peak * self.schedule(step) for _ in groups]
+        for group, rate in zip(groups, rates):
+            group["lr"] = rate
+        self.scheduler._last_lr = rates  # what get_last_lr() reports
 
     # -- epochs ----------------------------------------------------------------------------------
 
@@ -532,6 +792,12 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         config = self.config
+        if self.start_epoch >= config.epochs:
+            # A resume of a finished run: nothing to train, and its files stay as they are.
+            if self.processes.is_main:
+                print(finished_message(config.resume, self.start_epoch, config.epochs, self.history))
+            distributed.stop(self.processes)
+            return self.summary(0.0, True)
         if self.processes.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             if config.overwrite:
@@ -577,6 +843,12 @@ class Trainer:
                 metrics.plot_accuracy(
                     self.history, self.out, f"{config.model} {config.variant} on {config.data}"
                 )
+            if last < config.epochs:
+                print(
+                    f"pnnh train: stopped after epoch {last} of {config.epochs} (--stop-after "
+                    f"{config.stop_after}); continue with: "
+                    f"{resume_command(self.out / 'last.pt', self.processes.world_size)}"
+                )
         distributed.stop(self.processes)
         return summary
 
@@ -600,8 +872,8 @@ class Trainer:
             "world_size": self.processes.world_size,
             "device": str(self.device),
             "precision": self.precision,
-            # The optimizer's own peak: a resumed run keeps its checkpoint's (restored with the
-            # optimizer and scheduler state), whatever this invocation's --lr says.
+            # The optimizer's own peak: a resumed run's is its checkpoint's (restored with the
+            # optimizer and scheduler state), or the --lr of an --override-resume-settings.
             "peak_lr": self.optimizer.param_groups[0].get("initial_lr", self.config.resolved_lr),
             "backends_in_use": backends,
             "ranks_agree": ranks_agree,
