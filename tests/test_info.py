@@ -30,3 +30,16 @@ def test_info_says_how_to_install_a_missing_backend(monkeypatch):
         if removed is not None:
             backends.register_backend(removed)
     assert "triton  unavailable: not registered in this installation (pip install triton" in text
+
+
+def test_the_cli_prints_info_and_the_version(capsys):
+    import pytest
+
+    from pnnh_kernels.commands import main
+    from pnnh_kernels.version import VERSION
+
+    main(["info", "--dtype", "float32"])
+    assert "backends, for torch.float32 conv2d:" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.startswith(f"pnnh-kernels {VERSION}")
