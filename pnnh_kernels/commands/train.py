@@ -94,8 +94,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "rectified-normal samples (0: off; needs --coder-trainable)", type=float)  # fmt: skip
     add(parser, "--coder-loss-samples", "samples per coder per step for --coder-loss-weight",
         type=int, metavar="N")  # fmt: skip
-    add(parser, "--backend", "kernel backend of every PNNH layer (auto: triton on a GPU, torch on "
-        "the CPU; cuda, the CUDA kernels, only when named); checked before the run starts",
+    add(parser, "--backend", "kernel backend of every PNNH layer (auto: the one measured fastest "
+        "on the device, see pnnh info; triton and cuda when named); checked before the run starts",
         choices=list(KNOWN_BACKENDS))  # fmt: skip
     add(parser, "--device", "auto: a GPU when there is one (under torchrun, the process's own)",
         choices=("auto", "cpu", "cuda"))  # fmt: skip
