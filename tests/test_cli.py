@@ -85,7 +85,7 @@ def test_demo_without_scikit_learn_says_what_to_install_before_it_starts(monkeyp
 
 
 def test_profile_runs_one_step_of_a_layer_and_a_model(capsys):
-    main(["profile", "--layer", "8,5,2", "--dtype", "fp32", "--warmup", "1", "--mode", "forward"])
+    main(["profile", "--layer", "2x8x5x5", "--dtype", "fp32", "--warmup", "1", "--mode", "forward"])
     main(["profile", "--model", "resnet18", "--batch", "2", "--dtype", "fp32", "--warmup", "1"])
     out = capsys.readouterr().out
     assert out.count("profiled step:") == 2

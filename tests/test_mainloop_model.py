@@ -124,7 +124,7 @@ def test_the_report_models_the_current_mainloops_at_the_first_stage(tmp_path):
     rows_path = tmp_path / "rows.json"
     environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     subprocess.run(
-        [sys.executable, "-m", "pnnh_kernels.triton.report", "--shape", "256,64,64,32,32",
+        [sys.executable, "-m", "pnnh_kernels.triton.report", "--shape", "256x64x32x32",
          "--dtype", "bf16", "--card", "H200", "--model", "--only", TRAINING_MAINLOOPS,
          "--json", str(rows_path), "--jobs", "1"],
         check=True, capture_output=True, env=environment,

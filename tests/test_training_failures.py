@@ -455,8 +455,12 @@ def test_a_resume_names_the_checkpoints_backend_when_it_cannot_run_here(stopped_
 
 
 def test_profile_layer_argument_is_checked(capsys):
-    with pytest.raises(ValueError, match="--layer: expected CHANNELS,SIZE,BATCH, three positive ints"):
-        pnnh_main(["profile", "--layer", "8,8", "--backend", "torch", "--dtype", "fp32"])
+    with pytest.raises(SystemExit) as stopped:  # the old CHANNELS,SIZE,BATCH form included
+        pnnh_main(["profile", "--layer", "64,32,256", "--backend", "torch", "--dtype", "fp32"])
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("pnnh profile: error: --layer: expected NxCxHxW"), error
+    assert "\n" not in error
 
 
 @pytest.mark.parametrize("size", [0, -3, 4])

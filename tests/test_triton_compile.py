@@ -32,12 +32,12 @@ from pnnh_kernels.triton.pnnh_conv_config import ConvConfig, tuning_configs
 
 SHAPES = {
     "bf16": [
-        "256,512,512,4,4",
-        "256,512,512,4,4,3,1,32",
-        "64,256,64,56,56,1,1,128",
-        "256,256,512,8,8,3,2",
+        "256x512x4x4",
+        "256x512x4x4,code=32",
+        "64x256x56x56,out=64,k=1,code=128",
+        "256x256x8x8,out=512,stride=2",
     ],
-    "fp32": ["256,512,512,4,4"],
+    "fp32": ["256x512x4x4"],
 }
 CHECKED = (
     r"fwd_kernel\[(relu|bn apply, relu|bn stats)\]|dgrad_kernel\[(eval, relu|train-BN)\]"
@@ -104,10 +104,14 @@ def test_the_check_fails_on_a_config_over_a_card_limit():
 
 
 def test_shapes_parse_and_the_resnet_grid_has_every_stage():
-    assert report.parse_shape("256,128,128,16,16") == report.LayerShape(256, 128, 128, 16, 16)
-    assert report.parse_shape("64,3,64,224,224,7,2,0").code_channels == 0
-    with pytest.raises(Exception, match="N,C_IN,C_OUT,H,W"):
-        report.parse_shape("256,128")
+    assert report.parse_shape("256x128x16x16") == report.LayerShape(256, 128, 128, 16, 16)
+    stem = report.parse_shape("64x3x224x224,out=64,k=7,stride=2,code=0")
+    assert stem == report.LayerShape(64, 3, 64, 224, 224, 7, 2, 0)
+    assert stem.code_channels == 0
+    with pytest.raises(ValueError, match="--shape: expected NxCxHxW"):
+        report.parse_shape("256,128,128,16,16")  # the old syntax, refused with the new one
+    with pytest.raises(ValueError, match="key among"):
+        report.parse_shape("256x128x16x16,kernel=3")
     grid = {str(shape) for shape in report.resnet_grid()}
     assert len(grid) == 46
     assert "256x512->512(b256)@4x4/k3s1" in grid  # ResNet-18/34 CIFAR, last stage

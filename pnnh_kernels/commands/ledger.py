@@ -9,17 +9,18 @@ import sys
 
 from pnnh_kernels.ledger import CARDS, DEFAULT_CARDS, format_comparison, format_ledger, step_ledger
 from pnnh_kernels.ledger.steps import DTYPES, backend_unavailable_reason
+from pnnh_kernels.shapes import argparse_type, image_shape
 
 # ResNet-18's CIFAR stages at batch 256: (channels, spatial size)
 CIFAR_STAGES = ((64, 32), (128, 16), (256, 8), (512, 4))
 DEFAULT_BACKENDS = ("triton", "cuda")
 
 
+@argparse_type
 def _shape(text: str) -> tuple[int, int, int]:
-    parts = text.lower().split("x")
-    if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts) or parts[2] != parts[3]:
-        raise argparse.ArgumentTypeError(f"expected NxCxSxS (e.g. 256x128x16x16), got {text!r}")
-    return int(parts[0]), int(parts[1]), int(parts[2])
+    """(batch, channels, size) of ``NxCxSxS`` (the ledger's steps take square images)."""
+    n, c, h, _ = image_shape(text, "--shape", square=True)
+    return n, c, h
 
 
 def _cards(text: str) -> tuple[str, ...]:
@@ -32,7 +33,10 @@ def _cards(text: str) -> tuple[str, ...]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--shape", type=_shape, default=(256, 128, 16), help="NxCxSxS (256x128x16x16 by default)"
+        "--shape",
+        type=_shape,
+        default=(256, 128, 16),
+        help="NxCxHxW of the input, square (256x128x16x16 by default)",
     )
     parser.add_argument(
         "--cifar-stages",

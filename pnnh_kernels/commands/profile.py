@@ -17,7 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from pnnh_kernels import FusedPNNHConv, profiling
+from pnnh_kernels.backends import check_backend_name
 from pnnh_kernels.models import resnet18, resnet34, resnet50
+from pnnh_kernels.shapes import image_shape
+from pnnh_kernels.validation import check_positive_int
 
 MODELS = {"resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50}
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -27,8 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     target = parser.add_mutually_exclusive_group()
     target.add_argument(
         "--layer",
-        default="64,32,256",
-        help="CHANNELS,SIZE,BATCH of one 3x3 FusedPNNHConv with BatchNorm",
+        default="256x64x32x32",
+        help="NxCxHxW input of one 3x3 C -> C FusedPNNHConv with BatchNorm",
     )
     target.add_argument("--model", choices=list(MODELS), help="profile a training step of this model")
     parser.add_argument("--variant", default="pnnh", choices=["pnnh", "plain", "residual"])
@@ -40,30 +43,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before the profiled one")
 
 
-def parse_layer(text: str) -> tuple[int, int, int]:
-    """``--layer CHANNELS,SIZE,BATCH`` as three positive ints, or a ValueError saying so."""
-    parts = text.split(",")
-    try:
-        values = tuple(int(v) for v in parts)
-    except ValueError:
-        values = ()
-    if len(values) != 3 or min(values) < 1:
-        raise ValueError(
-            f"--layer: expected CHANNELS,SIZE,BATCH, three positive ints such as 64,32,256, got {text!r}"
-        )
-    return values  # type: ignore[return-value]
+def parse_layer(text: str) -> tuple[int, int, int, int]:
+    """``--layer NxCxHxW`` (the one shape syntax, pnnh_kernels.shapes), or a ValueError saying so."""
+    return image_shape(text, "--layer")
+
+
+def check(args: argparse.Namespace) -> None:
+    """The arguments, before anything is built (pnnh_kernels.commands: one-line usage errors)."""
+    if args.model is None:
+        parse_layer(args.layer)
+    check_positive_int("--batch", args.batch)
+    if args.warmup < 0:
+        raise ValueError(f"--warmup: expected a non-negative int, got {args.warmup}")
+    check_backend_name(args.backend)
 
 
 def _layer_step(args: argparse.Namespace, device: torch.device):
-    channels, size, batch = parse_layer(args.layer)
+    batch, channels, height, width = parse_layer(args.layer)
     dtype = DTYPES[args.dtype]
     layer = FusedPNNHConv(channels, channels, bias=False, norm="batch", backend=args.backend)
     # Eval BatchNorm: the mode in which the fused backends run their own kernels.
     layer = layer.to(device, dtype, memory_format=torch.channels_last).eval()
-    x = torch.randn(batch, channels, size, size, device=device, dtype=dtype).relu()
+    x = torch.randn(batch, channels, height, width, device=device, dtype=dtype).relu()
     x = x.to(memory_format=torch.channels_last)
     grad = torch.randn_like(x)
-    print(f"layer {batch}x{channels}x{size}x{size} {args.dtype}, backend in use: {layer.backend_in_use}")
+    shape = f"{batch}x{channels}x{height}x{width}"
+    print(f"layer {shape} {args.dtype}, backend in use: {layer.backend_in_use}")
 
     def step() -> None:
         if args.mode == "forward":

@@ -8,7 +8,7 @@ and the three weight gradients (learner, encoder, decoder), in bf16, fp16 and fp
 compile the registers, shared memory, stack and local memory (spills) and the instructions that
 matter (tensor-core MMAs, async copies), and checks each against the limits of the cards:
 
-    python -m pnnh_kernels.triton.report --shape 256,128,128,16,16  # N,C_in,C_out,H,W[,K[,S[,C_B]]]
+    python -m pnnh_kernels.triton.report --shape 256x128x16x16  # NxCxHxW[,out=,k=,stride=,code=]
     python -m pnnh_kernels.triton.report --grid resnet --check      # exit 1 if a compile does not fit
 
 ``--model`` adds, for every sm_90 compile of a convolution mainloop (the forward, the input gradient
@@ -43,6 +43,7 @@ from triton.compiler import ASTSource
 from pnnh_kernels.backends.fused_common import capped_wgrad_splits
 from pnnh_kernels.mainloop import sass
 from pnnh_kernels.mainloop.model import LaunchShape, modelled_time
+from pnnh_kernels.shapes import argparse_type, shape_with_options
 from pnnh_kernels.triton import kernels
 from pnnh_kernels.triton.pnnh_conv_config import (
     ConvConfig,
@@ -126,16 +127,16 @@ class LayerShape:
 
 
 def parse_shape(text: str) -> LayerShape:
-    """``N,C_IN,C_OUT,H,W[,K[,STRIDE[,C_B]]]``"""
-    try:
-        values = [int(part) for part in text.split(",")]
-    except ValueError:
-        values = []
-    if not 5 <= len(values) <= 8 or min(values[:5]) < 1:
-        raise argparse.ArgumentTypeError(
-            f"--shape: expected N,C_IN,C_OUT,H,W[,K[,STRIDE[,C_B]]] with positive integers, got {text!r}"
-        )
-    return LayerShape(*values)
+    """``NxC_INxHxW[,out=C_OUT][,k=K][,stride=S][,code=C_B]`` (pnnh_kernels.shapes): C_OUT defaults
+    to C_IN, K to 3, S to 1, C_B to C_OUT / 2 (``code=0``: no coder)."""
+    (n, c_in, h, w), options = shape_with_options(
+        text, {"out": 0, "k": 3, "stride": 1, "code": -1}, "--shape"
+    )
+    if options["k"] < 1 or options["stride"] < 1:
+        raise ValueError(f"--shape: k and stride must be positive, got {text!r}")
+    return LayerShape(
+        n, c_in, options["out"] or c_in, h, w, options["k"], options["stride"], options["code"]
+    )
 
 
 def resnet_grid() -> list[LayerShape]:
@@ -663,8 +664,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m pnnh_kernels.triton.report", description=__doc__.splitlines()[0]
     )
-    shape_help = "N,C_IN,C_OUT,H,W[,K[,STRIDE[,C_B]]] (C_B default C_OUT/2); repeatable"
-    parser.add_argument("--shape", type=parse_shape, action="append", default=[], help=shape_help)
+    shape_help = (
+        "NxC_INxHxW[,out=C_OUT][,k=K][,stride=S][,code=C_B] (defaults: C_OUT = C_IN, K 3, S 1, "
+        "C_B = C_OUT / 2); repeatable"
+    )
+    parser.add_argument(
+        "--shape", type=argparse_type(parse_shape), action="append", default=[], help=shape_help
+    )
     grid_help = "every conv of ResNet-18/34/50, CIFAR and ImageNet"
     parser.add_argument("--grid", choices=["resnet"], help=grid_help)
     parser.add_argument("--dtype", choices=list(DTYPES), action="append")
