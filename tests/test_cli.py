@@ -105,3 +105,21 @@ def test_nvtx_ranges_are_harmless_without_a_gpu():
         torch.testing.assert_close(layer(x), expected)
     finally:
         profiling.enable_nvtx(False)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["report", "missing.json"], "pnnh report: error: bench_json: no file at missing.json"),
+        (["analyze", "--jobs", "0"], "pnnh analyze: error: --jobs: expected a positive number"),
+    ],
+)
+def test_report_and_analyze_usage_errors_are_one_line(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith(message), error
+    assert error.count("\n") == 1
+    assert not any(tmp_path.iterdir())  # nothing written

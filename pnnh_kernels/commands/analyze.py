@@ -327,9 +327,25 @@ def _trained_rows(
             yield futures[future], future.result()
 
 
-def run(args: argparse.Namespace) -> None:
+def check(args: argparse.Namespace) -> None:
+    """The arguments and scikit-learn (the digits), before anything is written."""
     if args.jobs < 1:
         raise ValueError(f"--jobs: expected a positive number of processes, got {args.jobs}")
+    if args.threads is not None and args.threads < 0:
+        raise ValueError(f"--threads: expected a non-negative int, got {args.threads}")
+    if args.out.exists() and not args.out.is_dir():
+        raise NotADirectoryError(f"--out: {args.out} exists and is not a folder")
+    try:
+        import sklearn.datasets  # noqa: F401
+    except ImportError as error:
+        raise ImportError(
+            f"pnnh analyze trains on scikit-learn's digits ({error}): "
+            "pip install 'pnnh-kernels[experiments]'"
+        ) from error
+
+
+def run(args: argparse.Namespace) -> None:
+    check(args)  # again, for a caller that did not go through pnnh_kernels.commands.main
     if args.threads:
         torch.set_num_threads(args.threads)
     config = PRESETS[args.preset]

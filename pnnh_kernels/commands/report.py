@@ -6,12 +6,19 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pnnh_kernels.benchmarking.report import write_report
+from pnnh_kernels.benchmarking.report import load, write_report
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bench_json", type=Path, help="output of pytest bench/ --benchmark-json=FILE")
     parser.add_argument("--out", type=Path, default=Path("bench_report"), help="output folder")
+
+
+def check(args: argparse.Namespace) -> None:
+    """The results file, read before anything is written: a missing or foreign file is one line."""
+    load(args.bench_json)
+    if args.out.exists() and not args.out.is_dir():
+        raise NotADirectoryError(f"--out: {args.out} exists and is not a folder")
 
 
 def run(args: argparse.Namespace) -> None:
