@@ -807,7 +807,8 @@ class Trainer:
             print(
                 f"pnnh train: {config.model} {config.variant} on {config.data} "
                 f"({self.data.train_size} training images, {self.data.num_classes} classes), "
-                f"{count_parameters(self.model):,} parameters, {self.processes.world_size} process(es) "
+                f"{count_parameters(self.model, trainable_only=True):,} trained parameters "
+                f"({count_parameters(self.model):,} stored), {self.processes.world_size} process(es) "
                 f"on {self.device.type}, epochs {self.start_epoch + 1}-{config.epochs}"
             )
         started = time.perf_counter()
@@ -864,6 +865,7 @@ class Trainer:
         return {
             **self.identity(),
             "parameters": count_parameters(self.model),
+            "trained_parameters": count_parameters(self.model, trainable_only=True),
             "epochs_completed": len(self.history),
             "epochs_planned": self.config.epochs,
             "final_test_accuracy": accuracies[-1] if accuracies else None,
