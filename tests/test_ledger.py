@@ -445,3 +445,20 @@ def test_training_step_within_the_resnet_layer_budget(
     assert len(pnnh.launches) <= len(resnet.launches)
     assert pnnh.bytes <= 0.8 * resnet.bytes, f"{pnnh.bytes / resnet.bytes:.3f}x the bytes"
     assert pnnh.seconds(h100) <= 1.0 * resnet.seconds(h100)
+
+
+def test_the_cuda_step_counts_without_a_built_extension(monkeypatch):
+    """A plain install (no extension, no pybind11, no compiler) counts the CUDA step from the tile
+    constants of the headers it carries; they are the built extension's where one is built."""
+    from pnnh_kernels.cuda import availability, launch
+
+    built = availability.extension()
+    if built is not None:
+        assert launch._declared_tiles().tile_sizes() == built.tile_sizes()
+        assert launch._declared_tiles().tile_rows() == built.tile_rows()
+    monkeypatch.setattr(launch, "extension", lambda: None)
+    monkeypatch.setattr(launch, "_emulator", None)
+    counted = step_ledger("pnnh-layer", 256, 128, 16, backend="cuda")
+    assert counted.launches
+    with pytest.raises(RuntimeError, match="the CUDA extension is not built"):
+        launch._declared_tiles().forward()  # nothing launches on meta tensors

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import re
 import weakref
 from collections.abc import Callable, Iterator
 from types import ModuleType
@@ -35,7 +36,7 @@ from pnnh_kernels.backends.fused_common import (
     output_like,
 )
 from pnnh_kernels.conv_geometry import ConvGeometry, op_geometry
-from pnnh_kernels.cuda.availability import SUPPORTED_DTYPES, cache_dir, extension, unavailable_reason
+from pnnh_kernels.cuda.availability import SUPPORTED_DTYPES, extension, unavailable_reason
 from pnnh_kernels.observer import Declared, launch, modelling, tensor_bytes
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -63,18 +64,61 @@ def emulated(module: ModuleType) -> Iterator[None]:
 def _module(x: Optional[Tensor] = None) -> ModuleType:
     """The kernels' module: the emulation a test switched on, else the built extension. For the
     ledger's meta tensors (kernels declared, not run) only its tile sizes are read: the built
-    extension's, or on a machine without one the CPU emulation's (the same source; built once into
-    the cache, about 35 s)."""
+    extension's, or on a machine without one the constants of the kernels' headers that every
+    install carries (:func:`_declared_tiles`: no compiler, no pybind11)."""
     if _emulator is not None:
         return _emulator
     if x is not None and modelling(x) and extension() is None:
-        from pnnh_kernels.cuda import emulation
-
-        return emulation.load_emulator(emulation.cached_emulator(cache_dir() / "emulation"))
+        return _declared_tiles()
     module = extension()
     if module is None:
         raise RuntimeError(unavailable_reason(torch.device("cuda"), torch.float32, "conv2d"))
     return module
+
+
+class _DeclaredTiles:
+    """What the launchers read from the extension when they only declare launches (meta tensors):
+    the tile constants of csrc/pnnh_common.cuh and csrc/pnnh_kernels.h, and shapes that hold their
+    sizes. Its kernel entry points refuse to run: nothing launches on meta tensors."""
+
+    def __init__(self, constants: dict[str, int]) -> None:
+        self._sizes = {
+            "block_m": constants["kBlockM"],
+            "block_n": constants["kBlockN"],
+            "block_k": constants["kBlockK"],
+            "max_grid_yz": constants["kMaxGridYZ"],
+        }
+
+    def tile_sizes(self) -> dict[str, int]:
+        return dict(self._sizes)
+
+    def tile_rows(self) -> int:
+        return self._sizes["block_m"]  # csrc/pnnh_backward.cu: tile_rows() is kBlockM
+
+    class ConvShape:
+        def __init__(self, *sizes: int) -> None:
+            self.sizes = sizes
+
+    def __getattr__(self, name: str) -> Callable[..., None]:  # a kernel entry point
+        def refuse(*args: Any) -> None:
+            raise RuntimeError(f"{name}: the CUDA extension is not built; meta tensors launch nothing")
+
+        return refuse
+
+
+@functools.lru_cache(maxsize=1)
+def _declared_tiles() -> _DeclaredTiles:
+    from pnnh_kernels.cuda.build import source_dir
+
+    constants: dict[str, int] = {}
+    for header in ("csrc/pnnh_common.cuh", "csrc/pnnh_kernels.h"):
+        path = source_dir() / header
+        for match in re.finditer(r"constexpr int (k\w+) = (\d+);", path.read_text()):
+            constants[match.group(1)] = int(match.group(2))
+    missing = {"kBlockM", "kBlockN", "kBlockK", "kMaxGridYZ"} - set(constants)
+    if missing:
+        raise RuntimeError(f"{source_dir() / 'csrc'}: no constants {sorted(missing)} in the headers")
+    return _DeclaredTiles(constants)
 
 
 def _check(
