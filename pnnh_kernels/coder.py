@@ -432,3 +432,27 @@ def coder_for_layer(
         )
     coder.attach()
     return coder
+
+
+def distinct_coders(model: nn.Module) -> list[PNNHCoder]:
+    """Each PNNHCoder of ``model`` once (a shared coder appears in many layers)."""
+    found: dict[int, PNNHCoder] = {}
+    for module in model.modules():
+        if isinstance(module, PNNHCoder):
+            found.setdefault(id(module), module)
+    return list(found.values())
+
+
+def reconstruction_loss(
+    coders: list[PNNHCoder],
+    samples: int,
+    device: torch.device,
+    generator: Optional[torch.Generator] = None,
+) -> Tensor:
+    """Mean over the coders of the autoencoder loss on fresh rectified-normal inputs ``relu(N(0, I))``:
+    the paper's self-supervised task for the coder (and the one its initialisations are made for)."""
+    losses = []
+    for coder in coders:
+        features = torch.randn(samples, coder.in_channels, device=device, generator=generator).relu()
+        losses.append(F.mse_loss(coder(features), coder.reconstruction_target(features)))
+    return torch.stack(losses).mean()

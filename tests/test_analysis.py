@@ -208,7 +208,7 @@ class _FakeResult:
     train_loss, test_accuracy, diverged, seconds = 1.0, 0.5, False, 0.0
 
 
-@pytest.mark.parametrize("preset", ["TINY", "QUICK", "FULL", "CODERS"])
+@pytest.mark.parametrize("preset", ["TINY", "QUICK", "FULL", "CODERS", "LEARNED_CODERS"])
 def test_every_study_table_lists_each_run_once(preset):
     config = getattr(study, preset)
     runs = list(planned_runs(config))
@@ -223,9 +223,67 @@ def test_every_study_table_lists_each_run_once(preset):
         | r.label
         for r in runs
     ]
-    for name in ("depth", "ablation", "width_check", "sharing", "init", "coder_width", "tying"):
+    names = ("depth", "ablation", "width_check", "sharing", "init", "coder_width", "tying", "learned")
+    for name in names:
         listed = [
-            (r["study"], json.dumps(r["model"], sort_keys=True), r["depth"], r["width"], r["seed"])
+            (
+                r["study"],
+                json.dumps(r["model"], sort_keys=True),
+                r["depth"],
+                r["width"],
+                r["seed"],
+                r.get("setting"),  # learned settings differ in training, not the model
+            )
             for r in study.rows_for(rows, name, config)
         ]
         assert len(listed) == len(set(listed)), name
+
+
+def _tiny_digits(count: int = 64):
+    data = load_digits_split()
+    return type(data)(
+        data.train_images[:count], data.train_labels[:count],
+        data.test_images[:count], data.test_labels[:count],
+    )  # fmt: skip
+
+
+def _trained_coder(objective, epochs: int = 1) -> tuple[torch.Tensor, torch.Tensor, PNNHCoder]:
+    from pnnh_kernels.training.digits import train_classifier
+
+    torch.manual_seed(0)
+    model = deep_cnn(4, 8, "pnnh", coder_trainable=True)
+    coder = next(m for m in model.modules() if isinstance(m, PNNHCoder))
+    before = coder.encoder_weight.detach().clone()
+    train_classifier(model, _tiny_digits(), epochs=epochs, batch_size=16, coder_objective=objective)
+    return before, coder.encoder_weight.detach().clone(), coder
+
+
+def test_a_coder_kept_from_the_task_gradient_learns_only_by_reconstruction():
+    from pnnh_kernels.training.digits import CoderObjective
+
+    # No task gradient and no reconstruction: the coder does not move (nor decays: no weight decay).
+    before, after, _ = _trained_coder(CoderObjective(weight=0.0, task_gradient=False))
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+    # The task gradient alone moves it; the reconstruction alone moves it too.
+    before, after, _ = _trained_coder(CoderObjective(weight=0.0, task_gradient=True))
+    assert (after - before).abs().max() > 1e-6
+    before, after, _ = _trained_coder(CoderObjective(weight=1.0, task_gradient=False))
+    assert (after - before).abs().max() > 1e-6
+
+
+def test_the_orthonormal_setting_keeps_the_gain_at_most_one():
+    from pnnh_kernels.analysis.probes import coder_gain
+
+    torch.manual_seed(0)
+    model = deep_cnn(4, 8, "pnnh", coder_trainable=True)
+    coder = next(m for m in model.modules() if isinstance(m, PNNHCoder))
+    study._keep_orthonormal_rows(coder)
+    from pnnh_kernels.training.digits import CoderObjective, train_classifier
+
+    train_classifier(model, _tiny_digits(), epochs=2, batch_size=16, max_lr=0.5,
+                     coder_objective=CoderObjective(weight=0.0))  # fmt: skip
+    weight = coder.encoder_weight.detach()
+    torch.testing.assert_close(weight @ weight.T, torch.eye(4), rtol=0, atol=1e-5)
+    assert coder_gain(coder) <= 1 + 1e-5
+    assert not coder.encoder_bias.requires_grad
+    assert float(coder.encoder_bias.abs().max()) == 0.0

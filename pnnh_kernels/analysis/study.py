@@ -17,10 +17,11 @@ from typing import Any, Optional
 
 import torch
 
+from pnnh_kernels.analysis.probes import coder_gain
 from pnnh_kernels.coder import CODER_INITS, DEFAULT_CODER_INIT, PNNHCoder
 from pnnh_kernels.models import deep_cnn
 from pnnh_kernels.models.deep_cnn import DeepCNN
-from pnnh_kernels.training.digits import DigitsSplit, train_classifier
+from pnnh_kernels.training.digits import CoderObjective, DigitsSplit, train_classifier
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class StudyConfig:
     ablation_depths: tuple[int, ...] = ()  # the coder ablation (ABLATION)
     check_width: Optional[int] = None  # the depth study's three variants again at this width ...
     check_depth: Optional[int] = None  # ... and this depth
+    learned_depths: tuple[int, ...] = ()  # coders that learn (LEARNED), beside the default
 
 
 # Under 10 minutes on 2 CPU cores.
@@ -53,6 +55,11 @@ FULL = StudyConfig(
 )
 # The coder studies of the default layer (init, coder width, tying; trained-coder sharing), depth 64.
 CODERS = StudyConfig(depths=(), seeds=(0, 1, 2), epochs=12, sharing_depths=(64,), init_depth=64)
+# Coders that learn (issue #25): the depth study's three variants and the LEARNED settings at
+# depths 16 to 128, 3 seeds, the full study's recipe.
+LEARNED_CODERS = StudyConfig(
+    depths=(16, 32, 64, 128), seeds=(0, 1, 2), epochs=12, learned_depths=(16, 32, 64, 128)
+)
 # End-to-end check for the test suite: seconds.
 TINY = StudyConfig(
     depths=(2, 4),
@@ -64,6 +71,7 @@ TINY = StudyConfig(
     ablation_depths=(4,),
     check_width=6,
     check_depth=2,
+    learned_depths=(4,),
 )
 # The peak-learning-rate sweep (preset "lr"): the three variants at depth 64, the full study's recipe
 # otherwise; 0.05 repeats the full study's own runs (a reproducibility check).
@@ -99,6 +107,22 @@ ABLATION = {
 }
 
 
+# Coders that learn (issue #25): every setting starts from the default layer (the shared tied C/2
+# coder at the closed-form rectified isometry, the depth-scaled BatchNorm scale) and trains the
+# coder, without weight decay on it, by: (i) the task's gradient plus the paper's self-supervised
+# reconstruction of fresh rectified-normal samples at weight w; (ii) the reconstruction alone;
+# (iii) the task's gradient, the encoder kept with orthonormal rows by a parametrisation and no
+# encoder bias, so the path W_E^T relu(W_E x) keeps a gain of at most 1 (the same stored parameters
+# as the default coder; its zero bias is not trained).
+LEARNED_DEFAULT = "fixed isometry (default, not learned)"
+LEARNED: dict[str, dict[str, Any]] = {
+    "(i) task + 0.1 x reconstruction": {"objective": {"weight": 0.1}},
+    "(i) task + 1 x reconstruction": {"objective": {"weight": 1.0}},
+    "(ii) reconstruction only": {"objective": {"weight": 1.0, "task_gradient": False}},
+    "(iii) orthonormal rows, task only": {"objective": {"weight": 0.0}, "constraint": "orthonormal"},
+}
+
+
 @dataclass(frozen=True)
 class Run:
     study: str
@@ -108,6 +132,7 @@ class Run:
     model_kwargs: dict[str, Any]
     max_lr: Optional[float] = None  # None: the config's (in the label when set, hence in run_id)
     width: Optional[int] = None  # None: the config's (in the label when set, hence in run_id)
+    coder_training: Optional[dict[str, Any]] = None  # a LEARNED setting: objective, constraint
 
     def cost(self, config: StudyConfig) -> int:
         """Relative training cost (layers x width^2), to start the longest runs first."""
@@ -116,8 +141,11 @@ class Run:
 
 def run_id(run: Run, config: StudyConfig) -> str:
     """A file-name-safe id that changes whenever the run or the recipe it is trained with changes."""
+    parts: list[Any] = [run.study, run.label, run.depth, run.seed, run.model_kwargs, config.__dict__]
+    if run.coder_training is not None:  # appended only when set: earlier runs keep their ids
+        parts.append(run.coder_training)
     recipe = json.dumps(
-        [run.study, run.label, run.depth, run.seed, run.model_kwargs, config.__dict__],
+        parts,
         sort_keys=True,
         default=str,
     )
@@ -156,6 +184,13 @@ def planned_runs(config: StudyConfig) -> Iterator[Run]:
                 candidates.append(
                     run("ablation", {"setting": setting}, depth, seed, variant="pnnh", **kwargs)
                 )
+    for depth in config.learned_depths:
+        for setting, training in LEARNED.items():
+            for seed in config.seeds:
+                candidates.append(
+                    Run("learned", {"setting": setting}, depth, seed,
+                        {"variant": "pnnh", "coder_trainable": True}, coder_training=training)
+                )  # fmt: skip
     if config.check_width is not None and config.check_depth is not None:
         for variant in ("plain", "residual", "pnnh"):
             for seed in config.seeds:
@@ -224,7 +259,12 @@ def execute_run(run: Run, config: StudyConfig, data: DigitsSplit) -> dict[str, A
     width = run.width or config.width
     model = deep_cnn(run.depth, width, **run.model_kwargs)
     coder = _first_coder(model)
+    training = run.coder_training or {}
+    if training.get("constraint") == "orthonormal" and coder is not None:
+        _keep_orthonormal_rows(coder)
     error_at_init = coder.reconstruction_error() if coder else None
+    gain_at_init = coder_gain(coder) if coder else None
+    objective = training.get("objective")
     result = train_classifier(
         model,
         data,
@@ -232,6 +272,7 @@ def execute_run(run: Run, config: StudyConfig, data: DigitsSplit) -> dict[str, A
         batch_size=config.batch_size,
         max_lr=run.max_lr if run.max_lr is not None else config.max_lr,
         seed=run.seed,
+        coder_objective=None if objective is None else CoderObjective(**objective),
     )
     return {
         "study": run.study,
@@ -246,7 +287,22 @@ def execute_run(run: Run, config: StudyConfig, data: DigitsSplit) -> dict[str, A
         "seconds": result.seconds,
         "coder_error_at_init": error_at_init,
         "coder_error_after": coder.reconstruction_error() if coder else None,
+        "coder_gain_at_init": gain_at_init,
+        "coder_gain_after": coder_gain(coder) if coder else None,
     }
+
+
+def _keep_orthonormal_rows(coder: PNNHCoder) -> None:
+    """Setting (iii): W_E with orthonormal rows for the whole run (an orthogonal parametrisation,
+    which starts at the rectified isometry itself: its rows are orthonormal) and no encoder bias,
+    so that ||W_E^T relu(W_E x)|| <= ||relu(W_E x)|| <= ||W_E x|| <= ||x||: gain at most 1."""
+    if not coder.tied:
+        raise ValueError("the orthonormal-rows setting is for the tied coder")
+    if coder.encoder_bias is not None:
+        with torch.no_grad():
+            coder.encoder_bias.zero_()
+        coder.encoder_bias.requires_grad_(False)
+    torch.nn.utils.parametrizations.orthogonal(coder, "encoder_weight")
 
 
 def _is_default_pnnh(row: dict[str, Any], config: StudyConfig) -> bool:
@@ -258,6 +314,16 @@ def rows_for(rows: list[dict[str, Any]], study: str, config: StudyConfig) -> lis
     """The rows a study's table shows, including the runs it shares with other studies."""
     if study in ("depth", "lr", "width_check", "sharing"):
         return [r for r in rows if r["study"] == study]
+    if study == "learned":
+        out = []
+        for r in rows:
+            if r["depth"] not in config.learned_depths:
+                continue
+            if r["study"] == "learned":
+                out.append(r)
+            elif _is_default_pnnh(r, config):
+                out.append(r | {"setting": LEARNED_DEFAULT})
+        return out
     if study == "ablation":
         names = {"residual": "residual net", "plain": "plain net"}
         out = []

@@ -27,6 +27,7 @@ PRESETS = {
     "coders": study.CODERS,
     "tiny": study.TINY,
     "lr": study.LR_SWEEP,
+    "learned": study.LEARNED_CODERS,
 }
 
 
@@ -39,7 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "12 epochs, the coder ablation and a width-32 check (about 80 minutes with --jobs 2 on 2 "
         "cores); coders: the coder's init, width, tying and trained-coder sharing at depth 64; "
         "lr: the three variants at depth 64 for peak learning rates 0.01, 0.02, 0.05 (about 20 "
-        "minutes); tiny: a seconds-long end-to-end check",
+        "minutes); learned: coders that learn by the paper's reconstruction task, beside the fixed "
+        "default, depths 16-128, 3 seeds (about 70 minutes with --jobs 2); tiny: a seconds-long "
+        "end-to-end check",
     )
     parser.add_argument("--curve-depth", type=int, default=None, help="depth of the He-init curves")
     parser.add_argument("--out", type=Path, default=Path("analysis_output"))
@@ -174,7 +177,45 @@ def study_tables(rows: list[dict[str, Any]], config: study.StudyConfig) -> str:
     ablation = ablation_summary(rows, config)
     if ablation:
         out.append(ablation)
+    learned = learned_summary(rows, config)
+    if learned:
+        out.append(learned)
     return "\n\n".join(out)
+
+
+def learned_summary(rows: list[dict[str, Any]], config: study.StudyConfig) -> str:
+    """Coders that learn, one row per setting and one column per depth: mean test accuracy over the
+    seeds (worst seed; diverged runs), then the coder's reconstruction error on rectified-normal
+    inputs and its gain (largest singular value of the path) after training, means over seeds."""
+    runs = study.rows_for(rows, "learned", config)
+    if not runs:
+        return ""
+    depths = sorted({r["depth"] for r in runs})
+    reference = [r | {"setting": f"{r['variant']} net"} for r in rows
+                 if r["study"] == "depth" and r["variant"] in ("residual", "plain")
+                 and r["depth"] in depths]  # fmt: skip
+    table_rows = []
+    for setting in ("residual net", "plain net", study.LEARNED_DEFAULT, *study.LEARNED):
+        cells = []
+        for depth in depths:
+            group = [r for r in (*runs, *reference) if r["setting"] == setting and r["depth"] == depth]
+            if not group:
+                cells.append("-")
+                continue
+            accuracy = [r["test_accuracy"] for r in group]
+            cell = f"{_mean(accuracy):.3f} (min {min(accuracy):.3f}; "
+            cell += f"{sum(r['diverged'] for r in group)}/{len(group)} diverged)"
+            errors = [r["coder_error_after"] for r in group if r.get("coder_error_after") is not None]
+            gains = [r["coder_gain_after"] for r in group if r.get("coder_gain_after") is not None]
+            if errors:
+                cell += f"; error {_mean(errors):.3f}, gain {_mean(gains):.3f}"
+            cells.append(cell)
+        table_rows.append([setting, *cells])
+    return (
+        "### Coders that learn: mean test accuracy over seeds (worst seed; diverged runs); the "
+        "coder's reconstruction error on relu(N(0, I)) and its gain after training\n\n"
+        + _table(["setting", *(f"depth {d}" for d in depths)], table_rows)
+    )
 
 
 def ablation_summary(rows: list[dict[str, Any]], config: study.StudyConfig) -> str:

@@ -9,10 +9,13 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from pnnh_kernels.coder import distinct_coders, reconstruction_loss
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,20 @@ def load_digits_split(test_fraction: float = 0.25, split_seed: int = 0) -> Digit
 
 
 @dataclass(frozen=True)
+class CoderObjective:
+    """The paper's self-supervised task for the coders during a study run: reconstruct fresh
+    rectified-normal samples ``relu(N(0, I))``, ``weight * mean_coders ||coder(r) - r||^2`` added to
+    the classification loss each step. The coders take no weight decay (it would pull them off the
+    autoencoder the task asks for). ``task_gradient=False``: the coders learn from the
+    reconstruction alone, the classification gradient does not reach them (the literal
+    self-supervised reading)."""
+
+    weight: float = 1.0
+    task_gradient: bool = True
+    samples: int = 256
+
+
+@dataclass(frozen=True)
 class TrainResult:
     train_loss: float  # mean cross-entropy over the training set, eval mode, after training
     test_accuracy: float
@@ -84,19 +101,31 @@ def train_classifier(
     weight_decay: float = 5e-4,
     seed: int = 0,
     optimizer_name: str = "sgd",
+    coder_objective: Optional[CoderObjective] = None,
 ) -> TrainResult:
     """SGD with momentum (or ``optimizer_name="adamw"``, the ViT recipe: AdamW, momentum unused)
-    and a one-cycle schedule; the same recipe for every variant of a study."""
+    and a one-cycle schedule; the same recipe for every variant of a study. ``coder_objective``:
+    the coders' reconstruction task on top (see :class:`CoderObjective`)."""
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
+    coders = [c for c in distinct_coders(model) if any(p.requires_grad for p in c.parameters())]
+    coder_params = {id(p) for c in coders for p in c.parameters() if p.requires_grad}
+    groups: list[dict] = [{"params": list(model.parameters())}]
+    if coder_objective is not None:
+        groups = [
+            {"params": [p for p in model.parameters() if id(p) not in coder_params]},
+            {"params": [p for c in coders for p in c.parameters() if p.requires_grad],
+             "weight_decay": 0.0},
+        ]  # fmt: skip
     if optimizer_name == "sgd":
         optimizer: torch.optim.Optimizer = torch.optim.SGD(
-            model.parameters(), lr=max_lr, momentum=momentum, weight_decay=weight_decay
+            groups, lr=max_lr, momentum=momentum, weight_decay=weight_decay
         )
     elif optimizer_name == "adamw":
-        optimizer = torch.optim.AdamW(model.parameters(), lr=max_lr, weight_decay=weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=max_lr, weight_decay=weight_decay)
     else:
         raise ValueError(f"optimizer_name: expected 'sgd' or 'adamw', got {optimizer_name!r}")
+    samples = torch.Generator().manual_seed(seed + 1)  # the reconstruction task's inputs
     steps_per_epoch = math.ceil(len(data.train_labels) / batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=max_lr, epochs=epochs, steps_per_epoch=steps_per_epoch
@@ -113,6 +142,13 @@ def train_classifier(
                 break
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if coder_objective is not None and not coder_objective.task_gradient:
+                for coder in coders:  # the classification gradient does not reach the coders
+                    for parameter in coder.parameters():
+                        parameter.grad = None
+            if coder_objective is not None and coders and coder_objective.weight > 0:
+                task = reconstruction_loss(coders, coder_objective.samples, torch.device("cpu"), samples)
+                (coder_objective.weight * task).backward()
             optimizer.step()
             schedule.step()
         if diverged:

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from pnnh_kernels.backends import BackendUnavailableError, check_backend_name, resolve_backend
-from pnnh_kernels.coder import PNNHCoder
+from pnnh_kernels.coder import distinct_coders, reconstruction_loss
 from pnnh_kernels.models import count_parameters, resnet18, resnet34, resnet50
 from pnnh_kernels.models.coder_bank import check_variant
 from pnnh_kernels.models.vit import vit_small, vit_tiny
@@ -194,24 +194,6 @@ def build_model(config: TrainConfig, num_classes: int) -> nn.Module:
         if isinstance(module, (FusedPNNHConv, FusedPNNHLinear)):
             module.backend = backend
     return model
-
-
-def distinct_coders(model: nn.Module) -> list[PNNHCoder]:
-    found: dict[int, PNNHCoder] = {}
-    for module in model.modules():
-        if isinstance(module, PNNHCoder):
-            found.setdefault(id(module), module)
-    return list(found.values())
-
-
-def coder_reconstruction_loss(coders: list[PNNHCoder], samples: int, device: torch.device) -> Tensor:
-    """Mean over the coders of the autoencoder loss on fresh rectified-normal inputs: the task the
-    coders were initialised on, kept as an auxiliary loss so the internal path stays an autoencoder."""
-    losses = []
-    for coder in coders:
-        features = torch.randn(samples, coder.in_channels, device=device).relu()
-        losses.append(F.mse_loss(coder(features), coder.reconstruction_target(features)))
-    return torch.stack(losses).mean()
 
 
 def resolve_precision(precision: str, device: torch.device, warn: bool = True) -> str:
@@ -729,9 +711,7 @@ class Trainer:
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
             total = loss
             if config.coder_loss_weight > 0 and self.coders:
-                coder_loss = coder_reconstruction_loss(
-                    self.coders, config.coder_loss_samples, self.device
-                )
+                coder_loss = reconstruction_loss(self.coders, config.coder_loss_samples, self.device)
                 total = loss + config.coder_loss_weight * coder_loss
                 sums[3] += coder_loss.detach() * len(labels)
             self.optimizer.zero_grad(set_to_none=True)
