@@ -96,3 +96,35 @@ def test_the_real_test_split_where_installed():
     test = load_fashion_mnist(None, train=False)
     assert test.images.shape == (fashion_mnist.TEST_IMAGES, 1, 28, 28)
     assert torch.bincount(test.labels).tolist() == [1000] * 10  # balanced, as published
+
+
+def test_pnnh_train_runs_on_fashion_mnist(tmp_path, capsys):
+    """``pnnh train --data fashion-mnist``: grayscale 28 x 28 images, one input channel."""
+    import json
+
+    from pnnh_kernels.commands import main
+
+    (tmp_path / "data").mkdir()
+    data = _write(tmp_path / "data", images=8)
+    out = tmp_path / "run"
+    main([
+        "train", "--data", "fashion-mnist", "--data-dir", str(data), "--epochs", "1",
+        "--batch-size", "4", "--precision", "fp32", "--workers", "0", "--out", str(out),
+    ])  # fmt: skip
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs_completed"] == 1
+    assert summary["data"] == "fashion-mnist"
+    assert "fashion-mnist (8 training images, 10 classes)" in capsys.readouterr().out
+
+
+def test_pnnh_train_names_missing_fashion_mnist_files(tmp_path, capsys):
+    from pnnh_kernels.commands import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["train", "--data", "fashion-mnist", "--data-dir", str(tmp_path), "--out",
+              str(tmp_path / "run")])  # fmt: skip
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err
+    assert "no Fashion-MNIST file train-images-idx3-ubyte(.gz)" in error
+    assert "dataset-fashion-mnist" in error
+    assert not (tmp_path / "run").exists()

@@ -58,7 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=list(VARIANTS))  # fmt: skip
     add(parser, "--data", "cifar10/cifar100: the official python batches in --data-dir (or its "
         "cifar-10-batches-py/ or cifar-100-python/); folder: --data-dir/train/<class>/*.png and "
-        "--data-dir/val/<class>/*; synthetic: generated, learnable, for smoke runs",
+        "--data-dir/val/<class>/*; fashion-mnist: its four IDX files in --data-dir or where Debian's "
+        "dataset-fashion-mnist installs them; synthetic: generated, learnable, for smoke runs",
         choices=list(DATASETS))  # fmt: skip
     add(parser, "--data-dir", "the folder holding the data set of --data; required for cifar10, "
         "cifar100 and folder, unused by synthetic", default="none", metavar="DIR")  # fmt: skip

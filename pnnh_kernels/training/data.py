@@ -25,7 +25,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-DATASETS = ("cifar10", "cifar100", "folder", "synthetic")
+DATASETS = ("cifar10", "cifar100", "fashion-mnist", "folder", "synthetic")
+# Data sets without an ImageNet-style size: their images' size and channels (others: 3 channels).
+NATIVE_IMAGES = {"cifar10": (32, 3), "cifar100": (32, 3), "fashion-mnist": (28, 1)}
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp")
 
 # Per-channel mean and std of the training images, the values used throughout the literature.
@@ -34,6 +36,7 @@ NORMALISATION = {
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     "folder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "synthetic": ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
+    "fashion-mnist": ((0.2860,), (0.3530,)),  # grayscale: one channel
 }
 
 
@@ -286,7 +289,7 @@ class ImageData:
     def __init__(self, spec: DataSpec, rank: int, world_size: int, device: torch.device) -> None:
         if spec.name not in DATASETS:
             raise ValueError(f"--data: expected one of {DATASETS}, got {spec.name!r}")
-        if spec.name != "synthetic" and spec.data_dir is None:
+        if spec.name not in ("synthetic", "fashion-mnist") and spec.data_dir is None:
             raise ValueError(f"--data-dir: required for --data {spec.name}")
         self.spec, self.rank, self.world_size, self.device = spec, rank, world_size, device
         self.train_tensors: Optional[ImageTensors] = None
@@ -297,6 +300,11 @@ class ImageData:
             assert spec.data_dir is not None
             self.train_tensors = load_cifar(spec.data_dir, spec.name, train=True)
             self.test_tensors = load_cifar(spec.data_dir, spec.name, train=False)
+        elif spec.name == "fashion-mnist":  # --data-dir, or where Debian's package puts it
+            from pnnh_kernels.training.fashion_mnist import load_fashion_mnist
+
+            self.train_tensors = load_fashion_mnist(spec.data_dir, train=True)
+            self.test_tensors = load_fashion_mnist(spec.data_dir, train=False)
         elif spec.name == "synthetic":
             self.train_tensors = synthetic(spec.synthetic_train_size, spec.image_size, split_seed=0)
             self.test_tensors = synthetic(spec.synthetic_test_size, spec.image_size, split_seed=1)
@@ -332,8 +340,8 @@ class ImageData:
         # Built once: normalise() runs every step, and a host-to-device copy there would be per step.
         mean, std = NORMALISATION[spec.name]
         self._normalisation = (
-            torch.tensor(mean, device=device).view(1, 3, 1, 1),
-            torch.tensor(std, device=device).view(1, 3, 1, 1),
+            torch.tensor(mean, device=device).view(1, len(mean), 1, 1),
+            torch.tensor(std, device=device).view(1, len(std), 1, 1),
         )
 
     @property

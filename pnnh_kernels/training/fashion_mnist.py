@@ -47,6 +47,15 @@ def _find(root: Path, stem: str) -> Path:
     raise FileNotFoundError(f"--data-dir: no Fashion-MNIST file {stem}(.gz) in {root}; {INSTALL_HINT}")
 
 
+def check_files(data_dir: Optional[Path]) -> None:
+    """The four files are where they are looked for (not read): FileNotFoundError naming the first
+    missing one, with the install hint."""
+    root = data_root(data_dir)
+    for stems in _FILES.values():
+        for stem in stems:
+            _find(root, stem)
+
+
 def data_root(data_dir: Optional[Path]) -> Path:
     """The folder to read: ``data_dir`` when given, else Debian's."""
     return Path(data_dir) if data_dir is not None else DEBIAN_DIR

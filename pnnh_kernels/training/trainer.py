@@ -28,7 +28,13 @@ from pnnh_kernels.models.vit import vit_small, vit_tiny
 from pnnh_kernels.pnnh_conv import FusedPNNHConv
 from pnnh_kernels.pnnh_linear import FusedPNNHLinear
 from pnnh_kernels.training import checkpoint, distributed, metrics
-from pnnh_kernels.training.data import CIFAR_LAYOUTS, DataSpec, ImageData, cifar_root
+from pnnh_kernels.training.data import (
+    CIFAR_LAYOUTS,
+    NATIVE_IMAGES,
+    DataSpec,
+    ImageData,
+    cifar_root,
+)
 from pnnh_kernels.training.optim import WarmupSchedule, scheduler, sgd
 
 MODELS = {
@@ -155,7 +161,14 @@ class TrainConfig:
     def resolved_image_size(self) -> int:
         if self.image_size is not None:
             return self.image_size
+        if self.data in NATIVE_IMAGES:
+            return NATIVE_IMAGES[self.data][0]
         return 224 if self.data == "folder" else 32
+
+    @property
+    def in_channels(self) -> int:
+        """The data's image channels: 1 for Fashion-MNIST (grayscale), 3 otherwise."""
+        return NATIVE_IMAGES.get(self.data, (0, 3))[1]
 
     @property
     def stem(self) -> str:
@@ -181,6 +194,7 @@ def build_model(config: TrainConfig, num_classes: int) -> nn.Module:
             patch_size=vit_patch_size(size),
             num_classes=num_classes,
             coder_trainable=config.coder_trainable,
+            in_channels=config.in_channels,
         )
     else:
         model = MODELS[config.model](
@@ -188,6 +202,7 @@ def build_model(config: TrainConfig, num_classes: int) -> nn.Module:
             stem=config.stem,
             num_classes=num_classes,
             coder_trainable=config.coder_trainable,
+            in_channels=config.in_channels,
         )
     backend = check_backend_name(config.backend)
     for module in model.modules():
@@ -258,6 +273,16 @@ def _check_data(config: TrainConfig, world_size: int) -> None:
             raise ValueError(
                 f"--batch-size: {config.batch_size} is larger than the {config.synthetic_train_size} "
                 "training images (--synthetic-train-size)"
+            )
+        return
+    if config.data == "fashion-mnist":
+        from pnnh_kernels.training.fashion_mnist import check_files
+
+        check_files(Path(config.data_dir) if config.data_dir else None)  # names what is missing
+        if config.resolved_image_size != 28:
+            raise ValueError(
+                f"--image-size: Fashion-MNIST's images are 28 x 28 (not resized), got "
+                f"{config.resolved_image_size}"
             )
         return
     if config.data_dir is None:
