@@ -113,10 +113,14 @@ def test_measured_survival_respects_the_bound_layer_by_layer():
 
 def test_plan_shares_runs_between_studies():
     runs = list(planned_runs(TINY))
-    keys = [(r.depth, r.seed, r.width, tuple(sorted(r.model_kwargs.items()))) for r in runs]
+    keys = [
+        (r.depth, r.seed, r.width, tuple(sorted(r.model_kwargs.items())),
+         json.dumps(r.coder_training, sort_keys=True))  # learned settings differ in training only
+        for r in runs
+    ]  # fmt: skip
     assert len(keys) == len(set(keys))
     assert {r.study for r in runs} == {
-        "depth", "ablation", "width_check", "sharing", "init", "coder_width", "tying"
+        "depth", "ablation", "width_check", "sharing", "init", "coder_width", "tying", "learned"
     }  # fmt: skip
     # The ablation's default setting is the depth study's PNNH run, planned once.
     rows = [

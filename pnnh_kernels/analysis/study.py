@@ -310,33 +310,38 @@ def _is_default_pnnh(row: dict[str, Any], config: StudyConfig) -> bool:
     return row["model"] == {"variant": "pnnh"} and row.get("width", config.width) == config.width
 
 
+def _beside_default(
+    rows: list[dict[str, Any]],
+    config: StudyConfig,
+    study: str,
+    depths: tuple[int, ...],
+    default_label: str,
+    references: dict[str, str],
+) -> list[dict[str, Any]]:
+    """A study's own rows at ``depths``, the default PNNH layer's (planned by whichever study) as
+    the setting ``default_label``, and the depth study's ``references`` variants under their names."""
+    out = []
+    for r in rows:
+        if r["depth"] not in depths:
+            continue
+        if r["study"] == study:
+            out.append(r)
+        elif _is_default_pnnh(r, config):
+            out.append(r | {"setting": default_label})
+        elif r["study"] == "depth" and r["variant"] in references:
+            out.append(r | {"setting": references[r["variant"]]})
+    return out
+
+
 def rows_for(rows: list[dict[str, Any]], study: str, config: StudyConfig) -> list[dict[str, Any]]:
     """The rows a study's table shows, including the runs it shares with other studies."""
     if study in ("depth", "lr", "width_check", "sharing"):
         return [r for r in rows if r["study"] == study]
     if study == "learned":
-        out = []
-        for r in rows:
-            if r["depth"] not in config.learned_depths:
-                continue
-            if r["study"] == "learned":
-                out.append(r)
-            elif _is_default_pnnh(r, config):
-                out.append(r | {"setting": LEARNED_DEFAULT})
-        return out
+        return _beside_default(rows, config, study, config.learned_depths, LEARNED_DEFAULT, {})
     if study == "ablation":
-        names = {"residual": "residual net", "plain": "plain net"}
-        out = []
-        for r in rows:
-            if r["depth"] not in config.ablation_depths:
-                continue
-            if r["study"] == "ablation":
-                out.append(r)
-            elif _is_default_pnnh(r, config):
-                out.append(r | {"setting": DEFAULT_LABEL})
-            elif r["study"] == "depth" and r["variant"] in names:
-                out.append(r | {"setting": names[r["variant"]]})
-        return out
+        references = {"residual": "residual net", "plain": "plain net"}
+        return _beside_default(rows, config, study, config.ablation_depths, DEFAULT_LABEL, references)
     at_init_depth = [r for r in rows if r["depth"] == config.init_depth and _is_default_pnnh(r, config)]
     defaults = {"init": "rectified_isometry", "coder_width": "C/2", "tied": True}
     if study in ("init", "coder_width", "tying"):

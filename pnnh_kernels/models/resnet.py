@@ -212,14 +212,8 @@ def resnet34(
     """ResNet-34 (basic blocks 3-4-6-3; 21,797,672 parameters as torchvision's with the ImageNet
     stem, 1000 classes and ``variant="residual"``).
 
-    ``variant``: ``"residual"`` (torchvision's), ``"plain"`` (shortcuts removed) or ``"pnnh"``
-    (plain + coders shared within a stage); ``stem``: ``"imagenet"`` (7x7 stride 2 + max-pool) or
-    ``"cifar"`` (3x3 stride 1, no pool); ``num_classes``: the classifier's width. Keyword arguments
-    go to :class:`ResNet`: ``in_channels``, ``coder_init`` and ``coder_trainable`` (the coders'
-    initialisation, fixed by default), ``average_shared_gradient``, ``coder_layer_norm_scale`` (the
-    initial BatchNorm scale of the layers with a coder; None: depth-scaled). Every layer is a
-    FusedPNNHConv with ``backend="auto"``; ``model.load_torchvision_state_dict`` loads torchvision's
-    weights.
+
+    Arguments as :func:`resnet18`.
     """
     return ResNet(BasicBlock, [3, 4, 6, 3], variant, stem, num_classes, **kwargs)
 
@@ -230,13 +224,7 @@ def resnet50(
     """ResNet-50 (bottleneck blocks 3-4-6-3; 25,557,032 parameters as torchvision's with the
     ImageNet stem, 1000 classes and ``variant="residual"``).
 
-    ``variant``: ``"residual"`` (torchvision's), ``"plain"`` (shortcuts removed) or ``"pnnh"``
-    (plain + coders shared within a stage); ``stem``: ``"imagenet"`` (7x7 stride 2 + max-pool) or
-    ``"cifar"`` (3x3 stride 1, no pool); ``num_classes``: the classifier's width. Keyword arguments
-    go to :class:`ResNet`: ``in_channels``, ``coder_init`` and ``coder_trainable`` (the coders'
-    initialisation, fixed by default), ``average_shared_gradient``, ``coder_layer_norm_scale`` (the
-    initial BatchNorm scale of the layers with a coder; None: depth-scaled). Every layer is a
-    FusedPNNHConv with ``backend="auto"``; ``model.load_torchvision_state_dict`` loads torchvision's
-    weights.
+
+    Arguments as :func:`resnet18`.
     """
     return ResNet(Bottleneck, [3, 4, 6, 3], variant, stem, num_classes, **kwargs)
