@@ -19,7 +19,7 @@ def image_shape(text: str, argument: str = "--shape", square: bool = False) -> t
     """(N, C, H, W) from ``NxCxHxW``; a ValueError naming ``argument`` and the expected form.
     ``square``: H must equal W (the steps that take one size)."""
     parts = text.strip().lower().split("x")
-    values = tuple(int(p) for p in parts if p.isdigit())
+    values = tuple(int(p) for p in parts if p.isdecimal() and p.isascii())
     if len(parts) != 4 or len(values) != 4 or min(values) < 1:
         raise ValueError(
             f"{argument}: expected NxCxHxW, four positive integers such as {EXAMPLE} (batch x "
@@ -41,7 +41,7 @@ def shape_with_options(
     for item in rest:
         key, _, value = item.partition("=")
         key = key.strip()
-        if key not in options or not value.strip().isdigit():
+        if key not in options or not (value.strip().isdecimal() and value.strip().isascii()):
             raise ValueError(
                 f"{argument}: expected ',key=value' with key among {sorted(options)} and a "
                 f"non-negative integer, got {item!r} in {text!r}"

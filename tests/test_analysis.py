@@ -291,3 +291,10 @@ def test_the_orthonormal_setting_keeps_the_gain_at_most_one():
     assert coder_gain(coder) <= 1 + 1e-5
     assert not coder.encoder_bias.requires_grad
     assert float(coder.encoder_bias.abs().max()) == 0.0
+
+
+def test_run_ids_of_saved_studies_do_not_change():
+    """A study reuses the runs saved under OUT/runs/ by id: a field added to the recipe later must
+    not change the ids of presets that do not use it (docs/results/analysis_full holds this run)."""
+    first = next(iter(planned_runs(study.FULL)))
+    assert study.run_id(first, study.FULL) == "depth-d8-s0-1bd2aee77886"

@@ -128,3 +128,20 @@ def test_pnnh_train_names_missing_fashion_mnist_files(tmp_path, capsys):
     assert "no Fashion-MNIST file train-images-idx3-ubyte(.gz)" in error
     assert "dataset-fashion-mnist" in error
     assert not (tmp_path / "run").exists()
+
+
+def test_a_relative_data_dir_is_saved_absolute(tmp_path, monkeypatch):
+    """A resume from another working directory must read the same data, not ./DIR of its own."""
+    import json
+
+    from pnnh_kernels.commands import main
+
+    (tmp_path / "data").mkdir()
+    _write(tmp_path / "data", images=8)
+    monkeypatch.chdir(tmp_path)
+    main([
+        "train", "--data", "fashion-mnist", "--data-dir", "data", "--epochs", "1",
+        "--batch-size", "4", "--precision", "fp32", "--workers", "0", "--out", "run",
+    ])  # fmt: skip
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text())["config"]["data_dir"]
+    assert saved == str(tmp_path / "data")

@@ -141,8 +141,11 @@ class Run:
 
 def run_id(run: Run, config: StudyConfig) -> str:
     """A file-name-safe id that changes whenever the run or the recipe it is trained with changes."""
-    parts: list[Any] = [run.study, run.label, run.depth, run.seed, run.model_kwargs, config.__dict__]
-    if run.coder_training is not None:  # appended only when set: earlier runs keep their ids
+    # Fields added to the recipe after runs were saved count only where set, so that those runs keep
+    # their ids (and are reused, not trained again): learned_depths (2026-12-07), coder_training.
+    recipe_config = {k: v for k, v in config.__dict__.items() if k != "learned_depths" or v}
+    parts: list[Any] = [run.study, run.label, run.depth, run.seed, run.model_kwargs, recipe_config]
+    if run.coder_training is not None:
         parts.append(run.coder_training)
     recipe = json.dumps(
         parts,

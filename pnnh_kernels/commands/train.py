@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -140,6 +141,9 @@ def check(args: argparse.Namespace) -> None:
     if threads is not None:
         check_positive_int("--threads", threads)
     given = given_settings(args)
+    if given.get("data_dir") is not None:
+        # Saved absolute: a resume from another working directory reads the same data.
+        given["data_dir"] = str(Path(given["data_dir"]).expanduser().resolve())
     args.epochs_done = None
     args.resumed_history = []
     if given.get("resume"):

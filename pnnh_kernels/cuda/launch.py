@@ -100,10 +100,20 @@ class _DeclaredTiles:
             self.sizes = sizes
 
     def __getattr__(self, name: str) -> Callable[..., None]:  # a kernel entry point
+        if name not in _ENTRY_POINTS:
+            raise AttributeError(name)
+
         def refuse(*args: Any) -> None:
             raise RuntimeError(f"{name}: the CUDA extension is not built; meta tensors launch nothing")
 
         return refuse
+
+
+# The extension's kernel entry points the launchers hand to a launch (declared on meta tensors).
+_ENTRY_POINTS = frozenset(
+    ("forward", "dgrad", "wgrad", "wgrad_reduce", "coder_backward", "bn_finalize_forward",
+     "bn_running_update", "bn_backward_reduce", "bn_finalize_backward")
+)  # fmt: skip
 
 
 @functools.lru_cache(maxsize=1)

@@ -69,7 +69,7 @@ CIFAR_LAYOUTS = {
 class ImageTensors:
     """A whole split in memory."""
 
-    images: Tensor  # uint8 [N, 3, H, W]
+    images: Tensor  # uint8 [N, C, H, W]: C = 3, or 1 for Fashion-MNIST
     labels: Tensor  # int64 [N]
     classes: tuple[str, ...]
 

@@ -54,7 +54,9 @@ LR_PER_128_IMAGES = 0.1
 PER_INVOCATION = ("resume", "stop_after", "overwrite", "override_resume_settings")
 # Settings of where and how the run executes, not of what it trains: a resume may change them freely
 # (--out: where the files go; the others give the same arithmetic up to rounding).
-EXECUTION_SETTINGS = ("out", "workers", "compile", "cuda_graphs", "device", "backend")
+EXECUTION_SETTINGS = (
+    "out", "workers", "compile", "cuda_graphs", "device", "backend", "channels_last"
+)  # fmt: skip
 RESUMABLE_CHANGES = {*PER_INVOCATION, *EXECUTION_SETTINGS}
 # Any other setting that differs from the checkpoint's is refused unless the run says
 # override_resume_settings (--override-resume-settings); these not even then: they change the model's
