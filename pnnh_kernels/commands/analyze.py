@@ -205,15 +205,19 @@ def learned_summary(rows: list[dict[str, Any]], config: study.StudyConfig) -> st
             accuracy = [r["test_accuracy"] for r in group]
             cell = f"{_mean(accuracy):.3f} (min {min(accuracy):.3f}; "
             cell += f"{sum(r['diverged'] for r in group)}/{len(group)} diverged)"
-            errors = [r["coder_error_after"] for r in group if r.get("coder_error_after") is not None]
-            gains = [r["coder_gain_after"] for r in group if r.get("coder_gain_after") is not None]
+            finite = [r for r in group if not r["diverged"]]  # a diverged coder's numbers are noise
+            errors = [r["coder_error_after"] for r in finite if r.get("coder_error_after") is not None]
+            gains = [r["coder_gain_after"] for r in finite if r.get("coder_gain_after") is not None]
             if errors:
-                cell += f"; error {_mean(errors):.3f}, gain {_mean(gains):.3f}"
+                gain = _mean(gains)
+                shown = f"{gain:.3f}" if gain < 100 else f"{gain:.3g}"
+                cell += f"; error {_mean(errors):.3f}, gain {shown}"
             cells.append(cell)
         table_rows.append([setting, *cells])
     return (
         "### Coders that learn: mean test accuracy over seeds (worst seed; diverged runs); the "
-        "coder's reconstruction error on relu(N(0, I)) and its gain after training\n\n"
+        "coder's reconstruction error on relu(N(0, I)) and its gain after training (means over the "
+        "runs that did not diverge)\n\n"
         + _table(["setting", *(f"depth {d}" for d in depths)], table_rows)
     )
 
