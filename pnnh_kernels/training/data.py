@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from pnnh_kernels.training.fashion_mnist import load_fashion_mnist
+
 DATASETS = ("cifar10", "cifar100", "fashion-mnist", "folder", "synthetic")
 # Data sets without an ImageNet-style size: their images' size and channels (others: 3 channels).
 NATIVE_IMAGES = {"cifar10": (32, 3), "cifar100": (32, 3), "fashion-mnist": (28, 1)}
@@ -301,10 +303,8 @@ class ImageData:
             self.train_tensors = load_cifar(spec.data_dir, spec.name, train=True)
             self.test_tensors = load_cifar(spec.data_dir, spec.name, train=False)
         elif spec.name == "fashion-mnist":  # --data-dir, or where Debian's package puts it
-            from pnnh_kernels.training.fashion_mnist import load_fashion_mnist
-
-            self.train_tensors = load_fashion_mnist(spec.data_dir, train=True)
-            self.test_tensors = load_fashion_mnist(spec.data_dir, train=False)
+            self.train_tensors = ImageTensors(*load_fashion_mnist(spec.data_dir, train=True))
+            self.test_tensors = ImageTensors(*load_fashion_mnist(spec.data_dir, train=False))
         elif spec.name == "synthetic":
             self.train_tensors = synthetic(spec.synthetic_train_size, spec.image_size, split_seed=0)
             self.test_tensors = synthetic(spec.synthetic_test_size, spec.image_size, split_seed=1)

@@ -12,12 +12,11 @@ from __future__ import annotations
 import gzip
 import zlib
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
-
-from pnnh_kernels.training.data import ImageTensors
+from torch import Tensor
 
 CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -85,7 +84,15 @@ def read_idx(path: Path, magic: int, dimensions: int) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
 
 
-def load_fashion_mnist(data_dir: Optional[Path], train: bool) -> ImageTensors:
+class Split(NamedTuple):
+    """One split in memory (the fields of pnnh_kernels.training.data.ImageTensors)."""
+
+    images: Tensor  # uint8 [N, 1, 28, 28]
+    labels: Tensor  # int64 [N]
+    classes: tuple[str, ...]
+
+
+def load_fashion_mnist(data_dir: Optional[Path], train: bool) -> Split:
     """The training (60,000) or test (10,000) split: uint8 images [N, 1, 28, 28], int64 labels."""
     root = data_root(data_dir)
     images_path, labels_path = (_find(root, stem) for stem in _FILES[train])
@@ -100,7 +107,7 @@ def load_fashion_mnist(data_dir: Optional[Path], train: bool) -> ImageTensors:
         )
     if labels.size and labels.max() >= len(CLASSES):
         raise ValueError(f"--data-dir: {labels_path} has labels >= {len(CLASSES)}")
-    return ImageTensors(
+    return Split(
         torch.from_numpy(images.copy()).unsqueeze(1),
         torch.from_numpy(labels.astype(np.int64)),
         CLASSES,

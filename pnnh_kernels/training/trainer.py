@@ -35,6 +35,7 @@ from pnnh_kernels.training.data import (
     ImageData,
     cifar_root,
 )
+from pnnh_kernels.training.fashion_mnist import check_files
 from pnnh_kernels.training.optim import WarmupSchedule, scheduler, sgd
 
 MODELS = {
@@ -278,8 +279,6 @@ def _check_data(config: TrainConfig, world_size: int) -> None:
             )
         return
     if config.data == "fashion-mnist":
-        from pnnh_kernels.training.fashion_mnist import check_files
-
         check_files(Path(config.data_dir) if config.data_dir else None)  # names what is missing
         if config.resolved_image_size != 28:
             raise ValueError(
