@@ -203,7 +203,6 @@ def test_from_modules_computes_what_the_modules_compute(training):
     ("modules", "match"),
     [
         (lambda: (*_conv_bn(groups=2), None), "conv, norm: cannot fuse: grouped convolution"),
-        (lambda: (nn.Conv2d(8, 8, 3, padding="same"), None, None), "padding='same'"),
         (lambda: (*_conv_bn(), nn.GELU()), "relu: expected an nn.ReLU or None, got GELU"),
         (lambda: (nn.Linear(8, 8), None, None), "Linear is not an nn.Conv2d"),
         (lambda: (nn.Conv2d(8, 4, 3, padding=1), nn.BatchNorm2d(8), None), "norm has 8 features"),
@@ -260,3 +259,11 @@ def test_double_backward_is_refused_by_the_fused_backends(backend, request):
     assert grad.shape == layer.weight.shape
     with pytest.raises(RuntimeError, match=r"double backward \(create_graph=True\) is not supported"):
         torch.autograd.grad(layer(x).square().sum(), layer.weight, create_graph=True)
+
+
+def test_from_modules_takes_string_padding():
+    conv = nn.Conv2d(8, 8, 3, padding="same").double()
+    layer = FusedPNNHConv.from_modules(conv, coder_channels=0, backend="torch")
+    assert layer.padding == "same"
+    x = torch.randn(1, 8, 7, 7, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), conv(x), rtol=0, atol=1e-12)
