@@ -145,3 +145,20 @@ def test_a_relative_data_dir_is_saved_absolute(tmp_path, monkeypatch):
     ])  # fmt: skip
     saved = json.loads((tmp_path / "run" / "summary.json").read_text())["config"]["data_dir"]
     assert saved == str(tmp_path / "data")
+
+
+def test_the_study_split_pools_and_standardises(tmp_path):
+    from pnnh_kernels.analysis import study
+    from pnnh_kernels.training.digits import load_fashion_split
+
+    _write(tmp_path, images=8)
+    split = load_fashion_split(6, 3, pool=2, data_dir=tmp_path)
+    assert split.train_images.shape == (6, 1, 14, 14)
+    assert split.test_images.shape == (3, 1, 14, 14)
+    assert abs(float(split.train_images.mean())) < 1e-5
+    # the preset: three variants and the gain-1 learned coder, depths 16 and 64, 3 seeds
+    runs = list(study.planned_runs(study.FASHION))
+    assert len(runs) == 4 * 2 * 3
+    assert {r.label.get("setting") for r in runs if r.study == "learned"} == {
+        "(iii) orthonormal rows, task only"
+    }

@@ -54,6 +54,29 @@ def load_digits_split(test_fraction: float = 0.25, split_seed: int = 0) -> Digit
     )
 
 
+def load_fashion_split(
+    train_count: int, test_count: int, pool: int = 2, split_seed: int = 0, data_dir=None
+) -> DigitsSplit:
+    """A study-sized split of Fashion-MNIST (real 28 x 28 clothing images, 10 classes): the first
+    ``train_count`` images of a seeded permutation of its training set and ``test_count`` of its test
+    set, average-pooled by ``pool`` (2: 14 x 14, so that deep nets train in minutes on a CPU), then
+    standardised with the training subset's mean and std, as the digits split is."""
+    from pnnh_kernels.training.fashion_mnist import load_fashion_mnist
+
+    splits = []
+    generator = torch.Generator().manual_seed(split_seed)
+    for train, count in ((True, train_count), (False, test_count)):
+        images, labels, _ = load_fashion_mnist(data_dir, train)
+        chosen = torch.randperm(len(labels), generator=generator)[:count]
+        pixels = F.avg_pool2d(images[chosen].float() / 255, pool) if pool > 1 else images[chosen] / 255
+        splits.append((pixels, labels[chosen]))
+    (train_images, train_labels), (test_images, test_labels) = splits
+    mean, std = train_images.mean(), train_images.std()
+    return DigitsSplit(
+        (train_images - mean) / std, train_labels, (test_images - mean) / std, test_labels
+    )
+
+
 @dataclass(frozen=True)
 class CoderObjective:
     """The paper's self-supervised task for the coders during a study run: reconstruct fresh
