@@ -222,7 +222,8 @@ def learned_summary(rows: list[dict[str, Any]], config: study.StudyConfig) -> st
                 shown = f"{gain:.3f}" if gain < 100 else f"{gain:.3g}"
                 cell += f"; error {_mean(errors):.3f}, gain {shown}"
             cells.append(cell)
-        table_rows.append([setting, *cells])
+        if any(cell != "-" for cell in cells):  # a preset may run only some settings
+            table_rows.append([setting, *cells])
     return (
         "### Coders that learn: mean test accuracy over seeds (worst seed; diverged runs); the "
         "coder's reconstruction error on relu(N(0, I)) and its gain after training (means over the "
