@@ -28,6 +28,7 @@ import torch
 from pnnh_kernels import FusedPNNHConv, observer
 from pnnh_kernels.benchmarking import host_cost
 from pnnh_kernels.benchmarking.baselines import ResNetLayer
+from pnnh_kernels.cuda.launch import ENTRY_POINTS
 from pnnh_kernels.triton import compiled_launch
 
 SHAPE = (8, 32, 8)  # batch, channels, size: the counts do not depend on the size
@@ -80,10 +81,7 @@ def _frames_at_launch(step: Any) -> int:
     return deepest
 
 
-_CUDA_ENTRIES = (
-    "forward", "dgrad", "wgrad", "wgrad_reduce", "coder_backward", "bn_finalize_forward",
-    "bn_running_update", "bn_backward_reduce", "bn_finalize_backward",
-)  # fmt: skip
+_CUDA_ENTRIES = sorted(ENTRY_POINTS)
 
 
 def _canonical(value: Any) -> Any:

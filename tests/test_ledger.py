@@ -80,6 +80,9 @@ CUDA_ENTRY_POINTS = {  # the module's functions that launch a kernel, and the ke
 def test_every_cuda_kernel_has_a_hooked_entry_point(cuda_emulator):
     """The hook below sees every kernel of the module: a new entry point must be added to it."""
     assert sorted(CUDA_ENTRY_POINTS.values()) == sorted(cuda_emulator.kernel_names())
+    from pnnh_kernels.cuda.launch import ENTRY_POINTS
+
+    assert set(CUDA_ENTRY_POINTS) == ENTRY_POINTS  # the declared-tiles stand-in's list
     assert all(callable(getattr(cuda_emulator, name)) for name in CUDA_ENTRY_POINTS)
 
 
@@ -454,11 +457,11 @@ def test_the_cuda_step_counts_without_a_built_extension(monkeypatch):
 
     built = availability.extension()
     if built is not None:
-        assert launch._declared_tiles().tile_sizes() == built.tile_sizes()
-        assert launch._declared_tiles().tile_rows() == built.tile_rows()
+        assert launch.declared_tiles().tile_sizes() == built.tile_sizes()
+        assert launch.declared_tiles().tile_rows() == built.tile_rows()
     monkeypatch.setattr(launch, "extension", lambda: None)
     monkeypatch.setattr(launch, "_emulator", None)
     counted = step_ledger("pnnh-layer", 256, 128, 16, backend="cuda")
     assert counted.launches
     with pytest.raises(RuntimeError, match="the CUDA extension is not built"):
-        launch._declared_tiles().forward()  # nothing launches on meta tensors
+        launch.declared_tiles().forward()  # nothing launches on meta tensors

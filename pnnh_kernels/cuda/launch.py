@@ -65,23 +65,24 @@ def _module(x: Optional[Tensor] = None) -> ModuleType:
     """The kernels' module: the emulation a test switched on, else the built extension. For the
     ledger's meta tensors (kernels declared, not run) only its tile sizes are read: the built
     extension's, or on a machine without one the constants of the kernels' headers that every
-    install carries (:func:`_declared_tiles`: no compiler, no pybind11)."""
+    install carries (:func:`declared_tiles`: no compiler, no pybind11)."""
     if _emulator is not None:
         return _emulator
     if x is not None and modelling(x) and extension() is None:
-        return _declared_tiles()
+        return declared_tiles()
     module = extension()
     if module is None:
         raise RuntimeError(unavailable_reason(torch.device("cuda"), torch.float32, "conv2d"))
     return module
 
 
-class _DeclaredTiles:
+class DeclaredTiles:
     """What the launchers read from the extension when they only declare launches (meta tensors):
     the tile constants of csrc/pnnh_common.cuh and csrc/pnnh_kernels.h, and shapes that hold their
     sizes. Its kernel entry points refuse to run: nothing launches on meta tensors."""
 
-    def __init__(self, constants: dict[str, int]) -> None:
+    def __init__(self) -> None:
+        constants = header_constants()
         self._sizes = {
             "block_m": constants["kBlockM"],
             "block_n": constants["kBlockN"],
@@ -100,7 +101,7 @@ class _DeclaredTiles:
             self.sizes = sizes
 
     def __getattr__(self, name: str) -> Callable[..., None]:  # a kernel entry point
-        if name not in _ENTRY_POINTS:
+        if name not in ENTRY_POINTS:
             raise AttributeError(name)
 
         def refuse(*args: Any) -> None:
@@ -110,14 +111,20 @@ class _DeclaredTiles:
 
 
 # The extension's kernel entry points the launchers hand to a launch (declared on meta tensors).
-_ENTRY_POINTS = frozenset(
+ENTRY_POINTS = frozenset(
     ("forward", "dgrad", "wgrad", "wgrad_reduce", "coder_backward", "bn_finalize_forward",
      "bn_running_update", "bn_backward_reduce", "bn_finalize_backward")
 )  # fmt: skip
 
 
 @functools.lru_cache(maxsize=1)
-def _declared_tiles() -> _DeclaredTiles:
+def declared_tiles() -> DeclaredTiles:
+    return DeclaredTiles()
+
+
+@functools.lru_cache(maxsize=1)
+def header_constants() -> dict[str, int]:
+    """The ``constexpr int k...`` tile constants of the installed CUDA headers."""
     from pnnh_kernels.cuda.build import source_dir
 
     constants: dict[str, int] = {}
@@ -128,7 +135,7 @@ def _declared_tiles() -> _DeclaredTiles:
     missing = {"kBlockM", "kBlockN", "kBlockK", "kMaxGridYZ"} - set(constants)
     if missing:
         raise RuntimeError(f"{source_dir() / 'csrc'}: no constants {sorted(missing)} in the headers")
-    return _DeclaredTiles(constants)
+    return constants
 
 
 def _check(
