@@ -18,7 +18,12 @@ from pnnh_kernels.analysis import study
 from pnnh_kernels.analysis.curves import LayerCurvePoint, he_stack, layer_curves
 from pnnh_kernels.analysis.probes import coder_gain
 from pnnh_kernels.coder import CODER_INITS, PNNHCoder, default_code_channels
-from pnnh_kernels.training.digits import DigitsSplit, load_digits_split, load_fashion_split
+from pnnh_kernels.training.digits import (
+    DigitsSplit,
+    load_digits_split,
+    load_fashion_split,
+    require_scikit_learn,
+)
 
 VARIANTS = ("plain", "residual", "pnnh")
 PRESETS = {
@@ -393,13 +398,7 @@ def check(args: argparse.Namespace) -> None:
         raise ValueError(f"--threads: expected a non-negative int, got {args.threads}")
     if args.out.exists() and not args.out.is_dir():
         raise NotADirectoryError(f"--out: {args.out} exists and is not a folder")
-    try:
-        import sklearn.datasets  # noqa: F401
-    except ImportError as error:
-        raise ImportError(
-            f"pnnh analyze trains on scikit-learn's digits ({error}): "
-            "pip install 'pnnh-kernels[experiments]'"
-        ) from error
+    require_scikit_learn("pnnh analyze")
 
 
 def run(args: argparse.Namespace) -> None:

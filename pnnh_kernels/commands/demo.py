@@ -20,7 +20,12 @@ import torch
 
 from pnnh_kernels.models import VARIANTS, count_parameters, deep_cnn, parameter_breakdown
 from pnnh_kernels.models.resnet import resnet18, resnet34, resnet50
-from pnnh_kernels.training.digits import TrainResult, load_digits_split, train_classifier
+from pnnh_kernels.training.digits import (
+    TrainResult,
+    load_digits_split,
+    require_scikit_learn,
+    train_classifier,
+)
 from pnnh_kernels.validation import check_positive_int
 
 
@@ -143,14 +148,7 @@ def check(args: argparse.Namespace) -> None:
         check_positive_int(f"--{name.replace('_', '-')}", getattr(args, name))
     if args.jobs is not None:
         check_positive_int("--jobs", args.jobs)
-    try:
-        import sklearn.datasets
-        import sklearn.model_selection  # noqa: F401
-    except ImportError as error:
-        raise ImportError(
-            "the demo trains on scikit-learn's digits, and scikit-learn is not installed "
-            f"({error}): pip install 'pnnh-kernels[experiments]' (or pip install scikit-learn)"
-        ) from error
+    require_scikit_learn("the demo")
 
 
 def run(args: argparse.Namespace) -> None:

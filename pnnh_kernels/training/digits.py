@@ -26,15 +26,25 @@ class DigitsSplit:
     test_labels: Tensor
 
 
+def require_scikit_learn(who: str = "the digits experiments") -> None:
+    """ImportError saying what to install where scikit-learn (the digits' loader) is missing: the
+    commands ask before they start work, :func:`load_digits_split` when it loads."""
+    try:
+        import sklearn.datasets
+        import sklearn.model_selection  # noqa: F401
+    except ImportError as error:
+        raise ImportError(
+            f"{who} trains on scikit-learn's digits, and scikit-learn is not installed ({error}): "
+            "pip install 'pnnh-kernels[experiments]' (or pip install scikit-learn)"
+        ) from error
+
+
 def load_digits_split(test_fraction: float = 0.25, split_seed: int = 0) -> DigitsSplit:
     """A fixed, stratified train/test split of the digits data set."""
-    try:
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
-    except ImportError as error:  # pragma: no cover - depends on the installation
-        raise ImportError(
-            "the digits experiments need scikit-learn: pip install 'pnnh-kernels[experiments]'"
-        ) from error
+    require_scikit_learn()
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
     digits = load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1)
     labels = torch.tensor(digits.target, dtype=torch.long)
