@@ -58,11 +58,23 @@ SUBCOMMANDS = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from pnnh_kernels.version import version_string
+class _Version(argparse.Action):
+    """``--version``, which asks git for the revision only when given (argparse's own version
+    action takes its text when the parser is built: two git processes on every command)."""
 
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
+        from pnnh_kernels.version import version_string
+
+        print(version_string())  # on stdout, as argparse's version action prints
+        parser.exit()
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pnnh", description="PNNH kernels, models and experiments")
-    parser.add_argument("--version", action="version", version=version_string())
+    parser.add_argument("--version", action=_Version, help="show the version and exit")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text, module_name in SUBCOMMANDS:
         module = importlib.import_module(module_name)
