@@ -34,6 +34,7 @@ import io
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -47,6 +48,7 @@ from pnnh_kernels.mainloop import sass
 from pnnh_kernels.mainloop.model import (
     CALIBRATED,
     CARDS,
+    LATENCY_READING,
     Constants,
     LaunchShape,
     ModelledTime,
@@ -100,10 +102,9 @@ _UNITS = {"gpu__time_duration.sum": {"ns": 1e-9, "us": 1e-6}, "dram__bytes_read.
           "dram__bytes_write.sum": {"byte": 1}}  # fmt: skip
 
 
-def measured(backend: str) -> list[Measured]:
-    """The project's kernels in ``ncu_<backend>.csv.gz``: one step per stage shape, each step after
-    a marker kernel (``spin_kernel``)."""
-    path = MEASUREMENTS / f"ncu_{backend}.csv.gz"
+def _kernel_rows(path: Path) -> list[dict]:
+    """Nsight Compute's CSV as one dict per launch, in launch order: name, grid, block and the
+    metrics of :data:`_UNITS` in seconds and bytes."""
     with gzip.open(path, "rt") as handle:
         lines = [line for line in handle if line.startswith('"')]
     rows = list(csv.DictReader(io.StringIO("".join(lines))))
@@ -116,9 +117,16 @@ def measured(backend: str) -> list[Measured]:
             if unit not in _UNITS[name]:
                 raise ValueError(f"{path}: {name} in {unit!r}, expected one of {list(_UNITS[name])}")
             entry[name] = float(row["Metric Value"].replace(",", "")) * _UNITS[name][unit]
+    return list(kernels.values())
+
+
+def measured(backend: str) -> list[Measured]:
+    """The project's kernels in ``ncu_<backend>.csv.gz``: one step per stage shape, each step after
+    a marker kernel (``spin_kernel``)."""
+    path = MEASUREMENTS / f"ncu_{backend}.csv.gz"
     points: list[Measured] = []
     stage, order = -1, 0
-    for entry in kernels.values():
+    for entry in _kernel_rows(path):
         if "spin_kernel" in entry["name"]:
             stage, order = stage + 1, 0
             continue
@@ -358,16 +366,27 @@ def fitted(found: list[Point]) -> list[Point]:
 def fit(found: list[Point]) -> Constants:
     """The constants with the smallest worst-case relative error over the fitted points of
     ``found`` (a grid search: 4 x 19 x 17 x 10 candidates)."""
+    return _grid_fit(fitted(found), l2_choices=[4.0e12 + 0.25e12 * i for i in range(17)],
+                     latency_choices=[0.0])  # fmt: skip
+
+
+def fit_latency_reading(found: list[Point]) -> Constants:
+    """model.LATENCY_READING refitted: the L2 term off, the latency term fitted (grid search)."""
+    return _grid_fit(fitted(found), l2_choices=[math.inf],
+                     latency_choices=[50.0 * i for i in range(1, 41)])  # fmt: skip
+
+
+def _grid_fit(chosen: list[Point], l2_choices: list[float], latency_choices: list[float]) -> Constants:
     best: Optional[tuple[float, Constants]] = None
-    chosen = fitted(found)
     for norm in (1.0, 2.0, 3.0, 4.0):
         for cycles in [0.5 * i for i in range(2, 21)]:
-            for l2 in [4.0e12 + 0.25e12 * i for i in range(17)]:
+            for l2 in l2_choices:
                 for fixed in [0.5e-6 * i for i in range(10)]:
-                    constants = Constants(cycles, l2, norm, fixed)
-                    worst = max(abs(p.error(constants)) for p in chosen)
-                    if best is None or worst < best[0]:
-                        best = (worst, constants)
+                    for latency in latency_choices:
+                        constants = Constants(cycles, l2, norm, fixed, latency)
+                        worst = max(abs(p.error(constants)) for p in chosen)
+                        if best is None or worst < best[0]:
+                            best = (worst, constants)
     if best is None:
         raise ValueError("no fitted points to calibrate on")
     return best[1]
@@ -412,6 +431,115 @@ def format_table(
     return "\n".join(lines)
 
 
+# cuDNN's kernels against the model's L2 term ---------------------------------------------------
+# The fitted L2 bandwidth is only as good as the points that fix it, and every fitted Triton
+# mainloop loads 128 x 128 x 64 tiles: 64 FLOP per byte, so L2 bytes, iterations and MMA work are
+# proportional in all of them and any cost paid once per iteration (a load's exposed latency, a
+# pipeline drain) fits as "L2". cuDNN's kernels of the same convolutions, measured in the same run,
+# are a check the fit never saw: the model cannot give a kernel less than its L2 term, so a cuDNN
+# kernel measured faster than the L2 term of its own tiles contradicts the constant as a bandwidth.
+
+_CUDNN_KERNEL = re.compile(
+    r"sm90_xmma_(fprop|dgrad|wgrad)_\w*?tilesize(\d+)x(\d+)x(\d+)_\w*?execute_(\w+?)_kernel"
+)
+
+
+@dataclass(frozen=True)
+class CudnnKernel:
+    """One of cuDNN's convolution mainloop kernels in ``ncu_cudnn.csv.gz`` (its split-K reduction
+    kernels are left out: they have no mainloop)."""
+
+    role: str  # fprop, dgrad or wgrad
+    channels: int
+    size: int
+    tile: tuple[int, int, int]  # M x N x K of its name
+    grid: tuple[int, ...]
+    seconds: float
+
+    @property
+    def gemm(self) -> tuple[int, int, int]:
+        """(M, N, K) of the implicit GEMM, 3x3 stride 1: pixels x channels x taps * channels for
+        fprop and dgrad; output channels x taps * input channels x pixels for wgrad."""
+        pixels, taps = BATCH * self.size * self.size, 9 * self.channels
+        if self.role == "wgrad":
+            return self.channels, taps, pixels
+        return pixels, self.channels, taps
+
+    @property
+    def flops(self) -> float:
+        return 2.0 * math.prod(self.gemm)
+
+    @property
+    def tile_l2_bytes(self) -> float:
+        """bf16 bytes of every output tile's A and B panels, each tile loading its own (what the
+        model's L2 term counts for a Triton mainloop): no reuse inside a multiprocessor."""
+        m, n, k = self.gemm
+        tile_m, tile_n, _ = self.tile
+        return math.ceil(m / tile_m) * math.ceil(n / tile_n) * (tile_m + tile_n) * k * 2.0
+
+    def l2_floor_seconds(self, constants: Constants = CALIBRATED) -> float:
+        """The least time the model gives any kernel that loads these tiles: its L2 term plus the
+        fixed cost (the p-norm is at least its largest term)."""
+        return self.tile_l2_bytes / constants.l2_bytes_per_second + constants.fixed_seconds
+
+
+def cudnn_kernels() -> list[CudnnKernel]:
+    path = MEASUREMENTS / "ncu_cudnn.csv.gz"
+    found: list[CudnnKernel] = []
+    stage = -1
+    for entry in _kernel_rows(path):
+        if "spin_kernel" in entry["name"]:
+            stage += 1
+            continue
+        match = _CUDNN_KERNEL.search(entry["name"])
+        if match is None or match.group(5) == "split_k":
+            continue
+        if stage < 0:
+            raise ValueError(f"{path}: a cuDNN kernel before the first stage marker")
+        channels, size = STAGES[stage]
+        tile = (int(match.group(2)), int(match.group(3)), int(match.group(4)))
+        found.append(CudnnKernel(match.group(1), channels, size, tile, _dimensions(entry["grid"]),
+                                 entry["gpu__time_duration.sum"]))  # fmt: skip
+    if sorted({(k.channels, k.role) for k in found}) != sorted(
+        (c, r) for c, _ in STAGES for r in ("fprop", "dgrad", "wgrad")
+    ):
+        raise ValueError(f"{path}: expected cuDNN's fprop, dgrad and wgrad at every stage")
+    return found
+
+
+def format_cudnn_table(kernels: list[CudnnKernel], constants: Constants = CALIBRATED) -> str:
+    lines = [
+        "| kernel | shape | tile | measured (µs) | TFLOP/s | tile loads (MB) | L2 rate they imply "
+        "(TB/s) | model's floor (µs, modelled) | floor / measured |",
+        "|" + "---|" * 9,
+    ]
+    for k in kernels:
+        floor = k.l2_floor_seconds(constants)
+        lines.append(
+            f"| cuDNN {k.role} | {k.channels}x{k.size}x{k.size} | {'x'.join(map(str, k.tile))} "
+            f"| {k.seconds * 1e6:.1f} | {k.flops / k.seconds / 1e12:.0f} "
+            f"| {k.tile_l2_bytes / 1e6:.0f} | {k.tile_l2_bytes / k.seconds / 1e12:.2f} "
+            f"| {floor * 1e6:.1f} | {floor / k.seconds:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def cudnn_verdict(kernels: list[CudnnKernel], constants: Constants = CALIBRATED) -> str:
+    beaten = [k for k in kernels if k.seconds < k.l2_floor_seconds(constants)]
+    fastest = max(k.tile_l2_bytes / k.seconds for k in kernels)
+    return (
+        f"cuDNN beats the model's floor for its own tiles in {len(beaten)} of {len(kernels)} "
+        f"kernels; its tile loads imply up to {fastest / 1e12:.1f} TB/s from the L2 against the "
+        f"fitted {constants.l2_bytes_per_second / 1e12:.2f} TB/s. "
+        + (
+            "The fitted constant is not a bandwidth limit: it also carries per-iteration costs of "
+            "the Triton mainloops that the 64 FLOP/B fit points cannot separate from their bytes."
+            if beaten
+            else "The fitted constant is consistent with cuDNN's kernels."
+        )
+    )
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pnnh_kernels.mainloop.calibration",
                                      description=__doc__.splitlines()[0])  # fmt: skip
@@ -430,6 +558,17 @@ def main(argv: Optional[list[str]] = None) -> None:
               f"max {max(errors):.0%}; within 20%: {sum(e <= 0.2 for e in errors)}")  # fmt: skip
     if held_out:
         print(f"held out by shape: max |error| {max(abs(e) for e in held_out.values()):.0%}")
+    latency = fit_latency_reading(found) if args.fit else LATENCY_READING
+    errors = [abs(p.error(latency)) for p in fitted(found)]
+    print(f"\nThe latency reading (no L2 limit; {latency.latency_cycles:.0f} cycles per mainloop "
+          f"iteration per wave): {latency}\nfitted points: |error| median "
+          f"{sorted(errors)[len(errors) // 2]:.0%}, max {max(errors):.0%}; within 20%: "
+          f"{sum(e <= 0.2 for e in errors)}")  # fmt: skip
+    kernels = cudnn_kernels()
+    print("\ncuDNN's mainloops of the same run against the model's L2 term of their own tiles "
+          "(the model's floor: L2 term + fixed cost)\n")  # fmt: skip
+    print(format_cudnn_table(kernels, constants))
+    print("\n" + cudnn_verdict(kernels, constants))
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ from triton.compiler import ASTSource
 
 from pnnh_kernels.backends.fused_common import capped_wgrad_splits
 from pnnh_kernels.mainloop import sass
-from pnnh_kernels.mainloop.model import LaunchShape, modelled_time
+from pnnh_kernels.mainloop.model import LATENCY_READING, LaunchShape, modelled_time
 from pnnh_kernels.shapes import argparse_type, shape_with_options
 from pnnh_kernels.triton import kernels
 from pnnh_kernels.triton.pnnh_conv_config import (
@@ -446,6 +446,7 @@ class Row:
     mainloop: Optional[dict[str, int]] = None
     modelled_us: Optional[float] = None
     bound: str = ""
+    latency_reading_us: Optional[float] = None  # the same, modelled under model.LATENCY_READING
 
 
 def model_launch(
@@ -539,7 +540,7 @@ def _compile_row(job: tuple[Launch, str, str, bool]) -> Row:
     usage = resource_usage(compiled.asm["cubin"])
     ptx = compiled.asm["ptx"]
     constexprs = dict(launch.constexprs)
-    mainloop, modelled_us, bound = None, None, ""
+    mainloop, modelled_us, bound, latency_us = None, None, "", None
     if with_model and target == "sm_90":
         step = _mainloop_step_flops(launch)
         per_warp = None if step is None else step // launch.num_warps
@@ -550,6 +551,7 @@ def _compile_row(job: tuple[Launch, str, str, bool]) -> Row:
         if shape is not None and listing.mainloop is not None:
             modelled = modelled_time(listing, shape)
             modelled_us, bound = modelled.seconds * 1e6, modelled.bound
+            latency_us = modelled_time(listing, shape, constants=LATENCY_READING).seconds * 1e6
     return Row(
         kernel=launch.name,
         dtype=dtype_name,
@@ -565,6 +567,7 @@ def _compile_row(job: tuple[Launch, str, str, bool]) -> Row:
         mainloop=mainloop,
         modelled_us=modelled_us,
         bound=bound,
+        latency_reading_us=latency_us,
     )
 
 
@@ -626,9 +629,10 @@ def format_model_table(rows: list[Row]) -> str:
     """The modelled rows: one per launch and shape (sm_90, H200, modelled, not measured)."""
     header = (
         "| kernel | shape | tiles | warps/stages | mainloop SASS per iteration: total (tensor / "
-        "global / shared / integer / float / barrier) | modelled H200 time (µs) | bound |"
+        "global / shared / integer / float / barrier) | modelled H200 time (µs) | bound "
+        "| latency reading (µs, modelled) |"
     )
-    lines = [header, "|" + "---|" * 7]
+    lines = [header, "|" + "---|" * 8]
     for row in sorted(rows, key=lambda r: (r.shapes, r.kernel)):
         if row.modelled_us is None or row.mainloop is None:
             continue
@@ -638,7 +642,8 @@ def format_model_table(rows: list[Row]) -> str:
         )
         lines.append(
             f"| {row.kernel} | {row.shapes[0]} | {row.tiles} | {row.warps}/{row.stages} "
-            f"| {loop['total']} ({classes}) | {row.modelled_us:.1f} | {row.bound} |"
+            f"| {loop['total']} ({classes}) | {row.modelled_us:.1f} | {row.bound} "
+            f"| {row.latency_reading_us:.1f} |"
         )
     return "\n".join(lines)
 
