@@ -173,30 +173,48 @@ def _pnnh_conv_fwd_kernel(
             LOOP_TAPS: tl.constexpr = KH * KW
         # One flat loop over (tap, channel chunk): a loop Triton can software-pipeline, and one set of
         # pointer tiles live at a time (unrolling the taps statically spilled at 255 registers).
+        # The im2col addressing is hoisted: tap (kh, kw) reads, for output row m, the input pixel
+        # (oh * s + dh, ow * s + dw) with dh = kh * dil - pad, whose offset is the row's own base
+        # plus the scalar (dh * W + dw) * C_in, and whose padding test compares the row's
+        # (oh * s, ow * s) with scalar bounds. Per row and step that is one 64-bit add and four
+        # compares, where forming the pixel's offset afresh took 64-bit multiplies (87% of the
+        # forward's mainloop was integer work in the sm_90 SASS). C_in stays the last factor of
+        # every offset, so its divisibility by 16 still lets the loads vectorise.
+        ih0 = oh * stride_h
+        iw0 = ow * stride_w
+        x_rows = x_ptr + ((image + ih0) * W + iw0) * C_in
+        w_tile = w_ptr + offs_k[:, None] * w_stride_ci + offs_n[None, :] * w_stride_co
+        # (tap, chunk) are carried from step to step: step // k_chunks with k_chunks known only at
+        # run time was an integer division (~25 instructions per thread) every iteration.
         k_chunks = tl.cdiv(C_in, BLOCK_K)
-        for step in range(0, LOOP_TAPS * k_chunks):
-            tap = step // k_chunks
-            tap = tap + (tap >= CENTRE).to(tl.int32)
-            k0 = (step % k_chunks) * BLOCK_K
-            ih = oh * stride_h - pad_h + (tap // KW) * dil_h
-            iw = ow * stride_w - pad_w + (tap % KW) * dil_w
-            inside = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            row = ((image + ih) * W + iw) * C_in
+        loop_tap = pid_m * 0
+        chunk = pid_m * 0
+        for _ in range(0, LOOP_TAPS * k_chunks):
+            tap = loop_tap + (loop_tap >= CENTRE).to(tl.int32)
+            k0 = chunk * BLOCK_K
+            kh = tap // KW
+            kw = tap % KW
+            dh = kh * dil_h - pad_h
+            dw = kw * dil_w - pad_w
+            inside = mask_m & (ih0 >= -dh) & (ih0 < H - dh) & (iw0 >= -dw) & (iw0 < W - dw)
+            shift = (dh * W + dw).to(tl.int64) * C_in + k0
             ks = k0 + offs_k
             mask_k = ks < C_in
             a = tl.load(
-                x_ptr + row[:, None] + ks[None, :], mask=inside[:, None] & mask_k[None, :], other=0.0
+                x_rows[:, None] + shift + offs_k[None, :],
+                mask=inside[:, None] & mask_k[None, :],
+                other=0.0,
             )
             b = tl.load(
-                w_ptr
-                + ks[:, None] * w_stride_ci
-                + offs_n[None, :] * w_stride_co
-                + (tap // KW) * w_stride_kh
-                + (tap % KW) * w_stride_kw,
+                w_tile + (k0 * w_stride_ci + kh * w_stride_kh + kw * w_stride_kw),
                 mask=mask_k[:, None] & mask_n[None, :],
                 other=0.0,
             )
             acc = _mma(a, b, acc, INPUT_PRECISION, UPCAST_DOT)
+            chunk += 1
+            next_tap = chunk == k_chunks
+            chunk = tl.where(next_tap, 0, chunk)
+            loop_tap += next_tap.to(tl.int32)
 
     if WRITE_STATS:
         if HAS_SHIFT:
@@ -535,6 +553,7 @@ def _pnnh_conv_dgrad_kernel(
     HAS_SCALE: tl.constexpr,
     HAS_CODER: tl.constexpr,
     RELU: tl.constexpr,
+    UNIT_STRIDE: tl.constexpr,  # stride 1 both ways: the gradient's addressing hoisted
     INPUT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -564,25 +583,40 @@ def _pnnh_conv_dgrad_kernel(
     iw = pixel % W
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     image = n.to(tl.int64) * OH
-    # One flat, pipelinable loop over (tap, output-channel chunk), as in the forward kernel.
+    # One flat, pipelinable loop over (tap, output-channel chunk), as in the forward kernel, with
+    # (tap, chunk) carried from step to step instead of divided out of the step.
     c_chunks = tl.cdiv(C_out, BLOCK_K)
-    for step in range(0, KH * KW * c_chunks):
-        tap = step // c_chunks
-        c0 = (step % c_chunks) * BLOCK_K
-        num_h = ih + pad_h - (tap // KW) * dil_h
-        num_w = iw + pad_w - (tap % KW) * dil_w
-        # Clamp before dividing: the interpreter (numpy) floors negative quotients, GPUs truncate.
-        num_h_safe = tl.maximum(num_h, 0)
-        num_w_safe = tl.maximum(num_w, 0)
-        oh = num_h_safe // stride_h
-        ow = num_w_safe // stride_w
-        ok = mask_m & (num_h >= 0) & (num_w >= 0) & (oh < OH) & (ow < OW)
-        ok = ok & (num_h_safe % stride_h == 0) & (num_w_safe % stride_w == 0)
-        row = ((image + oh) * OW + ow) * C_out
+    if UNIT_STRIDE:
+        # Tap (kh, kw) reads the gradient at (ih + sh, iw + sw), sh = pad - kh * dil: the row's own
+        # offset plus a scalar, bounded by scalar compares (the forward's hoisting).
+        g_rows = ((image + ih) * OW + iw) * C_out
+    tap = pid_m * 0
+    chunk = pid_m * 0
+    for _ in range(0, KH * KW * c_chunks):
+        c0 = chunk * BLOCK_K
+        kh = tap // KW
+        kw = tap % KW
+        if UNIT_STRIDE:
+            sh = pad_h - kh * dil_h
+            sw = pad_w - kw * dil_w
+            ok = mask_m & (ih >= -sh) & (ih < OH - sh) & (iw >= -sw) & (iw < OW - sw)
+            shift = (sh * OW + sw).to(tl.int64) * C_out + c0
+            g_offsets = g_rows[:, None] + shift + offs_k[None, :]
+        else:
+            num_h = ih + pad_h - kh * dil_h
+            num_w = iw + pad_w - kw * dil_w
+            # Clamp before dividing: the interpreter (numpy) floors negative quotients, GPUs truncate.
+            num_h_safe = tl.maximum(num_h, 0)
+            num_w_safe = tl.maximum(num_w, 0)
+            oh = num_h_safe // stride_h
+            ow = num_w_safe // stride_w
+            ok = mask_m & (num_h >= 0) & (num_w >= 0) & (oh < OH) & (ow < OW)
+            ok = ok & (num_h_safe % stride_h == 0) & (num_w_safe % stride_w == 0)
+            row = ((image + oh) * OW + ow) * C_out
+            g_offsets = row[:, None] + (c0 + offs_k)[None, :]
         cs = c0 + offs_k
         mask_c = cs < C_out
         tile = ok[:, None] & mask_c[None, :]
-        g_offsets = row[:, None] + cs[None, :]
         g = tl.load(dy_ptr + g_offsets, mask=tile, other=0.0)
         if RELU:
             y = tl.load(y_ptr + g_offsets, mask=tile, other=0.0)
@@ -593,12 +627,16 @@ def _pnnh_conv_dgrad_kernel(
             w_ptr
             + offs_n[None, :] * w_stride_ci
             + cs[:, None] * w_stride_co
-            + (tap // KW) * w_stride_kh
-            + (tap % KW) * w_stride_kw,
+            + kh * w_stride_kh
+            + kw * w_stride_kw,
             mask=mask_c[:, None] & mask_n[None, :],
             other=0.0,
         )
         acc = _mma(g.to(b.dtype), b, acc, INPUT_PRECISION, UPCAST_DOT)
+        chunk += 1
+        next_tap = chunk == c_chunks
+        chunk = tl.where(next_tap, 0, chunk)
+        tap += next_tap.to(tl.int32)
     if HAS_CODER:
         on_grid = mask_m & (ih % stride_h == 0) & (iw % stride_w == 0)
         row_s = (image + ih // stride_h) * OW + iw // stride_w

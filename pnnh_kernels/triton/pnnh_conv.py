@@ -698,6 +698,7 @@ def _input_grad_site(
         HAS_SCALE=has_scale,
         HAS_CODER=c_b > 0,
         RELU=relu,
+        UNIT_STRIDE=geometry.stride == (1, 1),
         INPUT_PRECISION=precision,
         UPCAST_DOT=upcast_dot(dtype),
         **tiles,

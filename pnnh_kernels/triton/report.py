@@ -335,7 +335,8 @@ def launches(shape: LayerShape, dtype: torch.dtype) -> list[Launch]:
     for has_scale, relu in ((True, True), (False, False), (True, False)):
         for tiles, warps, stages in candidates():
             dgrad = {"KH": shape.kernel, "KW": shape.kernel, "HAS_SCALE": has_scale,
-                     "HAS_CODER": has_coder, "RELU": relu, **tiles}  # fmt: skip
+                     "HAS_CODER": has_coder, "RELU": relu, "UNIT_STRIDE": shape.stride == 1,
+                     **tiles}  # fmt: skip
             label = ("eval" if has_scale else "train-BN") + (", relu" if relu else "")
             add(label, kernels._pnnh_conv_dgrad_kernel, dgrad, warps, stages)
     _add_backward_passes(add, shape, config, dtype, oh, ow)
