@@ -454,13 +454,23 @@ def _conv_wgrad_kernel(
     acc = tl.zeros((BLOCK_X, BLOCK_G), dtype=tl.float32)
     m_start = split * m_per_split
     m_end = tl.minimum(M, m_start + m_per_split)
+    # Each row's (image, output row, output column) is divided out of its pixel index once and then
+    # advanced by BLOCK_M pixels a step with one carry per coordinate (the step's own coordinates
+    # are below OW and OH), not divided afresh: two run-time divisions per row and step were most
+    # of this mainloop's integer work in the sm_90 SASS.
+    offs_r = tl.arange(0, BLOCK_M)
+    first = m_start + offs_r
+    n = first // (OH * OW)
+    oh = (first % (OH * OW)) // OW
+    ow = first % OW
+    step_n = BLOCK_M // (OH * OW)
+    step_oh = (BLOCK_M % (OH * OW)) // OW
+    step_ow = BLOCK_M % OW
     for m0 in range(m_start, m_end, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
+        offs_m = m0 + offs_r
         mask_m = offs_m < m_end
-        n = offs_m // (OH * OW)
-        pixel = offs_m % (OH * OW)
-        ih = (pixel // OW) * stride_h - pad_h + kh * dil_h
-        iw = (pixel % OW) * stride_w - pad_w + kw * dil_w
+        ih = oh * stride_h - pad_h + kh * dil_h
+        iw = ow * stride_w - pad_w + kw * dil_w
         inside = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         row = ((n.to(tl.int64) * H + ih) * W + iw) * C_x
         a = tl.load(
@@ -474,6 +484,13 @@ def _conv_wgrad_kernel(
             y = tl.load(y_ptr + g_offsets, mask=tile, other=0.0)
             g = _relu_grad(g, y)
         acc = _mma(a, g.to(a.dtype), acc, INPUT_PRECISION, UPCAST_DOT)
+        ow += step_ow
+        carry = ow >= OW
+        ow = tl.where(carry, ow - OW, ow)
+        oh += step_oh + carry.to(tl.int32)
+        carry = oh >= OH
+        oh = tl.where(carry, oh - OH, oh)
+        n += step_n + carry.to(tl.int32)
     if STRIDED_OUT:
         out = (
             weight_grad_ptr
