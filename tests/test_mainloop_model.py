@@ -237,3 +237,15 @@ def test_cudnn_kernels_are_read_with_their_tiles_and_checked_against_the_l2_term
         "cuDNN beats the model's floor for its own tiles in 0 of 12"
     )
     assert "in 0 of" not in calibration.cudnn_verdict(kernels, CALIBRATED)
+
+
+def test_the_weight_gradient_fills_the_gpu_where_that_costs_the_busiest_multiprocessor_nothing():
+    """The traffic cap leaves 256 x 256 channels at 8 x 8 (16,384 pixels, 64-pixel steps) one split:
+    72 programs on 132 multiprocessors. Two splits cost the busiest one no more steps (2 x 128 =
+    256) and fill the rest; at 128 x 128 channels at 16 x 16 the cap's 7 splits (126 programs) stay,
+    since 8 (144) would put two programs of 128 steps on some multiprocessors instead of one of 147."""
+    from pnnh_kernels.triton.pnnh_conv_config import wgrad_fill_target
+
+    assert wgrad_fill_target(1, 16384, 64, 72, 132) == 2
+    assert wgrad_fill_target(7, 65536, 64, 18, 132) == 7
+    assert wgrad_fill_target(1, 4096, 64, 288, 132) == 1  # already more programs than multiprocessors

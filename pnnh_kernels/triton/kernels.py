@@ -420,6 +420,7 @@ def _conv_wgrad_kernel(
     KW: tl.constexpr,
     RELU: tl.constexpr,
     STRIDED_OUT: tl.constexpr,
+    DIRECT_ROWS: tl.constexpr,  # image pixel m is output pixel m's only tap (see below)
     INPUT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     BLOCK_X: tl.constexpr,
@@ -458,21 +459,28 @@ def _conv_wgrad_kernel(
     # advanced by BLOCK_M pixels a step with one carry per coordinate (the step's own coordinates
     # are below OW and OH), not divided afresh: two run-time divisions per row and step were most
     # of this mainloop's integer work in the sm_90 SASS.
+    # DIRECT_ROWS (a 1x1 tap, stride 1, no padding, the image as large as the output): output pixel
+    # m reads image pixel m, and none of this is needed.
     offs_r = tl.arange(0, BLOCK_M)
-    first = m_start + offs_r
-    n = first // (OH * OW)
-    oh = (first % (OH * OW)) // OW
-    ow = first % OW
-    step_n = BLOCK_M // (OH * OW)
-    step_oh = (BLOCK_M % (OH * OW)) // OW
-    step_ow = BLOCK_M % OW
+    if not DIRECT_ROWS:
+        first = m_start + offs_r
+        image_row = (first // (OH * OW)).to(tl.int64) * H  # the image's first input row
+        oh = (first % (OH * OW)) // OW
+        ow = first % OW
+        step_n = BLOCK_M // (OH * OW)
+        step_oh = (BLOCK_M % (OH * OW)) // OW
+        step_ow = BLOCK_M % OW
     for m0 in range(m_start, m_end, BLOCK_M):
         offs_m = m0 + offs_r
         mask_m = offs_m < m_end
-        ih = oh * stride_h - pad_h + kh * dil_h
-        iw = ow * stride_w - pad_w + kw * dil_w
-        inside = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        row = ((n.to(tl.int64) * H + ih) * W + iw) * C_x
+        if DIRECT_ROWS:
+            inside = mask_m
+            row = offs_m.to(tl.int64) * C_x
+        else:
+            ih = oh * stride_h - pad_h + kh * dil_h
+            iw = ow * stride_w - pad_w + kw * dil_w
+            inside = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            row = ((image_row + ih) * W + iw) * C_x
         a = tl.load(
             x_ptr + row[None, :] + offs_x[:, None], mask=mask_x[:, None] & inside[None, :], other=0.0
         )
@@ -484,13 +492,14 @@ def _conv_wgrad_kernel(
             y = tl.load(y_ptr + g_offsets, mask=tile, other=0.0)
             g = _relu_grad(g, y)
         acc = _mma(a, g.to(a.dtype), acc, INPUT_PRECISION, UPCAST_DOT)
-        ow += step_ow
-        carry = ow >= OW
-        ow = tl.where(carry, ow - OW, ow)
-        oh += step_oh + carry.to(tl.int32)
-        carry = oh >= OH
-        oh = tl.where(carry, oh - OH, oh)
-        n += step_n + carry.to(tl.int32)
+        if not DIRECT_ROWS:
+            ow += step_ow
+            carry = (ow >= OW).to(tl.int32)
+            ow -= carry * OW
+            oh += step_oh + carry
+            carry = (oh >= OH).to(tl.int32)
+            oh -= carry * OH
+            image_row += (step_n + carry) * H
     if STRIDED_OUT:
         out = (
             weight_grad_ptr
@@ -609,7 +618,9 @@ def _pnnh_conv_dgrad_kernel(
         g_rows = ((image + ih) * OW + iw) * C_out
     tap = pid_m * 0
     chunk = pid_m * 0
-    for _ in range(0, KH * KW * c_chunks):
+    for step in range(0, KH * KW * c_chunks):
+        if KH * KW == 1:  # one tap: the step is the chunk (nothing carried; it spilled on sm_80)
+            chunk = step
         c0 = chunk * BLOCK_K
         kh = tap // KW
         kw = tap % KW
@@ -650,10 +661,11 @@ def _pnnh_conv_dgrad_kernel(
             other=0.0,
         )
         acc = _mma(g.to(b.dtype), b, acc, INPUT_PRECISION, UPCAST_DOT)
-        chunk += 1
-        next_tap = chunk == c_chunks
-        chunk = tl.where(next_tap, 0, chunk)
-        tap += next_tap.to(tl.int32)
+        if KH * KW > 1:
+            chunk += 1
+            next_tap = chunk == c_chunks
+            chunk = tl.where(next_tap, 0, chunk)
+            tap += next_tap.to(tl.int32)
     if HAS_CODER:
         on_grid = mask_m & (ih % stride_h == 0) & (iw % stride_w == 0)
         row_s = (image + ih // stride_h) * OW + iw // stride_w

@@ -60,6 +60,7 @@ from pnnh_kernels.triton.pnnh_conv_config import (
     reduce_block_k,
     tuned_or_fixed,
     upcast_dot,
+    wgrad_fill_splits,
     wgrad_split_rows,
     wgrad_splits,
     wgrad_tiles,
@@ -454,6 +455,7 @@ def _wgrad_plan(
     splits = wgrad_splits(config, m, block_m, tiles, device)
     if config.wgrad_splits is None:  # an explicit count (tests) is taken as it is
         splits = capped_wgrad_splits(splits, gradient_bytes, taps, c_x, c_g)
+        splits = wgrad_fill_splits(splits, m, block_m, tiles, device)
     splits, m_per_split = wgrad_split_rows(m, block_m, splits)
     strided_out = out_layout is not None and splits == 1
     out_strides = tuple(out_layout[1]) if out_layout is not None else (0, 0, 0, 0)
@@ -467,6 +469,10 @@ def _wgrad_plan(
         KW=kernel[1],
         RELU=relu,
         STRIDED_OUT=strided_out,
+        DIRECT_ROWS=kernel == (1, 1)
+        and geometry.stride == (1, 1)
+        and geometry.padding == (0, 0)
+        and (height, width) == tuple(out_hw),
         INPUT_PRECISION=precision,
         UPCAST_DOT=upcast_dot(dtype),
         BLOCK_X=block_x,

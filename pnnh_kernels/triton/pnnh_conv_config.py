@@ -163,15 +163,44 @@ def wgrad_splits(config: ConvConfig, m: int, block_m: int, tiles: int, device: t
     still reducing at least 8 blocks of pixels), and 1 elsewhere."""
     if config.wgrad_splits is not None:
         return config.wgrad_splits
-    if device.type == "meta":  # a ledger on meta tensors: the card it models
-        multiprocessors = modelled_multiprocessors()
-    elif device.type == "cuda":
-        multiprocessors = _multiprocessors(device.index)
-    elif STUB_MULTIPROCESSORS is not None:
-        multiprocessors = STUB_MULTIPROCESSORS
-    else:
+    multiprocessors = _launch_multiprocessors(device)
+    if multiprocessors is None:
         return 1
     return wgrad_split_target(m, block_m, tiles, multiprocessors)
+
+
+def wgrad_fill_splits(splits: int, m: int, block_m: int, tiles: int, device: torch.device) -> int:
+    """``splits`` (already capped by the partials' traffic), raised to the fewest splits that give
+    every multiprocessor one of the programs where that costs the busiest multiprocessor no more
+    steps: a grid smaller than the GPU leaves part of it idle for the whole reduction (256 x 256
+    channels at 8 x 8: 72 programs of 256 steps on 132 multiprocessors; two splits run two programs
+    of 128 steps side by side on the busy ones, and fill the idle ones)."""
+    multiprocessors = _launch_multiprocessors(device)
+    if multiprocessors is None:
+        return splits
+    return wgrad_fill_target(splits, m, block_m, tiles, multiprocessors)
+
+
+def wgrad_fill_target(splits: int, m: int, block_m: int, tiles: int, multiprocessors: int) -> int:
+    """:func:`wgrad_fill_splits` for a card of ``multiprocessors`` (the static model's report sizes
+    the launch with it too)."""
+    fill = min(wgrad_split_target(m, block_m, tiles, multiprocessors), cdiv(multiprocessors, tiles))
+    if fill <= splits:
+        return splits
+
+    def busiest(count: int) -> int:  # programs on the busiest multiprocessor x steps of each
+        return cdiv(tiles * count, multiprocessors) * cdiv(cdiv(m, count), block_m)
+
+    return fill if busiest(fill) <= busiest(splits) else splits
+
+
+def _launch_multiprocessors(device: torch.device) -> Optional[int]:
+    """The multiprocessors a launch on ``device`` fills (None: CPU tensors, not split)."""
+    if device.type == "meta":  # a ledger on meta tensors: the card it models
+        return modelled_multiprocessors()
+    if device.type == "cuda":
+        return _multiprocessors(device.index)
+    return STUB_MULTIPROCESSORS
 
 
 def wgrad_split_target(m: int, block_m: int, tiles: int, multiprocessors: int) -> int:

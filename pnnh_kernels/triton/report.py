@@ -53,6 +53,7 @@ from pnnh_kernels.triton.pnnh_conv_config import (
     code_in_main_loop,
     reduce_block_k,
     tuning_configs,
+    wgrad_fill_target,
     wgrad_split_rows,
     wgrad_split_target,
     wgrad_tiles,
@@ -385,6 +386,9 @@ def _add_backward_passes(
             extra.update(stride_h=1, stride_w=1)
         if kernel == 1:
             extra.update(pad_h=0, pad_w=0, dil_h=1, dil_w=1)
+        stride = extra.get("stride_h", shape.stride)
+        pad = extra.get("pad_h", shape.padding)
+        wgrad["DIRECT_ROWS"] = kernel == 1 and stride == 1 and pad == 0 and (height, width) == (oh, ow)
         add(label, kernels._conv_wgrad_kernel, wgrad, config.num_warps, config.num_stages,
             **extra)  # fmt: skip
 
@@ -477,6 +481,7 @@ def model_launch(
         reads = 1 + c["RELU"]  # dy (or dz), and y where read
         splits = wgrad_split_target(pixels, c["BLOCK_M"], tiles, 132)
         splits = capped_wgrad_splits(splits, pixels * c_g * size * reads, taps, c_x, c_g)
+        splits = wgrad_fill_target(splits, pixels, c["BLOCK_M"], tiles, 132)
         splits, _ = wgrad_split_rows(pixels, c["BLOCK_M"], splits)
         ctas = tiles * splits
         flops = 2.0 * pixels * taps * c_x * c_g
