@@ -209,6 +209,8 @@ def test_the_ledger_shows_the_modelled_mainloop_times():
         "_pnnh_conv_fwd_kernel (statistics)", "_pnnh_conv_dgrad_kernel", "_conv_wgrad_kernel",
     }  # fmt: skip
     assert all(1 < value < 10_000 for value in labelled.values())
+    (step,) = [line for line in result.stdout.splitlines() if line.startswith("modelled step, H200")]
+    assert "not measured" in step and "the cuDNN ResNet layer's kernels measured 440.6 us" in step
 
 
 @pytest.mark.skipif(not _history_has_the_measured_commit(), reason="a clone without git history")
@@ -249,3 +251,49 @@ def test_the_weight_gradient_fills_the_gpu_where_that_costs_the_busiest_multipro
     assert wgrad_fill_target(1, 16384, 64, 72, 132) == 2
     assert wgrad_fill_target(7, 65536, 64, 18, 132) == 7
     assert wgrad_fill_target(1, 4096, 64, 288, 132) == 1  # already more programs than multiprocessors
+
+
+# The modelled training step (issue #23): a PNNH layer's Triton step on an H200, its convolution
+# mainloops at the static model's time and every other launch at its roofline, over the cuDNN ResNet
+# layer's kernels as Nsight Compute measured them on an H200 (2026-11-28). The issue's target is
+# 0.8x at every stage; today's kernels are modelled at 0.85 / 0.90 / 1.09 / 1.06x (the kernels of
+# 743f8f9, before the mainloops' integer work was cut and the weight gradient filled the GPU: 0.88 /
+# 0.94 / 1.32 / 1.12x, which this ratchet fails). The bounds hold today's values with 0.02 of room: a
+# change that makes the modelled step slower fails here, and one that makes it faster lowers them.
+MODELLED_STEP_RATCHET = {"64x32x32": 0.87, "128x16x16": 0.92, "256x8x8": 1.11, "512x4x4": 1.08}
+MODELLED_STEP_TARGET = 0.8
+
+_MODELLED_STEP = r"""
+import json
+from pnnh_kernels.commands.ledger import CIFAR_STAGES, _modelled
+from pnnh_kernels.ledger import CARDS, step_ledger
+from pnnh_kernels.mainloop.calibration import cudnn_layer_seconds
+
+cudnn = cudnn_layer_seconds()
+ratios = {}
+for channels, size in CIFAR_STAGES:
+    ledger = step_ledger("pnnh-layer", 256, channels, size, backend="triton", dtype="bf16")
+    seconds = ledger.modelled_seconds(CARDS["H200"], _modelled(256, channels, size, "bf16", True))
+    ratios[f"{channels}x{size}x{size}"] = seconds / cudnn[channels]
+print(json.dumps(ratios))
+"""
+
+
+@pytest.mark.skipif(not sass.cuobjdump().exists(), reason="triton's cuobjdump is not installed")
+def test_the_modelled_training_step_holds_its_ratchet_against_the_cudnn_layer():
+    environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, "-c", _MODELLED_STEP], check=True, capture_output=True, text=True,
+        env=environment,
+    )  # fmt: skip
+    ratios = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(ratios) == set(MODELLED_STEP_RATCHET)
+    over = {stage: round(r, 3) for stage, r in ratios.items() if r > MODELLED_STEP_RATCHET[stage]}
+    assert not over, f"modelled step over its ratchet (x the cuDNN layer): {over}"
+    # Where the issue's target stands (not asserted: no stage meets it yet).
+    print({stage: f"{r:.2f}x (target {MODELLED_STEP_TARGET}x)" for stage, r in ratios.items()})
+
+
+def test_the_cudnn_layer_is_summed_from_its_nsight_kernels():
+    sums = calibration.cudnn_layer_seconds()
+    assert {c: round(s * 1e6) for c, s in sums.items()} == {64: 441, 128: 282, 256: 216, 512: 208}

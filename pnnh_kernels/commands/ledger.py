@@ -71,6 +71,26 @@ def _modelled(batch: int, channels: int, size: int, dtype: str, training: bool) 
     return report.modelled_mainloops(shape, DTYPES[dtype], training)
 
 
+def _modelled_step_line(ledger, modelled: dict[str, float], dtype: str, training: bool) -> str:
+    """The step's modelled H200 time, and where Nsight measured the cuDNN layer of the same shape
+    (batch 256, bf16, training BatchNorm, the CIFAR stages) that time beside it."""
+    from pnnh_kernels.mainloop.calibration import cudnn_layer_seconds
+
+    seconds = ledger.modelled_seconds(CARDS["H200"], modelled)
+    line = (
+        f"modelled step, H200: {seconds * 1e6:.1f} us (the convolution mainloops at the static "
+        "model's time, every other launch at its roofline; not measured)"
+    )
+    stage = (ledger.channels, ledger.size)
+    if ledger.batch == 256 and dtype == "bf16" and training and stage in CIFAR_STAGES:
+        cudnn = cudnn_layer_seconds()[ledger.channels]
+        line += (
+            f"; the cuDNN ResNet layer's kernels measured {cudnn * 1e6:.1f} us (H200, Nsight "
+            f"Compute, 2026-11-28): {seconds / cudnn:.2f}x"
+        )
+    return line
+
+
 def _countable(args: argparse.Namespace) -> list[str]:
     """The requested backends this installation can count. One it lacks (triton, where triton is not
     installed) is left out with a line on stderr saying what to install, and the rest are counted:
@@ -114,4 +134,6 @@ def run(args: argparse.Namespace) -> None:
                 if args.model and ledger.label.startswith("pnnh") and "[triton]" in ledger.label:
                     modelled = _modelled(batch, channels, size, args.dtype, not args.eval)
                 print(format_ledger(ledger, args.cards[0], modelled))
+                if modelled is not None:
+                    print(_modelled_step_line(ledger, modelled, args.dtype, not args.eval) + "\n")
         print(format_comparison(ledgers, baseline, args.cards))

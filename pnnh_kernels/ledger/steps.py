@@ -4,6 +4,7 @@ build them (bias-free convolutions, BatchNorm, channels_last, the default coder)
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +68,20 @@ class StepLedger:
         launch overhead, no overlap between launches)."""
         bits = torch.finfo(self.dtype).bits
         return sum(card.seconds(launch.bytes, launch.flops, bits) for launch in self.launches)
+
+    def modelled_seconds(self, card: Card, mainloops: Mapping[str, float]) -> float:
+        """The step with its convolution mainloops at the static mainloop model's time
+        (``mainloops``: seconds by launch name, as ``pnnh ledger --model`` takes them; a name
+        launched more than once keeps its roofline) and every other launch at its roofline on
+        ``card``: modelled, a floor for the launches the model does not read."""
+        bits = torch.finfo(self.dtype).bits
+        names = [launch.name for launch in self.launches]
+        return sum(
+            mainloops[launch.name]
+            if launch.name in mainloops and names.count(launch.name) == 1
+            else card.seconds(launch.bytes, launch.flops, bits)
+            for launch in self.launches
+        )
 
 
 def backend_unavailable_reason(backend: str, dtype: torch.dtype) -> str | None:

@@ -507,6 +507,24 @@ def cudnn_kernels() -> list[CudnnKernel]:
     return found
 
 
+def cudnn_layer_seconds() -> dict[int, float]:
+    """The cuDNN ResNet layer's training step on the H200, by stage (channels): the sum of every
+    kernel Nsight Compute timed between two stage markers (its 19-20 kernels, caches flushed)."""
+    path = MEASUREMENTS / "ncu_cudnn.csv.gz"
+    sums: dict[int, float] = {}
+    stage = -1
+    for entry in _kernel_rows(path):
+        if "spin_kernel" in entry["name"]:
+            stage += 1
+            continue
+        if stage >= 0:
+            channels = STAGES[stage][0]
+            sums[channels] = sums.get(channels, 0.0) + entry["gpu__time_duration.sum"]
+    if sorted(sums) != sorted(c for c, _ in STAGES):
+        raise ValueError(f"{path}: expected one marked step per stage")
+    return sums
+
+
 def format_cudnn_table(kernels: list[CudnnKernel], constants: Constants = CALIBRATED) -> str:
     lines = [
         "| kernel | shape | tile | measured (µs) | TFLOP/s | tile loads (MB) | L2 rate they imply "

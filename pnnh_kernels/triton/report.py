@@ -522,10 +522,13 @@ _LEDGER_VARIANTS = {
 }
 
 
-def modelled_mainloops(shape: LayerShape, dtype: torch.dtype, training: bool) -> dict[str, float]:
+def modelled_mainloops(
+    shape: LayerShape, dtype: torch.dtype, training: bool, latency_reading: bool = False
+) -> dict[str, float]:
     """The static model's H200 time (seconds; modelled) of a PNNH layer's convolution mainloops at
     ``shape``, by the ledger's launch names (``pnnh ledger --model``): the launchers' default tiles,
-    sm_90. The learner's weight gradient only (the coder's 1x1 ones share its ledger name)."""
+    sm_90. The learner's weight gradient only (the coder's 1x1 ones share its ledger name).
+    ``latency_reading``: under model.LATENCY_READING instead of the calibrated constants."""
     wanted = _LEDGER_VARIANTS[training]
     by_variant = {variant: name for name, variant in wanted.items()}
     chosen: dict[str, Launch] = {}
@@ -535,8 +538,9 @@ def modelled_mainloops(shape: LayerShape, dtype: torch.dtype, training: bool) ->
     times: dict[str, float] = {}
     for variant, launch in chosen.items():
         row = _compile_row((launch, TRITON_TYPES[dtype], "sm_90", True))
-        if row.modelled_us is not None:
-            times[by_variant[variant]] = row.modelled_us * 1e-6
+        modelled_us = row.latency_reading_us if latency_reading else row.modelled_us
+        if modelled_us is not None:
+            times[by_variant[variant]] = modelled_us * 1e-6
     return times
 
 
