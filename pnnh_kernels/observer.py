@@ -29,8 +29,10 @@ class Declared(NamedTuple):
 
 
 class Observer(Protocol):
-    # The card a recording on meta tensors models (its multiprocessors size split reductions).
+    # The card a recording on meta tensors models (its multiprocessors size split reductions, its
+    # compute capability picks the tiles).
     modelled_multiprocessors: int
+    modelled_capability: tuple[int, int]
 
     def observe_launch(
         self, name: str, kind: str, run: Callable[[], Any], declared: Declared
@@ -67,6 +69,15 @@ def modelled_multiprocessors() -> int:
             "meta tensors reach a kernel launch only under pnnh_kernels.ledger.recording()"
         )
     return observer.modelled_multiprocessors
+
+
+def modelled_capability() -> tuple[int, int]:
+    """The compute capability of the card an observer models (see modelled_multiprocessors)."""
+    if observer is None:
+        raise RuntimeError(
+            "meta tensors reach a kernel launch only under pnnh_kernels.ledger.recording()"
+        )
+    return observer.modelled_capability
 
 
 @contextlib.contextmanager

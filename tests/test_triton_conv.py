@@ -54,6 +54,37 @@ def test_chunked_paths_with_small_tiles(case):
     check_case(case, config=SMALL_TILES)
 
 
+# sm_90's wide output tiles (pnnh_conv_config.wide_tiles) with the interpreter's small pixel tiles:
+# every launch takes 256-wide channel tiles (masked down to these channel counts) except the input
+# gradient with a ReLU mask or a stride, which narrows to 128 (narrow_input_gradient).
+WIDE_TILES = ConvConfig(block_m=16, block_n=256, block_k=16, block_b=16, num_warps=1, num_stages=1)
+
+
+@pytest.mark.parametrize(
+    "case", [Case(2, 20, 24, 10, 3, 1, 1, 5, 6), Case(1, 17, 33, 8, 3, 2, 1, 7, 5)], ids=str
+)
+def test_wide_channel_tiles(case):
+    check_case(case, config=WIDE_TILES)
+
+
+def test_wide_channel_tiles_with_training_batchnorm():
+    check_training_case(TRAINING_CASES[0], WIDE_TILES)
+
+
+def test_wide_tiles_only_on_sm90_where_the_grid_fills_the_gpu():
+    from pnnh_kernels.triton.pnnh_conv_config import narrow_input_gradient, wide_tiles
+
+    hopper, ampere = ((9, 0), 132), ((8, 0), 108)
+    assert wide_tiles(256, 256, torch.bfloat16, 256 * 8 * 8, *hopper)  # 128 tiles >= 0.75 x 132
+    assert not wide_tiles(512, 512, torch.bfloat16, 256 * 4 * 4, *hopper)  # 64 tiles
+    assert not wide_tiles(256, 256, torch.bfloat16, 256 * 8 * 8, *ampere)  # spilled on sm_80
+    assert not wide_tiles(256, 256, torch.float32, 256 * 8 * 8, *hopper)
+    assert not wide_tiles(128, 256, torch.bfloat16, 256 * 16 * 16, *hopper)  # the input gradient's N
+    assert narrow_input_gradient(WIDE_TILES, relu=True, unit_stride=True).block_n == 128
+    assert narrow_input_gradient(WIDE_TILES, relu=False, unit_stride=False).block_n == 128
+    assert narrow_input_gradient(WIDE_TILES, relu=False, unit_stride=True).block_n == 256
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize(
     "case",

@@ -19,6 +19,7 @@ class Card:
     flops_16bit: float  # dense bf16/fp16 tensor-core FLOP/s
     flops_32bit: float  # fp32 FLOP/s without tensor cores (fp32 convolutions may use TF32 instead)
     multiprocessors: int
+    capability: tuple[int, int]  # the compute capability its kernels compile for
 
     def seconds(self, bytes_moved: float, flops: float, dtype_bits: int = 16) -> float:
         """The roofline time of one launch: the larger of its memory and its arithmetic time."""
@@ -27,9 +28,9 @@ class Card:
 
 
 CARDS = {
-    "H100": Card("H100 SXM", 3.35e12, 989e12, 67e12, 132),
-    "A100": Card("A100 SXM 80GB", 2.039e12, 312e12, 19.5e12, 108),
-    "H200": Card("H200 SXM", 4.8e12, 989e12, 67e12, 132),
+    "H100": Card("H100 SXM", 3.35e12, 989e12, 67e12, 132, (9, 0)),
+    "A100": Card("A100 SXM 80GB", 2.039e12, 312e12, 19.5e12, 108, (8, 0)),
+    "H200": Card("H200 SXM", 4.8e12, 989e12, 67e12, 132, (9, 0)),
 }
 DEFAULT_CARDS = ("H100", "A100")
 # The card whose size the launchers assume when a ledger runs on meta tensors (where a launcher

@@ -77,6 +77,7 @@ class Recorder:
 
     def __init__(self, instrument: bool) -> None:
         self.modelled_multiprocessors = MODELLED_CARD.multiprocessors
+        self.modelled_capability = MODELLED_CARD.capability
         self.instrument = instrument
         self.launches: list[Launch] = []
         self.instrumented: list[InstrumentedLaunch] = []

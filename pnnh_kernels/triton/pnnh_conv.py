@@ -57,6 +57,7 @@ from pnnh_kernels.triton.pnnh_conv_config import (
     grid_of,
     input_precision,
     launch_options,
+    narrow_input_gradient,
     reduce_block_k,
     tuned_or_fixed,
     upcast_dot,
@@ -222,7 +223,7 @@ def conv_forward(
     if n * oh * ow == 0:
         return y
     c_b = 0 if encoder_weight is None else encoder_weight.shape[0]
-    config = choose_config(c_in, c_out, c_b, x.dtype)
+    config = choose_config(c_in, c_out, c_b, x.dtype, n * oh * ow, x.device)
     _launch_forward(
         x, weight, scale, shift, encoder_weight, encoder_bias, decoder_weight, geometry, relu,
         y=y, config=config,
@@ -256,7 +257,7 @@ def conv_forward_train(
     oh, ow = geometry.output_size(height, width)
     m = n * oh * ow
     c_b = 0 if encoder_weight is None else encoder_weight.shape[0]
-    config = choose_config(c_in, c_out, c_b, x.dtype)
+    config = choose_config(c_in, c_out, c_b, x.dtype, m, x.device)
     z = image_buffer((n, c_out, oh, ow), x.dtype, x.device)
     tiles = cdiv(m, config.block_m)
     # One allocation for the two per-tile partials (each allocation is a host cost of its own).
@@ -635,6 +636,7 @@ def _input_grad(
     """dX [N, C_in, H, W] (channels_last memory) of both paths (``_pnnh_conv_dgrad_kernel``): the
     learner's transposed convolution of ``learner`` (masked by ``y_image > 0`` and scaled when
     given; training BatchNorm's dz as it is) and the coder's ``dpre @ W_E``."""
+    config = narrow_input_gradient(config, y_image is not None, geometry.stride == (1, 1))
     n, c_in, height, width = input_shape
     c_out, _, kh, kw = weight.shape
     oh, ow = learner.shape[2], learner.shape[3]
@@ -741,7 +743,7 @@ def conv_backward(
     c_out, _, kh, kw = weight.shape
     oh, ow = y.shape[2], y.shape[3]
     c_b = 0 if encoder_weight is None else encoder_weight.shape[0]
-    config = choose_config(c_in, c_out, c_b, x.dtype)
+    config = choose_config(c_in, c_out, c_b, x.dtype, x.shape[0] * oh * ow, x.device)
     x_image, y_image = channels_last(x), channels_last(y)
     dy_image = channels_last(in_dtype(grad_output, x.dtype))
     mask = y_image if relu else None
@@ -860,7 +862,7 @@ def conv_backward_train(
     oh, ow = y.shape[2], y.shape[3]
     m = n * oh * ow
     c_b = 0 if encoder_weight is None else encoder_weight.shape[0]
-    config = choose_config(c_in, c_out, c_b, x.dtype)
+    config = choose_config(c_in, c_out, c_b, x.dtype, m, x.device)
     x_image, y_image, z_image = channels_last(x), channels_last(y), channels_last(z)
     dy_image = channels_last(in_dtype(grad_output, x.dtype))
     mask = y_image if relu else None

@@ -31,7 +31,7 @@ import re
 import sys
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -51,12 +51,14 @@ from pnnh_kernels.triton.pnnh_conv_config import (
     cdiv,
     choose_config,
     code_in_main_loop,
+    narrow_input_gradient,
     reduce_block_k,
     tuning_configs,
     wgrad_fill_target,
     wgrad_split_rows,
     wgrad_split_target,
     wgrad_tiles,
+    wide_tiles,
 )
 
 TARGETS = {"sm_80": GPUTarget("cuda", 80, 32), "sm_90": GPUTarget("cuda", 90, 32)}
@@ -239,21 +241,31 @@ def _int_arguments(fn: Any, constexprs: dict[str, Any]) -> list[str]:
     return [name for name in fn.arg_names if name not in constexprs and not name.endswith("_ptr")]
 
 
-def _config(shape: LayerShape, dtype: torch.dtype) -> ConvConfig:
+# The card of each target whose size the launchers' tile choices assume (an H100/H200 for sm_90).
+_TARGET_CARD = {"sm_80": ((8, 0), 108), "sm_90": ((9, 0), 132)}
+
+
+def _config(shape: LayerShape, dtype: torch.dtype, target: str) -> ConvConfig:
     from pnnh_kernels.triton import availability as triton_backend
 
     # The GPU configuration, not the interpreter's.
     previous, triton_backend._INTERPRETER = triton_backend._INTERPRETER, False
     try:
-        return choose_config(shape.c_in, shape.c_out, shape.code_channels, dtype)
+        config = choose_config(shape.c_in, shape.c_out, shape.code_channels, dtype)
     finally:
         triton_backend._INTERPRETER = previous
+    oh, ow = shape.output_size()
+    capability, multiprocessors = _TARGET_CARD[target]
+    if wide_tiles(shape.c_in, shape.c_out, dtype, shape.n * oh * ow, capability, multiprocessors):
+        config = replace(config, block_n=256)  # as choose_config gives a launch on that card
+    return config
 
 
-def launches(shape: LayerShape, dtype: torch.dtype) -> list[Launch]:
+def launches(shape: LayerShape, dtype: torch.dtype, target: str = "sm_80") -> list[Launch]:
     """Every launch of a training step and an eval forward of ``shape`` in ``dtype``, with the
-    launchers' tile choices (pnnh_kernels.triton.pnnh_conv) and every autotune candidate."""
-    config = _config(shape, dtype)
+    launchers' tile choices (pnnh_kernels.triton.pnnh_conv) on a card of ``target`` and every
+    autotune candidate."""
+    config = _config(shape, dtype, target)
     c_b = shape.code_channels
     has_coder = c_b > 0
     oh, ow = shape.output_size()
@@ -334,7 +346,9 @@ def launches(shape: LayerShape, dtype: torch.dtype) -> list[Launch]:
     # Input gradient: eval mode (scale folded, ReLU mask), training mode (BatchNorm's dz as it is:
     # no mask, no scale), and a layer without an output ReLU.
     for has_scale, relu in ((True, True), (False, False), (True, False)):
-        for tiles, warps, stages in candidates():
+        dgrad_config = narrow_input_gradient(config, relu, shape.stride == 1)
+        for candidate in tuning_configs(dgrad_config, dtype):
+            tiles, warps, stages = dict(candidate.kwargs), candidate.num_warps, candidate.num_stages
             dgrad = {"KH": shape.kernel, "KW": shape.kernel, "HAS_SCALE": has_scale,
                      "HAS_CODER": has_coder, "RELU": relu, "UNIT_STRIDE": shape.stride == 1,
                      **tiles}  # fmt: skip
@@ -532,7 +546,7 @@ def modelled_mainloops(
     wanted = _LEDGER_VARIANTS[training]
     by_variant = {variant: name for name, variant in wanted.items()}
     chosen: dict[str, Launch] = {}
-    for launch in launches(shape, dtype):
+    for launch in launches(shape, dtype, "sm_90"):
         if launch.name in by_variant and launch.name not in chosen:
             chosen[launch.name] = launch
     times: dict[str, float] = {}
@@ -610,10 +624,10 @@ def report_rows(
     used_by: dict[tuple, list[str]] = {}
     for dtype_name in dtype_names:
         for shape in shapes:
-            for launch in launches(shape, DTYPES[dtype_name]):
-                if only is not None and not re.search(only, launch.name):
-                    continue
-                for target in targets:
+            for target in targets:
+                for launch in launches(shape, DTYPES[dtype_name], target):
+                    if only is not None and not re.search(only, launch.name):
+                        continue
                     key = (*launch.compile_key(DTYPES[dtype_name]), target)
                     if with_model and target == "sm_90":  # the model reads the grid: per shape
                         key = (*key, str(shape))
