@@ -257,11 +257,11 @@ def test_the_weight_gradient_fills_the_gpu_where_that_costs_the_busiest_multipro
 # The modelled training step (issue #23): a PNNH layer's Triton step on an H200, its convolution
 # mainloops at the static model's time and every other launch at its roofline, over the cuDNN ResNet
 # layer's kernels as Nsight Compute measured them on an H200 (2026-11-28). The issue's target is
-# 0.8x at every stage; today's kernels are modelled at 0.85 / 0.90 / 0.97 / 1.06x (the kernels of
+# 0.8x at every stage; today's kernels are modelled at 0.85 / 0.79 / 0.83 / 0.97x (the kernels of
 # 743f8f9, before the mainloops' integer work was cut and the weight gradient filled the GPU: 0.88 /
 # 0.94 / 1.32 / 1.12x, which this ratchet fails). The bounds hold today's values with 0.02 of room: a
 # change that makes the modelled step slower fails here, and one that makes it faster lowers them.
-MODELLED_STEP_RATCHET = {"64x32x32": 0.87, "128x16x16": 0.92, "256x8x8": 0.99, "512x4x4": 1.08}
+MODELLED_STEP_RATCHET = {"64x32x32": 0.87, "128x16x16": 0.81, "256x8x8": 0.85, "512x4x4": 0.99}
 MODELLED_STEP_TARGET = 0.8
 
 _MODELLED_STEP = r"""

@@ -54,10 +54,13 @@ def test_chunked_paths_with_small_tiles(case):
     check_case(case, config=SMALL_TILES)
 
 
-# sm_90's wide output tiles (pnnh_conv_config.wide_tiles) with the interpreter's small pixel tiles:
-# every launch takes 256-wide channel tiles (masked down to these channel counts) except the input
-# gradient with a ReLU mask or a stride, which narrows to 128 (narrow_input_gradient).
-WIDE_TILES = ConvConfig(block_m=16, block_n=256, block_k=16, block_b=16, num_warps=1, num_stages=1)
+# sm_90's wide tiles (pnnh_conv_config.wide_tiles, wgrad_image_tile) with the interpreter's small
+# pixel tiles: every launch takes 256-wide channel tiles (masked down to these channel counts) except
+# the input gradient with a ReLU mask or a stride, which narrows to 128 (narrow_input_gradient), and
+# the weight gradient 128 x 128 channel tiles.
+WIDE_TILES = ConvConfig(
+    block_m=16, block_n=256, block_k=16, block_b=16, num_warps=1, num_stages=1, wgrad_image_tile=128
+)
 
 
 @pytest.mark.parametrize(
@@ -83,6 +86,17 @@ def test_wide_tiles_only_on_sm90_where_the_grid_fills_the_gpu():
     assert narrow_input_gradient(WIDE_TILES, relu=True, unit_stride=True).block_n == 128
     assert narrow_input_gradient(WIDE_TILES, relu=False, unit_stride=False).block_n == 128
     assert narrow_input_gradient(WIDE_TILES, relu=False, unit_stride=True).block_n == 256
+
+    from pnnh_kernels.triton.pnnh_conv_config import config_for_card, wgrad_tiles
+
+    # sm_90 in 16-bit: 128-wide image tiles in the weight gradient, the statistics pass capped at 128
+    # registers where its tiles are 128 x 128; sm_80 neither.
+    hopper_config = config_for_card(128, 128, 64, torch.bfloat16, 256 * 16 * 16, *hopper)
+    ampere_config = config_for_card(128, 128, 64, torch.bfloat16, 256 * 16 * 16, *ampere)
+    assert wgrad_tiles(hopper_config, 128, 128, torch.bfloat16, False).block_x == 128
+    assert wgrad_tiles(ampere_config, 128, 128, torch.bfloat16, False).block_x == 64
+    assert hopper_config.statistics_max_registers == 128
+    assert ampere_config.statistics_max_registers is None
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)

@@ -59,6 +59,7 @@ from pnnh_kernels.triton.pnnh_conv_config import (
     launch_options,
     narrow_input_gradient,
     reduce_block_k,
+    statistics_launch_options,
     tuned_or_fixed,
     upcast_dot,
     wgrad_fill_splits,
@@ -89,7 +90,7 @@ def _forward_site(
     m = n * oh * ow
     if write_stats:  # the partial buffers have one row per BLOCK_M tile: no autotuning of BLOCK_M
         tiles = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k}
-        kernel, tiles = _pnnh_conv_fwd_kernel, {**tiles, **launch_options(config)}
+        kernel, tiles = _pnnh_conv_fwd_kernel, {**tiles, **statistics_launch_options(config)}
         grid: Any = (cdiv(m, config.block_m), cdiv(c_out, config.block_n))
     else:
         kernel, tiles = tuned_or_fixed(_pnnh_conv_fwd_kernel, config, dtype)

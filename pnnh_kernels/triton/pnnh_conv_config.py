@@ -32,6 +32,10 @@ class ConvConfig:
     num_warps: int = 4
     num_stages: int = 2
     wgrad_splits: Optional[int] = None  # None: chosen from the GPU's size (see wgrad_splits)
+    # The forward statistics pass's register cap (Triton's maxnreg), None: the compiler's choice.
+    statistics_max_registers: Optional[int] = None
+    # The weight gradient's image-channel tile is at most this (see wgrad_tiles).
+    wgrad_image_tile: int = 64
 
 
 # One large-block configuration for the CPU interpreter: it runs one Python program per tile, so
@@ -83,7 +87,32 @@ def choose_config(
         return _forced_config
     if interpreter_enabled():
         return INTERPRETER_CONFIG
-    return _gpu_config(c_in, c_out, c_b, dtype, _launch_wide_tiles(c_in, c_out, dtype, pixels, device))
+    return _launch_config(c_in, c_out, c_b, dtype, pixels, device)
+
+
+def config_for_card(
+    c_in: int,
+    c_out: int,
+    c_b: int,
+    dtype: torch.dtype,
+    pixels: int,
+    capability: tuple[int, int],
+    multiprocessors: int,
+) -> ConvConfig:
+    """The GPU configuration of a layer on a card (the ahead-of-time report asks per target)."""
+    wide = wide_tiles(c_in, c_out, dtype, pixels, capability, multiprocessors)
+    return _gpu_config(c_in, c_out, c_b, dtype, capability[0] == 9, wide)
+
+
+@functools.lru_cache(maxsize=4096)  # the launchers ask on every call; a pure function of its key
+def _launch_config(
+    c_in: int, c_out: int, c_b: int, dtype: torch.dtype, pixels: int, device: Optional[torch.device]
+) -> ConvConfig:
+    capability = None if device is None else _launch_capability(device)
+    multiprocessors = None if device is None else _launch_multiprocessors(device)
+    if capability is None or multiprocessors is None:
+        return _gpu_config(c_in, c_out, c_b, dtype)  # the tiles every card runs
+    return config_for_card(c_in, c_out, c_b, dtype, pixels, capability, multiprocessors)
 
 
 # 128 x 256 tiles (8 warps, 147 KB of shared memory at 3 stages) load 85 FLOP per byte where
@@ -112,19 +141,6 @@ def wide_tiles(
     return cdiv(pixels, 128) * cdiv(c_out, 256) >= WIDE_TILE_FILL * multiprocessors
 
 
-@functools.lru_cache(maxsize=4096)  # the launchers ask on every call; a pure function of its key
-def _launch_wide_tiles(
-    c_in: int, c_out: int, dtype: torch.dtype, pixels: int, device: Optional[torch.device]
-) -> bool:
-    if device is None or min(c_in, c_out) < 256:
-        return False
-    capability = _launch_capability(device)
-    multiprocessors = _launch_multiprocessors(device)
-    if capability is None or multiprocessors is None:
-        return False
-    return wide_tiles(c_in, c_out, dtype, pixels, capability, multiprocessors)
-
-
 def narrow_input_gradient(config: ConvConfig, relu: bool, unit_stride: bool) -> ConvConfig:
     """The input gradient keeps 128-wide tiles with a ReLU mask or a stride: wide ones spilled on
     sm_90 there (24 bytes with the mask, 32 in a stride-2 layer's general path)."""
@@ -134,14 +150,21 @@ def narrow_input_gradient(config: ConvConfig, relu: bool, unit_stride: bool) -> 
 
 
 @functools.lru_cache(maxsize=4096)  # the launchers ask on every call; a pure function of its key
-def _gpu_config(c_in: int, c_out: int, c_b: int, dtype: torch.dtype, wide: bool = False) -> ConvConfig:
+def _gpu_config(
+    c_in: int, c_out: int, c_b: int, dtype: torch.dtype, hopper: bool = False, wide: bool = False
+) -> ConvConfig:
     # GPU: bf16/fp16 tiles twice as deep as fp32 for the same shared memory per stage. In fp32 with
     # 64-wide output tiles the training-mode input gradient spilled 16 bytes on sm_80 (8 warps at
     # 128 registers) with 32-deep chunks and not with 16-deep ones.
     deep = 64 if dtype != torch.float32 else (32 if c_out > 64 else 16)
+    block_n = 256 if wide else block_size(c_out, 128)
+    # sm_90, 16-bit, 128 x 128 tiles: the forward statistics pass held to 128 registers, which lets
+    # two CTAs share a multiprocessor (at 128x128x16x16 it took 134: one CTA; capped, 124 and no
+    # spills, 11 more instructions per iteration; the model's latency reading 66 -> 46 us).
+    capped = hopper and torch.finfo(dtype).bits <= 16 and block_n == 128
     return ConvConfig(
         block_m=128,
-        block_n=256 if wide else block_size(c_out, 128),
+        block_n=block_n,
         block_k=block_size(c_in, deep),
         # Beside 128-wide output tiles the code is encoded in the epilogue (code_in_main_loop), in
         # 32-channel chunks: a 64-channel chunk in the main loop there spilled 112 bytes on sm_80.
@@ -149,6 +172,10 @@ def _gpu_config(c_in: int, c_out: int, c_b: int, dtype: torch.dtype, wide: bool 
         # 4 warps spilled (255 registers) on the 128-pixel tiles in the sm_90 compile report; 8 do not.
         num_warps=8,
         num_stages=3,
+        statistics_max_registers=128 if capped else None,
+        # sm_90, 16-bit: 128 x 128 channel tiles in the weight gradient (64 FLOP per byte loaded
+        # where 64 x 128 load 43; 128 registers on sm_90, no spills; on sm_80 they spilled).
+        wgrad_image_tile=128 if hopper and torch.finfo(dtype).bits <= 16 else 64,
     )
 
 
@@ -185,10 +212,11 @@ def wgrad_tiles(config: ConvConfig, c_x: int, c_g: int, dtype: torch.dtype, relu
     ``WGRAD_SHARED_MEMORY_BUDGET`` (at 128 x 128 channel tiles a 128-pixel step needed 256 KiB with
     the ReLU mask: more than any card has)."""
     # 128 x 128 channel tiles spilled on sm_80 (bf16: 16 bytes at 128 registers), and fp32 spilled
-    # at 64 x 128: the image tile stays at 64 channels, the gradient tile at 128 (bf16/fp16) or 64.
+    # at 64 x 128: the image tile stays at 64 channels (128 on sm_90 in 16-bit:
+    # config.wgrad_image_tile), the gradient tile at 128 (bf16/fp16) or 64.
     gradient_cap = 128 if torch.finfo(dtype).bits <= 16 else 64
     tiles = WgradTiles(
-        block_size(c_x, min(config.block_n, 64)),
+        block_size(c_x, min(config.block_n, config.wgrad_image_tile)),
         block_size(c_g, min(config.block_n, gradient_cap)),
         2 * config.block_k,
     )
@@ -227,11 +255,12 @@ def wgrad_splits(config: ConvConfig, m: int, block_m: int, tiles: int, device: t
 
 
 def wgrad_fill_splits(splits: int, m: int, block_m: int, tiles: int, device: torch.device) -> int:
-    """``splits`` (already capped by the partials' traffic), raised to the fewest splits that give
-    every multiprocessor one of the programs where that costs the busiest multiprocessor no more
-    steps: a grid smaller than the GPU leaves part of it idle for the whole reduction (256 x 256
-    channels at 8 x 8: 72 programs of 256 steps on 132 multiprocessors; two splits run two programs
-    of 128 steps side by side on the busy ones, and fill the idle ones)."""
+    """``splits`` (already capped by the partials' traffic), raised toward the fewest splits that
+    give every multiprocessor one of the programs, to the count that leaves the busiest
+    multiprocessor the fewest steps: a grid smaller than the GPU leaves part of it idle for the
+    whole reduction (256 x 256 channels at 8 x 8 in 64 x 128 tiles: 72 programs of 256 steps on 132
+    multiprocessors; two splits run two programs of 128 steps side by side on the busy ones, and
+    fill the idle ones)."""
     multiprocessors = _launch_multiprocessors(device)
     if multiprocessors is None:
         return splits
@@ -248,7 +277,9 @@ def wgrad_fill_target(splits: int, m: int, block_m: int, tiles: int, multiproces
     def busiest(count: int) -> int:  # programs on the busiest multiprocessor x steps of each
         return cdiv(tiles * count, multiprocessors) * cdiv(cdiv(m, count), block_m)
 
-    return fill if busiest(fill) <= busiest(splits) else splits
+    # The count up to the fill with the fewest steps on the busiest multiprocessor; on a tie the
+    # larger (more programs side by side, fewer idle multiprocessors).
+    return min(range(splits, fill + 1), key=lambda count: (busiest(count), -count))
 
 
 @functools.lru_cache(maxsize=16)
@@ -323,6 +354,14 @@ def launch_options(config: ConvConfig) -> dict[str, int]:
     if interpreter_enabled():
         return {}
     return {"num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
+def statistics_launch_options(config: ConvConfig) -> dict[str, int]:
+    """The forward statistics pass's launch options: the configuration's, and its register cap."""
+    options = launch_options(config)
+    if options and config.statistics_max_registers is not None:
+        options["maxnreg"] = config.statistics_max_registers
+    return options
 
 
 # Autotuning (GPU only). The first configuration is the shape's heuristic default (choose_config),

@@ -31,7 +31,7 @@ import re
 import sys
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -49,8 +49,8 @@ from pnnh_kernels.triton.pnnh_conv_config import (
     ConvConfig,
     block_size,
     cdiv,
-    choose_config,
     code_in_main_loop,
+    config_for_card,
     narrow_input_gradient,
     reduce_block_k,
     tuning_configs,
@@ -58,7 +58,6 @@ from pnnh_kernels.triton.pnnh_conv_config import (
     wgrad_split_rows,
     wgrad_split_target,
     wgrad_tiles,
-    wide_tiles,
 )
 
 TARGETS = {"sm_80": GPUTarget("cuda", 80, 32), "sm_90": GPUTarget("cuda", 90, 32)}
@@ -225,6 +224,7 @@ class Launch:
     ints: tuple[tuple[str, int], ...]
     num_warps: int
     num_stages: int
+    max_registers: Optional[int] = None  # Triton's maxnreg, where the launcher sets one
 
     @property
     def fn(self) -> Any:
@@ -234,7 +234,8 @@ class Launch:
         """Launches with equal keys compile to the same kernel: the same compile-time arguments and
         the same JIT specialisation of the runtime integers (which are 1, which multiples of 16)."""
         hints = tuple((name, value == 1, value % 16 == 0) for name, value in self.ints)
-        return (self.name, self.constexprs, hints, self.num_warps, self.num_stages, dtype)
+        return (self.name, self.constexprs, hints, self.num_warps, self.num_stages,
+                self.max_registers, dtype)  # fmt: skip
 
 
 def _int_arguments(fn: Any, constexprs: dict[str, Any]) -> list[str]:
@@ -246,19 +247,12 @@ _TARGET_CARD = {"sm_80": ((8, 0), 108), "sm_90": ((9, 0), 132)}
 
 
 def _config(shape: LayerShape, dtype: torch.dtype, target: str) -> ConvConfig:
-    from pnnh_kernels.triton import availability as triton_backend
-
-    # The GPU configuration, not the interpreter's.
-    previous, triton_backend._INTERPRETER = triton_backend._INTERPRETER, False
-    try:
-        config = choose_config(shape.c_in, shape.c_out, shape.code_channels, dtype)
-    finally:
-        triton_backend._INTERPRETER = previous
     oh, ow = shape.output_size()
     capability, multiprocessors = _TARGET_CARD[target]
-    if wide_tiles(shape.c_in, shape.c_out, dtype, shape.n * oh * ow, capability, multiprocessors):
-        config = replace(config, block_n=256)  # as choose_config gives a launch on that card
-    return config
+    return config_for_card(
+        shape.c_in, shape.c_out, shape.code_channels, dtype, shape.n * oh * ow, capability,
+        multiprocessors,
+    )  # fmt: skip
 
 
 def launches(shape: LayerShape, dtype: torch.dtype, target: str = "sm_80") -> list[Launch]:
@@ -298,7 +292,15 @@ def launches(shape: LayerShape, dtype: torch.dtype, target: str = "sm_80") -> li
     common = {"INPUT_PRECISION": "tf32" if dtype == torch.float32 else "ieee", "UPCAST_DOT": False}
     result: list[Launch] = []
 
-    def add(variant: str, fn: Any, constexprs: dict, warps: int, stages: int, **extra: int) -> None:
+    def add(
+        variant: str,
+        fn: Any,
+        constexprs: dict,
+        warps: int,
+        stages: int,
+        max_registers: Optional[int] = None,
+        **extra: int,
+    ) -> None:
         constexprs = {**common, **constexprs}
         wanted = {**ints, **extra}
         used = {k: wanted[k] for k in _int_arguments(fn, constexprs)}
@@ -311,6 +313,7 @@ def launches(shape: LayerShape, dtype: torch.dtype, target: str = "sm_80") -> li
                 tuple(sorted(used.items())),
                 warps,
                 stages,
+                max_registers,
             )
         )
 
@@ -342,7 +345,7 @@ def launches(shape: LayerShape, dtype: torch.dtype, target: str = "sm_80") -> li
     statistics = {**forward, **default, "HAS_SCALE": False, "HAS_SHIFT": False, "HAS_CODER": False}
     statistics.update(HAS_ENCODER_BIAS=False, CODE_IN_MAIN_LOOP=False, WRITE_STATS=True)
     add("bn stats", kernels._pnnh_conv_fwd_kernel, {**statistics, "Z_INPUT": False, "RELU": False},
-        config.num_warps, config.num_stages)  # fmt: skip
+        config.num_warps, config.num_stages, config.statistics_max_registers)  # fmt: skip
     # Input gradient: eval mode (scale folded, ReLU mask), training mode (BatchNorm's dz as it is:
     # no mask, no scale), and a layer without an output ReLU.
     for has_scale, relu in ((True, True), (False, False), (True, False)):
@@ -437,6 +440,8 @@ def compile_launch(launch: Launch, dtype: torch.dtype, target: str) -> Any:
     types, constexprs, attrs = specialise(launch, dtype)
     source = ASTSource(launch.fn, types, constexprs, attrs)
     options = {"num_warps": launch.num_warps, "num_stages": launch.num_stages}
+    if launch.max_registers is not None:
+        options["maxnreg"] = launch.max_registers
     return triton.compile(source, target=TARGETS[target], options=options)
 
 
