@@ -3,11 +3,13 @@
 #   bash bench/device_check.sh
 # 0. the CUDA extension built on the machine, with its resource report,
 # 1. the GPU tests of the Triton and CUDA backends, compute-sanitizer memcheck/racecheck on the CUDA one,
+# 1'. the experiment that tells the static mainloop model's two readings apart (bench/mainloop_experiment.py),
 # 2. the benchmark suite on the CIFAR shapes and its claims report,
 # 3. ResNet-18 training throughput per variant (pnnh train, synthetic CIFAR-shaped data),
 # (1a. the DRAM bytes and launches of one training step, Nsight Compute, beside the traffic ledger's
 #  count, and 1b. the timing table of bench/time_pnnh_conv.py, right after the tests.)
-# PNNH_CHECK_SKIP="sanitizer bench train" (any of ncu tests timing host sanitizer bench train) skips steps;
+# PNNH_CHECK_SKIP="sanitizer bench train" (any of ncu tests experiment timing host sanitizer bench
+# train) skips steps;
 # PNNH_SANITIZER_TOOLS (default "memcheck racecheck") picks compute-sanitizer's tools.
 # Everything is written to docs/perf/ (or $OUT/perf when the device tool's $OUT is set, so that it
 # comes back to the developer's machine).
@@ -56,6 +58,9 @@ for log in "$out_dir"/tests_*.log; do
     [[ -f "$log" ]] || continue
     echo "== $log: $(tail -1 "$log")"; grep -E "^(FAILED|ERROR)" "$log" | head -10
 done
+# 1'. The experiment that tells the static mainloop model's two readings apart (issue #23): one
+#     mainloop in four tilings, measured beside both modelled times (bench/mainloop_experiment.py).
+skip experiment || timeout "$(step_limit 120)" python3 -m bench.mainloop_experiment --out "$out_dir" | tail -8
 # 1a. DRAM bytes and kernel launches of one training step per implementation and CIFAR stage shape
 #     (Nsight Compute, caches flushed per kernel): the hardware check of the traffic model.
 skip ncu || timeout "$(step_limit 300)" python3 -m bench.ncu_step --timeout 80 --out "$out_dir" | tail -22

@@ -298,3 +298,26 @@ def test_the_modelled_training_step_holds_its_ratchet_against_the_cudnn_layer():
 def test_the_cudnn_layer_is_summed_from_its_nsight_kernels():
     sums = calibration.cudnn_layer_seconds()
     assert {c: round(s * 1e6) for c, s in sums.items()} == {64: 441, 128: 282, 256: 216, 512: 208}
+
+
+@pytest.mark.skipif(not sass.cuobjdump().exists(), reason="triton's cuobjdump is not installed")
+def test_the_gpu_experiment_separates_the_two_readings(tmp_path):
+    """bench/mainloop_experiment.py (device_check.sh runs it on a GPU) prints its modelled columns
+    without one: the readings disagree on the 32-deep K steps, which is what the experiment is for."""
+    environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run(
+        [sys.executable, "-m", "bench.mainloop_experiment", "--out", str(tmp_path)],
+        check=True, capture_output=True, env=environment, cwd=calibration.REPOSITORY,
+    )  # fmt: skip
+    (written,) = tmp_path.glob("mainloop_experiment_*.md")
+    rows = {
+        row.split("|")[1].strip(): [cell.strip() for cell in row.split("|")[2:-1]]
+        for row in written.read_text().splitlines()
+        if row.startswith("| ") and "/" in row.split("|")[1] and "K step" not in row
+    }
+    assert set(rows) == {"64 / 3", "32 / 3", "64 / 4", "32 / 4"}
+    l2 = {k: float(v[2]) for k, v in rows.items()}
+    latency = {k: float(v[3]) for k, v in rows.items()}
+    # the L2 reading: the same bytes, about the same time; the latency reading: twice the steps
+    assert abs(l2["32 / 3"] / l2["64 / 3"] - 1) < 0.1
+    assert latency["32 / 3"] / latency["64 / 3"] > 1.3

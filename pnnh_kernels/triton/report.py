@@ -255,11 +255,17 @@ def _config(shape: LayerShape, dtype: torch.dtype, target: str) -> ConvConfig:
     )  # fmt: skip
 
 
-def launches(shape: LayerShape, dtype: torch.dtype, target: str = "sm_80") -> list[Launch]:
+def launches(
+    shape: LayerShape,
+    dtype: torch.dtype,
+    target: str = "sm_80",
+    config: Optional[ConvConfig] = None,
+) -> list[Launch]:
     """Every launch of a training step and an eval forward of ``shape`` in ``dtype``, with the
     launchers' tile choices (pnnh_kernels.triton.pnnh_conv) on a card of ``target`` and every
-    autotune candidate."""
-    config = _config(shape, dtype, target)
+    autotune candidate; ``config`` instead of the launchers' choice where given (an experiment's
+    tiles)."""
+    config = config if config is not None else _config(shape, dtype, target)
     c_b = shape.code_channels
     has_coder = c_b > 0
     oh, ow = shape.output_size()
@@ -561,6 +567,11 @@ def modelled_mainloops(
         if modelled_us is not None:
             times[by_variant[variant]] = modelled_us * 1e-6
     return times
+
+
+def compile_row(launch: Launch, dtype_name: str, target: str, with_model: bool = False) -> Row:
+    """One launch compiled for ``target`` and read (its mainloop modelled on sm_90 if asked)."""
+    return _compile_row((launch, dtype_name, target, with_model))
 
 
 def _compile_row(job: tuple[Launch, str, str, bool]) -> Row:

@@ -1,0 +1,128 @@
+"""The GPU experiment that tells the static mainloop model's two readings apart (run by
+device_check.sh; issue #23).
+
+Every Triton mainloop the model was calibrated on loads 128 x 128 x 64 tiles, so its bytes, its
+iterations and its MMA work are proportional, and two readings fit the measured H200 times equally
+well (pnnh_kernels.mainloop.model): a cost per byte loaded from the L2 (the calibrated constants)
+and a cost per mainloop iteration (``LATENCY_READING``). They disagree on what to build next. This
+times one mainloop, the forward statistics pass, in four tilings that separate them: K steps 64 and
+32 channels deep (the same bytes, twice the iterations) at 3 and 4 pipeline stages. The L2 reading
+predicts the 32-deep steps about as fast as the 64-deep ones; the latency reading predicts them
+nearly twice as slow, and 4 stages no faster than 3 under either. Each row puts the measured time
+beside both modelled ones, compiled for sm_90 as the report compiles them.
+
+    python -m bench.mainloop_experiment [--shape 256x128x16x16] [--out DIR]
+
+Without a GPU it prints the modelled columns alone (and says so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+VARIANTS = ((64, 3), (32, 3), (64, 4), (32, 4))  # (channels per K step, pipeline stages)
+KERNEL = "_pnnh_conv_fwd_kernel[bn stats]"
+
+
+def variant_config(shape, block_k: int, stages: int):
+    """The launchers' sm_90 configuration of ``shape`` with the variant's K step and stages."""
+    from pnnh_kernels.triton.pnnh_conv_config import config_for_card
+
+    oh, ow = shape.output_size()
+    config = config_for_card(
+        shape.c_in, shape.c_out, shape.code_channels, torch.bfloat16, shape.n * oh * ow, (9, 0), 132
+    )
+    return dataclasses.replace(config, block_k=block_k, num_stages=stages)
+
+
+def modelled_us(shape, config) -> tuple[float, float, int, int]:
+    """(L2 reading, latency reading, SASS per iteration, shared bytes) of the statistics pass."""
+    from pnnh_kernels.triton import report
+
+    (launch,) = [x for x in report.launches(shape, torch.bfloat16, "sm_90", config) if x.name == KERNEL]
+    row = report.compile_row(launch, "bf16", "sm_90", with_model=True)
+    if row.modelled_us is None or row.latency_reading_us is None or row.mainloop is None:
+        raise RuntimeError(f"{KERNEL}: no mainloop the model reads in its sm_90 compile")
+    return row.modelled_us, row.latency_reading_us, row.mainloop["total"], row.shared_bytes
+
+
+def measured_us(shape, config) -> Optional[float]:
+    """The statistics pass alone, CUDA events (triton.testing.do_bench: caches cleared between
+    runs, median); None without a GPU."""
+    if not torch.cuda.is_available():
+        return None
+    import triton
+
+    from pnnh_kernels.conv_geometry import ConvGeometry
+    from pnnh_kernels.triton import pnnh_conv
+    from pnnh_kernels.triton.pnnh_conv_config import cdiv, forced_config
+
+    n, c, h, w = shape.n, shape.c_in, shape.h, shape.w
+    x = torch.randn(n, c, h, w, device="cuda", dtype=torch.bfloat16).to(
+        memory_format=torch.channels_last
+    )
+    weight = torch.randn(c, c, 3, 3, device="cuda", dtype=torch.bfloat16).to(
+        memory_format=torch.channels_last
+    )
+    z = torch.empty_like(x)
+    tiles = cdiv(n * h * w, config.block_m)
+    partials = tuple(torch.empty(2, tiles, c, device="cuda").unbind(0))
+    geometry = ConvGeometry((3, 3), (1, 1), (1, 1), (1, 1))
+
+    def run() -> None:
+        pnnh_conv._launch_forward(
+            x, weight, None, None, None, None, None, geometry, False, z=z, partials=partials,
+            config=config,
+        )  # fmt: skip
+
+    with forced_config(config):
+        run()  # compile
+        return 1000.0 * triton.testing.do_bench(run, warmup=25, rep=200, return_mode="median")
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    from pnnh_kernels.triton import report
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="256x128x16x16", help="NxCxHxW (3x3, stride 1, C -> C)")
+    parser.add_argument("--out", type=Path, help="also write the table to DIR")
+    args = parser.parse_args(argv)
+    shape = report.parse_shape(args.shape)
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    lines = [
+        f"# The model's two readings against one mainloop, {args.shape} bf16 "
+        f"({datetime.date.today()}, {card or 'no GPU: modelled only'})",
+        "",
+        "| K step / stages | SASS per iteration | shared (B) | L2 reading (µs, modelled) "
+        "| latency reading (µs, modelled) | measured (µs) | L2 reading error | latency reading error |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for block_k, stages in VARIANTS:
+        config = variant_config(shape, block_k, stages)
+        l2, latency, sass, shared = modelled_us(shape, config)
+        measured = measured_us(shape, config)
+        errors = (
+            ("", "")
+            if measured is None
+            else (f"{l2 / measured - 1:+.0%}", f"{latency / measured - 1:+.0%}")
+        )
+        lines.append(
+            f"| {block_k} / {stages} | {sass} | {shared} | {l2:.1f} | {latency:.1f} "
+            f"| {'' if measured is None else f'{measured:.1f}'} | {errors[0]} | {errors[1]} |"
+        )
+    text = "\n".join(lines)
+    print(text)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        name = (card or "modelled").lower().replace(" ", "-")
+        (args.out / f"mainloop_experiment_{name}.md").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
