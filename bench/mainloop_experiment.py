@@ -94,10 +94,15 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--out", type=Path, help="also write the table to DIR")
     args = parser.parse_args(argv)
     shape = report.parse_shape(args.shape)
+    if (shape.c_in, shape.kernel, shape.stride) != (shape.c_out, 3, 1):
+        parser.error(f"--shape: expected NxCxHxW of a 3x3, stride-1, C -> C layer, got {args.shape}")
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     lines = [
         f"# The model's two readings against one mainloop, {args.shape} bf16 "
         f"({datetime.date.today()}, {card or 'no GPU: modelled only'})",
+        "",
+        "Modelled for an H200 (the calibration's card; an H100's DRAM is slower, its SMs the same); "
+        f"measured on {card or 'nothing'}.",
         "",
         "| K step / stages | SASS per iteration | shared (B) | L2 reading (µs, modelled) "
         "| latency reading (µs, modelled) | measured (µs) | L2 reading error | latency reading error |",

@@ -151,6 +151,7 @@ class _Declaring:
     costs on top, less its bookkeeping)."""
 
     modelled_multiprocessors = 132
+    modelled_capability = (9, 0)
 
     def observe_launch(self, name: str, kind: str, run: Any, declared: Any) -> None:
         run()

@@ -235,11 +235,12 @@ def test_cudnn_kernels_are_read_with_their_tiles_and_checked_against_the_l2_term
     # 16,384 pixels x 256 channels in 256 x 128 tiles, K = 9 x 256: 64 x 2 tiles of (256 + 128) rows
     assert fprop.tile_l2_bytes == 64 * 2 * 384 * 2304 * 2
     assert fprop.flops == 2.0 * 16384 * 256 * 2304
-    slow = dataclasses.replace(CALIBRATED, l2_bytes_per_second=1e30)  # no L2 limit: nothing beaten
-    assert calibration.cudnn_verdict(kernels, slow).startswith(
-        "cuDNN beats the model's floor for its own tiles in 0 of 12"
+    # the finding of docs/perf/mainloop_model_2026-12-07.md: 11 of the 12 beat the L2 term
+    beaten = [k for k in kernels if k.seconds < k.l2_floor_seconds(CALIBRATED)]
+    assert len(beaten) == 11
+    assert calibration.cudnn_verdict(kernels, CALIBRATED).startswith(
+        "cuDNN beats the model's floor for its own tiles in 11 of 12"
     )
-    assert "in 0 of" not in calibration.cudnn_verdict(kernels, CALIBRATED)
 
 
 def test_the_weight_gradient_fills_the_gpu_where_that_costs_the_busiest_multiprocessor_nothing():
@@ -257,11 +258,11 @@ def test_the_weight_gradient_fills_the_gpu_where_that_costs_the_busiest_multipro
 # The modelled training step (issue #23): a PNNH layer's Triton step on an H200, its convolution
 # mainloops at the static model's time and every other launch at its roofline, over the cuDNN ResNet
 # layer's kernels as Nsight Compute measured them on an H200 (2026-11-28). The issue's target is
-# 0.8x at every stage; today's kernels are modelled at 0.85 / 0.79 / 0.83 / 0.97x (the kernels of
+# 0.8x at every stage; today's kernels are modelled at 0.80 / 0.79 / 0.83 / 0.97x (the kernels of
 # 743f8f9, before the mainloops' integer work was cut and the weight gradient filled the GPU: 0.88 /
 # 0.94 / 1.32 / 1.12x, which this ratchet fails). The bounds hold today's values with 0.02 of room: a
 # change that makes the modelled step slower fails here, and one that makes it faster lowers them.
-MODELLED_STEP_RATCHET = {"64x32x32": 0.87, "128x16x16": 0.81, "256x8x8": 0.85, "512x4x4": 0.99}
+MODELLED_STEP_RATCHET = {"64x32x32": 0.82, "128x16x16": 0.81, "256x8x8": 0.85, "512x4x4": 0.99}
 MODELLED_STEP_TARGET = 0.8
 
 _MODELLED_STEP = r"""

@@ -57,6 +57,7 @@ from pnnh_kernels.triton.pnnh_conv_config import (
     grid_of,
     input_precision,
     launch_options,
+    narrow_coder_backward,
     narrow_input_gradient,
     reduce_block_k,
     statistics_launch_options,
@@ -512,6 +513,7 @@ def _backward_reduce(
     per-tile BatchNorm sums or None). ``coder``: (W_E, b_E, W_D^T rows); ``batch_norm``: (z, batch
     mean); ``y_image``: the output, for the ReLU mask (None without an output ReLU). Images are
     [N, C, H, W] in channels_last memory; the code and dpre come back so, [N, C_B, OH, OW]."""
+    config = narrow_coder_backward(config)
     n, c_in = x_image.shape[:2]
     c_out = dy_image.shape[1]
     m = n * out_hw[0] * out_hw[1]

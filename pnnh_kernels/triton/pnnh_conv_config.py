@@ -104,7 +104,10 @@ def config_for_card(
     return _gpu_config(c_in, c_out, c_b, dtype, capability[0] == 9, wide)
 
 
-@functools.lru_cache(maxsize=4096)  # the launchers ask on every call; a pure function of its key
+# Cached by device: a CUDA device's card never changes, and a meta or CPU-stub device stands for
+# one fixed card (ledger.cards.MODELLED_CARD, host_cost's sm_90 stand-in); a recording that modelled
+# another card would need this cache cleared.
+@functools.lru_cache(maxsize=4096)  # the launchers ask on every call
 def _launch_config(
     c_in: int, c_out: int, c_b: int, dtype: torch.dtype, pixels: int, device: Optional[torch.device]
 ) -> ConvConfig:
@@ -142,11 +145,18 @@ def wide_tiles(
 
 
 def narrow_input_gradient(config: ConvConfig, relu: bool, unit_stride: bool) -> ConvConfig:
-    """The input gradient keeps 128-wide tiles with a ReLU mask or a stride: wide ones spilled on
-    sm_90 there (24 bytes with the mask, 32 in a stride-2 layer's general path)."""
-    if config.block_n > 128 and (relu or not unit_stride):
-        return replace(config, block_n=128)
+    """The input gradient keeps 128 x 128 tiles at most with a ReLU mask or a stride: sm_90's wide
+    and tall ones spilled there (128 x 256: 24 bytes with the mask, 32 in a stride-2 layer's
+    general path; 256 x 64: 48-104 bytes with the mask)."""
+    if (config.block_n > 128 or config.block_m > 128) and (relu or not unit_stride):
+        return replace(config, block_m=min(config.block_m, 128), block_n=min(config.block_n, 128))
     return config
+
+
+def narrow_coder_backward(config: ConvConfig) -> ConvConfig:
+    """The backward's first pass (the coder and BatchNorm's sums) keeps 128-pixel tiles: sm_90's
+    256-pixel ones spilled 16-32 bytes there (a 256 -> 64 1x1 layer with a 128-channel code)."""
+    return replace(config, block_m=128) if config.block_m > 128 else config
 
 
 @functools.lru_cache(maxsize=4096)  # the launchers ask on every call; a pure function of its key
@@ -158,12 +168,17 @@ def _gpu_config(
     # 128 registers) with 32-deep chunks and not with 16-deep ones.
     deep = 64 if dtype != torch.float32 else (32 if c_out > 64 else 16)
     block_n = 256 if wide else block_size(c_out, 128)
+    sixteen_bit = torch.finfo(dtype).bits <= 16
+    # sm_90, 16-bit, 64 output channels: 256 x 64 tiles (51 FLOP per byte loaded where 128 x 64
+    # load 43; cuDNN's fprop takes 256 x 64 there too): the model puts the forward statistics and
+    # the training input gradient at 64x64x32x32 about 11% faster under both its readings.
+    tall = hopper and sixteen_bit and block_n == 64 and c_in >= 64
     # sm_90, 16-bit, 128 x 128 tiles: the forward statistics pass held to 128 registers, which lets
     # two CTAs share a multiprocessor (at 128x128x16x16 it took 134: one CTA; capped, 124 and no
     # spills, 11 more instructions per iteration; the model's latency reading 66 -> 46 us).
-    capped = hopper and torch.finfo(dtype).bits <= 16 and block_n == 128
+    capped = hopper and sixteen_bit and block_n == 128
     return ConvConfig(
-        block_m=128,
+        block_m=256 if tall else 128,
         block_n=block_n,
         block_k=block_size(c_in, deep),
         # Beside 128-wide output tiles the code is encoded in the epilogue (code_in_main_loop), in
@@ -175,7 +190,7 @@ def _gpu_config(
         statistics_max_registers=128 if capped else None,
         # sm_90, 16-bit: 128 x 128 channel tiles in the weight gradient (64 FLOP per byte loaded
         # where 64 x 128 load 43; 128 registers on sm_90, no spills; on sm_80 they spilled).
-        wgrad_image_tile=128 if hopper and torch.finfo(dtype).bits <= 16 else 64,
+        wgrad_image_tile=128 if hopper and sixteen_bit else 64,
     )
 
 
@@ -408,8 +423,9 @@ def tuning_configs(config: ConvConfig, dtype: torch.dtype) -> list[triton.Config
         shallower_only = tiles[:2] == candidates[0][:2] and tiles[2] < candidates[0][2]
         if tiles not in candidates and not shallower_only:
             candidates.append(tiles)
-    if config.block_n > 128:  # the wide sm_90 default: the autotuner may still find 128 x 128 faster
-        candidates.insert(1, (128, 128, config.block_k, 8, 3))
+    if config.block_n > 128 or config.block_m > 128:  # sm_90's wide or tall default: the autotuner
+        # may still find the 128-pixel tiles faster
+        candidates.insert(1, (128, min(config.block_n, 128), config.block_k, 8, 3))
     return [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=warps, num_stages=stages)
         for m, n, k, warps, stages in candidates

@@ -51,6 +51,7 @@ from pnnh_kernels.triton.pnnh_conv_config import (
     cdiv,
     code_in_main_loop,
     config_for_card,
+    narrow_coder_backward,
     narrow_input_gradient,
     reduce_block_k,
     tuning_configs,
@@ -387,7 +388,8 @@ def _add_backward_passes(
     passes += [(False, True, False)]  # no coder: the BatchNorm sums only
     for coder_pass, bn_reduce, write_code in passes:
         first = {"HAS_CODER": coder_pass, "HAS_ENCODER_BIAS": coder_pass, "WRITE_CODE": write_code,
-                 "BN_REDUCE": bn_reduce, "RELU": True, "BLOCK_M": config.block_m,
+                 "BN_REDUCE": bn_reduce, "RELU": True,
+                 "BLOCK_M": narrow_coder_backward(config).block_m,
                  "BLOCK_B": block_b,
                  "BLOCK_K": reduce_block_k(config, coder_pass, bn_reduce)}  # fmt: skip
         label = ("coder" if coder_pass else "no coder") + (", train-BN" if bn_reduce else "")
