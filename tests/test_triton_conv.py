@@ -110,6 +110,9 @@ def test_wide_tiles_only_on_sm90_where_the_grid_fills_the_gpu():
     assert wgrad_tiles(ampere_config, 128, 128, torch.bfloat16, False).block_x == 64
     assert hopper_config.statistics_max_registers == 128
     assert ampere_config.statistics_max_registers is None
+    # the apply pass's code chunks: 64 channels on sm_90 beside 128-wide tiles, 32 elsewhere
+    assert (hopper_config.block_b, ampere_config.block_b) == (64, 32)
+    assert config_for_card(256, 256, 128, torch.bfloat16, 256 * 8 * 8, *hopper).block_b == 32
     # sm_90 in 16-bit at 64 output channels: 256 x 64 tiles, but not for the masked input gradient
     tall = config_for_card(64, 64, 32, torch.bfloat16, 256 * 32 * 32, *hopper)
     assert (tall.block_m, tall.block_n) == (256, 64)

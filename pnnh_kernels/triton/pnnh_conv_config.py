@@ -183,7 +183,9 @@ def _gpu_config(
         block_k=block_size(c_in, deep),
         # Beside 128-wide output tiles the code is encoded in the epilogue (code_in_main_loop), in
         # 32-channel chunks: a 64-channel chunk in the main loop there spilled 112 bytes on sm_80.
-        block_b=block_size(c_b, 64 if c_out <= 64 else 32),
+        # On sm_90 in 16-bit, 64-channel chunks beside 128-wide tiles (182 registers, no spills; at
+        # 256-wide tiles they spilled): the apply pass re-reads x_s once per chunk, half as often.
+        block_b=block_size(c_b, 64 if c_out <= 64 or (hopper and sixteen_bit and not wide) else 32),
         # 4 warps spilled (255 registers) on the 128-pixel tiles in the sm_90 compile report; 8 do not.
         num_warps=8,
         num_stages=3,
