@@ -51,7 +51,7 @@ def capped_wgrad_splits(splits: int, gradient_bytes: int, taps: int, c_x: int, c
     """At most ``splits`` splits of a weight gradient's pixel reduction, and no more than keep its
     float32 partials' traffic (each written and read back) within WGRAD_PARTIAL_TRAFFIC of the
     bytes of the gradient rows: the one rule of both fused backends. The Triton launcher may then
-    raise the count to fill the GPU (pnnh_conv_config.wgrad_fill_splits), beyond this traffic."""
+    raise the count to fill the GPU (pnnh_conv_config.wgrad_fill_target), beyond this traffic."""
     partial_bytes = 2 * taps * c_x * c_g * 4
     return max(1, min(splits, int(WGRAD_PARTIAL_TRAFFIC * gradient_bytes // partial_bytes)))
 

@@ -19,7 +19,6 @@ from pnnh_kernels.backends.fused_common import (
     TrainingForward,
     TrainingGradients,
     TrainingNorm,
-    capped_wgrad_splits,
     channels_last,
     decoder_rows,
     image_buffer,
@@ -53,6 +52,7 @@ from pnnh_kernels.triton.pnnh_conv_config import (
     cdiv,
     choose_config,
     code_in_main_loop,
+    direct_rows,
     forcing,
     grid_of,
     input_precision,
@@ -63,7 +63,6 @@ from pnnh_kernels.triton.pnnh_conv_config import (
     statistics_launch_options,
     tuned_or_fixed,
     upcast_dot,
-    wgrad_fill_splits,
     wgrad_split_rows,
     wgrad_splits,
     wgrad_tiles,
@@ -455,10 +454,7 @@ def _wgrad_plan(
     tiles = cdiv(c_x, block_x) * cdiv(c_g, block_g) * taps
     # dy, and y where the kernel reads it: dense images of m x c_g elements
     gradient_bytes = m * c_g * (torch.finfo(dtype).bits // 8) * (1 + relu)
-    splits = wgrad_splits(config, m, block_m, tiles, device)
-    if config.wgrad_splits is None:  # an explicit count (tests) is taken as it is
-        splits = capped_wgrad_splits(splits, gradient_bytes, taps, c_x, c_g)
-        splits = wgrad_fill_splits(splits, m, block_m, tiles, device)
+    splits = wgrad_splits(config, m, block_m, tiles, device, gradient_bytes, taps, c_x, c_g)
     splits, m_per_split = wgrad_split_rows(m, block_m, splits)
     strided_out = out_layout is not None and splits == 1
     out_strides = tuple(out_layout[1]) if out_layout is not None else (0, 0, 0, 0)
@@ -472,10 +468,9 @@ def _wgrad_plan(
         KW=kernel[1],
         RELU=relu,
         STRIDED_OUT=strided_out,
-        DIRECT_ROWS=kernel == (1, 1)
-        and geometry.stride == (1, 1)
-        and geometry.padding == (0, 0)
-        and (height, width) == tuple(out_hw),
+        DIRECT_ROWS=direct_rows(
+            kernel, geometry.stride, geometry.padding, (height, width), tuple(out_hw)
+        ),
         INPUT_PRECISION=precision,
         UPCAST_DOT=upcast_dot(dtype),
         BLOCK_X=block_x,

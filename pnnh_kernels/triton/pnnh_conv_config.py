@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 import triton
 
+from pnnh_kernels.backends.fused_common import capped_wgrad_splits
 from pnnh_kernels.observer import modelled_capability, modelled_multiprocessors
 from pnnh_kernels.triton.availability import interpreter_enabled
 
@@ -111,11 +112,10 @@ def config_for_card(
 def _launch_config(
     c_in: int, c_out: int, c_b: int, dtype: torch.dtype, pixels: int, device: Optional[torch.device]
 ) -> ConvConfig:
-    capability = None if device is None else _launch_capability(device)
-    multiprocessors = None if device is None else _launch_multiprocessors(device)
-    if capability is None or multiprocessors is None:
+    card = None if device is None else _launch_card(device)
+    if card is None:
         return _gpu_config(c_in, c_out, c_b, dtype)  # the tiles every card runs
-    return config_for_card(c_in, c_out, c_b, dtype, pixels, capability, multiprocessors)
+    return config_for_card(c_in, c_out, c_b, dtype, pixels, *card)
 
 
 # 128 x 256 tiles (8 warps, 147 KB of shared memory at 3 stages) load 85 FLOP per byte where
@@ -144,6 +144,7 @@ def wide_tiles(
     return cdiv(pixels, 128) * cdiv(c_out, 256) >= WIDE_TILE_FILL * multiprocessors
 
 
+@functools.lru_cache(maxsize=256)  # asked every backward step: a cached lookup, no replace()
 def narrow_input_gradient(config: ConvConfig, relu: bool, unit_stride: bool) -> ConvConfig:
     """The input gradient keeps 128 x 128 tiles at most with a ReLU mask or a stride: sm_90's wide
     and tall ones spilled there (128 x 256: 24 bytes with the mask, 32 in a stride-2 layer's
@@ -153,6 +154,7 @@ def narrow_input_gradient(config: ConvConfig, relu: bool, unit_stride: bool) -> 
     return config
 
 
+@functools.lru_cache(maxsize=256)  # asked every backward step
 def narrow_coder_backward(config: ConvConfig) -> ConvConfig:
     """The backward's first pass (the coder and BatchNorm's sums) keeps 128-pixel tiles: sm_90's
     256-pixel ones spilled 16-32 bytes there (a 256 -> 64 1x1 layer with a 128-channel code)."""
@@ -259,34 +261,69 @@ def _multiprocessors(index: Optional[int]) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def wgrad_splits(config: ConvConfig, m: int, block_m: int, tiles: int, device: torch.device) -> int:
+def direct_rows(
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    image_hw: tuple[int, int],
+    out_hw: tuple[int, int],
+) -> bool:
+    """Whether a weight gradient's output pixel m reads image pixel m (the kernel's DIRECT_ROWS): a
+    1x1 tap, stride 1, no padding before the image, and the image as large as the output (which
+    rules out padding after it)."""
+    return kernel == (1, 1) and stride == (1, 1) and padding == (0, 0) and image_hw == out_hw
+
+
+def wgrad_splits(
+    config: ConvConfig,
+    m: int,
+    block_m: int,
+    tiles: int,
+    device: torch.device,
+    gradient_bytes: int,
+    taps: int,
+    c_x: int,
+    c_g: int,
+) -> int:
     """How many pixel ranges the weight-gradient reduction is split into: the configuration's
-    number if it sets one, else on a GPU enough programs to fill it about four times over (each
-    still reducing at least 8 blocks of pixels), and 1 elsewhere."""
+    number if it sets one (tests), else on a GPU :func:`wgrad_split_count` for its card, and 1
+    elsewhere."""
     if config.wgrad_splits is not None:
         return config.wgrad_splits
-    multiprocessors = _launch_multiprocessors(device)
-    if multiprocessors is None:
+    card = _launch_card(device)
+    if card is None:
         return 1
-    return wgrad_split_target(m, block_m, tiles, multiprocessors)
+    return wgrad_split_count(m, block_m, tiles, card[1], gradient_bytes, taps, c_x, c_g)
 
 
-def wgrad_fill_splits(splits: int, m: int, block_m: int, tiles: int, device: torch.device) -> int:
+def wgrad_split_count(
+    m: int,
+    block_m: int,
+    tiles: int,
+    multiprocessors: int,
+    gradient_bytes: int,
+    taps: int,
+    c_x: int,
+    c_g: int,
+) -> int:
+    """The weight gradient's split count on a card of ``multiprocessors`` (before
+    :func:`wgrad_split_rows`): the target of :func:`wgrad_split_target`, capped by the float32
+    partials' traffic (fused_common.capped_wgrad_splits, the rule both fused backends share,
+    ``gradient_bytes``: the gradient rows the kernel reads), then raised by :func:`wgrad_fill_target`.
+    The launchers and the static model's report (pnnh_kernels.triton.report) both size the launch
+    with it."""
+    splits = wgrad_split_target(m, block_m, tiles, multiprocessors)
+    splits = capped_wgrad_splits(splits, gradient_bytes, taps, c_x, c_g)
+    return wgrad_fill_target(splits, m, block_m, tiles, multiprocessors)
+
+
+def wgrad_fill_target(splits: int, m: int, block_m: int, tiles: int, multiprocessors: int) -> int:
     """``splits`` (already capped by the partials' traffic), raised toward the fewest splits that
     give every multiprocessor one of the programs, to the count that leaves the busiest
     multiprocessor the fewest steps: a grid smaller than the GPU leaves part of it idle for the
     whole reduction (256 x 256 channels at 8 x 8 in 64 x 128 tiles: 72 programs of 256 steps on 132
     multiprocessors; two splits run two programs of 128 steps side by side on the busy ones, and
     fill the idle ones)."""
-    multiprocessors = _launch_multiprocessors(device)
-    if multiprocessors is None:
-        return splits
-    return wgrad_fill_target(splits, m, block_m, tiles, multiprocessors)
-
-
-def wgrad_fill_target(splits: int, m: int, block_m: int, tiles: int, multiprocessors: int) -> int:
-    """:func:`wgrad_fill_splits` for a card of ``multiprocessors`` (the static model's report sizes
-    the launch with it too)."""
     fill = min(wgrad_split_target(m, block_m, tiles, multiprocessors), cdiv(multiprocessors, tiles))
     if fill <= splits:
         return splits
@@ -305,28 +342,23 @@ def _capability(index: Optional[int]) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
 
-def _launch_capability(device: torch.device) -> Optional[tuple[int, int]]:
-    """The compute capability a launch on ``device`` compiles for (None: CPU tensors)."""
-    if device.type == "meta":  # a ledger on meta tensors: the card it models
-        return modelled_capability()
+def _launch_card(device: torch.device) -> Optional[tuple[tuple[int, int], int]]:
+    """(compute capability, multiprocessors) of the card a launch on ``device`` runs on: a CUDA
+    device's own, the card a ledger on meta tensors models, the host-cost stub's stand-in for CPU
+    tensors; None for plain CPU tensors (nothing to fill, no card's tiles)."""
+    if device.type == "meta":
+        return modelled_capability(), modelled_multiprocessors()
     if device.type == "cuda":
-        return _capability(device.index)
-    return STUB_CAPABILITY if STUB_MULTIPROCESSORS is not None else None
-
-
-def _launch_multiprocessors(device: torch.device) -> Optional[int]:
-    """The multiprocessors a launch on ``device`` fills (None: CPU tensors, not split)."""
-    if device.type == "meta":  # a ledger on meta tensors: the card it models
-        return modelled_multiprocessors()
-    if device.type == "cuda":
-        return _multiprocessors(device.index)
-    return STUB_MULTIPROCESSORS
+        return _capability(device.index), _multiprocessors(device.index)
+    if STUB_MULTIPROCESSORS is not None:
+        return STUB_CAPABILITY, STUB_MULTIPROCESSORS
+    return None
 
 
 def wgrad_split_target(m: int, block_m: int, tiles: int, multiprocessors: int) -> int:
     """Splits enough for ``tiles`` programs each to fill ``multiprocessors`` about four times over,
-    each still reducing at least 8 blocks of ``block_m`` pixels (before :func:`capped_wgrad_splits`
-    and :func:`wgrad_split_rows`; the static model's report sizes the launch with it too)."""
+    each still reducing at least 8 blocks of ``block_m`` pixels (the start of
+    :func:`wgrad_split_count`)."""
     return max(1, min(cdiv(m, 8 * block_m), cdiv(4 * multiprocessors, tiles)))
 
 

@@ -40,7 +40,6 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from pnnh_kernels.backends.fused_common import capped_wgrad_splits
 from pnnh_kernels.mainloop import sass
 from pnnh_kernels.mainloop.model import LATENCY_READING, LaunchShape, modelled_time
 from pnnh_kernels.shapes import argparse_type, shape_with_options
@@ -51,13 +50,13 @@ from pnnh_kernels.triton.pnnh_conv_config import (
     cdiv,
     code_in_main_loop,
     config_for_card,
+    direct_rows,
     narrow_coder_backward,
     narrow_input_gradient,
     reduce_block_k,
     tuning_configs,
-    wgrad_fill_target,
+    wgrad_split_count,
     wgrad_split_rows,
-    wgrad_split_target,
     wgrad_tiles,
 )
 
@@ -413,7 +412,9 @@ def _add_backward_passes(
             extra.update(pad_h=0, pad_w=0, dil_h=1, dil_w=1)
         stride = extra.get("stride_h", shape.stride)
         pad = extra.get("pad_h", shape.padding)
-        wgrad["DIRECT_ROWS"] = kernel == 1 and stride == 1 and pad == 0 and (height, width) == (oh, ow)
+        wgrad["DIRECT_ROWS"] = direct_rows(
+            (kernel, kernel), (stride, stride), (pad, pad), (height, width), (oh, ow)
+        )
         add(label, kernels._conv_wgrad_kernel, wgrad, config.num_warps, config.num_stages,
             **extra)  # fmt: skip
 
@@ -506,9 +507,9 @@ def model_launch(
         pixels, c_x, c_g = i["M"], i["C_x"], i["C_g"]
         tiles = cdiv(c_x, c["BLOCK_X"]) * cdiv(c_g, c["BLOCK_G"]) * taps
         reads = 1 + c["RELU"]  # dy (or dz), and y where read
-        splits = wgrad_split_target(pixels, c["BLOCK_M"], tiles, 132)
-        splits = capped_wgrad_splits(splits, pixels * c_g * size * reads, taps, c_x, c_g)
-        splits = wgrad_fill_target(splits, pixels, c["BLOCK_M"], tiles, 132)
+        splits = wgrad_split_count(
+            pixels, c["BLOCK_M"], tiles, 132, pixels * c_g * size * reads, taps, c_x, c_g
+        )
         splits, _ = wgrad_split_rows(pixels, c["BLOCK_M"], splits)
         ctas = tiles * splits
         flops = 2.0 * pixels * taps * c_x * c_g
