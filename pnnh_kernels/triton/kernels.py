@@ -47,6 +47,16 @@ def _relu_grad(g, v):
 
 
 @triton.jit
+def _next_step(tap, chunk, chunks):
+    """(tap, chunk) of the next step of a flat loop over taps x ``chunks`` channel chunks, carried
+    from step to step: dividing them out of the step number with ``chunks`` known only at run time
+    was an integer division (~25 instructions per thread) every iteration."""
+    chunk += 1
+    next_tap = chunk == chunks
+    return tap + next_tap.to(tl.int32), tl.where(next_tap, 0, chunk)
+
+
+@triton.jit
 def _pnnh_conv_fwd_kernel(
     x_ptr,  # [N, H, W, C_in]
     w_ptr,  # the weight [C_out, C_in, KH, KW], read through its strides (w_stride_*)
@@ -184,8 +194,6 @@ def _pnnh_conv_fwd_kernel(
         iw0 = ow * stride_w
         x_rows = x_ptr + ((image + ih0) * W + iw0) * C_in
         w_tile = w_ptr + offs_k[:, None] * w_stride_ci + offs_n[None, :] * w_stride_co
-        # (tap, chunk) are carried from step to step: step // k_chunks with k_chunks known only at
-        # run time was an integer division (~25 instructions per thread) every iteration.
         k_chunks = tl.cdiv(C_in, BLOCK_K)
         loop_tap = pid_m * 0
         chunk = pid_m * 0
@@ -211,10 +219,7 @@ def _pnnh_conv_fwd_kernel(
                 other=0.0,
             )
             acc = _mma(a, b, acc, INPUT_PRECISION, UPCAST_DOT)
-            chunk += 1
-            next_tap = chunk == k_chunks
-            chunk = tl.where(next_tap, 0, chunk)
-            loop_tap += next_tap.to(tl.int32)
+            loop_tap, chunk = _next_step(loop_tap, chunk, k_chunks)
 
     if WRITE_STATS:
         if HAS_SHIFT:
@@ -610,7 +615,7 @@ def _pnnh_conv_dgrad_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     image = n.to(tl.int64) * OH
     # One flat, pipelinable loop over (tap, output-channel chunk), as in the forward kernel, with
-    # (tap, chunk) carried from step to step instead of divided out of the step.
+    # (tap, chunk) carried from step to step (_next_step).
     c_chunks = tl.cdiv(C_out, BLOCK_K)
     if UNIT_STRIDE:
         # Tap (kh, kw) reads the gradient at (ih + sh, iw + sw), sh = pad - kh * dil: the row's own
@@ -662,10 +667,7 @@ def _pnnh_conv_dgrad_kernel(
         )
         acc = _mma(g.to(b.dtype), b, acc, INPUT_PRECISION, UPCAST_DOT)
         if KH * KW > 1:
-            chunk += 1
-            next_tap = chunk == c_chunks
-            chunk = tl.where(next_tap, 0, chunk)
-            tap += next_tap.to(tl.int32)
+            tap, chunk = _next_step(tap, chunk, c_chunks)
     if HAS_CODER:
         on_grid = mask_m & (ih % stride_h == 0) & (iw % stride_w == 0)
         row_s = (image + ih // stride_h) * OW + iw // stride_w
