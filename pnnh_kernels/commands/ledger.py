@@ -8,7 +8,7 @@ import argparse
 import sys
 
 from pnnh_kernels.ledger import CARDS, DEFAULT_CARDS, format_comparison, format_ledger, step_ledger
-from pnnh_kernels.ledger.steps import DTYPES, backend_unavailable_reason
+from pnnh_kernels.ledger.steps import DTYPES, StepLedger, backend_unavailable_reason
 from pnnh_kernels.shapes import argparse_type, image_shape
 
 # ResNet-18's CIFAR stages at batch 256: (channels, spatial size)
@@ -71,7 +71,9 @@ def _modelled(batch: int, channels: int, size: int, dtype: str, training: bool) 
     return report.modelled_mainloops(shape, DTYPES[dtype], training)
 
 
-def _modelled_step_line(ledger, modelled: dict[str, float], dtype: str, training: bool) -> str:
+def _modelled_step_line(
+    ledger: StepLedger, modelled: dict[str, float], dtype: str, training: bool
+) -> str:
     """The step's modelled H200 time, and where Nsight measured the cuDNN layer of the same shape
     (batch 256, bf16, training BatchNorm, the CIFAR stages) that time beside it."""
     from pnnh_kernels.mainloop.calibration import cudnn_layer_seconds

@@ -39,7 +39,8 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -120,18 +121,26 @@ def _kernel_rows(path: Path) -> list[dict]:
     return list(kernels.values())
 
 
-def measured(backend: str) -> list[Measured]:
-    """The project's kernels in ``ncu_<backend>.csv.gz``: one step per stage shape, each step after
-    a marker kernel (``spin_kernel``)."""
-    path = MEASUREMENTS / f"ncu_{backend}.csv.gz"
-    points: list[Measured] = []
-    stage, order = -1, 0
+def _staged_kernels(path: Path) -> Iterator[tuple[int, dict]]:
+    """(stage, launch) of each launch in ``path`` but the stage markers: one step per stage shape,
+    each after a marker kernel (``spin_kernel``); stage -1 before the first marker."""
+    stage = -1
     for entry in _kernel_rows(path):
         if "spin_kernel" in entry["name"]:
-            stage, order = stage + 1, 0
-            continue
+            stage += 1
+        else:
+            yield stage, entry
+
+
+def measured(backend: str) -> list[Measured]:
+    """The project's kernels in ``ncu_<backend>.csv.gz``, in launch order within each stage."""
+    path = MEASUREMENTS / f"ncu_{backend}.csv.gz"
+    points: list[Measured] = []
+    orders: Counter[int] = Counter()
+    for stage, entry in _staged_kernels(path):
         if "pnnh" not in entry["name"] and "_conv_" not in entry["name"]:
             continue
+        order = orders[stage]
         if stage < 0 or order >= len(ROLES):
             raise ValueError(f"{path}: a project kernel outside the {len(ROLES)} of a marked step")
         channels, size = STAGES[stage]
@@ -142,7 +151,7 @@ def measured(backend: str) -> list[Measured]:
                 entry["dram__bytes_read.sum"] + entry["dram__bytes_write.sum"],
             )
         )  # fmt: skip
-        order += 1
+        orders[stage] += 1
     if len(points) != len(ROLES) * len(STAGES):
         raise ValueError(f"{path}: expected {len(ROLES)} project kernels per stage, got {len(points)}")
     return points
@@ -486,11 +495,7 @@ class CudnnKernel:
 def cudnn_kernels() -> list[CudnnKernel]:
     path = MEASUREMENTS / "ncu_cudnn.csv.gz"
     found: list[CudnnKernel] = []
-    stage = -1
-    for entry in _kernel_rows(path):
-        if "spin_kernel" in entry["name"]:
-            stage += 1
-            continue
+    for stage, entry in _staged_kernels(path):
         match = _CUDNN_KERNEL.search(entry["name"])
         if match is None or match.group(5) == "split_k":
             continue
@@ -512,11 +517,7 @@ def cudnn_layer_seconds() -> dict[int, float]:
     kernel Nsight Compute timed between two stage markers (its 19-20 kernels, caches flushed)."""
     path = MEASUREMENTS / "ncu_cudnn.csv.gz"
     sums: dict[int, float] = {}
-    stage = -1
-    for entry in _kernel_rows(path):
-        if "spin_kernel" in entry["name"]:
-            stage += 1
-            continue
+    for stage, entry in _staged_kernels(path):
         if stage >= 0:
             channels = STAGES[stage][0]
             sums[channels] = sums.get(channels, 0.0) + entry["gpu__time_duration.sum"]
