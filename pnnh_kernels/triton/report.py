@@ -323,8 +323,8 @@ def launches(
             )
         )
 
-    def candidates() -> Iterable[tuple[dict, int, int]]:
-        for candidate in tuning_configs(config, dtype):
+    def candidates(of: ConvConfig = config) -> Iterable[tuple[dict, int, int]]:
+        for candidate in tuning_configs(of, dtype):
             yield dict(candidate.kwargs), candidate.num_warps, candidate.num_stages
 
     default = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k}
@@ -356,8 +356,7 @@ def launches(
     # no mask, no scale), and a layer without an output ReLU.
     for has_scale, relu in ((True, True), (False, False), (True, False)):
         dgrad_config = narrow_input_gradient(config, relu, shape.stride == 1)
-        for candidate in tuning_configs(dgrad_config, dtype):
-            tiles, warps, stages = dict(candidate.kwargs), candidate.num_warps, candidate.num_stages
+        for tiles, warps, stages in candidates(dgrad_config):
             dgrad = {"KH": shape.kernel, "KW": shape.kernel, "HAS_SCALE": has_scale,
                      "HAS_CODER": has_coder, "RELU": relu, "UNIT_STRIDE": shape.stride == 1,
                      **tiles}  # fmt: skip
