@@ -87,6 +87,41 @@ def test_wide_channel_tiles_with_training_batchnorm(case):
     check_training_case(case, WIDE_TILES)
 
 
+# sm_90's 256-wide gradient tiles in the weight gradient (pnnh_conv_config.wgrad_tiles), which a
+# launch takes only on a card whose multiprocessors their grid fills: here the launcher is told it
+# runs on an sm_90 card of one multiprocessor. 300 output channels: a full and a masked 256-wide
+# tile, in the learner's and the decoder's weight gradients, with split partials.
+WIDE_GRADIENT_TILES = ConvConfig(
+    block_m=16, block_n=128, block_k=16, block_b=16, num_warps=1, num_stages=1,
+    wgrad_image_tile=128, wgrad_gradient_tile=256, wgrad_splits=2,
+)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case(1, 20, 300, 12, 3, 1, 1, 4, 5, tied=False),
+        Case(1, 20, 300, 12, 3, 1, 1, 4, 5, tied=False, norm=True),
+    ],
+    ids=str,
+)
+def test_wide_gradient_tiles(case, monkeypatch):
+    from pnnh_kernels.triton import pnnh_conv
+    from pnnh_kernels.triton.pnnh_conv_config import wgrad_tiles
+
+    assert wgrad_tiles(WIDE_GRADIENT_TILES, 20, 300, torch.float32, True, 9, 1).block_g == 256
+    assert wgrad_tiles(WIDE_GRADIENT_TILES, 20, 300, torch.float32, True, 9, 0).block_g == 64
+    monkeypatch.setattr(pnnh_conv, "launch_card", lambda device: ((9, 0), 1))
+    pnnh_conv._wgrad_plan.cache_clear()  # plans made without the card
+    try:
+        if case.norm:
+            check_training_case(case, WIDE_GRADIENT_TILES)
+        else:
+            check_case(case, config=WIDE_GRADIENT_TILES)
+    finally:
+        pnnh_conv._wgrad_plan.cache_clear()  # plans made with it
+
+
 def test_wide_tiles_only_on_sm90_where_the_grid_fills_the_gpu():
     from pnnh_kernels.triton.pnnh_conv_config import narrow_input_gradient, wide_tiles
 

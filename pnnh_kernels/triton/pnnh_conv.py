@@ -56,6 +56,7 @@ from pnnh_kernels.triton.pnnh_conv_config import (
     forcing,
     grid_of,
     input_precision,
+    launch_card,
     launch_options,
     narrow_coder_backward,
     narrow_input_gradient,
@@ -448,9 +449,10 @@ def _wgrad_plan(
     """Tiles, split count and the fixed part of the weight gradient's launches, once per shape."""
     n, c_x, height, width = image_shape
     m = n * out_hw[0] * out_hw[1]
-    wgrad = wgrad_tiles(config, c_x, c_g, dtype, relu)
-    block_x, block_g, block_m = wgrad.block_x, wgrad.block_g, wgrad.block_m
     taps = kernel[0] * kernel[1]
+    card = launch_card(device)
+    wgrad = wgrad_tiles(config, c_x, c_g, dtype, relu, taps, 0 if card is None else card[1])
+    block_x, block_g, block_m = wgrad.block_x, wgrad.block_g, wgrad.block_m
     tiles = cdiv(c_x, block_x) * cdiv(c_g, block_g) * taps
     # dy, and y where the kernel reads it: dense images of m x c_g elements
     gradient_bytes = m * c_g * (torch.finfo(dtype).bits // 8) * (1 + relu)

@@ -20,6 +20,13 @@ from pnnh_kernels.backends.fused_common import capped_wgrad_splits
 from pnnh_kernels.observer import modelled_capability, modelled_multiprocessors
 from pnnh_kernels.triton.availability import interpreter_enabled
 
+# Shared memory one block may use: an A100's opt-in maximum is 166,912 bytes, an H100/H200's
+# 232,448. The weight gradient's pipeline is sized to a budget below the card's (every card's
+# configuration but sm_90's 16-bit one takes the A100's, sm_90's its own); ``python -m
+# pnnh_kernels.triton.report --check`` checks the compiled kernels against each card's limit.
+WGRAD_SHARED_MEMORY_BUDGET = 128 * 1024
+HOPPER_WGRAD_SHARED_MEMORY_BUDGET = 208 * 1024
+
 
 @dataclass(frozen=True)
 class ConvConfig:
@@ -37,6 +44,12 @@ class ConvConfig:
     statistics_max_registers: Optional[int] = None
     # The weight gradient's image-channel tile is at most this (see wgrad_tiles).
     wgrad_image_tile: int = 64
+    # The weight gradient's gradient-channel tile where the grid of such tiles is wide enough
+    # (wgrad_tiles); None: the output tile's width, at most 128 in 16-bit and 64 in fp32.
+    wgrad_gradient_tile: Optional[int] = None
+    # The shared memory the weight gradient's pipeline may take (wgrad_tiles halves its pixel step
+    # until it fits).
+    wgrad_shared_budget: int = WGRAD_SHARED_MEMORY_BUDGET
 
 
 # One large-block configuration for the CPU interpreter: it runs one Python program per tile, so
@@ -112,7 +125,7 @@ def config_for_card(
 def _launch_config(
     c_in: int, c_out: int, c_b: int, dtype: torch.dtype, pixels: int, device: Optional[torch.device]
 ) -> ConvConfig:
-    card = None if device is None else _launch_card(device)
+    card = None if device is None else launch_card(device)
     if card is None:
         return _gpu_config(c_in, c_out, c_b, dtype)  # the tiles every card runs
     return config_for_card(c_in, c_out, c_b, dtype, pixels, *card)
@@ -179,6 +192,8 @@ def _gpu_config(
     # two CTAs share a multiprocessor (at 128x128x16x16 it took 134: one CTA; capped, 124 and no
     # spills, 11 more instructions per iteration; the model's latency reading 66 -> 46 us).
     capped = hopper and sixteen_bit and block_n == 128
+    hopper_16 = hopper and sixteen_bit
+    wgrad_budget = HOPPER_WGRAD_SHARED_MEMORY_BUDGET if hopper_16 else WGRAD_SHARED_MEMORY_BUDGET
     return ConvConfig(
         block_m=256 if tall else 128,
         block_n=block_n,
@@ -195,14 +210,12 @@ def _gpu_config(
         # sm_90, 16-bit: 128 x 128 channel tiles in the weight gradient (64 FLOP per byte loaded
         # where 64 x 128 load 43; 128 registers on sm_90, no spills; on sm_80 they spilled).
         wgrad_image_tile=128 if hopper and sixteen_bit else 64,
+        # sm_90, 16-bit: 256-wide gradient tiles where their grid is wide enough (85 FLOP per byte
+        # loaded where 128 x 128 load 64), and the pipeline sized to an H100's 227 KB per block
+        # rather than an A100's 163 (128-pixel steps beside 128 x 128 tiles: half the iterations).
+        wgrad_gradient_tile=256 if hopper_16 else None,
+        wgrad_shared_budget=wgrad_budget,
     )
-
-
-# Shared memory one block may use on the smallest supported card (the A100's opt-in maximum is
-# 166,912 bytes; H100/H200 have 232,448). The weight-gradient tiles are sized to a budget below it so
-# that one choice holds on every card; ``python -m pnnh_kernels.triton.report`` checks the compiled
-# kernels against each card's limit.
-WGRAD_SHARED_MEMORY_BUDGET = 128 * 1024
 
 
 @dataclass(frozen=True)
@@ -224,25 +237,47 @@ def wgrad_shared_bytes(tiles: WgradTiles, stages: int, dtype: torch.dtype, relu:
     return (operands + extra) * element
 
 
+# 256-wide gradient tiles only where their grid (channel tiles x taps, before any split) gives at
+# least this fraction of the multiprocessors a program: at 512x512x4x4 72 programs for 132 (the
+# static model: 69 -> 59 us under its calibrated reading, 77 -> 69 under its latency reading), at
+# 256x256x8x8 18, which only the splits' float32 partials could fill (the model put 7 splits of
+# them at 48 / 43 us against 65 / 52 for 128 x 128 tiles in 3, but their traffic takes the step
+# past the ledger's 0.8x byte budget).
+WIDE_GRADIENT_TILE_FILL = 0.5
+
+
 @functools.lru_cache(maxsize=4096)  # a pure function of its arguments, asked on every launch
-def wgrad_tiles(config: ConvConfig, c_x: int, c_g: int, dtype: torch.dtype, relu: bool) -> WgradTiles:
-    """Tiles of one weight-gradient launch: channel tiles as wide as the configuration's output
-    tile, and a reduction step two K-chunks deep, halved until the pipeline's shared memory fits
-    ``WGRAD_SHARED_MEMORY_BUDGET`` (at 128 x 128 channel tiles a 128-pixel step needed 256 KiB with
+def wgrad_tiles(
+    config: ConvConfig,
+    c_x: int,
+    c_g: int,
+    dtype: torch.dtype,
+    relu: bool,
+    taps: int = 1,
+    multiprocessors: int = 0,
+) -> WgradTiles:
+    """Tiles of one weight-gradient launch of ``taps`` kernel taps on a card of ``multiprocessors``
+    (0: no card; no wide gradient tiles): channel tiles as wide as the configuration's output tile
+    (the gradient's up to ``config.wgrad_gradient_tile`` where WIDE_GRADIENT_TILE_FILL holds), and a
+    reduction step two K-chunks deep, halved until the pipeline's shared memory fits
+    ``config.wgrad_shared_budget`` (at 128 x 128 channel tiles a 128-pixel step needed 256 KiB with
     the ReLU mask: more than any card has)."""
     # 128 x 128 channel tiles spilled on sm_80 (bf16: 16 bytes at 128 registers), and fp32 spilled
     # at 64 x 128: the image tile stays at 64 channels (128 on sm_90 in 16-bit:
     # config.wgrad_image_tile), the gradient tile at 128 (bf16/fp16) or 64.
     gradient_cap = 128 if torch.finfo(dtype).bits <= 16 else 64
-    tiles = WgradTiles(
-        block_size(c_x, min(config.block_n, config.wgrad_image_tile)),
-        block_size(c_g, min(config.block_n, gradient_cap)),
-        2 * config.block_k,
-    )
+    block_x = block_size(c_x, min(config.block_n, config.wgrad_image_tile))
+    block_g = block_size(c_g, min(config.block_n, gradient_cap))
+    wide = config.wgrad_gradient_tile
+    if wide is not None and c_g >= wide and multiprocessors > 0:
+        programs = cdiv(c_x, block_x) * cdiv(c_g, wide) * taps
+        if programs >= WIDE_GRADIENT_TILE_FILL * multiprocessors:
+            block_g = wide
+    tiles = WgradTiles(block_x, block_g, 2 * config.block_k)
     stages = config.num_stages
     while (
         tiles.block_m > 16
-        and wgrad_shared_bytes(tiles, stages, dtype, relu) > WGRAD_SHARED_MEMORY_BUDGET
+        and wgrad_shared_bytes(tiles, stages, dtype, relu) > config.wgrad_shared_budget
     ):
         tiles = replace(tiles, block_m=tiles.block_m // 2)
     return tiles
@@ -290,7 +325,7 @@ def wgrad_splits(
     elsewhere."""
     if config.wgrad_splits is not None:
         return config.wgrad_splits
-    card = _launch_card(device)
+    card = launch_card(device)
     if card is None:
         return 1
     return wgrad_split_count(m, block_m, tiles, card[1], gradient_bytes, taps, c_x, c_g)
@@ -321,9 +356,9 @@ def wgrad_fill_target(splits: int, m: int, block_m: int, tiles: int, multiproces
     """``splits`` (already capped by the partials' traffic), raised toward the fewest splits that
     give every multiprocessor one of the programs, to the count that leaves the busiest
     multiprocessor the fewest steps: a grid smaller than the GPU leaves part of it idle for the
-    whole reduction (256 x 256 channels at 8 x 8 in 64 x 128 tiles: 72 programs of 256 steps on 132
-    multiprocessors; two splits run two programs of 128 steps side by side on the busy ones, and
-    fill the idle ones)."""
+    whole reduction (256 x 256 channels at 8 x 8 in 128 x 128 tiles: 36 programs of 256 steps on
+    132 multiprocessors; three splits give 108 programs of 86 steps, where four would put two
+    programs of 64 on some multiprocessors)."""
     fill = min(wgrad_split_target(m, block_m, tiles, multiprocessors), cdiv(multiprocessors, tiles))
     if fill <= splits:
         return splits
@@ -332,8 +367,11 @@ def wgrad_fill_target(splits: int, m: int, block_m: int, tiles: int, multiproces
         return cdiv(tiles * count, multiprocessors) * cdiv(cdiv(m, count), block_m)
 
     # The count up to the fill with the fewest steps on the busiest multiprocessor; on a tie the
-    # larger (more programs side by side, fewer idle multiprocessors).
-    return min(range(splits, fill + 1), key=lambda count: (busiest(count), -count))
+    # smaller: its float32 partials' traffic is certain, while programs side by side gain only where
+    # two fit one multiprocessor (at 512x512x4x4 the 72 programs of 256-wide gradient tiles, one
+    # per multiprocessor at 214 registers, would take two splits and 38 MB of partials for the same
+    # busiest multiprocessor).
+    return min(range(splits, fill + 1), key=lambda count: (busiest(count), count))
 
 
 @functools.lru_cache(maxsize=16)
@@ -342,7 +380,7 @@ def _capability(index: Optional[int]) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
 
-def _launch_card(device: torch.device) -> Optional[tuple[tuple[int, int], int]]:
+def launch_card(device: torch.device) -> Optional[tuple[tuple[int, int], int]]:
     """(compute capability, multiprocessors) of the card a launch on ``device`` runs on: a CUDA
     device's own, the card a ledger on meta tensors models, the host-cost stub's stand-in for CPU
     tensors; None for plain CPU tensors (nothing to fill, no card's tiles)."""

@@ -362,14 +362,21 @@ def launches(
                      **tiles}  # fmt: skip
             label = ("eval" if has_scale else "train-BN") + (", relu" if relu else "")
             add(label, kernels._pnnh_conv_dgrad_kernel, dgrad, warps, stages)
-    _add_backward_passes(add, shape, config, dtype, oh, ow)
+    _add_backward_passes(add, shape, config, dtype, oh, ow, _TARGET_CARD[target][1])
     return result
 
 
 def _add_backward_passes(
-    add: Any, shape: LayerShape, config: ConvConfig, dtype: torch.dtype, oh: int, ow: int
+    add: Any,
+    shape: LayerShape,
+    config: ConvConfig,
+    dtype: torch.dtype,
+    oh: int,
+    ow: int,
+    multiprocessors: int,
 ) -> None:
-    """The backward's first passes and weight gradients of :func:`launches` (``add`` records one)."""
+    """The backward's first passes and weight gradients of :func:`launches` (``add`` records one)
+    on a card of ``multiprocessors``."""
     c_b = shape.code_channels
     has_coder = c_b > 0
     # (label, C_x, C_g, kernel size, ReLU mask, stored in the weight's layout, H, W); training
@@ -398,7 +405,7 @@ def _add_backward_passes(
                    ("decoder, relu", c_b, shape.c_out, 1, True, False, oh, ow),
                    ("decoder", c_b, shape.c_out, 1, False, False, oh, ow)]  # fmt: skip
     for label, c_x, c_g, kernel, relu, strided_out, height, width in wgrads:
-        tiles = wgrad_tiles(config, c_x, c_g, dtype, relu)
+        tiles = wgrad_tiles(config, c_x, c_g, dtype, relu, kernel * kernel, multiprocessors)
         wgrad = {"KH": kernel, "KW": kernel, "RELU": relu, "STRIDED_OUT": strided_out,
                  "BLOCK_X": tiles.block_x, "BLOCK_G": tiles.block_g,
                  "BLOCK_M": tiles.block_m}  # fmt: skip
