@@ -11,6 +11,12 @@ predicts the 32-deep steps about as fast as the 64-deep ones; the latency readin
 nearly twice as slow, and 4 stages no faster than 3 under either. Each row puts the measured time
 beside both modelled ones, compiled for sm_90 as the report compiles them.
 
+A second table does the same for the training weight gradient (the stored dz), whose sm_90 default
+since 2026-12-07 reduces 128 pixels a step where it reduced 64 (its pipeline sized to an H100's
+shared memory, 208 KiB, instead of an A100's 128): the same bytes in half the iterations, which
+only the latency reading rewards (128x16x16: L2 reading 62.9 -> 62.2 us, latency reading
+67.8 -> 46.7).
+
     python -m bench.mainloop_experiment [--shape 256x128x16x16] [--out DIR]
 
 Without a GPU it prints the modelled columns alone (and says so).
@@ -21,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
 
@@ -28,6 +35,10 @@ import torch
 
 VARIANTS = ((64, 3), (32, 3), (64, 4), (32, 4))  # (channels per K step, pipeline stages)
 KERNEL = "_pnnh_conv_fwd_kernel[bn stats]"
+# The weight gradient's pipeline budgets: an A100's (64-pixel steps at 128 x 128 channel tiles),
+# and sm_90's own (128-pixel steps).
+WGRAD_BUDGETS = (128 * 1024, 208 * 1024)
+WGRAD_KERNEL = "_conv_wgrad_kernel[learner, train-BN]"
 
 
 def variant_config(shape, block_k: int, stages: int):
@@ -41,15 +52,64 @@ def variant_config(shape, block_k: int, stages: int):
     return dataclasses.replace(config, block_k=block_k, num_stages=stages)
 
 
-def modelled_us(shape, config) -> tuple[float, float, int, int]:
-    """(L2 reading, latency reading, SASS per iteration, shared bytes) of the statistics pass."""
+def modelled_us(shape, config, kernel: str = KERNEL) -> tuple[float, float, int, int, str]:
+    """(L2 reading, latency reading, SASS per iteration, shared bytes, tiles) of one launch, the
+    statistics pass unless ``kernel`` names another of the report's launches."""
     from pnnh_kernels.triton import report
 
-    (launch,) = [x for x in report.launches(shape, torch.bfloat16, "sm_90", config) if x.name == KERNEL]
+    (launch,) = [x for x in report.launches(shape, torch.bfloat16, "sm_90", config) if x.name == kernel]
     row = report.compile_row(launch, "bf16", "sm_90", with_model=True)
     if row.modelled_us is None or row.latency_reading_us is None or row.mainloop is None:
-        raise RuntimeError(f"{KERNEL}: no mainloop the model reads in its sm_90 compile")
-    return row.modelled_us, row.latency_reading_us, row.mainloop["total"], row.shared_bytes
+        raise RuntimeError(f"{kernel}: no mainloop the model reads in its sm_90 compile")
+    return row.modelled_us, row.latency_reading_us, row.mainloop["total"], row.shared_bytes, row.tiles
+
+
+def wgrad_step(
+    shape, config, device: str
+) -> tuple[Callable[[], None], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(run, x, dz, out): one launch of the training weight gradient as the launchers make it (x
+    and a stored dz in, a bf16 weight-shaped gradient out, the split partials' reduction
+    included), on random ``shape`` tensors; run it under ``forced_config(config)``."""
+    from pnnh_kernels.conv_geometry import ConvGeometry
+    from pnnh_kernels.triton import pnnh_conv
+
+    n, c, h, w = shape.n, shape.c_in, shape.h, shape.w
+    x, dz = (
+        torch.randn(n, c, h, w, device=device, dtype=torch.bfloat16).to(
+            memory_format=torch.channels_last
+        )
+        for _ in range(2)
+    )
+    out = torch.empty(c, c, 3, 3, device=device, dtype=torch.bfloat16).to(
+        memory_format=torch.channels_last
+    )
+    geometry = ConvGeometry((3, 3), (1, 1), (1, 1), (1, 1))
+
+    def run() -> None:
+        pnnh_conv._wgrad(x, dz, None, (h, w), (3, 3), geometry, config, out=out)
+
+    return run, x, dz, out
+
+
+def wgrad_measured_us(shape, config) -> Optional[float]:
+    """The training weight gradient alone (wgrad_step), as measured_us times it; None without a
+    GPU."""
+    if not torch.cuda.is_available():
+        return None
+    import triton
+
+    from pnnh_kernels.triton.pnnh_conv_config import forced_config
+
+    run = wgrad_step(shape, config, "cuda")[0]
+    with forced_config(config):
+        run()  # compile
+        return 1000.0 * triton.testing.do_bench(run, warmup=25, rep=200, return_mode="median")
+
+
+def _errors(l2: float, latency: float, measured: Optional[float]) -> tuple[str, str]:
+    if measured is None:
+        return "", ""
+    return f"{l2 / measured - 1:+.0%}", f"{latency / measured - 1:+.0%}"
 
 
 def measured_us(shape, config) -> Optional[float]:
@@ -110,15 +170,30 @@ def main(argv: Optional[list[str]] = None) -> None:
     ]
     for block_k, stages in VARIANTS:
         config = variant_config(shape, block_k, stages)
-        l2, latency, sass, shared = modelled_us(shape, config)
+        l2, latency, sass, shared, _ = modelled_us(shape, config)
         measured = measured_us(shape, config)
-        errors = (
-            ("", "")
-            if measured is None
-            else (f"{l2 / measured - 1:+.0%}", f"{latency / measured - 1:+.0%}")
-        )
+        errors = _errors(l2, latency, measured)
         lines.append(
             f"| {block_k} / {stages} | {sass} | {shared} | {l2:.1f} | {latency:.1f} "
+            f"| {'' if measured is None else f'{measured:.1f}'} | {errors[0]} | {errors[1]} |"
+        )
+    lines += [
+        "",
+        f"The training weight gradient ({WGRAD_KERNEL}; split partials and their reduction in the "
+        "measured time, not in the modelled one):",
+        "",
+        "| pipeline budget (KiB) | tiles | SASS per iteration | shared (B) | L2 reading (µs, "
+        "modelled) | latency reading (µs, modelled) | measured (µs) | L2 reading error "
+        "| latency reading error |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for budget in WGRAD_BUDGETS:
+        config = dataclasses.replace(variant_config(shape, 64, 3), wgrad_shared_budget=budget)
+        l2, latency, sass, shared, tiles = modelled_us(shape, config, WGRAD_KERNEL)
+        measured = wgrad_measured_us(shape, config)
+        errors = _errors(l2, latency, measured)
+        lines.append(
+            f"| {budget // 1024} | {tiles} | {sass} | {shared} | {l2:.1f} | {latency:.1f} "
             f"| {'' if measured is None else f'{measured:.1f}'} | {errors[0]} | {errors[1]} |"
         )
     text = "\n".join(lines)

@@ -331,6 +331,25 @@ def test_the_cudnn_layer_is_summed_from_its_nsight_kernels():
     assert {c: round(s * 1e6) for c, s in sums.items()} == {64: 441, 128: 282, 256: 216, 512: 208}
 
 
+def test_the_gpu_experiment_times_a_correct_weight_gradient():
+    """What bench/mainloop_experiment.py times on a GPU is the training weight gradient: run here on
+    the interpreter at a small shape with both pipeline budgets, against PyTorch's."""
+    pytest.importorskip("triton")
+    from bench.mainloop_experiment import WGRAD_BUDGETS, wgrad_step
+    from pnnh_kernels.triton import report
+    from pnnh_kernels.triton.pnnh_conv_config import INTERPRETER_CONFIG, forced_config
+
+    shape = report.parse_shape("2x16x5x6")
+    for budget in WGRAD_BUDGETS:
+        config = dataclasses.replace(INTERPRETER_CONFIG, wgrad_shared_budget=budget, wgrad_splits=2)
+        run, x, dz, out = wgrad_step(shape, config, "cpu")
+        out.fill_(float("nan"))
+        with forced_config(config):
+            run()
+        expected = torch.nn.grad.conv2d_weight(x.double(), tuple(out.shape), dz.double(), padding=1)
+        torch.testing.assert_close(out.double(), expected, rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.skipif(not sass.cuobjdump().exists(), reason="triton's cuobjdump is not installed")
 def test_the_gpu_experiment_separates_the_two_readings(tmp_path):
     """bench/mainloop_experiment.py (device_check.sh runs it on a GPU) prints its modelled columns
@@ -352,3 +371,13 @@ def test_the_gpu_experiment_separates_the_two_readings(tmp_path):
     # the L2 reading: the same bytes, about the same time; the latency reading: twice the steps
     assert abs(l2["32 / 3"] / l2["64 / 3"] - 1) < 0.1
     assert latency["32 / 3"] / latency["64 / 3"] > 1.3
+    # the weight gradient's 128-pixel steps: the same bytes, two thirds of the time or less only
+    # under the latency reading
+    budgets = {
+        row.split("|")[1].strip(): [cell.strip() for cell in row.split("|")[2:-1]]
+        for row in written.read_text().splitlines()
+        if row.startswith("| 128 ") or row.startswith("| 208 ")
+    }
+    assert set(budgets) == {"128", "208"}
+    assert abs(float(budgets["208"][3]) / float(budgets["128"][3]) - 1) < 0.1
+    assert float(budgets["208"][4]) / float(budgets["128"][4]) < 0.75
