@@ -288,11 +288,11 @@ def test_the_weight_gradient_takes_256_wide_gradient_tiles_on_sm90_where_their_g
 # The modelled training step (issue #23): a PNNH layer's Triton step on an H200, its convolution
 # mainloops at the static model's time and every other launch at its roofline, over the cuDNN ResNet
 # layer's kernels as Nsight Compute measured them on an H200 (2026-11-28). The issue's target is
-# 0.8x at every stage; today's kernels are modelled at 0.80 / 0.79 / 0.83 / 0.97x (the kernels of
+# 0.8x at every stage; today's kernels are modelled at 0.80 / 0.78 / 0.81 / 0.90x (the kernels of
 # 743f8f9, before the mainloops' integer work was cut and the weight gradient filled the GPU: 0.88 /
 # 0.94 / 1.32 / 1.12x, which this ratchet fails). The bounds hold today's values with 0.02 of room: a
 # change that makes the modelled step slower fails here, and one that makes it faster lowers them.
-MODELLED_STEP_RATCHET = {"64x32x32": 0.82, "128x16x16": 0.81, "256x8x8": 0.85, "512x4x4": 0.94}
+MODELLED_STEP_RATCHET = {"64x32x32": 0.82, "128x16x16": 0.80, "256x8x8": 0.83, "512x4x4": 0.92}
 MODELLED_STEP_TARGET = 0.8
 
 _MODELLED_STEP = r"""
@@ -322,7 +322,7 @@ def test_the_modelled_training_step_holds_its_ratchet_against_the_cudnn_layer():
     assert set(ratios) == set(MODELLED_STEP_RATCHET)
     over = {stage: round(r, 3) for stage, r in ratios.items() if r > MODELLED_STEP_RATCHET[stage]}
     assert not over, f"modelled step over its ratchet (x the cuDNN layer): {over}"
-    # Where the issue's target stands (not asserted: no stage meets it yet).
+    # Where the issue's target stands (not asserted: two of four stages meet it, by 0.002 at 64x32x32).
     print({stage: f"{r:.2f}x (target {MODELLED_STEP_TARGET}x)" for stage, r in ratios.items()})
 
 

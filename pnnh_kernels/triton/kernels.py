@@ -426,6 +426,7 @@ def _conv_wgrad_kernel(
     RELU: tl.constexpr,
     STRIDED_OUT: tl.constexpr,
     DIRECT_ROWS: tl.constexpr,  # image pixel m is output pixel m's only tap (see below)
+    SAME_ROWS: tl.constexpr,  # stride 1, the image as large as the output (see below)
     INPUT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     BLOCK_X: tl.constexpr,
@@ -465,7 +466,9 @@ def _conv_wgrad_kernel(
     # are below OW and OH), not divided afresh: two run-time divisions per row and step were most
     # of this mainloop's integer work in the sm_90 SASS.
     # DIRECT_ROWS (a 1x1 tap, stride 1, no padding, the image as large as the output): output pixel
-    # m reads image pixel m, and none of this is needed.
+    # m reads image pixel m, and none of this is needed. SAME_ROWS (stride 1, the image as large as
+    # the output): tap (kh, kw) of pixel m reads image pixel m + (dh * W + dw), and the coordinates
+    # serve the padding test alone.
     offs_r = tl.arange(0, BLOCK_M)
     if not DIRECT_ROWS:
         first = m_start + offs_r
@@ -475,28 +478,42 @@ def _conv_wgrad_kernel(
         step_n = BLOCK_M // (OH * OW)
         step_oh = (BLOCK_M % (OH * OW)) // OW
         step_ow = BLOCK_M % OW
+    # Where a step's rows are consecutive pixels (DIRECT_ROWS, SAME_ROWS, and always the gradient's),
+    # a tile's addresses are one 64-bit offset per step (its first pixel, carried) plus 32-bit
+    # offsets fixed for the whole loop (a 64-bit multiply per row and step was a fifth of this
+    # mainloop's SASS).
+    x_offsets = offs_x[:, None] + (offs_r * C_x)[None, :]
+    g_offsets = (offs_r * C_g)[:, None] + offs_g[None, :]
+    step_row = m_start.to(tl.int64)  # the step's first pixel
+    shift = 0
+    if SAME_ROWS:
+        dh = kh * dil_h - pad_h
+        dw = kw * dil_w - pad_w
+        shift = dh * W + dw  # tap (kh, kw) of pixel m is image pixel m + shift
     for m0 in range(m_start, m_end, BLOCK_M):
         offs_m = m0 + offs_r
         mask_m = offs_m < m_end
         if DIRECT_ROWS:
+            a_tile = x_ptr + step_row * C_x + x_offsets
             inside = mask_m
-            row = offs_m.to(tl.int64) * C_x
+        elif SAME_ROWS:
+            a_tile = x_ptr + (step_row + shift) * C_x + x_offsets
+            inside = mask_m & (oh >= -dh) & (oh < H - dh) & (ow >= -dw) & (ow < W - dw)
         else:
             ih = oh * stride_h - pad_h + kh * dil_h
             iw = ow * stride_w - pad_w + kw * dil_w
             inside = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             row = ((image_row + ih) * W + iw) * C_x
-        a = tl.load(
-            x_ptr + row[None, :] + offs_x[:, None], mask=mask_x[:, None] & inside[None, :], other=0.0
-        )
-        g_rows = offs_m.to(tl.int64) * C_g
+            a_tile = x_ptr + row[None, :] + offs_x[:, None]
+        a = tl.load(a_tile, mask=mask_x[:, None] & inside[None, :], other=0.0)
         tile = mask_m[:, None] & mask_g[None, :]
-        g_offsets = g_rows[:, None] + offs_g[None, :]
-        g = tl.load(g_ptr + g_offsets, mask=tile, other=0.0)
+        rows_g = step_row * C_g
+        g = tl.load(g_ptr + rows_g + g_offsets, mask=tile, other=0.0)
         if RELU:
-            y = tl.load(y_ptr + g_offsets, mask=tile, other=0.0)
+            y = tl.load(y_ptr + rows_g + g_offsets, mask=tile, other=0.0)
             g = _relu_grad(g, y)
         acc = _mma(a, g.to(a.dtype), acc, INPUT_PRECISION, UPCAST_DOT)
+        step_row += BLOCK_M
         if not DIRECT_ROWS:
             ow += step_ow
             carry = (ow >= OW).to(tl.int32)
@@ -504,7 +521,8 @@ def _conv_wgrad_kernel(
             oh += step_oh + carry
             carry = (oh >= OH).to(tl.int32)
             oh -= carry * OH
-            image_row += (step_n + carry) * H
+            if not SAME_ROWS:
+                image_row += (step_n + carry) * H
     if STRIDED_OUT:
         out = (
             weight_grad_ptr

@@ -61,6 +61,7 @@ from pnnh_kernels.triton.pnnh_conv_config import (
     narrow_coder_backward,
     narrow_input_gradient,
     reduce_block_k,
+    same_rows,
     statistics_launch_options,
     tuned_or_fixed,
     upcast_dot,
@@ -473,6 +474,7 @@ def _wgrad_plan(
         DIRECT_ROWS=direct_rows(
             kernel, geometry.stride, geometry.padding, (height, width), tuple(out_hw)
         ),
+        SAME_ROWS=same_rows(kernel, geometry.stride, geometry.padding, (height, width), tuple(out_hw)),
         INPUT_PRECISION=precision,
         UPCAST_DOT=upcast_dot(dtype),
         BLOCK_X=block_x,

@@ -275,10 +275,10 @@ def wgrad_tiles(
             block_g = wide
     tiles = WgradTiles(block_x, block_g, 2 * config.block_k)
     stages = config.num_stages
-    while (
-        tiles.block_m > 16
-        and wgrad_shared_bytes(tiles, stages, dtype, relu) > config.wgrad_shared_budget
-    ):
+    # Image tiles under 64 channels compile to mma.sync, not wgmma, and keep the A100's budget: at
+    # 32 x 128 channels, 128-pixel steps and the ReLU mask they spilled 32 bytes on sm_90.
+    budget = config.wgrad_shared_budget if block_x >= 64 else WGRAD_SHARED_MEMORY_BUDGET
+    while tiles.block_m > 16 and wgrad_shared_bytes(tiles, stages, dtype, relu) > budget:
         tiles = replace(tiles, block_m=tiles.block_m // 2)
     return tiles
 
@@ -307,6 +307,20 @@ def direct_rows(
     1x1 tap, stride 1, no padding before the image, and the image as large as the output (which
     rules out padding after it)."""
     return kernel == (1, 1) and stride == (1, 1) and padding == (0, 0) and image_hw == out_hw
+
+
+def same_rows(
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    image_hw: tuple[int, int],
+    out_hw: tuple[int, int],
+) -> bool:
+    """Whether a weight gradient's tap of output pixel m reads image pixel m plus a constant (the
+    kernel's SAME_ROWS): stride 1 and the image as large as the output ("same" padding), where
+    :func:`direct_rows` does not already hold."""
+    direct = direct_rows(kernel, stride, padding, image_hw, out_hw)
+    return stride == (1, 1) and image_hw == out_hw and not direct
 
 
 def wgrad_splits(

@@ -54,6 +54,7 @@ from pnnh_kernels.triton.pnnh_conv_config import (
     narrow_coder_backward,
     narrow_input_gradient,
     reduce_block_k,
+    same_rows,
     tuning_configs,
     wgrad_split_count,
     wgrad_split_rows,
@@ -419,6 +420,9 @@ def _add_backward_passes(
         stride = extra.get("stride_h", shape.stride)
         pad = extra.get("pad_h", shape.padding)
         wgrad["DIRECT_ROWS"] = direct_rows(
+            (kernel, kernel), (stride, stride), (pad, pad), (height, width), (oh, ow)
+        )
+        wgrad["SAME_ROWS"] = same_rows(
             (kernel, kernel), (stride, stride), (pad, pad), (height, width), (oh, ow)
         )
         add(label, kernels._conv_wgrad_kernel, wgrad, config.num_warps, config.num_stages,
