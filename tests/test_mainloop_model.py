@@ -248,14 +248,20 @@ def test_the_weight_gradient_fills_the_gpu_where_that_saves_the_busiest_multipro
     36 programs of 128 x 128 channels on 132 multiprocessors. Three splits (108 programs of 86
     steps) beat two (128) and four (two programs of 64 on some); at 128 x 128 channels at 16 x 16 the
     cap's 7 splits (126 programs) stay, since 8 (144) would put two programs of 128 steps on some
-    multiprocessors instead of one of 147. On a tie the fewer splits: 72 programs take one split
-    (256 steps), not two (two programs of 128 on some multiprocessors, and twice the partials)."""
-    from pnnh_kernels.triton.pnnh_conv_config import wgrad_fill_target
+    multiprocessors instead of one of 147. On a tie (72 programs: one split of 256 steps, or two
+    of 128 with two programs on some multiprocessors) the larger where two programs fit one
+    multiprocessor, else the smaller (the partials would buy nothing)."""
+    from pnnh_kernels.triton.pnnh_conv_config import side_by_side, wgrad_fill_target
 
     assert wgrad_fill_target(1, 16384, 64, 36, 132) == 3
     assert wgrad_fill_target(7, 65536, 64, 18, 132) == 7
-    assert wgrad_fill_target(1, 16384, 64, 72, 132) == 1
+    assert wgrad_fill_target(1, 16384, 64, 72, 132, side_by_side=True) == 2
+    assert wgrad_fill_target(1, 16384, 64, 72, 132, side_by_side=False) == 1
     assert wgrad_fill_target(1, 4096, 64, 288, 132) == 1  # already more programs than multiprocessors
+    # 256-wide gradient tiles on sm_90 (147,456 bytes): one per multiprocessor; 64 x 128 on an A100
+    # (73,728): two
+    assert not side_by_side(147_456, (9, 0))
+    assert side_by_side(73_728, (8, 0))
 
 
 def test_the_weight_gradient_takes_256_wide_gradient_tiles_on_sm90_where_their_grid_is_wide():
@@ -288,11 +294,11 @@ def test_the_weight_gradient_takes_256_wide_gradient_tiles_on_sm90_where_their_g
 # The modelled training step (issue #23): a PNNH layer's Triton step on an H200, its convolution
 # mainloops at the static model's time and every other launch at its roofline, over the cuDNN ResNet
 # layer's kernels as Nsight Compute measured them on an H200 (2026-11-28). The issue's target is
-# 0.8x at every stage; today's kernels are modelled at 0.80 / 0.78 / 0.81 / 0.90x (the kernels of
+# 0.8x at every stage; today's kernels are modelled at 0.80 / 0.70 / 0.81 / 0.90x (the kernels of
 # 743f8f9, before the mainloops' integer work was cut and the weight gradient filled the GPU: 0.88 /
 # 0.94 / 1.32 / 1.12x, which this ratchet fails). The bounds hold today's values with 0.02 of room: a
 # change that makes the modelled step slower fails here, and one that makes it faster lowers them.
-MODELLED_STEP_RATCHET = {"64x32x32": 0.82, "128x16x16": 0.80, "256x8x8": 0.83, "512x4x4": 0.92}
+MODELLED_STEP_RATCHET = {"64x32x32": 0.82, "128x16x16": 0.72, "256x8x8": 0.83, "512x4x4": 0.92}
 MODELLED_STEP_TARGET = 0.8
 
 _MODELLED_STEP = r"""
@@ -337,17 +343,24 @@ def test_the_gpu_experiment_times_a_correct_weight_gradient():
     pytest.importorskip("triton")
     from bench.mainloop_experiment import WGRAD_BUDGETS, wgrad_step
     from pnnh_kernels.triton import report
-    from pnnh_kernels.triton.pnnh_conv_config import INTERPRETER_CONFIG, forced_config
+    from pnnh_kernels.triton.pnnh_conv_config import INTERPRETER_CONFIG, forced_config, wgrad_tiles
 
-    shape = report.parse_shape("2x16x5x6")
+    # 128 channels, 144 pixels, sm_90's tiles: 64- and 128-pixel steps, two splits either way
+    shape = report.parse_shape("2x128x8x9")
+    sm90 = dataclasses.replace(
+        INTERPRETER_CONFIG, block_n=128, wgrad_image_tile=128, num_stages=3, wgrad_splits=2
+    )
+    steps = []
     for budget in WGRAD_BUDGETS:
-        config = dataclasses.replace(INTERPRETER_CONFIG, wgrad_shared_budget=budget, wgrad_splits=2)
+        config = dataclasses.replace(sm90, wgrad_shared_budget=budget)
+        steps.append(wgrad_tiles(config, 128, 128, torch.bfloat16, False, 9, 0).block_m)
         run, x, dz, out = wgrad_step(shape, config, "cpu")
         out.fill_(float("nan"))
         with forced_config(config):
             run()
         expected = torch.nn.grad.conv2d_weight(x.double(), tuple(out.shape), dz.double(), padding=1)
         torch.testing.assert_close(out.double(), expected, rtol=2e-2, atol=2e-2)
+    assert steps == [64, 128]
 
 
 @pytest.mark.skipif(not sass.cuobjdump().exists(), reason="triton's cuobjdump is not installed")

@@ -83,14 +83,15 @@ def test_wide_channel_tiles_with_training_batchnorm(case):
     from pnnh_kernels.triton.pnnh_conv_config import wgrad_tiles
 
     if case.c_in > 64:
-        assert wgrad_tiles(WIDE_TILES, case.c_in, case.c_out, torch.float32, False).block_x == 128
+        assert wgrad_tiles(WIDE_TILES, case.c_in, case.c_out, torch.float32, False, 9, 0).block_x == 128
     check_training_case(case, WIDE_TILES)
 
 
 # sm_90's 256-wide gradient tiles in the weight gradient (pnnh_conv_config.wgrad_tiles), which a
 # launch takes only on a card whose multiprocessors their grid fills: here the launcher is told it
 # runs on an sm_90 card of one multiprocessor. 300 output channels: a full and a masked 256-wide
-# tile, in the learner's and the decoder's weight gradients, with split partials.
+# tile, in the learner's and the decoder's weight gradients; 72 pixels in 32-pixel steps: two
+# splits, their partials added by the reduction.
 WIDE_GRADIENT_TILES = ConvConfig(
     block_m=16, block_n=128, block_k=16, block_b=16, num_warps=1, num_stages=1,
     wgrad_image_tile=128, wgrad_gradient_tile=256, wgrad_splits=2,
@@ -100,8 +101,8 @@ WIDE_GRADIENT_TILES = ConvConfig(
 @pytest.mark.parametrize(
     "case",
     [
-        Case(1, 20, 300, 12, 3, 1, 1, 4, 5, tied=False),
-        Case(1, 20, 300, 12, 3, 1, 1, 4, 5, tied=False, norm=True),
+        Case(1, 20, 300, 12, 3, 1, 1, 8, 9, tied=False),
+        Case(1, 20, 300, 12, 3, 1, 1, 8, 9, tied=False, norm=True),
     ],
     ids=str,
 )
@@ -112,14 +113,25 @@ def test_wide_gradient_tiles(case, monkeypatch):
     assert wgrad_tiles(WIDE_GRADIENT_TILES, 20, 300, torch.float32, True, 9, 1).block_g == 256
     assert wgrad_tiles(WIDE_GRADIENT_TILES, 20, 300, torch.float32, True, 9, 0).block_g == 64
     monkeypatch.setattr(pnnh_conv, "launch_card", lambda device: ((9, 0), 1))
-    pnnh_conv._wgrad_plan.cache_clear()  # plans made without the card
+    plans = []  # the launches' weight-gradient plans: 256-wide tiles, two splits
+
+    def recording_plan(*arguments):
+        plans.append(planned(*arguments))
+        return plans[-1]
+
+    planned = pnnh_conv._wgrad_plan
+    monkeypatch.setattr(pnnh_conv, "_wgrad_plan", recording_plan)
+    planned.cache_clear()  # plans made without the card
     try:
         if case.norm:
             check_training_case(case, WIDE_GRADIENT_TILES)
         else:
             check_case(case, config=WIDE_GRADIENT_TILES)
     finally:
-        pnnh_conv._wgrad_plan.cache_clear()  # plans made with it
+        planned.cache_clear()  # plans made with it
+    wide = [plan for plan in plans if plan.site.constants["BLOCK_G"] == 256]
+    assert wide
+    assert all(plan.splits == 2 for plan in wide)
 
 
 def test_wide_tiles_only_on_sm90_where_the_grid_fills_the_gpu():
@@ -138,11 +150,13 @@ def test_wide_tiles_only_on_sm90_where_the_grid_fills_the_gpu():
     from pnnh_kernels.triton.pnnh_conv_config import config_for_card, wgrad_tiles
 
     # sm_90 in 16-bit: 128-wide image tiles in the weight gradient, the statistics pass capped at 128
-    # registers where its tiles are 128 x 128; sm_80 neither.
-    hopper_config = config_for_card(128, 128, 64, torch.bfloat16, 256 * 16 * 16, *hopper)
-    ampere_config = config_for_card(128, 128, 64, torch.bfloat16, 256 * 16 * 16, *ampere)
-    assert wgrad_tiles(hopper_config, 128, 128, torch.bfloat16, False).block_x == 128
-    assert wgrad_tiles(ampere_config, 128, 128, torch.bfloat16, False).block_x == 64
+    # registers where its tiles are 128 x 128 (32 x 16 x 16 pixels: too few for 256-pixel tiles);
+    # sm_80 neither.
+    hopper_config = config_for_card(128, 128, 64, torch.bfloat16, 32 * 16 * 16, *hopper)
+    ampere_config = config_for_card(128, 128, 64, torch.bfloat16, 32 * 16 * 16, *ampere)
+    assert (hopper_config.block_m, hopper_config.block_n) == (128, 128)
+    assert wgrad_tiles(hopper_config, 128, 128, torch.bfloat16, False, 9, 132).block_x == 128
+    assert wgrad_tiles(ampere_config, 128, 128, torch.bfloat16, False, 9, 108).block_x == 64
     assert hopper_config.statistics_max_registers == 128
     assert ampere_config.statistics_max_registers is None
     # the apply pass's code chunks: 64 channels on sm_90 beside 128-wide tiles, 32 elsewhere
@@ -153,6 +167,43 @@ def test_wide_tiles_only_on_sm90_where_the_grid_fills_the_gpu():
     assert (tall.block_m, tall.block_n) == (256, 64)
     assert narrow_input_gradient(tall, relu=True, unit_stride=True).block_m == 128
     assert config_for_card(64, 64, 32, torch.bfloat16, 256 * 32 * 32, *ampere).block_m == 128
+    # ... and 256 x 128 at 128 channels where their grid fills the GPU, uncapped; the launches with
+    # the coder's epilogue and the eval-mode (scaled) input gradient keep 128-pixel tiles there
+    from pnnh_kernels.triton.pnnh_conv_config import narrow_coder_epilogue, tall_tiles
+
+    tall_128 = config_for_card(128, 128, 64, torch.bfloat16, 256 * 16 * 16, *hopper)
+    assert (tall_128.block_m, tall_128.block_n, tall_128.statistics_max_registers) == (256, 128, None)
+    assert narrow_coder_epilogue(tall_128).block_m == 128
+    assert narrow_coder_epilogue(tall).block_m == 256  # 256 x 64 fits
+    assert narrow_input_gradient(tall_128, relu=False, unit_stride=True, scaled=True).block_m == 128
+    assert narrow_input_gradient(tall_128, relu=False, unit_stride=True).block_m == 256
+    assert not tall_tiles(512, 512, torch.bfloat16, 256 * 4 * 4, *hopper)  # 64 tiles for 132
+    assert not tall_tiles(128, 128, torch.float32, 256 * 16 * 16, *hopper)
+    assert not tall_tiles(128, 128, torch.bfloat16, 256 * 16 * 16, *ampere)
+
+
+# sm_90's 256 x 128 tiles with the interpreter's channel tiles: the statistics pass and the training
+# input gradient take 256-pixel tiles, the apply pass, the fused forward, the eval-mode input
+# gradient and the coder backward 128-pixel ones (narrow_coder_epilogue, narrow_input_gradient,
+# narrow_coder_backward). 300 pixels: two 256-pixel tiles, the second masked.
+TALL_TILES = ConvConfig(
+    block_m=256, block_n=128, block_k=16, block_b=16, num_warps=1, num_stages=1, wgrad_splits=2
+)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [Case(3, 20, 24, 10, 3, 1, 1, 10, 10), Case(3, 20, 24, 10, 3, 1, 1, 10, 10, norm=True)],
+    ids=str,
+)
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_tall_tiles(case, training):
+    if training and not case.norm:
+        pytest.skip("training BatchNorm needs a norm")
+    if training:
+        check_training_case(case, TALL_TILES)
+    else:
+        check_case(case, config=TALL_TILES)  # with a norm: eval mode, the scaled input gradient
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)

@@ -59,12 +59,14 @@ from pnnh_kernels.triton.pnnh_conv_config import (
     launch_card,
     launch_options,
     narrow_coder_backward,
+    narrow_coder_epilogue,
     narrow_input_gradient,
     reduce_block_k,
     same_rows,
     statistics_launch_options,
     tuned_or_fixed,
     upcast_dot,
+    wgrad_shared_bytes,
     wgrad_split_rows,
     wgrad_splits,
     wgrad_tiles,
@@ -142,6 +144,8 @@ def _launch_forward(
     c_b = encoder_weight.shape[0] if has_coder else 0
     write_stats = partials is not None
     z_input = z is not None and not write_stats
+    if not write_stats:
+        config = narrow_coder_epilogue(config)
     site = _forward_site(
         tuple(x.shape), tuple(weight.shape), weight.stride(), c_b,
         (scale is not None, shift is not None, encoder_bias is not None, write_stats, z_input, relu),
@@ -457,7 +461,8 @@ def _wgrad_plan(
     tiles = cdiv(c_x, block_x) * cdiv(c_g, block_g) * taps
     # dy, and y where the kernel reads it: dense images of m x c_g elements
     gradient_bytes = m * c_g * (torch.finfo(dtype).bits // 8) * (1 + relu)
-    splits = wgrad_splits(config, m, block_m, tiles, device, gradient_bytes, taps, c_x, c_g)
+    shared = wgrad_shared_bytes(wgrad, config.num_stages, dtype, relu)
+    splits = wgrad_splits(config, m, block_m, tiles, device, gradient_bytes, taps, c_x, c_g, shared)
     splits, m_per_split = wgrad_split_rows(m, block_m, splits)
     strided_out = out_layout is not None and splits == 1
     out_strides = tuple(out_layout[1]) if out_layout is not None else (0, 0, 0, 0)
@@ -638,7 +643,9 @@ def _input_grad(
     """dX [N, C_in, H, W] (channels_last memory) of both paths (``_pnnh_conv_dgrad_kernel``): the
     learner's transposed convolution of ``learner`` (masked by ``y_image > 0`` and scaled when
     given; training BatchNorm's dz as it is) and the coder's ``dpre @ W_E``."""
-    config = narrow_input_gradient(config, y_image is not None, geometry.stride == (1, 1))
+    config = narrow_input_gradient(
+        config, y_image is not None, geometry.stride == (1, 1), scale is not None
+    )
     n, c_in, height, width = input_shape
     c_out, _, kh, kw = weight.shape
     oh, ow = learner.shape[2], learner.shape[3]

@@ -115,7 +115,8 @@ def config_for_card(
 ) -> ConvConfig:
     """The GPU configuration of a layer on a card (the ahead-of-time report asks per target)."""
     wide = wide_tiles(c_in, c_out, dtype, pixels, capability, multiprocessors)
-    return _gpu_config(c_in, c_out, c_b, dtype, capability[0] == 9, wide)
+    tall = not wide and tall_tiles(c_in, c_out, dtype, pixels, capability, multiprocessors)
+    return _gpu_config(c_in, c_out, c_b, dtype, capability[0] == 9, wide, tall)
 
 
 # Cached by device: a CUDA device's card never changes, and a meta or CPU-stub device stands for
@@ -157,13 +158,51 @@ def wide_tiles(
     return cdiv(pixels, 128) * cdiv(c_out, 256) >= WIDE_TILE_FILL * multiprocessors
 
 
+# 256-pixel tiles (beside 64 or 128 output channels) load 51 / 85 FLOP per byte where 128-pixel ones
+# load 43 / 64: the static model puts the forward statistics pass and the training input gradient
+# at 64x64x32x32 about 11% faster (256 x 64, under both its readings) and at 128x128x16x16 18-20%
+# under its calibrated reading and 8% under its latency reading (256 x 128: 59.0 / 45.6 -> 48.1 /
+# 42.1 us and 58.8 / 44.8 -> 47.1 / 41.2). sm_90 in 16-bit only (on sm_80 256-pixel tiles spilled),
+# from 64 input channels, and where the grid of them gives WIDE_TILE_FILL of the multiprocessors a
+# tile (at 512x512x4x4 it would give 64 to 132). Where 128 x 256 tiles are chosen (wide_tiles) they
+# are kept: at 256x256x8x8 the model puts 256 x 128 slightly behind them.
+def tall_tiles(
+    c_in: int,
+    c_out: int,
+    dtype: torch.dtype,
+    pixels: int,
+    capability: tuple[int, int],
+    multiprocessors: int,
+) -> bool:
+    """Whether a layer's launches take 256-pixel tiles on a card (see above)."""
+    block_n = block_size(c_out, 128)
+    if capability[0] != 9 or torch.finfo(dtype).bits > 16 or c_in < 64 or block_n < 64:
+        return False
+    return cdiv(pixels, 256) * cdiv(c_out, block_n) >= WIDE_TILE_FILL * multiprocessors
+
+
 @functools.lru_cache(maxsize=256)  # asked every backward step: a cached lookup, no replace()
-def narrow_input_gradient(config: ConvConfig, relu: bool, unit_stride: bool) -> ConvConfig:
-    """The input gradient keeps 128 x 128 tiles at most with a ReLU mask or a stride: sm_90's wide
-    and tall ones spilled there (128 x 256: 24 bytes with the mask, 32 in a stride-2 layer's
-    general path; 256 x 64: 48-104 bytes with the mask)."""
+def narrow_input_gradient(
+    config: ConvConfig, relu: bool, unit_stride: bool, scaled: bool = False
+) -> ConvConfig:
+    """The input gradient keeps 128 x 128 tiles at most with a ReLU mask or a stride, and 128-pixel
+    tiles beside 128 channels with a scale (eval mode): sm_90's wide and tall ones spilled there
+    (128 x 256: 24 bytes with the mask, 32 in a stride-2 layer's general path; 256 x 64: 48-104
+    bytes with the mask; 256 x 128: 104 bytes with the scale)."""
     if (config.block_n > 128 or config.block_m > 128) and (relu or not unit_stride):
         return replace(config, block_m=min(config.block_m, 128), block_n=min(config.block_n, 128))
+    if config.block_m > 128 and config.block_n > 64 and scaled:
+        return replace(config, block_m=128)
+    return config
+
+
+@functools.lru_cache(maxsize=256)  # asked every forward: a cached lookup
+def narrow_coder_epilogue(config: ConvConfig) -> ConvConfig:
+    """The fused forward and the training apply pass (the launches with the coder's epilogue) keep
+    128-pixel tiles beside more than 64 output channels: 256 x 128 tiles spilled 176-312 bytes on
+    sm_90 there (the code chunk's accumulator beside the output tile's)."""
+    if config.block_m > 128 and config.block_n > 64:
+        return replace(config, block_m=128)
     return config
 
 
@@ -176,7 +215,13 @@ def narrow_coder_backward(config: ConvConfig) -> ConvConfig:
 
 @functools.lru_cache(maxsize=4096)  # the launchers ask on every call; a pure function of its key
 def _gpu_config(
-    c_in: int, c_out: int, c_b: int, dtype: torch.dtype, hopper: bool = False, wide: bool = False
+    c_in: int,
+    c_out: int,
+    c_b: int,
+    dtype: torch.dtype,
+    hopper: bool = False,
+    wide: bool = False,
+    tall: bool = False,
 ) -> ConvConfig:
     # GPU: bf16/fp16 tiles twice as deep as fp32 for the same shared memory per stage. In fp32 with
     # 64-wide output tiles the training-mode input gradient spilled 16 bytes on sm_80 (8 warps at
@@ -184,14 +229,12 @@ def _gpu_config(
     deep = 64 if dtype != torch.float32 else (32 if c_out > 64 else 16)
     block_n = 256 if wide else block_size(c_out, 128)
     sixteen_bit = torch.finfo(dtype).bits <= 16
-    # sm_90, 16-bit, 64 output channels: 256 x 64 tiles (51 FLOP per byte loaded where 128 x 64
-    # load 43; cuDNN's fprop takes 256 x 64 there too): the model puts the forward statistics and
-    # the training input gradient at 64x64x32x32 about 11% faster under both its readings.
-    tall = hopper and sixteen_bit and block_n == 64 and c_in >= 64
+    # sm_90, 16-bit: 256-pixel tiles where tall_tiles says (cuDNN's fprop takes 256 x 64 and 256 x
+    # 128 at these shapes too).
     # sm_90, 16-bit, 128 x 128 tiles: the forward statistics pass held to 128 registers, which lets
     # two CTAs share a multiprocessor (at 128x128x16x16 it took 134: one CTA; capped, 124 and no
     # spills, 11 more instructions per iteration; the model's latency reading 66 -> 46 us).
-    capped = hopper and sixteen_bit and block_n == 128
+    capped = hopper and sixteen_bit and block_n == 128 and not tall
     hopper_16 = hopper and sixteen_bit
     wgrad_budget = HOPPER_WGRAD_SHARED_MEMORY_BUDGET if hopper_16 else WGRAD_SHARED_MEMORY_BUDGET
     return ConvConfig(
@@ -253,8 +296,8 @@ def wgrad_tiles(
     c_g: int,
     dtype: torch.dtype,
     relu: bool,
-    taps: int = 1,
-    multiprocessors: int = 0,
+    taps: int,
+    multiprocessors: int,
 ) -> WgradTiles:
     """Tiles of one weight-gradient launch of ``taps`` kernel taps on a card of ``multiprocessors``
     (0: no card; no wide gradient tiles): channel tiles as wide as the configuration's output tile
@@ -277,7 +320,9 @@ def wgrad_tiles(
     stages = config.num_stages
     # Image tiles under 64 channels compile to mma.sync, not wgmma, and keep the A100's budget: at
     # 32 x 128 channels, 128-pixel steps and the ReLU mask they spilled 32 bytes on sm_90.
-    budget = config.wgrad_shared_budget if block_x >= 64 else WGRAD_SHARED_MEMORY_BUDGET
+    budget = config.wgrad_shared_budget
+    if block_x < 64:
+        budget = min(budget, WGRAD_SHARED_MEMORY_BUDGET)
     while tiles.block_m > 16 and wgrad_shared_bytes(tiles, stages, dtype, relu) > budget:
         tiles = replace(tiles, block_m=tiles.block_m // 2)
     return tiles
@@ -333,16 +378,18 @@ def wgrad_splits(
     taps: int,
     c_x: int,
     c_g: int,
+    shared_bytes: int,
 ) -> int:
     """How many pixel ranges the weight-gradient reduction is split into: the configuration's
-    number if it sets one (tests), else on a GPU :func:`wgrad_split_count` for its card, and 1
-    elsewhere."""
+    number if it sets one (tests), else on a GPU :func:`wgrad_split_count` for its card
+    (``shared_bytes``: one program's pipeline, wgrad_shared_bytes), and 1 elsewhere."""
     if config.wgrad_splits is not None:
         return config.wgrad_splits
     card = launch_card(device)
     if card is None:
         return 1
-    return wgrad_split_count(m, block_m, tiles, card[1], gradient_bytes, taps, c_x, c_g)
+    pair = side_by_side(shared_bytes, card[0])
+    return wgrad_split_count(m, block_m, tiles, card[1], gradient_bytes, taps, c_x, c_g, pair)
 
 
 def wgrad_split_count(
@@ -354,25 +401,40 @@ def wgrad_split_count(
     taps: int,
     c_x: int,
     c_g: int,
+    two_per_multiprocessor: bool = True,
 ) -> int:
     """The weight gradient's split count on a card of ``multiprocessors`` (before
     :func:`wgrad_split_rows`): the target of :func:`wgrad_split_target`, capped by the float32
     partials' traffic (fused_common.capped_wgrad_splits, the rule both fused backends share,
-    ``gradient_bytes``: the gradient rows the kernel reads), then raised by :func:`wgrad_fill_target`.
-    The launchers and the static model's report (pnnh_kernels.triton.report) both size the launch
-    with it."""
+    ``gradient_bytes``: the gradient rows the kernel reads), then raised by :func:`wgrad_fill_target`
+    (``two_per_multiprocessor``: :func:`side_by_side` of its programs). The launchers and the
+    static model's report (pnnh_kernels.triton.report) both size the launch with it."""
     splits = wgrad_split_target(m, block_m, tiles, multiprocessors)
     splits = capped_wgrad_splits(splits, gradient_bytes, taps, c_x, c_g)
-    return wgrad_fill_target(splits, m, block_m, tiles, multiprocessors)
+    return wgrad_fill_target(splits, m, block_m, tiles, multiprocessors, two_per_multiprocessor)
 
 
-def wgrad_fill_target(splits: int, m: int, block_m: int, tiles: int, multiprocessors: int) -> int:
+# Shared memory of one multiprocessor, by compute capability major: sm_80 (A100) 164 KiB, sm_90
+# (H100/H200) 228 KiB; others (sm_86/89: 100 KiB) taken as the smallest.
+MULTIPROCESSOR_SHARED_BYTES = {8: 167_936, 9: 233_472}
+
+
+def side_by_side(shared_bytes: int, capability: tuple[int, int]) -> bool:
+    """Whether two weight-gradient programs whose pipelines take ``shared_bytes`` each fit one
+    multiprocessor's shared memory (1 KiB reserved per block)."""
+    capacity = MULTIPROCESSOR_SHARED_BYTES.get(capability[0], 102_400)
+    return 2 * (shared_bytes + 1024) <= capacity
+
+
+def wgrad_fill_target(
+    splits: int, m: int, block_m: int, tiles: int, multiprocessors: int, side_by_side: bool = True
+) -> int:
     """``splits`` (already capped by the partials' traffic), raised toward the fewest splits that
     give every multiprocessor one of the programs, to the count that leaves the busiest
     multiprocessor the fewest steps: a grid smaller than the GPU leaves part of it idle for the
-    whole reduction (256 x 256 channels at 8 x 8 in 128 x 128 tiles: 36 programs of 256 steps on
-    132 multiprocessors; three splits give 108 programs of 86 steps, where four would put two
-    programs of 64 on some multiprocessors)."""
+    whole reduction (256 x 256 channels at 8 x 8 in 128 x 128 tiles of 128-pixel steps: 36
+    programs of 128 steps on 132 multiprocessors; three splits give 108 programs of 43 steps, where
+    four would put two programs of 32 on some multiprocessors)."""
     fill = min(wgrad_split_target(m, block_m, tiles, multiprocessors), cdiv(multiprocessors, tiles))
     if fill <= splits:
         return splits
@@ -381,11 +443,12 @@ def wgrad_fill_target(splits: int, m: int, block_m: int, tiles: int, multiproces
         return cdiv(tiles * count, multiprocessors) * cdiv(cdiv(m, count), block_m)
 
     # The count up to the fill with the fewest steps on the busiest multiprocessor; on a tie the
-    # smaller: its float32 partials' traffic is certain, while programs side by side gain only where
-    # two fit one multiprocessor (at 512x512x4x4 the 72 programs of 256-wide gradient tiles, one
-    # per multiprocessor at 214 registers, would take two splits and 38 MB of partials for the same
-    # busiest multiprocessor).
-    return min(range(splits, fill + 1), key=lambda count: (busiest(count), count))
+    # larger where two programs fit one multiprocessor (``side_by_side``: they run side by side and
+    # fewer multiprocessors idle), else the smaller: then their float32 partials' traffic buys
+    # nothing (at 512x512x4x4 the 72 programs of 256-wide gradient tiles, 147 KB of shared memory
+    # each, would take two splits and 38 MB of partials for the same busiest multiprocessor).
+    order = -1 if side_by_side else 1
+    return min(range(splits, fill + 1), key=lambda count: (busiest(count), order * count))
 
 
 @functools.lru_cache(maxsize=16)

@@ -46,16 +46,20 @@ from pnnh_kernels.shapes import argparse_type, shape_with_options
 from pnnh_kernels.triton import kernels
 from pnnh_kernels.triton.pnnh_conv_config import (
     ConvConfig,
+    WgradTiles,
     block_size,
     cdiv,
     code_in_main_loop,
     config_for_card,
     direct_rows,
     narrow_coder_backward,
+    narrow_coder_epilogue,
     narrow_input_gradient,
     reduce_block_k,
     same_rows,
+    side_by_side,
     tuning_configs,
+    wgrad_shared_bytes,
     wgrad_split_count,
     wgrad_split_rows,
     wgrad_tiles,
@@ -339,9 +343,10 @@ def launches(
         "WRITE_STATS": False,
         "BLOCK_B": config.block_b,
     }
-    in_main_loop = code_in_main_loop(config, c_b, shape.kernel, shape.kernel)
+    epilogue_config = narrow_coder_epilogue(config)
+    in_main_loop = code_in_main_loop(epilogue_config, c_b, shape.kernel, shape.kernel)
     for relu in (True, False):
-        for tiles, warps, stages in candidates():
+        for tiles, warps, stages in candidates(epilogue_config):
             fused = {**forward, **tiles, "CODE_IN_MAIN_LOOP": in_main_loop, "Z_INPUT": False}
             add("relu" if relu else "linear", kernels._pnnh_conv_fwd_kernel,
                 {**fused, "RELU": relu}, warps, stages)  # fmt: skip
@@ -356,7 +361,7 @@ def launches(
     # Input gradient: eval mode (scale folded, ReLU mask), training mode (BatchNorm's dz as it is:
     # no mask, no scale), and a layer without an output ReLU.
     for has_scale, relu in ((True, True), (False, False), (True, False)):
-        dgrad_config = narrow_input_gradient(config, relu, shape.stride == 1)
+        dgrad_config = narrow_input_gradient(config, relu, shape.stride == 1, has_scale)
         for tiles, warps, stages in candidates(dgrad_config):
             dgrad = {"KH": shape.kernel, "KW": shape.kernel, "HAS_SCALE": has_scale,
                      "HAS_CODER": has_coder, "RELU": relu, "UNIT_STRIDE": shape.stride == 1,
@@ -517,8 +522,10 @@ def model_launch(
         pixels, c_x, c_g = i["M"], i["C_x"], i["C_g"]
         tiles = cdiv(c_x, c["BLOCK_X"]) * cdiv(c_g, c["BLOCK_G"]) * taps
         reads = 1 + c["RELU"]  # dy (or dz), and y where read
+        program = WgradTiles(c["BLOCK_X"], c["BLOCK_G"], c["BLOCK_M"])
+        pair = side_by_side(wgrad_shared_bytes(program, launch.num_stages, dtype, c["RELU"]), (9, 0))
         splits = wgrad_split_count(
-            pixels, c["BLOCK_M"], tiles, 132, pixels * c_g * size * reads, taps, c_x, c_g
+            pixels, c["BLOCK_M"], tiles, 132, pixels * c_g * size * reads, taps, c_x, c_g, pair
         )
         splits, _ = wgrad_split_rows(pixels, c["BLOCK_M"], splits)
         ctas = tiles * splits
