@@ -121,10 +121,16 @@ def wgrad_measured_us(shape, config) -> Optional[float]:
         return 1000.0 * triton.testing.do_bench(run, warmup=25, rep=200, return_mode="median")
 
 
-def _errors(l2: float, latency: float, measured: Optional[float]) -> tuple[str, str]:
-    if measured is None:
-        return "", ""
-    return f"{l2 / measured - 1:+.0%}", f"{latency / measured - 1:+.0%}"
+def _row(leading: list[str], modelled: tuple, measured: Optional[float]) -> str:
+    """One table row: the ``leading`` cells, then modelled_us's columns, the measured time and
+    each reading's error against it (blank without a GPU)."""
+    l2, latency, sass, shared, _ = modelled
+    errors = ["", ""] if measured is None else [
+        f"{l2 / measured - 1:+.0%}", f"{latency / measured - 1:+.0%}",
+    ]  # fmt: skip
+    time = "" if measured is None else f"{measured:.1f}"
+    cells = [*leading, str(sass), str(shared), f"{l2:.1f}", f"{latency:.1f}", time, *errors]
+    return "| " + " | ".join(cells) + " |"
 
 
 def measured_us(shape, config) -> Optional[float]:
@@ -185,13 +191,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     ]
     for block_k, stages in VARIANTS:
         config = variant_config(shape, block_k, stages)
-        l2, latency, sass, shared, _ = modelled_us(shape, config)
-        measured = measured_us(shape, config)
-        errors = _errors(l2, latency, measured)
-        lines.append(
-            f"| {block_k} / {stages} | {sass} | {shared} | {l2:.1f} | {latency:.1f} "
-            f"| {'' if measured is None else f'{measured:.1f}'} | {errors[0]} | {errors[1]} |"
-        )
+        modelled = modelled_us(shape, config)
+        lines.append(_row([f"{block_k} / {stages}"], modelled, measured_us(shape, config)))
     lines += [
         "",
         "The statistics pass in the launchers' sm_90 tiles (256 x 128 at 128 channels since "
@@ -202,13 +203,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         "|---|---|---|---|---|---|---|---|",
     ]
     for config in (variant_config(shape, 64, 3), launchers_config(shape)):
-        l2, latency, sass, shared, tiles = modelled_us(shape, config)
-        measured = measured_us(shape, config)
-        errors = _errors(l2, latency, measured)
-        lines.append(
-            f"| {tiles} | {sass} | {shared} | {l2:.1f} | {latency:.1f} "
-            f"| {'' if measured is None else f'{measured:.1f}'} | {errors[0]} | {errors[1]} |"
-        )
+        modelled = modelled_us(shape, config)
+        lines.append(_row([modelled[4]], modelled, measured_us(shape, config)))
     lines += [
         "",
         f"The training weight gradient ({WGRAD_KERNEL}; the split partials' reduction, a launch "
@@ -221,13 +217,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     ]
     for budget in WGRAD_BUDGETS:
         config = dataclasses.replace(variant_config(shape, 64, 3), wgrad_shared_budget=budget)
-        l2, latency, sass, shared, tiles = modelled_us(shape, config, WGRAD_KERNEL)
+        modelled = modelled_us(shape, config, WGRAD_KERNEL)
         measured = wgrad_measured_us(shape, config)
-        errors = _errors(l2, latency, measured)
-        lines.append(
-            f"| {budget // 1024} | {tiles} | {sass} | {shared} | {l2:.1f} | {latency:.1f} "
-            f"| {'' if measured is None else f'{measured:.1f}'} | {errors[0]} | {errors[1]} |"
-        )
+        lines.append(_row([str(budget // 1024), modelled[4]], modelled, measured))
     text = "\n".join(lines)
     print(text)
     if args.out is not None:

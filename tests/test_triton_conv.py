@@ -54,7 +54,7 @@ def test_chunked_paths_with_small_tiles(case):
     check_case(case, config=SMALL_TILES)
 
 
-# sm_90's wide tiles (pnnh_conv_config.wide_tiles, wgrad_image_tile) with the interpreter's small
+# sm_90's wide tiles (pnnh_conv_config.large_tiles, wgrad_image_tile) with the interpreter's small
 # pixel tiles: every launch takes 256-wide channel tiles (masked down to these channel counts) except
 # the input gradient with a ReLU mask or a stride, which narrows to 128 (narrow_input_gradient), and
 # the weight gradient 128 x 128 channel tiles.
@@ -135,14 +135,14 @@ def test_wide_gradient_tiles(case, monkeypatch):
 
 
 def test_wide_tiles_only_on_sm90_where_the_grid_fills_the_gpu():
-    from pnnh_kernels.triton.pnnh_conv_config import narrow_input_gradient, wide_tiles
+    from pnnh_kernels.triton.pnnh_conv_config import large_tiles, narrow_input_gradient
 
     hopper, ampere = ((9, 0), 132), ((8, 0), 108)
-    assert wide_tiles(256, 256, torch.bfloat16, 256 * 8 * 8, *hopper)  # 128 tiles >= 0.75 x 132
-    assert not wide_tiles(512, 512, torch.bfloat16, 256 * 4 * 4, *hopper)  # 64 tiles
-    assert not wide_tiles(256, 256, torch.bfloat16, 256 * 8 * 8, *ampere)  # spilled on sm_80
-    assert not wide_tiles(256, 256, torch.float32, 256 * 8 * 8, *hopper)
-    assert not wide_tiles(128, 256, torch.bfloat16, 256 * 16 * 16, *hopper)  # the input gradient's N
+    assert large_tiles(256, 256, torch.bfloat16, 256 * 8 * 8, *hopper) == "wide"  # 128 >= 0.75 x 132
+    assert not large_tiles(512, 512, torch.bfloat16, 256 * 4 * 4, *hopper)  # 64 tiles either way
+    assert not large_tiles(256, 256, torch.bfloat16, 256 * 8 * 8, *ampere)  # spilled on sm_80
+    assert not large_tiles(256, 256, torch.float32, 256 * 8 * 8, *hopper)
+    assert large_tiles(128, 256, torch.bfloat16, 256 * 16 * 16, *hopper) != "wide"  # dgrad's N
     assert narrow_input_gradient(WIDE_TILES, relu=True, unit_stride=True).block_n == 128
     assert narrow_input_gradient(WIDE_TILES, relu=False, unit_stride=False).block_n == 128
     assert narrow_input_gradient(WIDE_TILES, relu=False, unit_stride=True).block_n == 256
@@ -169,7 +169,7 @@ def test_wide_tiles_only_on_sm90_where_the_grid_fills_the_gpu():
     assert config_for_card(64, 64, 32, torch.bfloat16, 256 * 32 * 32, *ampere).block_m == 128
     # ... and 256 x 128 at 128 channels where their grid fills the GPU, uncapped; the launches with
     # the coder's epilogue and the eval-mode (scaled) input gradient keep 128-pixel tiles there
-    from pnnh_kernels.triton.pnnh_conv_config import narrow_coder_epilogue, tall_tiles
+    from pnnh_kernels.triton.pnnh_conv_config import narrow_coder_epilogue
 
     tall_128 = config_for_card(128, 128, 64, torch.bfloat16, 256 * 16 * 16, *hopper)
     assert (tall_128.block_m, tall_128.block_n, tall_128.statistics_max_registers) == (256, 128, None)
@@ -177,9 +177,9 @@ def test_wide_tiles_only_on_sm90_where_the_grid_fills_the_gpu():
     assert narrow_coder_epilogue(tall).block_m == 256  # 256 x 64 fits
     assert narrow_input_gradient(tall_128, relu=False, unit_stride=True, scaled=True).block_m == 128
     assert narrow_input_gradient(tall_128, relu=False, unit_stride=True).block_m == 256
-    assert not tall_tiles(512, 512, torch.bfloat16, 256 * 4 * 4, *hopper)  # 64 tiles for 132
-    assert not tall_tiles(128, 128, torch.float32, 256 * 16 * 16, *hopper)
-    assert not tall_tiles(128, 128, torch.bfloat16, 256 * 16 * 16, *ampere)
+    assert large_tiles(128, 128, torch.bfloat16, 256 * 16 * 16, *hopper) == "tall"
+    assert not large_tiles(128, 128, torch.float32, 256 * 16 * 16, *hopper)
+    assert not large_tiles(128, 128, torch.bfloat16, 256 * 16 * 16, *ampere)
 
 
 # sm_90's 256 x 128 tiles with the interpreter's channel tiles: the statistics pass and the training
@@ -192,18 +192,19 @@ TALL_TILES = ConvConfig(
 
 
 @pytest.mark.parametrize(
-    "case",
-    [Case(3, 20, 24, 10, 3, 1, 1, 10, 10), Case(3, 20, 24, 10, 3, 1, 1, 10, 10, norm=True)],
-    ids=str,
+    ("case", "training"),
+    [
+        (Case(3, 20, 24, 10, 3, 1, 1, 10, 10), False),
+        (Case(3, 20, 24, 10, 3, 1, 1, 10, 10, norm=True), False),  # eval: the scaled input gradient
+        (Case(3, 20, 24, 10, 3, 1, 1, 10, 10, norm=True), True),
+    ],
+    ids=["plain", "eval-bn", "train-bn"],
 )
-@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 def test_tall_tiles(case, training):
-    if training and not case.norm:
-        pytest.skip("training BatchNorm needs a norm")
     if training:
         check_training_case(case, TALL_TILES)
     else:
-        check_case(case, config=TALL_TILES)  # with a norm: eval mode, the scaled input gradient
+        check_case(case, config=TALL_TILES)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)

@@ -96,7 +96,7 @@ def choose_config(
     device: Optional[torch.device] = None,
 ) -> ConvConfig:
     """The tiles of a layer's launches: ``pixels`` (its output pixels) and ``device`` choose the
-    wide sm_90 tiles (:func:`wide_tiles`); without them, the tiles every card runs."""
+    larger sm_90 tiles (:func:`large_tiles`); without them, the tiles every card runs."""
     if _forced_config is not None:
         return _forced_config
     if interpreter_enabled():
@@ -114,9 +114,8 @@ def config_for_card(
     multiprocessors: int,
 ) -> ConvConfig:
     """The GPU configuration of a layer on a card (the ahead-of-time report asks per target)."""
-    wide = wide_tiles(c_in, c_out, dtype, pixels, capability, multiprocessors)
-    tall = not wide and tall_tiles(c_in, c_out, dtype, pixels, capability, multiprocessors)
-    return _gpu_config(c_in, c_out, c_b, dtype, capability[0] == 9, wide, tall)
+    large = large_tiles(c_in, c_out, dtype, pixels, capability, multiprocessors)
+    return _gpu_config(c_in, c_out, c_b, dtype, capability[0] == 9, large == "wide", large == "tall")
 
 
 # Cached by device: a CUDA device's card never changes, and a meta or CPU-stub device stands for
@@ -144,41 +143,33 @@ def _launch_config(
 WIDE_TILE_FILL = 0.75
 
 
-def wide_tiles(
-    c_in: int,
-    c_out: int,
-    dtype: torch.dtype,
-    pixels: int,
-    capability: tuple[int, int],
-    multiprocessors: int,
-) -> bool:
-    """Whether a layer's launches take 128 x 256 tiles on a card (see WIDE_TILE_FILL)."""
-    if capability[0] != 9 or torch.finfo(dtype).bits > 16 or min(c_in, c_out) < 256:
-        return False
-    return cdiv(pixels, 128) * cdiv(c_out, 256) >= WIDE_TILE_FILL * multiprocessors
-
-
 # 256-pixel tiles (beside 64 or 128 output channels) load 51 / 85 FLOP per byte where 128-pixel ones
 # load 43 / 64: the static model puts the forward statistics pass and the training input gradient
 # at 64x64x32x32 about 11% faster (256 x 64, under both its readings) and at 128x128x16x16 18-20%
 # under its calibrated reading and 8% under its latency reading (256 x 128: 59.0 / 45.6 -> 48.1 /
 # 42.1 us and 58.8 / 44.8 -> 47.1 / 41.2). sm_90 in 16-bit only (on sm_80 256-pixel tiles spilled),
 # from 64 input channels, and where the grid of them gives WIDE_TILE_FILL of the multiprocessors a
-# tile (at 512x512x4x4 it would give 64 to 132). Where 128 x 256 tiles are chosen (wide_tiles) they
-# are kept: at 256x256x8x8 the model puts 256 x 128 slightly behind them.
-def tall_tiles(
+# tile (at 512x512x4x4 it would give 64 to 132). Where 128 x 256 tiles are chosen they are kept:
+# at 256x256x8x8 the model puts 256 x 128 slightly behind them.
+def large_tiles(
     c_in: int,
     c_out: int,
     dtype: torch.dtype,
     pixels: int,
     capability: tuple[int, int],
     multiprocessors: int,
-) -> bool:
-    """Whether a layer's launches take 256-pixel tiles on a card (see above)."""
+) -> str:
+    """sm_90's larger tiles for a layer on a card: "wide" (128 x 256, see WIDE_TILE_FILL), "tall"
+    (256 pixels beside 64 or 128 output channels, see above) or "" (128 x 128 at most)."""
+    if capability[0] != 9 or torch.finfo(dtype).bits > 16:
+        return ""
+    fill = WIDE_TILE_FILL * multiprocessors
+    if min(c_in, c_out) >= 256 and cdiv(pixels, 128) * cdiv(c_out, 256) >= fill:
+        return "wide"
     block_n = block_size(c_out, 128)
-    if capability[0] != 9 or torch.finfo(dtype).bits > 16 or c_in < 64 or block_n < 64:
-        return False
-    return cdiv(pixels, 256) * cdiv(c_out, block_n) >= WIDE_TILE_FILL * multiprocessors
+    if c_in >= 64 and block_n >= 64 and cdiv(pixels, 256) * cdiv(c_out, block_n) >= fill:
+        return "tall"
+    return ""
 
 
 @functools.lru_cache(maxsize=256)  # asked every backward step: a cached lookup, no replace()
@@ -229,7 +220,7 @@ def _gpu_config(
     deep = 64 if dtype != torch.float32 else (32 if c_out > 64 else 16)
     block_n = 256 if wide else block_size(c_out, 128)
     sixteen_bit = torch.finfo(dtype).bits <= 16
-    # sm_90, 16-bit: 256-pixel tiles where tall_tiles says (cuDNN's fprop takes 256 x 64 and 256 x
+    # sm_90, 16-bit: 256-pixel tiles where large_tiles says (cuDNN's fprop takes 256 x 64 and 256 x
     # 128 at these shapes too).
     # sm_90, 16-bit, 128 x 128 tiles: the forward statistics pass held to 128 registers, which lets
     # two CTAs share a multiprocessor (at 128x128x16x16 it took 134: one CTA; capped, 124 and no
@@ -341,31 +332,21 @@ def _multiprocessors(index: Optional[int]) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def direct_rows(
+def wgrad_rows(
     kernel: tuple[int, int],
     stride: tuple[int, int],
     padding: tuple[int, int],
     image_hw: tuple[int, int],
     out_hw: tuple[int, int],
-) -> bool:
-    """Whether a weight gradient's output pixel m reads image pixel m (the kernel's DIRECT_ROWS): a
-    1x1 tap, stride 1, no padding before the image, and the image as large as the output (which
-    rules out padding after it)."""
-    return kernel == (1, 1) and stride == (1, 1) and padding == (0, 0) and image_hw == out_hw
-
-
-def same_rows(
-    kernel: tuple[int, int],
-    stride: tuple[int, int],
-    padding: tuple[int, int],
-    image_hw: tuple[int, int],
-    out_hw: tuple[int, int],
-) -> bool:
-    """Whether a weight gradient's tap of output pixel m reads image pixel m plus a constant (the
-    kernel's SAME_ROWS): stride 1 and the image as large as the output ("same" padding), where
-    :func:`direct_rows` does not already hold."""
-    direct = direct_rows(kernel, stride, padding, image_hw, out_hw)
-    return stride == (1, 1) and image_hw == out_hw and not direct
+) -> dict[str, bool]:
+    """How a weight gradient's image rows follow its output pixels, as the kernel's constexprs:
+    ``DIRECT_ROWS``, output pixel m reads image pixel m (a 1x1 tap, stride 1, no padding before the
+    image, and the image as large as the output, which rules out padding after it); else
+    ``SAME_ROWS``, tap (kh, kw) of pixel m reads image pixel m plus a constant (stride 1 and the
+    image as large as the output: "same" padding); else neither (coordinates per row)."""
+    same = stride == (1, 1) and image_hw == out_hw
+    direct = same and kernel == (1, 1) and padding == (0, 0)
+    return {"DIRECT_ROWS": direct, "SAME_ROWS": same and not direct}
 
 
 def wgrad_splits(

@@ -51,14 +51,13 @@ from pnnh_kernels.triton.pnnh_conv_config import (
     cdiv,
     code_in_main_loop,
     config_for_card,
-    direct_rows,
     narrow_coder_backward,
     narrow_coder_epilogue,
     narrow_input_gradient,
     reduce_block_k,
-    same_rows,
     side_by_side,
     tuning_configs,
+    wgrad_rows,
     wgrad_shared_bytes,
     wgrad_split_count,
     wgrad_split_rows,
@@ -424,11 +423,8 @@ def _add_backward_passes(
             extra.update(pad_h=0, pad_w=0, dil_h=1, dil_w=1)
         stride = extra.get("stride_h", shape.stride)
         pad = extra.get("pad_h", shape.padding)
-        wgrad["DIRECT_ROWS"] = direct_rows(
-            (kernel, kernel), (stride, stride), (pad, pad), (height, width), (oh, ow)
-        )
-        wgrad["SAME_ROWS"] = same_rows(
-            (kernel, kernel), (stride, stride), (pad, pad), (height, width), (oh, ow)
+        wgrad.update(
+            wgrad_rows((kernel, kernel), (stride, stride), (pad, pad), (height, width), (oh, ow))
         )
         add(label, kernels._conv_wgrad_kernel, wgrad, config.num_warps, config.num_stages,
             **extra)  # fmt: skip
