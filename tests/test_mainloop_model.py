@@ -294,11 +294,11 @@ def test_the_weight_gradient_takes_256_wide_gradient_tiles_on_sm90_where_their_g
 # The modelled training step (issue #23): a PNNH layer's Triton step on an H200, its convolution
 # mainloops at the static model's time and every other launch at its roofline, over the cuDNN ResNet
 # layer's kernels as Nsight Compute measured them on an H200 (2026-11-28). The issue's target is
-# 0.8x at every stage; today's kernels are modelled at 0.80 / 0.70 / 0.81 / 0.90x (the kernels of
+# 0.8x at every stage; today's kernels are modelled at 0.80 / 0.70 / 0.81 / 0.89x (the kernels of
 # 743f8f9, before the mainloops' integer work was cut and the weight gradient filled the GPU: 0.88 /
 # 0.94 / 1.32 / 1.12x, which this ratchet fails). The bounds hold today's values with 0.02 of room: a
 # change that makes the modelled step slower fails here, and one that makes it faster lowers them.
-MODELLED_STEP_RATCHET = {"64x32x32": 0.82, "128x16x16": 0.72, "256x8x8": 0.83, "512x4x4": 0.92}
+MODELLED_STEP_RATCHET = {"64x32x32": 0.82, "128x16x16": 0.72, "256x8x8": 0.83, "512x4x4": 0.91}
 MODELLED_STEP_TARGET = 0.8
 
 _MODELLED_STEP = r"""

@@ -134,6 +134,26 @@ def test_wide_gradient_tiles(case, monkeypatch):
     assert all(plan.splits == 2 for plan in wide)
 
 
+# sm_90's deep K steps (pnnh_conv_config.deep_k): the statistics pass and the training input
+# gradient step over 32 channels where every other launch steps over 16 (40 input and output
+# channels: a full and a masked deep chunk).
+DEEP_TILES = ConvConfig(
+    block_m=32, block_n=32, block_k=16, block_b=16, num_warps=1, num_stages=1, wgrad_splits=2,
+    deep_block_k=32, deep_stages=1,
+)  # fmt: skip
+
+
+def test_deep_k_steps(monkeypatch):
+    from pnnh_kernels.triton import pnnh_conv
+
+    chosen = []  # the statistics pass's and the input gradient's configurations
+    deep_k = pnnh_conv.deep_k
+    monkeypatch.setattr(pnnh_conv, "deep_k", lambda config: chosen.append(deep_k(config)) or chosen[-1])
+    check_training_case(Case(2, 40, 40, 20, 3, 1, 1, 5, 6, norm=True), DEEP_TILES)
+    assert len(chosen) >= 2
+    assert all(config.block_k == 32 for config in chosen)
+
+
 def test_wide_tiles_only_on_sm90_where_the_grid_fills_the_gpu():
     from pnnh_kernels.triton.pnnh_conv_config import large_tiles, narrow_input_gradient
 
@@ -180,6 +200,15 @@ def test_wide_tiles_only_on_sm90_where_the_grid_fills_the_gpu():
     assert large_tiles(128, 128, torch.bfloat16, 256 * 16 * 16, *hopper) == "tall"
     assert not large_tiles(128, 128, torch.float32, 256 * 16 * 16, *hopper)
     assert not large_tiles(128, 128, torch.bfloat16, 256 * 16 * 16, *ampere)
+    # 128-deep K steps where the grid has at most a tile per multiprocessor, beside 128-pixel tiles
+    from pnnh_kernels.triton.pnnh_conv_config import deep_k
+
+    deep_512 = config_for_card(512, 512, 256, torch.bfloat16, 256 * 4 * 4, *hopper)
+    assert (deep_512.deep_block_k, deep_512.deep_stages) == (128, 3)
+    assert (deep_k(deep_512).block_k, deep_k(deep_512).statistics_max_registers) == (128, None)
+    assert config_for_card(256, 256, 128, torch.bfloat16, 256 * 8 * 8, *hopper).deep_stages == 2
+    assert tall_128.deep_block_k is None  # 256 x 128 tiles spilled with them
+    assert config_for_card(512, 512, 256, torch.bfloat16, 256 * 4 * 4, *ampere).deep_block_k is None
 
 
 # sm_90's 256 x 128 tiles with the interpreter's channel tiles: the statistics pass and the training

@@ -52,6 +52,7 @@ from pnnh_kernels.triton.pnnh_conv_config import (
     cdiv,
     choose_config,
     code_in_main_loop,
+    deep_k,
     forcing,
     grid_of,
     input_precision,
@@ -270,8 +271,9 @@ def conv_forward_train(
     partials = tuple(_output((2, tiles, c_out), torch.float32, x.device).unbind(0))
     shift = None if bias is None else bias.float()
     _launch_forward(
-        x, weight, None, shift, None, None, None, geometry, False, z=z, partials=partials, config=config
-    )
+        x, weight, None, shift, None, None, None, geometry, False, z=z, partials=partials,
+        config=deep_k(config),
+    )  # fmt: skip
     mean, variance, rstd, scale, shift = _finalize_statistics(partials, config.block_m, m, norm)
     y = image_buffer((n, c_out, oh, ow), x.dtype, x.device)
     _launch_forward(
@@ -639,9 +641,12 @@ def _input_grad(
     """dX [N, C_in, H, W] (channels_last memory) of both paths (``_pnnh_conv_dgrad_kernel``): the
     learner's transposed convolution of ``learner`` (masked by ``y_image > 0`` and scaled when
     given; training BatchNorm's dz as it is) and the coder's ``dpre @ W_E``."""
-    config = narrow_input_gradient(
+    narrowed = narrow_input_gradient(
         config, y_image is not None, geometry.stride == (1, 1), scale is not None
     )
+    # training BatchNorm's dz (no mask, no scale) at tiles kept as they were: its deep K steps
+    training = y_image is None and scale is None and narrowed == config
+    config = deep_k(config) if training else narrowed
     n, c_in, height, width = input_shape
     c_out, _, kh, kw = weight.shape
     oh, ow = learner.shape[2], learner.shape[3]

@@ -51,6 +51,7 @@ from pnnh_kernels.triton.pnnh_conv_config import (
     cdiv,
     code_in_main_loop,
     config_for_card,
+    deep_k,
     narrow_coder_backward,
     narrow_coder_epilogue,
     narrow_input_gradient,
@@ -353,14 +354,18 @@ def launches(
             add("bn apply, relu" if relu else "bn apply, linear", kernels._pnnh_conv_fwd_kernel,
                 {**applied, "RELU": relu}, warps, stages)  # fmt: skip
     # The models' convs have no bias before BatchNorm: no shift in the statistics pass.
+    deep = deep_k(config)
     statistics = {**forward, **default, "HAS_SCALE": False, "HAS_SHIFT": False, "HAS_CODER": False}
     statistics.update(HAS_ENCODER_BIAS=False, CODE_IN_MAIN_LOOP=False, WRITE_STATS=True)
+    statistics.update(BLOCK_K=deep.block_k)
     add("bn stats", kernels._pnnh_conv_fwd_kernel, {**statistics, "Z_INPUT": False, "RELU": False},
-        config.num_warps, config.num_stages, config.statistics_max_registers)  # fmt: skip
+        deep.num_warps, deep.num_stages, deep.statistics_max_registers)  # fmt: skip
     # Input gradient: eval mode (scale folded, ReLU mask), training mode (BatchNorm's dz as it is:
     # no mask, no scale), and a layer without an output ReLU.
     for has_scale, relu in ((True, True), (False, False), (True, False)):
         dgrad_config = narrow_input_gradient(config, relu, shape.stride == 1, has_scale)
+        if not (has_scale or relu) and dgrad_config == config:
+            dgrad_config = deep  # training BatchNorm's dz: its deep K steps
         for tiles, warps, stages in candidates(dgrad_config):
             dgrad = {"KH": shape.kernel, "KW": shape.kernel, "HAS_SCALE": has_scale,
                      "HAS_CODER": has_coder, "RELU": relu, "UNIT_STRIDE": shape.stride == 1,
