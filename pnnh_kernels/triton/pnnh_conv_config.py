@@ -120,34 +120,21 @@ def config_for_card(
     """The GPU configuration of a layer on a card (the ahead-of-time report asks per target)."""
     large = large_tiles(c_in, c_out, dtype, pixels, capability, multiprocessors)
     config = _gpu_config(c_in, c_out, c_b, dtype, capability[0] == 9, large == "wide", large == "tall")
-    if deep_tiles(c_in, c_out, dtype, pixels, capability, multiprocessors, config):
+    # 128-deep K steps in the statistics pass and the training input gradient (deep_k) where the
+    # grid has at most one tile per multiprocessor: their 196 KB pipeline leaves one CTA per
+    # multiprocessor, which such a grid gets anyway, and they halve the mainloop iterations for the
+    # same bytes. The static model: at 512x512x4x4 (128 x 128 tiles) 59.4 / 63.4 -> 58.5 / 40.3 us
+    # (statistics) and 60.0 / 63.9 -> 58.8 / 40.7 (input gradient), at 256x256x8x8 (128 x 256, 2
+    # stages) 46.4 / 39.9 -> 46.0 / 30.9 and 45.9 / 39.2 -> 45.7 / 30.3 (calibrated / latency
+    # reading). Beside 256 x 128 tiles they spilled (48-240 bytes), and the 128-register cap of
+    # 128 x 128 statistics passes spilled 48.
+    tiles = cdiv(pixels, config.block_m) * cdiv(c_out, config.block_n)
+    sm90_16 = capability[0] == 9 and torch.finfo(dtype).bits <= 16
+    if sm90_16 and min(c_in, c_out) >= 128 and config.block_m == 128 and tiles <= multiprocessors:
         # 196,608 bytes of operands either way: 3 stages of 128 x 128, 2 of 128 x 256
         stages = 2 if config.block_n > 128 else 3
         config = replace(config, deep_block_k=128, deep_stages=stages)
     return config
-
-
-# 128-deep K steps in the statistics pass and the training input gradient where the grid has at most
-# one tile per multiprocessor (their 196 KB pipeline leaves one CTA per multiprocessor, which such a
-# grid gets anyway): half the mainloop iterations for the same bytes. The static model: at
-# 512x512x4x4 (128 x 128 tiles) 59.4 / 63.4 -> 58.5 / 40.3 us (statistics) and 60.0 / 63.9 ->
-# 58.8 / 40.7 (input gradient), at 256x256x8x8 (128 x 256, 2 stages) 46.4 / 39.9 -> 46.0 / 30.9 and
-# 45.9 / 39.2 -> 45.7 / 30.3 (calibrated / latency reading). Beside 256 x 128 tiles they spilled
-# (48-240 bytes), and the 128-register cap of 128 x 128 statistics passes spilled 48.
-def deep_tiles(
-    c_in: int,
-    c_out: int,
-    dtype: torch.dtype,
-    pixels: int,
-    capability: tuple[int, int],
-    multiprocessors: int,
-    config: ConvConfig,
-) -> bool:
-    """Whether a layer's statistics pass and training input gradient take 128-deep K steps."""
-    if capability[0] != 9 or torch.finfo(dtype).bits > 16 or min(c_in, c_out) < 128:
-        return False
-    tiles = cdiv(pixels, config.block_m) * cdiv(c_out, config.block_n)
-    return config.block_m == 128 and tiles <= multiprocessors
 
 
 @functools.lru_cache(maxsize=256)  # asked every training step
