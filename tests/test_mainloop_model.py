@@ -255,8 +255,8 @@ def test_the_weight_gradient_fills_the_gpu_where_that_saves_the_busiest_multipro
 
     assert wgrad_fill_target(1, 16384, 64, 36, 132) == 3
     assert wgrad_fill_target(7, 65536, 64, 18, 132) == 7
-    assert wgrad_fill_target(1, 16384, 64, 72, 132, side_by_side=True) == 2
-    assert wgrad_fill_target(1, 16384, 64, 72, 132, side_by_side=False) == 1
+    assert wgrad_fill_target(1, 16384, 64, 72, 132, two_per_multiprocessor=True) == 2
+    assert wgrad_fill_target(1, 16384, 64, 72, 132, two_per_multiprocessor=False) == 1
     assert wgrad_fill_target(1, 4096, 64, 288, 132) == 1  # already more programs than multiprocessors
     # 256-wide gradient tiles on sm_90 (147,456 bytes): one per multiprocessor; 64 x 128 on an A100
     # (73,728): two

@@ -144,14 +144,21 @@ DEEP_TILES = ConvConfig(
 
 
 def test_deep_k_steps(monkeypatch):
-    from pnnh_kernels.triton import pnnh_conv
+    from pnnh_kernels.triton import compiled_launch
 
-    chosen = []  # the statistics pass's and the input gradient's configurations
-    deep_k = pnnh_conv.deep_k
-    monkeypatch.setattr(pnnh_conv, "deep_k", lambda config: chosen.append(deep_k(config)) or chosen[-1])
+    launched = {}  # K step of each launch, by the launch's name
+    launch = compiled_launch.launch
+
+    def recording_launch(site, *arguments, **options):
+        launched.setdefault(site.name, set()).add(site.constants.get("BLOCK_K"))
+        return launch(site, *arguments, **options)
+
+    monkeypatch.setattr(compiled_launch, "launch", recording_launch)
     check_training_case(Case(2, 40, 40, 20, 3, 1, 1, 5, 6, norm=True), DEEP_TILES)
-    assert len(chosen) >= 2
-    assert all(config.block_k == 32 for config in chosen)
+    # the statistics pass and the input gradient took the deep configuration
+    assert launched["_pnnh_conv_fwd_kernel (statistics)"] == {32}
+    assert launched["_pnnh_conv_dgrad_kernel"] == {32}
+    assert launched["_pnnh_conv_fwd_kernel (apply)"] == {16}
 
 
 def test_wide_tiles_only_on_sm90_where_the_grid_fills_the_gpu():

@@ -55,12 +55,12 @@ from pnnh_kernels.triton.pnnh_conv_config import (
     deep_k,
     forcing,
     grid_of,
+    input_gradient_config,
     input_precision,
     launch_card,
     launch_options,
     narrow_coder_backward,
     narrow_coder_epilogue,
-    narrow_input_gradient,
     reduce_block_k,
     statistics_launch_options,
     tuned_or_fixed,
@@ -641,12 +641,9 @@ def _input_grad(
     """dX [N, C_in, H, W] (channels_last memory) of both paths (``_pnnh_conv_dgrad_kernel``): the
     learner's transposed convolution of ``learner`` (masked by ``y_image > 0`` and scaled when
     given; training BatchNorm's dz as it is) and the coder's ``dpre @ W_E``."""
-    narrowed = narrow_input_gradient(
+    config = input_gradient_config(
         config, y_image is not None, geometry.stride == (1, 1), scale is not None
     )
-    # training BatchNorm's dz (no mask, no scale) at tiles kept as they were: its deep K steps
-    training = y_image is None and scale is None and narrowed == config
-    config = deep_k(config) if training else narrowed
     n, c_in, height, width = input_shape
     c_out, _, kh, kw = weight.shape
     oh, ow = learner.shape[2], learner.shape[3]

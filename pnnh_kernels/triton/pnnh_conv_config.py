@@ -218,6 +218,16 @@ def narrow_input_gradient(
     return config
 
 
+@functools.lru_cache(maxsize=256)  # asked every backward step: one cached lookup
+def input_gradient_config(config: ConvConfig, relu: bool, unit_stride: bool, scaled: bool) -> ConvConfig:
+    """The input gradient's configuration: :func:`narrow_input_gradient`'s, and for training
+    BatchNorm's dz (no mask, no scale) at tiles kept as they were, its deep K steps (:func:`deep_k`)."""
+    narrowed = narrow_input_gradient(config, relu, unit_stride, scaled)
+    if relu or scaled or narrowed != config:
+        return narrowed
+    return deep_k(config)
+
+
 @functools.lru_cache(maxsize=256)  # asked every forward: a cached lookup
 def narrow_coder_epilogue(config: ConvConfig) -> ConvConfig:
     """The fused forward and the training apply pass (the launches with the coder's epilogue) keep
@@ -256,8 +266,8 @@ def _gpu_config(
     # sm_90, 16-bit, 128 x 128 tiles: the forward statistics pass held to 128 registers, which lets
     # two CTAs share a multiprocessor (at 128x128x16x16 it took 134: one CTA; capped, 124 and no
     # spills, 11 more instructions per iteration; the model's latency reading 66 -> 46 us).
-    capped = hopper and sixteen_bit and block_n == 128 and not tall
     hopper_16 = hopper and sixteen_bit
+    capped = hopper_16 and block_n == 128 and not tall
     wgrad_budget = HOPPER_WGRAD_SHARED_MEMORY_BUDGET if hopper_16 else WGRAD_SHARED_MEMORY_BUDGET
     return ConvConfig(
         block_m=256 if tall else 128,
@@ -267,14 +277,14 @@ def _gpu_config(
         # 32-channel chunks: a 64-channel chunk in the main loop there spilled 112 bytes on sm_80.
         # On sm_90 in 16-bit, 64-channel chunks beside 128-wide tiles (182 registers, no spills; at
         # 256-wide tiles they spilled): the apply pass re-reads x_s once per chunk, half as often.
-        block_b=block_size(c_b, 64 if c_out <= 64 or (hopper and sixteen_bit and not wide) else 32),
+        block_b=block_size(c_b, 64 if c_out <= 64 or (hopper_16 and not wide) else 32),
         # 4 warps spilled (255 registers) on the 128-pixel tiles in the sm_90 compile report; 8 do not.
         num_warps=8,
         num_stages=3,
         statistics_max_registers=128 if capped else None,
         # sm_90, 16-bit: 128 x 128 channel tiles in the weight gradient (64 FLOP per byte loaded
         # where 64 x 128 load 43; 128 registers on sm_90, no spills; on sm_80 they spilled).
-        wgrad_image_tile=128 if hopper and sixteen_bit else 64,
+        wgrad_image_tile=128 if hopper_16 else 64,
         # sm_90, 16-bit: 256-wide gradient tiles where their grid is wide enough (85 FLOP per byte
         # loaded where 128 x 128 load 64), and the pipeline sized to an H100's 227 KB per block
         # rather than an A100's 163 (128-pixel steps beside 128 x 128 tiles: half the iterations).
@@ -439,7 +449,12 @@ def side_by_side(shared_bytes: int, capability: tuple[int, int]) -> bool:
 
 
 def wgrad_fill_target(
-    splits: int, m: int, block_m: int, tiles: int, multiprocessors: int, side_by_side: bool = True
+    splits: int,
+    m: int,
+    block_m: int,
+    tiles: int,
+    multiprocessors: int,
+    two_per_multiprocessor: bool = True,
 ) -> int:
     """``splits`` (already capped by the partials' traffic), raised toward the fewest splits that
     give every multiprocessor one of the programs, to the count that leaves the busiest
@@ -455,11 +470,12 @@ def wgrad_fill_target(
         return cdiv(tiles * count, multiprocessors) * cdiv(cdiv(m, count), block_m)
 
     # The count up to the fill with the fewest steps on the busiest multiprocessor; on a tie the
-    # larger where two programs fit one multiprocessor (``side_by_side``: they run side by side and
+    # larger where two programs fit one multiprocessor (``two_per_multiprocessor``, side_by_side:
+    # they run side by side and
     # fewer multiprocessors idle), else the smaller: then their float32 partials' traffic buys
     # nothing (at 512x512x4x4 the 72 programs of 256-wide gradient tiles, 147 KB of shared memory
     # each, would take two splits and 38 MB of partials for the same busiest multiprocessor).
-    order = -1 if side_by_side else 1
+    order = -1 if two_per_multiprocessor else 1
     return min(range(splits, fill + 1), key=lambda count: (busiest(count), order * count))
 
 

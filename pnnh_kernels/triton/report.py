@@ -52,9 +52,9 @@ from pnnh_kernels.triton.pnnh_conv_config import (
     code_in_main_loop,
     config_for_card,
     deep_k,
+    input_gradient_config,
     narrow_coder_backward,
     narrow_coder_epilogue,
-    narrow_input_gradient,
     reduce_block_k,
     side_by_side,
     tuning_configs,
@@ -363,9 +363,7 @@ def launches(
     # Input gradient: eval mode (scale folded, ReLU mask), training mode (BatchNorm's dz as it is:
     # no mask, no scale), and a layer without an output ReLU.
     for has_scale, relu in ((True, True), (False, False), (True, False)):
-        dgrad_config = narrow_input_gradient(config, relu, shape.stride == 1, has_scale)
-        if not (has_scale or relu) and dgrad_config == config:
-            dgrad_config = deep  # training BatchNorm's dz: its deep K steps
+        dgrad_config = input_gradient_config(config, relu, shape.stride == 1, has_scale)
         for tiles, warps, stages in candidates(dgrad_config):
             dgrad = {"KH": shape.kernel, "KW": shape.kernel, "HAS_SCALE": has_scale,
                      "HAS_CODER": has_coder, "RELU": relu, "UNIT_STRIDE": shape.stride == 1,
