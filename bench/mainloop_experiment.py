@@ -11,11 +11,11 @@ predicts the 32-deep steps about as fast as the 64-deep ones; the latency readin
 nearly twice as slow, and 4 stages no faster than 3 under either. Each row puts the measured time
 beside both modelled ones, compiled for sm_90 as the report compiles them.
 
-A second table does the same for the training weight gradient (the stored dz), whose sm_90 default
-since 2026-12-07 reduces 128 pixels a step where it reduced 64 (its pipeline sized to an H100's
-shared memory, 208 KiB, instead of an A100's 128): the same bytes in half the iterations, which
-only the latency reading rewards (128x16x16: L2 reading 62.9 -> 62.2 us, latency reading
-67.8 -> 46.7).
+A second table does the same for the training weight gradient (the stored dz): a program per tap
+in 64-pixel steps (an A100's 128 KiB pipeline) and in 128-pixel steps (sm_90's 208 KiB: the same
+bytes in half the iterations, which only the latency reading rewards; 128x16x16: L2 reading 62.9
+-> 59.5 us, latency reading 67.8 -> 43.5), and sm_90's default since 2026-12-08, a program per
+kernel row (row taps: a gradient tile loaded once for three taps; 50.2 / 35.5 us).
 
     python -m bench.mainloop_experiment [--shape 256x128x16x16] [--out DIR]
 
@@ -35,9 +35,10 @@ import torch
 
 VARIANTS = ((64, 3), (32, 3), (64, 4), (32, 4))  # (channels per K step, pipeline stages)
 KERNEL = "_pnnh_conv_fwd_kernel[bn stats]"
-# The weight gradient's pipeline budgets: an A100's (64-pixel steps at 128 x 128 channel tiles),
-# and sm_90's own (128-pixel steps).
-WGRAD_BUDGETS = (128 * 1024, 208 * 1024)
+# The weight gradient's variants, (a program per kernel row, pipeline budget): a program per tap
+# in an A100's budget (64-pixel steps at 128 x 128 channel tiles) and in sm_90's own (128-pixel
+# steps), and sm_90's default, row taps.
+WGRAD_VARIANTS = ((False, 128 * 1024), (False, 208 * 1024), (True, 208 * 1024))
 WGRAD_KERNEL = "_conv_wgrad_kernel[learner, train-BN]"
 
 
@@ -210,16 +211,19 @@ def main(argv: Optional[list[str]] = None) -> None:
         f"The training weight gradient ({WGRAD_KERNEL}; the split partials' reduction, a launch "
         "of its own, in the measured time, not in the modelled one):",
         "",
-        "| pipeline budget (KiB) | tiles | SASS per iteration | shared (B) | L2 reading (µs, "
-        "modelled) | latency reading (µs, modelled) | measured (µs) | L2 reading error "
+        "| a program per | pipeline budget (KiB) | tiles | SASS per iteration | shared (B) | L2 "
+        "reading (µs, modelled) | latency reading (µs, modelled) | measured (µs) | L2 reading error "
         "| latency reading error |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for budget in WGRAD_BUDGETS:
-        config = dataclasses.replace(variant_config(shape, 64, 3), wgrad_shared_budget=budget)
+    for row_taps, budget in WGRAD_VARIANTS:
+        config = dataclasses.replace(
+            variant_config(shape, 64, 3), wgrad_shared_budget=budget, wgrad_row_taps=row_taps
+        )
         modelled = modelled_us(shape, config, WGRAD_KERNEL)
         measured = wgrad_measured_us(shape, config)
-        lines.append(_row([str(budget // 1024), modelled[4]], modelled, measured))
+        program = "kernel row" if row_taps else "tap"
+        lines.append(_row([program, str(budget // 1024), modelled[4]], modelled, measured))
     text = "\n".join(lines)
     print(text)
     if args.out is not None:

@@ -83,7 +83,10 @@ def test_wide_channel_tiles_with_training_batchnorm(case):
     from pnnh_kernels.triton.pnnh_conv_config import wgrad_tiles
 
     if case.c_in > 64:
-        assert wgrad_tiles(WIDE_TILES, case.c_in, case.c_out, torch.float32, False, 9, 0).block_x == 128
+        tiles = wgrad_tiles(
+            WIDE_TILES, case.c_in, case.c_out, torch.float32, False, 9, 0, row_taps=False, pixels=1
+        )
+        assert tiles.block_x == 128
     check_training_case(case, WIDE_TILES)
 
 
@@ -110,8 +113,19 @@ def test_wide_gradient_tiles(case, monkeypatch):
     from pnnh_kernels.triton import pnnh_conv
     from pnnh_kernels.triton.pnnh_conv_config import wgrad_tiles
 
-    assert wgrad_tiles(WIDE_GRADIENT_TILES, 20, 300, torch.float32, True, 9, 1).block_g == 256
-    assert wgrad_tiles(WIDE_GRADIENT_TILES, 20, 300, torch.float32, True, 9, 0).block_g == 64
+    for multiprocessors, gradient_tile in ((1, 256), (0, 64)):
+        tiles = wgrad_tiles(
+            WIDE_GRADIENT_TILES,
+            20,
+            300,
+            torch.float32,
+            True,
+            9,
+            multiprocessors,
+            row_taps=False,
+            pixels=72,
+        )
+        assert tiles.block_g == gradient_tile
     monkeypatch.setattr(pnnh_conv, "launch_card", lambda device: ((9, 0), 1))
     plans = []  # the launches' weight-gradient plans: 256-wide tiles, two splits
 
@@ -132,6 +146,58 @@ def test_wide_gradient_tiles(case, monkeypatch):
     wide = [plan for plan in plans if plan.site.constants["BLOCK_G"] == 256]
     assert wide
     assert all(plan.splits == 2 for plan in wide)
+
+
+# sm_90's row-tap weight gradient (the kernel's ROW_TAPS, pnnh_conv_config.row_tap_tiles): a
+# program reduces a kernel row's three taps, its gradient tile loaded once for three image tiles one
+# pixel (or one dilation) apart. 20 image and 24 gradient channels (masked tiles); 30-60 pixels in
+# 32-pixel steps; partials in two splits, or one split stored straight into the weight's gradient
+# (training BatchNorm). Row taps need stride 1 and "same" padding; the strided case keeps a program
+# per tap under the same configuration.
+def _row_tap_tiles(splits: int) -> ConvConfig:
+    return ConvConfig(
+        block_m=16, block_n=64, block_k=16, block_b=16, num_warps=1, num_stages=1,
+        wgrad_splits=splits, wgrad_row_taps=True,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("splits", [1, 2])
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case(2, 20, 24, 10, 3, 1, 1, 5, 6),
+        Case(1, 20, 24, 10, 3, 1, 2, 7, 5),  # dilation 2: the row's taps two pixels apart
+        Case(2, 20, 24, 10, 3, 1, 1, 5, 6, norm=True),
+        Case(1, 17, 33, 8, 3, 2, 1, 7, 5),  # strided: a program per tap
+    ],
+    ids=str,
+)
+def test_row_tap_weight_gradient(case, splits, monkeypatch):
+    from pnnh_kernels.triton import pnnh_conv
+
+    plans = []  # the launches' weight-gradient plans
+
+    def recording_plan(*arguments):
+        plans.append(planned(*arguments))
+        return plans[-1]
+
+    planned = pnnh_conv._wgrad_plan
+    monkeypatch.setattr(pnnh_conv, "_wgrad_plan", recording_plan)
+    planned.cache_clear()
+    try:
+        if case.norm:
+            check_training_case(case, _row_tap_tiles(splits))
+        else:
+            check_case(case, config=_row_tap_tiles(splits))
+    finally:
+        planned.cache_clear()
+    learner = [plan for plan in plans if plan.site.constants["KW"] == 3]
+    assert learner
+    for plan in learner:
+        assert plan.site.constants["ROW_TAPS"] == (case.stride == 1)
+        assert plan.site.grid[2] == plan.splits * (3 if case.stride == 1 else 9)
+    # the coder's 1x1 weight gradients keep a program per tap
+    assert all(not plan.site.constants["ROW_TAPS"] for plan in plans if plan.site.constants["KW"] == 1)
 
 
 # sm_90's deep K steps (pnnh_conv_config.deep_k): the statistics pass and the training input
@@ -182,8 +248,13 @@ def test_wide_tiles_only_on_sm90_where_the_grid_fills_the_gpu():
     hopper_config = config_for_card(128, 128, 64, torch.bfloat16, 32 * 16 * 16, *hopper)
     ampere_config = config_for_card(128, 128, 64, torch.bfloat16, 32 * 16 * 16, *ampere)
     assert (hopper_config.block_m, hopper_config.block_n) == (128, 128)
-    assert wgrad_tiles(hopper_config, 128, 128, torch.bfloat16, False, 9, 132).block_x == 128
-    assert wgrad_tiles(ampere_config, 128, 128, torch.bfloat16, False, 9, 108).block_x == 64
+    for config, multiprocessors, image_tile in ((hopper_config, 132, 128), (ampere_config, 108, 64)):
+        tiles = wgrad_tiles(
+            config, 128, 128, torch.bfloat16, False, 9, multiprocessors, row_taps=False, pixels=8192
+        )
+        assert tiles.block_x == image_tile
+    # the weight gradient's row taps on sm_90 in 16-bit only
+    assert (hopper_config.wgrad_row_taps, ampere_config.wgrad_row_taps) == (True, False)
     assert hopper_config.statistics_max_registers == 128
     assert ampere_config.statistics_max_registers is None
     # the apply pass's code chunks: 64 channels on sm_90 beside 128-wide tiles, 32 elsewhere

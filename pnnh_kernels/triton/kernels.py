@@ -427,6 +427,7 @@ def _conv_wgrad_kernel(
     STRIDED_OUT: tl.constexpr,
     DIRECT_ROWS: tl.constexpr,  # image pixel m is output pixel m's only tap (see below)
     SAME_ROWS: tl.constexpr,  # stride 1, the image as large as the output (see below)
+    ROW_TAPS: tl.constexpr,  # a program reduces a whole kernel row's three taps (SAME_ROWS, KW 3)
     INPUT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     BLOCK_X: tl.constexpr,
@@ -447,18 +448,31 @@ def _conv_wgrad_kernel(
     each program writes its partial sum, and _wgrad_reduce_kernel adds the partials in a fixed
     order: deterministic, no atomics. With one split (``STRIDED_OUT``) the program stores the
     gradient itself, in the weight's own layout and dtype: no partials, no copy.
+
+    ``ROW_TAPS`` (SAME_ROWS, KW = 3): a program reduces the three taps of one kernel row, grid
+    (C_x tiles, C_g tiles, splits * KH), with a gradient tile loaded (and masked) once for three
+    image tiles one pixel apart: at 64 channels 48 FLOP per byte loaded instead of 32.
     """
     pid_x = tl.program_id(0)
     pid_g = tl.program_id(1)
-    split = tl.program_id(2) // (KH * KW)
-    tap = tl.program_id(2) % (KH * KW)
-    kh = tap // KW
-    kw = tap % KW
+    if ROW_TAPS:
+        tl.static_assert(SAME_ROWS and KW == 3, "ROW_TAPS needs SAME_ROWS and three taps a row")
+        split = tl.program_id(2) // KH
+        kh = tl.program_id(2) % KH
+        kw = 1  # the row's middle tap: its shift is the row's
+    else:
+        split = tl.program_id(2) // (KH * KW)
+        tap = tl.program_id(2) % (KH * KW)
+        kh = tap // KW
+        kw = tap % KW
     offs_x = pid_x * BLOCK_X + tl.arange(0, BLOCK_X)
     offs_g = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
     mask_x = offs_x < C_x
     mask_g = offs_g < C_g
     acc = tl.zeros((BLOCK_X, BLOCK_G), dtype=tl.float32)
+    if ROW_TAPS:  # the row's first and last taps (acc holds the middle one)
+        acc_first = tl.zeros((BLOCK_X, BLOCK_G), dtype=tl.float32)
+        acc_last = tl.zeros((BLOCK_X, BLOCK_G), dtype=tl.float32)
     m_start = split * m_per_split
     m_end = tl.minimum(M, m_start + m_per_split)
     # Each row's (image, output row, output column) is divided out of its pixel index once and then
@@ -498,7 +512,8 @@ def _conv_wgrad_kernel(
             inside = mask_m
         elif SAME_ROWS:
             a_tile = x_ptr + (step_row + shift) * C_x + x_offsets
-            inside = mask_m & (oh >= -dh) & (oh < H - dh) & (ow >= -dw) & (ow < W - dw)
+            rows_inside = mask_m & (oh >= -dh) & (oh < H - dh)
+            inside = rows_inside & (ow >= -dw) & (ow < W - dw)
         else:
             ih = oh * stride_h - pad_h + kh * dil_h
             iw = ow * stride_w - pad_w + kw * dil_w
@@ -513,6 +528,11 @@ def _conv_wgrad_kernel(
             y = tl.load(y_ptr + rows_g + g_offsets, mask=tile, other=0.0)
             g = _relu_grad(g, y)
         acc = _mma(a, g.to(a.dtype), acc, INPUT_PRECISION, UPCAST_DOT)
+        if ROW_TAPS:  # the same gradient tile against the image one pixel to each side
+            a = _row_neighbour(a_tile - dil_w * C_x, mask_x, rows_inside, ow, dw - dil_w, W)
+            acc_first = _mma(a, g.to(a.dtype), acc_first, INPUT_PRECISION, UPCAST_DOT)
+            a = _row_neighbour(a_tile + dil_w * C_x, mask_x, rows_inside, ow, dw + dil_w, W)
+            acc_last = _mma(a, g.to(a.dtype), acc_last, INPUT_PRECISION, UPCAST_DOT)
         step_row += BLOCK_M
         if not DIRECT_ROWS:
             ow += step_ow
@@ -523,6 +543,50 @@ def _conv_wgrad_kernel(
             oh -= carry * OH
             if not SAME_ROWS:
                 image_row += (step_n + carry) * H
+    if ROW_TAPS:
+        _store_wgrad_tap(acc_first, out_ptr, weight_grad_ptr, split, kh, 0, offs_x, offs_g, mask_x,
+                         mask_g, C_x, C_g, out_stride_g, out_stride_x, out_stride_kh, out_stride_kw,
+                         KH, KW, STRIDED_OUT)  # fmt: skip
+        _store_wgrad_tap(acc_last, out_ptr, weight_grad_ptr, split, kh, 2, offs_x, offs_g, mask_x,
+                         mask_g, C_x, C_g, out_stride_g, out_stride_x, out_stride_kh, out_stride_kw,
+                         KH, KW, STRIDED_OUT)  # fmt: skip
+    _store_wgrad_tap(acc, out_ptr, weight_grad_ptr, split, kh, kw, offs_x, offs_g, mask_x, mask_g,
+                     C_x, C_g, out_stride_g, out_stride_x, out_stride_kh, out_stride_kw, KH, KW,
+                     STRIDED_OUT)  # fmt: skip
+
+
+@triton.jit
+def _row_neighbour(a_tile, mask_x, rows_inside, ow, dw, W):
+    """The image tile of a tap ``dw`` columns from the pixels (``a_tile``: its addresses), zero
+    where that column is padding."""
+    inside = rows_inside & (ow >= -dw) & (ow < W - dw)
+    return tl.load(a_tile, mask=mask_x[:, None] & inside[None, :], other=0.0)
+
+
+@triton.jit
+def _store_wgrad_tap(
+    acc,
+    out_ptr,
+    weight_grad_ptr,
+    split,
+    kh,
+    kw,
+    offs_x,
+    offs_g,
+    mask_x,
+    mask_g,
+    C_x,
+    C_g,
+    out_stride_g,
+    out_stride_x,
+    out_stride_kh,
+    out_stride_kw,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    STRIDED_OUT: tl.constexpr,
+):
+    """One tap's sum: into the weight's gradient in its own layout and dtype (``STRIDED_OUT``), or
+    into the split's float32 partials."""
     if STRIDED_OUT:
         out = (
             weight_grad_ptr
@@ -534,6 +598,7 @@ def _conv_wgrad_kernel(
         grad = acc.to(weight_grad_ptr.dtype.element_ty)
         tl.store(out, grad, mask=mask_x[:, None] & mask_g[None, :])
     else:
+        tap = kh * KW + kw
         out = out_ptr + ((split * KH * KW + tap) * C_x + offs_x)[:, None] * C_g + offs_g[None, :]
         tl.store(out, acc, mask=mask_x[:, None] & mask_g[None, :])
 

@@ -9,6 +9,7 @@ channels_last memory (so their storage is NHWC, the kernels' layout) and leave t
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 from typing import Any, NamedTuple, Optional
 
 import torch
@@ -404,7 +405,8 @@ def _wgrad(
     )  # fmt: skip
 
     def declare() -> Declared:
-        # Every (image tile, gradient tile, tap) program reads its rows of the image and the gradient.
+        # Every (image tile, gradient tile, tap) reads its rows of the image; every program (a tap's
+        # or, with row taps, a kernel row's) its rows of the gradient.
         m, c_x, c_g, taps = plan.site.scalars[0], image.shape[1], grad.shape[1], plan.taps
         tiles_x, tiles_g = plan.site.grid[0], plan.site.grid[1]
         return Declared(
@@ -412,7 +414,7 @@ def _wgrad(
             writes=[target],
             flops=2 * m * c_x * c_g * taps,
             cached_read=(tiles_g * taps - 1) * tensor_bytes(image)
-            + (tiles_x * taps - 1) * plan.gradient_bytes,
+            + (tiles_x * plan.programs_per_tile - 1) * plan.gradient_bytes,
         )
 
     compiled_launch.launch(plan.site, declare, arguments)
@@ -434,6 +436,7 @@ class _WgradPlan(NamedTuple):
     strided_out: bool  # written straight into ``out`` (one split)
     partial_shape: tuple[int, ...]
     taps: int
+    programs_per_tile: int  # of a channel tile: one per tap, or per kernel row (row taps)
     gradient_bytes: int  # of the gradient rows the kernel reads (dy, and y, z where it reads them)
 
 
@@ -457,17 +460,22 @@ def _wgrad_plan(
     m = n * out_hw[0] * out_hw[1]
     taps = kernel[0] * kernel[1]
     card = launch_card(device)
-    wgrad = wgrad_tiles(config, c_x, c_g, dtype, relu, taps, 0 if card is None else card[1])
+    rows = wgrad_rows(kernel, geometry.stride, geometry.padding, (height, width), tuple(out_hw))
+    wgrad = wgrad_tiles(
+        config, c_x, c_g, dtype, relu, taps, 0 if card is None else card[1],
+        row_taps=rows["SAME_ROWS"] and kernel[1] == 3, pixels=m,
+    )  # fmt: skip
     block_x, block_g, block_m = wgrad.block_x, wgrad.block_g, wgrad.block_m
-    tiles = cdiv(c_x, block_x) * cdiv(c_g, block_g) * taps
+    programs_per_tile = kernel[0] if wgrad.row_taps else taps  # a program per kernel row or tap
+    tiles = cdiv(c_x, block_x) * cdiv(c_g, block_g) * programs_per_tile
     # dy, and y where the kernel reads it: dense images of m x c_g elements
     gradient_bytes = m * c_g * (torch.finfo(dtype).bits // 8) * (1 + relu)
-    shared = wgrad_shared_bytes(wgrad, config.num_stages, dtype, relu)
+    shared = wgrad_shared_bytes(wgrad, dtype, relu)
     splits = wgrad_splits(config, m, block_m, tiles, device, gradient_bytes, taps, c_x, c_g, shared)
     splits, m_per_split = wgrad_split_rows(m, block_m, splits)
     strided_out = out_layout is not None and splits == 1
     out_strides = tuple(out_layout[1]) if out_layout is not None else (0, 0, 0, 0)
-    grid = (cdiv(c_x, block_x), cdiv(c_g, block_g), splits * taps)
+    grid = (cdiv(c_x, block_x), cdiv(c_g, block_g), splits * programs_per_tile)
     scalars = (
         m, m_per_split, height, width, c_x, *out_hw, c_g,
         *geometry.stride, *geometry.padding, *geometry.dilation, *out_strides,
@@ -477,13 +485,14 @@ def _wgrad_plan(
         KW=kernel[1],
         RELU=relu,
         STRIDED_OUT=strided_out,
-        **wgrad_rows(kernel, geometry.stride, geometry.padding, (height, width), tuple(out_hw)),
+        **rows,
+        ROW_TAPS=wgrad.row_taps,
         INPUT_PRECISION=precision,
         UPCAST_DOT=upcast_dot(dtype),
         BLOCK_X=block_x,
         BLOCK_G=block_g,
         BLOCK_M=block_m,
-        **launch_options(config),
+        **launch_options(replace(config, num_stages=wgrad.stages)),
     )
     site = compiled_launch.Site("_conv_wgrad_kernel", _conv_wgrad_kernel, grid, scalars, constants)
     partial_shape = (splits, kernel[0], kernel[1], c_x, c_g)
@@ -497,7 +506,10 @@ def _wgrad_plan(
             (splits, c_x, c_g, *out_strides),
             {"KH": kernel[0], "KW": kernel[1], "BLOCK": block},
         )
-    return _WgradPlan(site, reduce_site, splits, strided_out, partial_shape, taps, gradient_bytes)
+    return _WgradPlan(
+        site, reduce_site, splits, strided_out, partial_shape, taps, programs_per_tile,
+        gradient_bytes,
+    )  # fmt: skip
 
 
 def _backward_reduce(

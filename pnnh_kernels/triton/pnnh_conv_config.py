@@ -54,6 +54,9 @@ class ConvConfig:
     # deeper than block_k (deep_k); None: block_k and num_stages.
     deep_block_k: Optional[int] = None
     deep_stages: Optional[int] = None
+    # The weight gradient reduces a kernel row's three taps a program where its rows allow
+    # (wgrad_tiles: the kernel's ROW_TAPS).
+    wgrad_row_taps: bool = False
 
 
 # One large-block configuration for the CPU interpreter: it runs one Python program per tile, so
@@ -290,6 +293,9 @@ def _gpu_config(
         # rather than an A100's 163 (128-pixel steps beside 128 x 128 tiles: half the iterations).
         wgrad_gradient_tile=256 if hopper_16 else None,
         wgrad_shared_budget=wgrad_budget,
+        # sm_90, 16-bit: a weight-gradient program per kernel row where the rows allow (a gradient
+        # tile loaded once for three taps; modelled at 64 channels 111.6 / 77.7 -> 76.5 / 51.7 us).
+        wgrad_row_taps=hopper_16,
     )
 
 
@@ -298,16 +304,21 @@ class WgradTiles:
     block_x: int  # image channels per program
     block_g: int  # gradient channels per program
     block_m: int  # pixels per step of the reduction
+    stages: int  # of the software pipeline
+    # a program reduces a kernel row's three taps (the kernel's ROW_TAPS): three image tiles a step
+    row_taps: bool = False
 
 
-def wgrad_shared_bytes(tiles: WgradTiles, stages: int, dtype: torch.dtype, relu: bool) -> int:
+def wgrad_shared_bytes(tiles: WgradTiles, dtype: torch.dtype, relu: bool) -> int:
     """Shared memory of the weight-gradient kernel as Triton's software pipeline lays it out: every
     stage holds the image and gradient tiles, every stage but one also each extra tile read beside
     the gradient (the output for the ReLU mask). It matched triton
     3.9's sm_90 compiles in sixteen cases (bf16/fp32, ReLU on/off, 64/128 channels, 2-3 stages) and
     the 256 KiB launch failure of triton 3.6 on an H200; the ahead-of-time report stays the judge."""
     element = torch.finfo(dtype).bits // 8
-    operands = stages * (tiles.block_x + tiles.block_g) * tiles.block_m
+    image_tiles = 3 if tiles.row_taps else 1
+    stages = tiles.stages
+    operands = stages * (image_tiles * tiles.block_x + tiles.block_g) * tiles.block_m
     extra = (stages - 1) * tiles.block_g * tiles.block_m * int(relu)
     return (operands + extra) * element
 
@@ -330,13 +341,24 @@ def wgrad_tiles(
     relu: bool,
     taps: int,
     multiprocessors: int,
+    *,
+    row_taps: bool,
+    pixels: int,
 ) -> WgradTiles:
     """Tiles of one weight-gradient launch of ``taps`` kernel taps on a card of ``multiprocessors``
     (0: no card; no wide gradient tiles): channel tiles as wide as the configuration's output tile
     (the gradient's up to ``config.wgrad_gradient_tile`` where WIDE_GRADIENT_TILE_FILL holds), and a
     reduction step two K-chunks deep, halved until the pipeline's shared memory fits
     ``config.wgrad_shared_budget`` (at 128 x 128 channel tiles a 128-pixel step needed 256 KiB with
-    the ReLU mask: more than any card has)."""
+    the ReLU mask: more than any card has).
+
+    ``row_taps``: the launch's rows allow a program per kernel row (wgrad_rows' SAME_ROWS, three
+    taps a row); with ``config.wgrad_row_taps`` it takes them (row_tap_tiles) where their split
+    partials' traffic allows (row_tap_partials_fit; ``pixels``: the output pixels reduced)."""
+    if row_taps and config.wgrad_row_taps:
+        tiles = row_tap_tiles(config, c_x, c_g, dtype, relu)
+        if row_tap_partials_fit(tiles, config, c_x, c_g, dtype, relu, taps, pixels, multiprocessors):
+            return tiles
     # 128 x 128 channel tiles spilled on sm_80 (bf16: 16 bytes at 128 registers), and fp32 spilled
     # at 64 x 128: the image tile stays at 64 channels (128 on sm_90 in 16-bit:
     # config.wgrad_image_tile), the gradient tile at 128 (bf16/fp16) or 64.
@@ -348,16 +370,73 @@ def wgrad_tiles(
         programs = cdiv(c_x, block_x) * cdiv(c_g, wide) * taps
         if programs >= WIDE_GRADIENT_TILE_FILL * multiprocessors:
             block_g = wide
-    tiles = WgradTiles(block_x, block_g, 2 * config.block_k)
-    stages = config.num_stages
+    tiles = WgradTiles(block_x, block_g, 2 * config.block_k, config.num_stages)
     # Image tiles under 64 channels compile to mma.sync, not wgmma, and keep the A100's budget: at
     # 32 x 128 channels, 128-pixel steps and the ReLU mask they spilled 32 bytes on sm_90.
     budget = config.wgrad_shared_budget
     if block_x < 64:
         budget = min(budget, WGRAD_SHARED_MEMORY_BUDGET)
-    while tiles.block_m > 16 and wgrad_shared_bytes(tiles, stages, dtype, relu) > budget:
+    while tiles.block_m > 16 and wgrad_shared_bytes(tiles, dtype, relu) > budget:
         tiles = replace(tiles, block_m=tiles.block_m // 2)
     return tiles
+
+
+def row_tap_tiles(config: ConvConfig, c_x: int, c_g: int, dtype: torch.dtype, relu: bool) -> WgradTiles:
+    """Tiles of a weight gradient whose programs each reduce a kernel row's three taps (ROW_TAPS):
+    three float32 accumulators, so the image tile stays at 64 channels beside a gradient tile of up
+    to 128 (at 64 x 128, 8 warps: 200 registers on sm_90, no spills); 128-pixel steps in as many
+    stages as ``config.wgrad_shared_budget`` takes, at least two (at 64 x 128 two: 160 KiB), the
+    step halved only where two stages do not fit."""
+    gradient_cap = 128 if torch.finfo(dtype).bits <= 16 else 64
+    block_x = block_size(c_x, min(config.block_n, 64))
+    block_g = block_size(c_g, min(config.block_n, gradient_cap))
+    tiles = WgradTiles(block_x, block_g, 2 * config.block_k, config.num_stages, row_taps=True)
+    budget = config.wgrad_shared_budget
+    while tiles.stages > 2 and wgrad_shared_bytes(tiles, dtype, relu) > budget:
+        tiles = replace(tiles, stages=tiles.stages - 1)
+    while tiles.block_m > 16 and wgrad_shared_bytes(tiles, dtype, relu) > budget:
+        tiles = replace(tiles, block_m=tiles.block_m // 2)
+    return tiles
+
+
+# Row taps give a channel tile a third as many programs, so filling the GPU takes up to three times
+# the splits, and each split's float32 partials are the whole weight gradient. They are taken only
+# where those partials (written and read back) move at most this fraction of the bytes the kernel
+# reads anyway (the image and the gradient rows): at 64x64x32x32 44 splits move 13 MB against 67, at
+# 128x128x16x16 22 move 26 MB against 34; at 256x256x8x8 5 would move 24 MB against 17 (and take
+# the step to 0.84x the ResNet layer's bytes, past the ledger's 0.8x budget), where a program per
+# tap needs 3 splits. The static model at 256x8x8: row taps in 3 splits (72 programs) 57.8 / 56.1
+# us against 60.8 / 48.6 for a program per tap: no gain under both readings.
+ROW_TAP_PARTIAL_TRAFFIC = 1.0
+
+
+def row_tap_partials_fit(
+    tiles: WgradTiles,
+    config: ConvConfig,
+    c_x: int,
+    c_g: int,
+    dtype: torch.dtype,
+    relu: bool,
+    taps: int,
+    pixels: int,
+    multiprocessors: int,
+) -> bool:
+    """Whether a row-tap launch's split partials stay within ROW_TAP_PARTIAL_TRAFFIC on a card of
+    ``multiprocessors`` (sm_90: row taps are its configuration's alone, and their pipelines never
+    share a multiprocessor). Without a card, or with the configuration's own split count (tests),
+    nothing is filled and they are taken."""
+    if multiprocessors == 0 or config.wgrad_splits is not None:
+        return True
+    element = torch.finfo(dtype).bits // 8
+    gradient_bytes = pixels * c_g * element * (1 + relu)
+    programs = cdiv(c_x, tiles.block_x) * cdiv(c_g, tiles.block_g) * (taps // 3)
+    pair = side_by_side(wgrad_shared_bytes(tiles, dtype, relu), (9, 0))
+    splits = wgrad_split_count(
+        pixels, tiles.block_m, programs, multiprocessors, gradient_bytes, taps, c_x, c_g, pair
+    )
+    splits, _ = wgrad_split_rows(pixels, tiles.block_m, splits)
+    partials = 0 if splits == 1 else 2 * splits * taps * c_x * c_g * 4
+    return partials <= ROW_TAP_PARTIAL_TRAFFIC * (pixels * c_x * element + gradient_bytes)
 
 
 # Set by pnnh_kernels.benchmarking.host_cost's stub launch path, whose CPU tensors stand for a
@@ -463,11 +542,17 @@ def wgrad_fill_target(
     programs of 128 steps on 132 multiprocessors; three splits give 108 programs of 43 steps, where
     four would put two programs of 32 on some multiprocessors)."""
     fill = min(wgrad_split_target(m, block_m, tiles, multiprocessors), cdiv(multiprocessors, tiles))
-    if fill <= splits:
-        return splits
 
     def busiest(count: int) -> int:  # programs on the busiest multiprocessor x steps of each
         return cdiv(tiles * count, multiprocessors) * cdiv(cdiv(m, count), block_m)
+
+    if fill <= splits:
+        if two_per_multiprocessor:
+            return splits
+        # One program per multiprocessor: splits past the fill only queue second programs behind
+        # the first (at 64 x 64 channels in row-tap programs, 3 tiles: 56 splits put two programs
+        # of 37 steps on 36 multiprocessors where 44 give every one a program of 47).
+        return min(range(fill, splits + 1), key=lambda count: (busiest(count), count))
 
     # The count up to the fill with the fewest steps on the busiest multiprocessor; on a tie the
     # larger where two programs fit one multiprocessor (``two_per_multiprocessor``, side_by_side:

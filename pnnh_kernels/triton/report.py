@@ -413,11 +413,7 @@ def _add_backward_passes(
                    ("decoder, relu", c_b, shape.c_out, 1, True, False, oh, ow),
                    ("decoder", c_b, shape.c_out, 1, False, False, oh, ow)]  # fmt: skip
     for label, c_x, c_g, kernel, relu, strided_out, height, width in wgrads:
-        tiles = wgrad_tiles(config, c_x, c_g, dtype, relu, kernel * kernel, multiprocessors)
-        wgrad = {"KH": kernel, "KW": kernel, "RELU": relu, "STRIDED_OUT": strided_out,
-                 "BLOCK_X": tiles.block_x, "BLOCK_G": tiles.block_g,
-                 "BLOCK_M": tiles.block_m}  # fmt: skip
-        extra = {"C_x": c_x, "C_g": c_g, "H": height, "W": width, "m_per_split": 8 * tiles.block_m,
+        extra = {"C_x": c_x, "C_g": c_g, "H": height, "W": width,
                  "out_stride_g": kernel * kernel * c_x, "out_stride_x": 1,
                  "out_stride_kh": kernel * c_x, "out_stride_kw": c_x}  # fmt: skip
         if label.startswith("decoder"):
@@ -426,10 +422,15 @@ def _add_backward_passes(
             extra.update(pad_h=0, pad_w=0, dil_h=1, dil_w=1)
         stride = extra.get("stride_h", shape.stride)
         pad = extra.get("pad_h", shape.padding)
-        wgrad.update(
-            wgrad_rows((kernel, kernel), (stride, stride), (pad, pad), (height, width), (oh, ow))
-        )
-        add(label, kernels._conv_wgrad_kernel, wgrad, config.num_warps, config.num_stages,
+        rows = wgrad_rows((kernel, kernel), (stride, stride), (pad, pad), (height, width), (oh, ow))
+        row_taps = rows["SAME_ROWS"] and kernel == 3
+        tiles = wgrad_tiles(config, c_x, c_g, dtype, relu, kernel * kernel, multiprocessors,
+                            row_taps=row_taps, pixels=shape.n * oh * ow)  # fmt: skip
+        extra["m_per_split"] = 8 * tiles.block_m
+        wgrad = {"KH": kernel, "KW": kernel, "RELU": relu, "STRIDED_OUT": strided_out,
+                 "ROW_TAPS": tiles.row_taps, "BLOCK_X": tiles.block_x, "BLOCK_G": tiles.block_g,
+                 "BLOCK_M": tiles.block_m, **rows}  # fmt: skip
+        add(label, kernels._conv_wgrad_kernel, wgrad, config.num_warps, tiles.stages,
             **extra)  # fmt: skip
 
 
@@ -519,10 +520,13 @@ def model_launch(
     elif launch.kernel == "_conv_wgrad_kernel":
         # as pnnh_conv._wgrad_plan sizes it, for an H100/H200's 132 multiprocessors
         pixels, c_x, c_g = i["M"], i["C_x"], i["C_g"]
-        tiles = cdiv(c_x, c["BLOCK_X"]) * cdiv(c_g, c["BLOCK_G"]) * taps
+        programs_per_tile = c["KH"] if c["ROW_TAPS"] else taps  # a program per row, or per tap
+        tiles = cdiv(c_x, c["BLOCK_X"]) * cdiv(c_g, c["BLOCK_G"]) * programs_per_tile
         reads = 1 + c["RELU"]  # dy (or dz), and y where read
-        program = WgradTiles(c["BLOCK_X"], c["BLOCK_G"], c["BLOCK_M"])
-        pair = side_by_side(wgrad_shared_bytes(program, launch.num_stages, dtype, c["RELU"]), (9, 0))
+        program = WgradTiles(
+            c["BLOCK_X"], c["BLOCK_G"], c["BLOCK_M"], launch.num_stages, row_taps=c["ROW_TAPS"]
+        )
+        pair = side_by_side(wgrad_shared_bytes(program, dtype, c["RELU"]), (9, 0))
         splits = wgrad_split_count(
             pixels, c["BLOCK_M"], tiles, 132, pixels * c_g * size * reads, taps, c_x, c_g, pair
         )
@@ -546,7 +550,7 @@ def _mainloop_step_flops(launch: Launch) -> Optional[int]:
             return None
         return 2 * c["BLOCK_M"] * c["BLOCK_N"] * c["BLOCK_K"]
     if launch.kernel == "_conv_wgrad_kernel":
-        return 2 * c["BLOCK_X"] * c["BLOCK_G"] * c["BLOCK_M"]
+        return 2 * c["BLOCK_X"] * c["BLOCK_G"] * c["BLOCK_M"] * (c["KW"] if c["ROW_TAPS"] else 1)
     return None
 
 
