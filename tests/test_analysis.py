@@ -120,7 +120,8 @@ def test_plan_shares_runs_between_studies():
     ]  # fmt: skip
     assert len(keys) == len(set(keys))
     assert {r.study for r in runs} == {
-        "depth", "ablation", "width_check", "sharing", "init", "coder_width", "tying", "learned"
+        "depth", "ablation", "width_check", "sharing", "init", "coder_width", "tying", "learned",
+        "params",
     }  # fmt: skip
     # The ablation's default setting is the depth study's PNNH run, planned once.
     rows = [
@@ -134,6 +135,12 @@ def test_plan_shares_runs_between_studies():
     assert all(r["depth"] in TINY.ablation_depths for r in ablation)
     widths = {r["width"] for r in study.rows_for(rows, "width_check", TINY)}
     assert widths == {TINY.check_width}
+    # The parameter study at depth 2: width 4 from the depth study's runs, width 8 its own, every
+    # variant once
+    params = study.rows_for(rows, "params", TINY)
+    assert sorted((r["variant"], r["width"], r["study"]) for r in params) == sorted(
+        (v, w, "depth" if w == 4 else "params") for v in ("plain", "residual", "pnnh") for w in (4, 8)
+    )
 
 
 def test_tiny_analysis_end_to_end(tmp_path):
@@ -149,6 +156,14 @@ def test_tiny_analysis_end_to_end(tmp_path):
     assert "Depth scaling" in markdown
     assert "Coder ablation, summary" in markdown
     assert "The shared coder's gain at initialisation" in markdown
+    assert "Parameter efficiency" in markdown
+    efficiency = summary["parameter_efficiency"]
+    # every variant at both widths (width 4 from the depth study's runs), with parameter counts
+    assert {(p["variant"], p["width"]) for p in efficiency["points"]} == {
+        (v, w) for v in ("plain", "residual", "pnnh") for w in (4, 8)
+    }
+    assert all(p["trained_parameters"] <= p["stored_parameters"] for p in efficiency["points"])
+    assert efficiency["verdict"] in ("supported", "not supported", "mixed")
     for figure in ("curve_survival", "curve_cosine_similarity", "curve_ridge_r2", "depth_study"):
         assert (tmp_path / f"{figure}.png").stat().st_size > 1000
 
@@ -212,7 +227,7 @@ class _FakeResult:
     train_loss, test_accuracy, diverged, seconds = 1.0, 0.5, False, 0.0
 
 
-@pytest.mark.parametrize("preset", ["TINY", "QUICK", "FULL", "CODERS", "LEARNED_CODERS"])
+@pytest.mark.parametrize("preset", ["TINY", "QUICK", "FULL", "CODERS", "LEARNED_CODERS", "PARAMS"])
 def test_every_study_table_lists_each_run_once(preset):
     config = getattr(study, preset)
     runs = list(planned_runs(config))
@@ -227,7 +242,8 @@ def test_every_study_table_lists_each_run_once(preset):
         | r.label
         for r in runs
     ]
-    names = ("depth", "ablation", "width_check", "sharing", "init", "coder_width", "tying", "learned")
+    names = ("depth", "ablation", "width_check", "sharing", "init", "coder_width", "tying", "learned",
+             "params")  # fmt: skip
     for name in names:
         listed = [
             (

@@ -21,6 +21,7 @@ from pnnh_kernels.analysis.probes import coder_gain
 from pnnh_kernels.coder import CODER_INITS, DEFAULT_CODER_INIT, PNNHCoder
 from pnnh_kernels.models import deep_cnn
 from pnnh_kernels.models.deep_cnn import DeepCNN
+from pnnh_kernels.models.parameters import count_parameters
 from pnnh_kernels.training.digits import CoderObjective, DigitsSplit, train_classifier
 
 
@@ -42,6 +43,9 @@ class StudyConfig:
     # "digits", or "fashion-mnist": (train images, test images, pooling) of its study split
     dataset: str = "digits"
     fashion_split: tuple[int, int, int] = (2000, 2000, 2)
+    # Parameter efficiency (issue #25): the three variants at each of these widths and depths
+    param_widths: tuple[int, ...] = ()
+    param_depths: tuple[int, ...] = ()
 
 
 # Under 10 minutes on 2 CPU cores.
@@ -71,6 +75,13 @@ FASHION = StudyConfig(
     depths=(16, 64), seeds=(0, 1, 2), epochs=12, learned_depths=(16, 64),
     learned_settings=("(iii) orthonormal rows, task only",), dataset="fashion-mnist",
 )  # fmt: skip
+# Parameter efficiency (issue #25): accuracy against parameters, the three variants at widths 8 to
+# 32 (9,650 to 149,162 trained parameters at depth 16; the three share an architecture, so the
+# same count at each width) and depths 16 and 32, 3 seeds, the full study's recipe: about 35
+# minutes with --jobs 2 on 2 cores.
+PARAMS = StudyConfig(
+    depths=(), seeds=(0, 1, 2), epochs=12, param_widths=(8, 12, 16, 24, 32), param_depths=(16, 32)
+)
 # End-to-end check for the test suite: seconds.
 TINY = StudyConfig(
     depths=(2, 4),
@@ -83,6 +94,8 @@ TINY = StudyConfig(
     check_width=6,
     check_depth=2,
     learned_depths=(4,),
+    param_widths=(4, 8),  # at depth 2 width 4 the depth study's runs serve it
+    param_depths=(2,),
 )
 # The peak-learning-rate sweep (preset "lr"): the three variants at depth 64, the full study's recipe
 # otherwise; 0.05 repeats the full study's own runs (a reproducibility check).
@@ -155,7 +168,7 @@ def run_id(run: Run, config: StudyConfig) -> str:
     # Fields added to the recipe after runs were saved count only where set, so that those runs keep
     # their ids (and are reused, not trained again): learned_depths (2026-12-07), coder_training.
     added_later = {"learned_depths": (), "learned_settings": None, "dataset": "digits",
-                   "fashion_split": (2000, 2000, 2)}  # fmt: skip
+                   "fashion_split": (2000, 2000, 2), "param_widths": (), "param_depths": ()}  # fmt: skip
     recipe_config = {
         k: v for k, v in config.__dict__.items() if k not in added_later or v != added_later[k]
     }
@@ -260,6 +273,15 @@ def planned_runs(config: StudyConfig) -> Iterator[Run]:
                 kwargs["coder_channels"] = channels
             candidates.append(run("coder_width", {"coder_width": name}, depth, seed, **kwargs))
         candidates.append(run("tying", {"tied": False}, depth, seed, variant="pnnh", coder_tied=False))
+    # Planned last: where the depth study or the width check already trains a variant at a depth
+    # and width, that run serves the parameter study too (rows_for).
+    for depth in config.param_depths:
+        for width in config.param_widths:
+            for variant in ("plain", "residual", "pnnh"):
+                for seed in config.seeds:
+                    own = None if width == config.width else width
+                    label = {"variant": variant, "width": width}
+                    candidates.append(run("params", label, depth, seed, own, variant=variant))
     return (c for c in candidates if c is not None)
 
 
@@ -309,6 +331,10 @@ def execute_run(run: Run, config: StudyConfig, data: DigitsSplit) -> dict[str, A
         "coder_error_after": coder.reconstruction_error() if coder else None,
         "coder_gain_at_init": gain_at_init,
         "coder_gain_after": coder_gain(coder) if coder else None,
+        # what the optimizer trains (a fixed coder is stored, not trained) and what a checkpoint
+        # stores (a shared coder once), as parameter elements
+        "trained_parameters": count_parameters(model, trainable_only=True),
+        "stored_parameters": count_parameters(model),
     }
 
 
@@ -357,6 +383,14 @@ def rows_for(rows: list[dict[str, Any]], study: str, config: StudyConfig) -> lis
     """The rows a study's table shows, including the runs it shares with other studies."""
     if study in ("depth", "lr", "width_check", "sharing"):
         return [r for r in rows if r["study"] == study]
+    if study == "params":
+        # its own runs, and the depth study's and the width check's at its depths and widths (the
+        # same variants, trained by the same recipe)
+        return [
+            r | {"width": r.get("width", config.width)} for r in rows
+            if r["study"] in ("params", "depth", "width_check") and r["depth"] in config.param_depths
+            and r.get("width", config.width) in config.param_widths
+        ]  # fmt: skip
     if study == "learned":
         return _beside_default(rows, config, study, config.learned_depths, LEARNED_DEFAULT, {})
     if study == "ablation":

@@ -214,13 +214,55 @@ def _work_order_flags(model_rows: list[dict[str, Any]]) -> list[str]:
     return flags
 
 
-def parameter_verdict(model_rows: list[dict[str, Any]]) -> str:
+def load_study(path: Path) -> dict[str, Any]:
+    """The parameter-efficiency summary of ``pnnh analyze --preset params`` (its analysis.json); a
+    named error for a file that is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--study: no file at {path}")
+    expected = "expected the analysis.json of pnnh analyze --preset params"
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"--study: {path} is not JSON ({error}); {expected}") from error
+    efficiency = data.get("parameter_efficiency") if isinstance(data, dict) else None
+    if not isinstance(efficiency, dict) or not isinstance(efficiency.get("pnnh_vs_residual"), list):
+        raise ValueError(f"--study: {path} holds no parameter-efficiency study; {expected}")
+    return {**efficiency, "path": str(path), "preset": data.get("preset")}
+
+
+def study_verdict(efficiency: Optional[dict[str, Any]]) -> str:
+    """The claim measured as meant: accuracy against parameters (parameter_efficiency), or "not
+    measured" without a study."""
+    if efficiency is None:
+        return (
+            "Accuracy against parameters: not measured in this report (pnnh analyze --preset params, "
+            "then pnnh report --study its analysis.json)."
+        )
+    found = efficiency["pnnh_vs_residual"]
+    ratios = [
+        f"depth {m['depth']} width {m['width']}: "
+        + (f"> {m['ratio_bound']:.2f}" if m["ratio"] is None
+           else ("<= " if m["bound"] == "at most" else "") + f"{m['ratio']:.2f}")
+        for m in found
+    ]  # fmt: skip
+    return (
+        f"Accuracy against parameters ({efficiency['path']}): the trained parameters PNNH needs for "
+        f"the residual net's accuracy, over the residual's ({'; '.join(ratios) or 'none'}); the "
+        f"claimed {1 / efficiency['claimed_ratio']:.0f}x is {efficiency['verdict']} on that study."
+    )
+
+
+def parameter_verdict(
+    model_rows: list[dict[str, Any]], efficiency: Optional[dict[str, Any]] = None
+) -> str:
+    study = study_verdict(efficiency)
     pairs = {}
     for r in model_rows:
         if r["variant"] == "pnnh" and r["parameters_vs_residual"]:
             pairs[r["model"] + " " + r["stem"]] = r["parameters_vs_residual"]
     if not pairs:
-        return "not measured: no PNNH and residual models side by side in this file."
+        return f"Parameter counts: no PNNH and residual models side by side in this file. {study}"
     kind = "trained" if all("trained_parameters" in r for r in model_rows) else "stored"
     listed = ", ".join(
         f"{k}: {v:.3f}x the residual's {kind} parameters" for k, v in sorted(pairs.items())
@@ -228,9 +270,8 @@ def parameter_verdict(model_rows: list[dict[str, Any]]) -> str:
     smaller = all(v < 1.0 for v in pairs.values())
     verdict = "PNNH is smaller" if smaller else "PNNH is not smaller than the residual ResNet"
     return (
-        f"{verdict} here ({listed}). Parameter *efficiency* (accuracy per parameter) also needs the "
-        "accuracies, which a speed benchmark does not measure (the training issue adds them). "
-        f"By parameter count alone, the claimed {PARAMETER_EFFICIENCY_CLAIM:.0f}x is not shown here."
+        f"{verdict} here ({listed}); by parameter count alone, the claimed "
+        f"{PARAMETER_EFFICIENCY_CLAIM:.0f}x is not shown. {study}"
     )
 
 
@@ -284,7 +325,12 @@ def _roofline_cell(row: dict[str, Any]) -> str:
     return _fmt(roofline, "{:.3f}")
 
 
-def markdown(data: dict[str, Any], results: list[Result], figures: list[str]) -> str:
+def markdown(
+    data: dict[str, Any],
+    results: list[Result],
+    figures: list[str],
+    efficiency: Optional[dict[str, Any]] = None,
+) -> str:
     machine = machine_name(data, results)
     peaks = next((r.info["peaks"] for r in results if "peaks" in r.info), None)
     lines = [
@@ -313,7 +359,7 @@ def markdown(data: dict[str, Any], results: list[Result], figures: list[str]) ->
         "| claim | measured here |",
         "|---|---|",
         f"| up to 0.3x higher training throughput than ResNets | {throughput_verdict(model_rows)} |",
-        f"| 2x better parameter efficiency than ResNets | {parameter_verdict(model_rows)} |",
+        f"| 2x better parameter efficiency than ResNets | {parameter_verdict(model_rows, efficiency)} |",
         "",
         "## Layers and blocks (time relative to the cuDNN ResNet layer / BasicBlock of the same group)",
         "",
@@ -433,10 +479,13 @@ def plot(results: list[Result], out_dir: Path) -> list[str]:
     return figures
 
 
-def write_report(bench_json: Path, out_dir: Path) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
+def write_report(bench_json: Path, out_dir: Path, study_json: Optional[Path] = None) -> Path:
+    """The report of ``bench_json`` into ``out_dir``, the parameter-efficiency study of
+    ``study_json`` (pnnh analyze --preset params) in its claims table where given."""
     data, results = load(bench_json)
+    efficiency = None if study_json is None else load_study(study_json)
+    out_dir.mkdir(parents=True, exist_ok=True)
     figures = plot(results, out_dir)
     path = out_dir / "report.md"
-    path.write_text(markdown(data, results, figures))
+    path.write_text(markdown(data, results, figures, efficiency))
     return path

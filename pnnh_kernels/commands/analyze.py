@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from pnnh_kernels.analysis import study
+from pnnh_kernels.analysis import parameter_efficiency, study
 from pnnh_kernels.analysis.curves import LayerCurvePoint, he_stack, layer_curves
 from pnnh_kernels.analysis.probes import coder_gain
 from pnnh_kernels.coder import CODER_INITS, PNNHCoder, default_code_channels
@@ -34,6 +34,7 @@ PRESETS = {
     "lr": study.LR_SWEEP,
     "learned": study.LEARNED_CODERS,
     "fashion": study.FASHION,
+    "params": study.PARAMS,
 }
 
 
@@ -56,7 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "minutes); learned: coders that learn by the paper's reconstruction task, beside the fixed "
         "default, depths 16-128, 3 seeds (about 70 minutes with --jobs 2); tiny: a seconds-long "
         "end-to-end check; fashion: the three variants and the gain-1 learned coder on "
-        "Fashion-MNIST at 14 x 14, depths 16 and 64, 3 seeds (about 30 minutes with --jobs 2)",
+        "Fashion-MNIST at 14 x 14, depths 16 and 64, 3 seeds (about 30 minutes with --jobs 2); "
+        "params: accuracy against parameters, the three variants at widths 8-32 and depths 16 and "
+        "32, 3 seeds (about 35 minutes with --jobs 2)",
     )
     parser.add_argument("--curve-depth", type=int, default=None, help="depth of the He-init curves")
     parser.add_argument("--out", type=Path, default=Path("analysis_output"))
@@ -194,6 +197,9 @@ def study_tables(rows: list[dict[str, Any]], config: study.StudyConfig) -> str:
     learned = learned_summary(rows, config)
     if learned:
         out.append(learned)
+    efficiency = study.rows_for(rows, "params", config)
+    if efficiency:
+        out.append(parameter_efficiency.markdown(parameter_efficiency.summary(efficiency)))
     return "\n\n".join(out)
 
 
@@ -452,6 +458,9 @@ def run(args: argparse.Namespace) -> None:
         "bounds_respected": bound_holds,
         "seconds": time.perf_counter() - start,
     }
+    efficiency = study.rows_for(rows, "params", config)
+    if efficiency:  # read by pnnh report --study
+        summary["parameter_efficiency"] = parameter_efficiency.summary(efficiency)
     (out / "analysis.json").write_text(json.dumps(summary, indent=1, default=str))
     markdown = [
         f"# Dissipating inputs: analysis ({args.preset} preset)",
