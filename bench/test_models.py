@@ -7,11 +7,14 @@ torchvision's ResNet is an extra residual baseline where torchvision imports.
 
 from __future__ import annotations
 
+import time
+from dataclasses import asdict
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.conftest import DEVICE, ON_GPU, note_missing, rotating
+from bench.conftest import DEVICE, ON_GPU, note_missing, rotating, synchronize
 from pnnh_kernels.models import parameter_breakdown, resnet18, resnet34
 
 if ON_GPU:
@@ -81,3 +84,70 @@ def test_training_step(run_benchmark, benchmark, name, stem, batch, size, classe
             "trained_parameters": parts["trainable"],
         }
     )
+
+
+# The claims report's throughput verdict (issue #25) comes from these: the three variants' eager
+# training steps interleaved round by round, paired ratios with 95% intervals
+# (pnnh_kernels.benchmarking.interleaved).
+INTERLEAVED_ROUNDS = 15 if ON_GPU else 5
+STEPS_PER_ROUND = 10 if ON_GPU else 2
+INTERLEAVED_VARIANTS = ["residual", "plain", "pnnh"]
+
+
+@pytest.mark.parametrize(("stem", "batch", "size", "classes"), SETTINGS, ids=lambda v: str(v))
+@pytest.mark.parametrize("name", list(MODELS))
+def test_interleaved_training_steps(benchmark, name, stem, batch, size, classes):
+    """The residual, plain and PNNH nets' eager training steps, each round timing STEPS_PER_ROUND
+    steps of each in a seeded random order. The benchmark's own time is the whole session (not a
+    step); the per-round step times and the ratios' intervals are in extra_info."""
+    from pnnh_kernels.benchmarking.interleaved import round_orders, throughput_ratio
+
+    labels = torch.randint(0, classes, (batch,), device=DEVICE)
+    images = [
+        torch.randn(batch, 3, size, size, device=DEVICE).to(memory_format=torch.channels_last)
+        for _ in range(2)
+    ]
+    steps = {}
+    for variant in INTERLEAVED_VARIANTS:
+        model = _model(name, variant, stem, classes).to(DEVICE, memory_format=torch.channels_last)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+        def step(x: torch.Tensor, model=model, optimizer=optimizer) -> None:
+            with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+                loss = F.cross_entropy(model.train()(x), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        steps[variant] = step
+    orders = round_orders(INTERLEAVED_VARIANTS, INTERLEAVED_ROUNDS)
+    seconds: dict[str, list[float]] = {variant: [] for variant in INTERLEAVED_VARIANTS}
+
+    def session() -> None:
+        for step in steps.values():  # warm-up: allocator, autotuning, caches
+            for i in range(2):
+                step(images[i % 2])
+        synchronize()
+        for order in orders:
+            for variant in order:
+                start = time.perf_counter()
+                for i in range(STEPS_PER_ROUND):
+                    steps[variant](images[i % 2])
+                synchronize()
+                seconds[variant].append((time.perf_counter() - start) / STEPS_PER_ROUND)
+
+    benchmark.group = f"{name} {stem} batch {batch} interleaved train steps"
+    benchmark.pedantic(session, rounds=1, iterations=1)
+    ratios = {
+        f"{variant}_vs_{reference}": asdict(throughput_ratio(seconds[variant], seconds[reference]))
+        for variant, reference in (("pnnh", "residual"), ("plain", "residual"), ("pnnh", "plain"))
+    }
+    benchmark.extra_info.update(
+        {
+            "kind": "interleaved", "model": name, "stem": stem, "batch": batch, "mode": "eager",
+            "rounds": INTERLEAVED_ROUNDS, "steps_per_round": STEPS_PER_ROUND,
+            "step_seconds": seconds, "orders": orders, **ratios,
+            "device_name": torch.cuda.get_device_name(DEVICE) if ON_GPU else "cpu",
+            "torch": torch.__version__,
+        }
+    )  # fmt: skip

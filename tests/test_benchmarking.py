@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 
 import pytest
@@ -257,3 +258,69 @@ def test_host_cost_table_from_benchmark_json():
     )
     with pytest.raises(ValueError, match="no host-cost rows"):
         format_results({"benchmarks": [{"name": "other", "extra_info": {}}]})
+
+
+def _interleaved(pnnh: list[float], plain: list[float], residual: list[float]) -> dict:
+    """A bench row of test_interleaved_training_steps with these per-round step times."""
+    from dataclasses import asdict
+
+    from pnnh_kernels.benchmarking.interleaved import throughput_ratio
+
+    seconds = {"pnnh": pnnh, "plain": plain, "residual": residual}
+    ratios = {
+        f"{v}_vs_{r}": asdict(throughput_ratio(seconds[v], seconds[r]))
+        for v, r in (("pnnh", "residual"), ("plain", "residual"), ("pnnh", "plain"))
+    }
+    info = {"kind": "interleaved", "model": "resnet18", "stem": "cifar", "batch": 8,
+            "mode": "eager", "step_seconds": seconds, **ratios}  # fmt: skip
+    return _benchmark("i", "interleaved", 1.0, **info)
+
+
+def test_paired_throughput_ratios_and_their_intervals():
+    from pnnh_kernels.benchmarking.interleaved import round_orders, t_975, throughput_ratio
+
+    exact = throughput_ratio([1.0, 1.0, 1.0], [2.0, 2.0, 2.0])  # twice the images/s every round
+    assert (exact.ratio, exact.low, exact.high, exact.rounds) == (2.0, 2.0, 2.0, 3)
+    noisy = throughput_ratio([1.0, 1.0], [1.0, 4.0])  # log ratios 0 and log 4: mean log 2
+    assert noisy.ratio == pytest.approx(2.0)
+    half = 12.706 * math.log(4) / math.sqrt(2) / math.sqrt(2)
+    assert noisy.low == pytest.approx(2.0 * math.exp(-half))
+    assert noisy.high == pytest.approx(2.0 * math.exp(half))
+    assert (t_975(1), t_975(30), t_975(31)) == (12.706, 2.042, 1.960)
+    with pytest.raises(ValueError, match="at least 2 rounds"):
+        throughput_ratio([1.0], [1.0])
+    with pytest.raises(ValueError, match="one per round"):
+        throughput_ratio([1.0, 1.0], [1.0, 1.0, 1.0])
+    orders = round_orders(["a", "b", "c"], 30)
+    assert all(sorted(order) == ["a", "b", "c"] for order in orders)
+    assert len({order[0] for order in orders}) == 3  # no variant always first
+    assert orders == round_orders(["a", "b", "c"], 30)  # seeded
+
+
+def test_the_throughput_verdict_comes_from_interleaved_intervals(tmp_path):
+    from pnnh_kernels.benchmarking.report import _interleaved_rows, _model_rows
+
+    residual = [1.0, 1.02, 0.98, 1.01, 0.99]
+    cases = {
+        # PNNH 1.4x the residual's images/s every round, the plain net a little faster still
+        "supported": ([t / 1.4 for t in residual], [t / 1.45 for t in residual]),
+        # a ratio that swings around 1.3 from round to round
+        "inconclusive here: an interval spans": (
+            [1 / 1.0, 1 / 1.7, 1 / 1.1, 1 / 1.6, 1 / 1.2],
+            [0.5] * 5,
+        ),
+        "not supported": ([t / 0.9 for t in residual], [t / 1.0 for t in residual]),
+        # PNNH 1.4x, the plain net 1.2x: PNNH outran the plain net, which does less work
+        "inconclusive here: the ordering": ([t / 1.4 for t in residual], [t / 1.2 for t in residual]),
+    }
+    for expected, (pnnh, plain) in cases.items():
+        run = _recorded_run(pnnh_images_per_s=60.0, pnnh_parameters=1010)
+        run["benchmarks"].append(_interleaved(pnnh, plain, residual))
+        path = tmp_path / "bench.json"
+        path.write_text(json.dumps(run))
+        results = load(path)[1]
+        verdict = throughput_verdict(_model_rows(results), _interleaved_rows(results))
+        assert verdict.startswith(expected), (expected, verdict)
+        assert "from interleaved rounds, 95% interval" in verdict
+        assert ("Measurement problem" in verdict) == (expected == "inconclusive here: the ordering")
+        assert verdict in markdown(*load(path), [])  # the report's claims table takes it
