@@ -35,17 +35,23 @@ class Result:
         return (self.q3_s - self.q1_s) / (2 * self.median_s)
 
 
+def _read_json(path: Path, argument: str, expected: str) -> Any:
+    """The JSON in ``path``; a FileNotFoundError or ValueError naming ``argument``, the path and
+    what was ``expected`` where there is none."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{argument}: no file at {path}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{argument}: {path} is not JSON ({error}); {expected}") from error
+
+
 def load(path: Path) -> tuple[dict[str, Any], list[Result]]:
     """The results of ``pytest bench/ --benchmark-json=PATH``; a ValueError naming ``path`` for a
     file that is not one (unreadable JSON, no benchmarks: an empty report would pass for a result)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"bench_json: no file at {path}")
     expected = "expected the output of pytest bench/ --benchmark-json=FILE"
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"bench_json: {path} is not JSON ({error}); {expected}") from error
+    data = _read_json(path, "bench_json", expected)
     benchmarks = data.get("benchmarks") if isinstance(data, dict) else None
     if not isinstance(benchmarks, list) or not benchmarks:
         raise ValueError(f"bench_json: {path} holds no benchmark results; {expected}")
@@ -270,13 +276,8 @@ def load_study(path: Path) -> dict[str, Any]:
     """The parameter-efficiency summary of ``pnnh analyze --preset params`` (its analysis.json); a
     named error for a file that is not one."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--study: no file at {path}")
     expected = "expected the analysis.json of pnnh analyze --preset params"
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"--study: {path} is not JSON ({error}); {expected}") from error
+    data = _read_json(path, "--study", expected)
     efficiency = data.get("parameter_efficiency") if isinstance(data, dict) else None
     if not isinstance(efficiency, dict) or not isinstance(efficiency.get("pnnh_vs_residual"), list):
         raise ValueError(f"--study: {path} holds no parameter-efficiency study; {expected}")
