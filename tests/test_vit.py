@@ -110,3 +110,62 @@ def test_the_study_runs_end_to_end(tmp_path):
     before = (tmp_path / "runs" / "pnnh_d2_s0.json").read_text()
     vit_study.main(["--tiny", "--out", str(tmp_path)])
     assert (tmp_path / "runs" / "pnnh_d2_s0.json").read_text() == before
+
+
+# Coders for a signed stream (issue #26).
+def test_the_signed_coder_passes_both_signs_as_a_gain_one_projection():
+    from pnnh_kernels.models.vit import SignedCoder
+
+    torch.manual_seed(0)
+    coder = SignedCoder(16, 8)
+    p = coder.projection.detach()
+    torch.testing.assert_close(p @ p.t(), torch.eye(8), atol=1e-5, rtol=0)  # orthonormal rows
+    x = torch.randn(64, 16)
+    out = coder(x)
+    torch.testing.assert_close(out, x @ p.t() @ p, atol=1e-5, rtol=1e-5)  # P^T P x, no sign lost
+    torch.testing.assert_close(coder(out), out, atol=1e-5, rtol=1e-5)  # a projection
+    assert (out.norm(dim=1) <= x.norm(dim=1) + 1e-5).all()  # gain at most 1
+    assert not coder.projection.requires_grad
+    assert SignedCoder(16, 8, trainable=True).projection.requires_grad
+    identity = SignedCoder(16, 16, identity=True)
+    assert torch.equal(identity(x), x)
+    with pytest.raises(ValueError, match="rank: at most dim 16"):
+        SignedCoder(16, 17)
+
+
+def test_the_identity_control_is_the_residual_vit():
+    kwargs = {"image_size": 8, "patch_size": 2, "in_channels": 1, "dim": 16, "depth": 3, "heads": 2}
+    torch.manual_seed(1)
+    control = vit("pnnh", coder_kind="identity", **kwargs)
+    residual = vit("residual", **kwargs)
+    weights = {k: v for k, v in control.state_dict().items() if "projection" not in k}
+    residual.load_state_dict(weights)
+    images = torch.randn(4, 1, 8, 8)
+    torch.testing.assert_close(control(images), residual(images), atol=1e-5, rtol=1e-5)
+
+
+def test_coders_on_the_mlp_sublayers_only_and_layer_scale():
+    from pnnh_kernels.analysis.vit_study import SETTINGS, model_kwargs
+
+    kwargs = {"image_size": 8, "patch_size": 2, "in_channels": 1, "dim": 16, "depth": 2, "heads": 2}
+    model = vit("pnnh", coder_kind="signed", coder_sublayers="mlp", layer_scale=0.25, **kwargs)
+    for block in model.blocks:
+        assert block.attention.residual
+        assert block.attention.signed is None
+        assert not block.mlp.residual
+        assert block.mlp.signed is not None
+        assert torch.equal(block.mlp.scale.detach(), torch.full((16,), 0.25))
+    # the depth-scaled rule of the CNN's BatchNorm scale over the sublayers with a coder
+    assert model_kwargs("pnnh, signed, depth-scaled", 24)[1]["layer_scale"] == pytest.approx(
+        (16 / 48) ** 0.5
+    )
+    assert model_kwargs("pnnh, signed, depth-scaled", 4)[1]["layer_scale"] == 1.0
+    for setting in SETTINGS:  # every setting builds and runs
+        variant, settings_kwargs = model_kwargs(setting, 2)
+        assert vit(variant, **kwargs, **settings_kwargs)(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+    with pytest.raises(ValueError, match="coder_kind: expected"):
+        vit("pnnh", coder_kind="absolute", **kwargs)
+    with pytest.raises(ValueError, match="coder_sublayers: expected"):
+        vit("pnnh", coder_sublayers="attention", **kwargs)
+    with pytest.raises(ValueError, match="setting: expected one of"):
+        model_kwargs("pnnh, unsigned", 2)

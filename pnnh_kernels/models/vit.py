@@ -75,26 +75,67 @@ class MLP(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-class Sublayer(CoderUser):
-    """``body(LN(x))``, plus ``x`` (residual) or plus ``coder(x)`` (pnnh)."""
+class SignedCoder(nn.Module):
+    """A coder for a signed stream (issue #26): ``W_E = [P; -P]``, ``W_D = [P^T, -P^T]`` with P of
+    shape (rank, dim), so ``W_D relu(W_E x) = P^T relu(P x) - P^T relu(-P x) = P^T P x``: both signs
+    of every code unit pass. With P's rows orthonormal (the start; kept when fixed) the path is a
+    projection of gain 1 onto a rank-dimensional subspace, whatever the depth. Its parameters are
+    P alone: at rank dim / 2 as many as the rectified dim / 2 coder's tied weight. ``identity``:
+    P = I (rank = dim), the path is x itself, the residual connection: a control, not PNNH."""
 
-    def __init__(self, body: nn.Module, dim: int, residual: bool, coder: Optional[PNNHCoder]) -> None:
+    def __init__(self, dim: int, rank: int, trainable: bool = False, identity: bool = False) -> None:
+        super().__init__()
+        check_positive_int("rank", rank)
+        if identity:
+            projection = torch.eye(dim)
+        else:
+            if rank > dim:
+                raise ValueError(f"rank: at most dim {dim} orthonormal rows, got {rank}")
+            # orthonormal rows from the QR factors of a Gaussian matrix (the caller's RNG state)
+            projection = torch.linalg.qr(torch.randn(dim, rank))[0].t().contiguous()
+        self.projection = nn.Parameter(projection, requires_grad=trainable)
+
+    def forward(self, x: Tensor) -> Tensor:
+        p = self.projection
+        code = F.relu(torch.cat([F.linear(x, p), F.linear(x, -p)], dim=-1))
+        return F.linear(code, torch.cat([p.t(), -p.t()], dim=1))
+
+
+class Sublayer(CoderUser):
+    """``scale * body(LN(x))`` (``scale``: a LayerScale vector where given, else 1), plus ``x``
+    (residual) or plus the coder's path of ``x`` (pnnh: a rectified PNNHCoder or a SignedCoder)."""
+
+    def __init__(
+        self,
+        body: nn.Module,
+        dim: int,
+        residual: bool,
+        coder: Optional[PNNHCoder],
+        signed: Optional[SignedCoder] = None,
+        layer_scale: Optional[float] = None,
+    ) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(dim)
         self.body = body
         self.residual = residual
         self.coder = coder
+        self.signed = signed
+        self.scale = None if layer_scale is None else nn.Parameter(torch.full((dim,), layer_scale))
         if coder is not None:
             coder.attach()
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.body(self.norm(x))
+        if self.scale is not None:
+            out = out * self.scale
         if self.residual:
             return x + out
         if self.coder is not None:
             weights = self.coder.tensors()  # with the shared coder's gradient averaging
             code = F.relu(F.linear(x, weights.encoder_weight, weights.encoder_bias))
             return out + F.linear(code, weights.decoder())
+        if self.signed is not None:
+            return out + self.signed(x)
         return out
 
 
@@ -127,9 +168,24 @@ class VisionTransformer(nn.Module):
         coder_channels: Optional[int] = None,
         coder_init: str = DEFAULT_CODER_INIT,
         coder_trainable: bool = False,
+        coder_kind: str = "rectified",
+        coder_sublayers: str = "both",
+        layer_scale: Optional[float] = None,
     ) -> None:
+        """``coder_kind`` (pnnh): "rectified", the PNNHCoder ``W_D relu(W_E x + b_E)``; "signed", a
+        SignedCoder of rank ``coder_channels`` (dim / 2 by default); "identity", the full-width
+        control P = I (the residual connection itself; not PNNH). ``coder_sublayers`` (pnnh): "both",
+        or "mlp" (the attention sublayers keep their residual connections). ``layer_scale``: every
+        sublayer's output scaled by a learned per-channel vector starting at this value (LayerScale;
+        None: none)."""
         super().__init__()
         self.variant = check_variant(variant)
+        if coder_kind not in ("rectified", "signed", "identity"):
+            raise ValueError(
+                f"coder_kind: expected 'rectified', 'signed' or 'identity', got {coder_kind!r}"
+            )
+        if coder_sublayers not in ("both", "mlp"):
+            raise ValueError(f"coder_sublayers: expected 'both' or 'mlp', got {coder_sublayers!r}")
         sizes = {"image_size": image_size, "patch_size": patch_size, "dim": dim, "depth": depth,
                  "heads": heads, "num_classes": num_classes}  # fmt: skip
         for name, value in sizes.items():
@@ -144,20 +200,32 @@ class VisionTransformer(nn.Module):
         tokens = (image_size // patch_size) ** 2
         self.position = nn.Parameter(torch.randn(1, tokens, dim) * 0.02)
         coders: list[Optional[PNNHCoder]] = [None, None]
+        signed: list[Optional[SignedCoder]] = [None, None]
         if variant == "pnnh":
             code = default_code_channels(dim) if coder_channels is None else coder_channels
-            if code > 0:
+            if coder_kind == "rectified" and code > 0:
                 coders = [
                     PNNHCoder(dim, code, dim, tied=True, init=coder_init, trainable=coder_trainable)
                     for _ in range(2)
                 ]
+            elif coder_kind != "rectified":
+                signed = [
+                    SignedCoder(dim, dim if coder_kind == "identity" else code, coder_trainable,
+                                identity=coder_kind == "identity")
+                    for _ in range(2)
+                ]  # fmt: skip
         residual = variant == "residual"
+        attention_residual = residual or (variant == "pnnh" and coder_sublayers == "mlp")
+        if attention_residual and not residual:
+            coders[0], signed[0] = None, None
         hidden = round(dim * mlp_ratio)
         self.blocks = nn.Sequential(
             *(
                 Block(
-                    Sublayer(Attention(dim, heads), dim, residual, coders[0]),
-                    Sublayer(MLP(dim, hidden), dim, residual, coders[1]),
+                    Sublayer(
+                        Attention(dim, heads), dim, attention_residual, coders[0], signed[0], layer_scale
+                    ),
+                    Sublayer(MLP(dim, hidden), dim, residual, coders[1], signed[1], layer_scale),
                 )
                 for _ in range(depth)
             )
