@@ -164,10 +164,12 @@ def test_the_model_reproduces_the_measured_triton_kernels_within_20_percent():
     assert max(abs(p.error(without_l2)) for p in fitted) > 0.2
 
 
+@pytest.mark.parametrize("target", ["sm_80", "sm_90"])
 @pytest.mark.parametrize(("channels", "size"), [(64, 32), (128, 16), (256, 8), (512, 4)])
-def test_the_report_sizes_the_weight_gradient_as_its_launcher(channels, size, monkeypatch):
+def test_the_report_sizes_the_weight_gradient_as_its_launcher(channels, size, target, monkeypatch):
     """The model's grid of the training weight gradient is the launcher's (taps, split count and
-    its cap for an H100/H200's 132 multiprocessors)."""
+    its cap for an H100/H200's 132 multiprocessors), in the generic tiles and in sm_90's own (row
+    taps, their tiles and stages: taken at 64, 128 and 512 channels, not at 256x8x8)."""
     from pnnh_kernels.conv_geometry import ConvGeometry
     from pnnh_kernels.triton import availability, pnnh_conv, pnnh_conv_config, report
 
@@ -175,10 +177,16 @@ def test_the_report_sizes_the_weight_gradient_as_its_launcher(channels, size, mo
     monkeypatch.setattr(pnnh_conv_config, "STUB_MULTIPROCESSORS", 132)
     shape = report.LayerShape(256, channels, channels, size, size)
     (launch,) = [
-        x for x in report.launches(shape, torch.bfloat16) if x.name.endswith("[learner, train-BN]")
-    ]
+        x for x in report.launches(shape, torch.bfloat16, target)
+        if x.name.endswith("[learner, train-BN]")
+    ]  # fmt: skip
     modelled = report.model_launch(launch, torch.bfloat16, registers=128, shared=0)
-    config = pnnh_conv_config.choose_config(channels, channels, channels // 2, torch.bfloat16)
+    if target == "sm_90":
+        config = pnnh_conv_config.config_for_card(
+            channels, channels, channels // 2, torch.bfloat16, 256 * size * size, (9, 0), 132
+        )
+    else:
+        config = pnnh_conv_config.choose_config(channels, channels, channels // 2, torch.bfloat16)
     weight_layout = ((channels, channels, 3, 3), (9 * channels, 1, 3 * channels, channels))
     plan = pnnh_conv._wgrad_plan(
         (256, channels, size, size), channels, (size, size), (3, 3),
@@ -187,6 +195,11 @@ def test_the_report_sizes_the_weight_gradient_as_its_launcher(channels, size, mo
     )  # fmt: skip
     assert modelled is not None
     assert modelled.ctas == plan.site.grid[0] * plan.site.grid[1] * plan.site.grid[2]
+    constants = dict(launch.constexprs)
+    for name in ("ROW_TAPS", "BLOCK_X", "BLOCK_G", "BLOCK_M"):
+        assert plan.site.constants[name] == constants[name], name
+    assert plan.site.constants["num_stages"] == launch.num_stages
+    assert constants["ROW_TAPS"] == (target == "sm_90" and channels != 256)
 
 
 @pytest.mark.skipif(not sass.cuobjdump().exists(), reason="triton's cuobjdump is not installed")
@@ -260,9 +273,11 @@ def test_the_weight_gradient_fills_the_gpu_where_that_saves_the_busiest_multipro
     assert wgrad_fill_target(1, 4096, 64, 288, 132) == 1  # already more programs than multiprocessors
     # a traffic cap past the fill (64 x 64 channels, 3 row-tap programs a tile, 262,144 pixels in
     # 128-pixel steps, cap 56): kept where two programs share a multiprocessor; where they cannot,
-    # 44 splits (132 programs of 47 steps), not 56 (two programs of 37 on 36 multiprocessors)
-    assert wgrad_fill_target(56, 262144, 128, 3, 132, two_per_multiprocessor=True) == 56
-    assert wgrad_fill_target(56, 262144, 128, 3, 132, two_per_multiprocessor=False) == 44
+    # 44 splits (132 programs of 47 steps), not 56 (two programs of 37 on 36 multiprocessors), for
+    # row-tap launches (trim_past_fill); a program per tap keeps its count
+    assert wgrad_fill_target(56, 262144, 128, 3, 132, True, trim_past_fill=True) == 56
+    assert wgrad_fill_target(56, 262144, 128, 3, 132, False, trim_past_fill=True) == 44
+    assert wgrad_fill_target(56, 262144, 128, 3, 132, False) == 56
     # 256-wide gradient tiles on sm_90 (147,456 bytes): one per multiprocessor; 64 x 128 on an A100
     # (73,728): two
     assert not side_by_side(147_456, (9, 0))

@@ -471,7 +471,9 @@ def _wgrad_plan(
     # dy, and y where the kernel reads it: dense images of m x c_g elements
     gradient_bytes = m * c_g * (torch.finfo(dtype).bits // 8) * (1 + relu)
     shared = wgrad_shared_bytes(wgrad, dtype, relu)
-    splits = wgrad_splits(config, m, block_m, tiles, device, gradient_bytes, taps, c_x, c_g, shared)
+    splits = wgrad_splits(
+        config, m, block_m, tiles, device, gradient_bytes, taps, c_x, c_g, shared, wgrad.row_taps
+    )
     splits, m_per_split = wgrad_split_rows(m, block_m, splits)
     strided_out = out_layout is not None and splits == 1
     out_strides = tuple(out_layout[1]) if out_layout is not None else (0, 0, 0, 0)

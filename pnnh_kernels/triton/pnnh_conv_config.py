@@ -422,9 +422,8 @@ def row_tap_partials_fit(
     multiprocessors: int,
 ) -> bool:
     """Whether a row-tap launch's split partials stay within ROW_TAP_PARTIAL_TRAFFIC on a card of
-    ``multiprocessors`` (sm_90: row taps are its configuration's alone, and their pipelines never
-    share a multiprocessor). Without a card, or with the configuration's own split count (tests),
-    nothing is filled and they are taken."""
+    ``multiprocessors`` (sm_90's: row taps are its configuration's alone). Without a card, or
+    with the configuration's own split count (tests), nothing is filled and they are taken."""
     if multiprocessors == 0 or config.wgrad_splits is not None:
         return True
     element = torch.finfo(dtype).bits // 8
@@ -432,8 +431,9 @@ def row_tap_partials_fit(
     programs = cdiv(c_x, tiles.block_x) * cdiv(c_g, tiles.block_g) * (taps // 3)
     pair = side_by_side(wgrad_shared_bytes(tiles, dtype, relu), (9, 0))
     splits = wgrad_split_count(
-        pixels, tiles.block_m, programs, multiprocessors, gradient_bytes, taps, c_x, c_g, pair
-    )
+        pixels, tiles.block_m, programs, multiprocessors, gradient_bytes, taps, c_x, c_g, pair,
+        trim_past_fill=True,
+    )  # fmt: skip
     splits, _ = wgrad_split_rows(pixels, tiles.block_m, splits)
     partials = 0 if splits == 1 else 2 * splits * taps * c_x * c_g * 4
     return partials <= ROW_TAP_PARTIAL_TRAFFIC * (pixels * c_x * element + gradient_bytes)
@@ -480,17 +480,21 @@ def wgrad_splits(
     c_x: int,
     c_g: int,
     shared_bytes: int,
+    row_taps: bool,
 ) -> int:
     """How many pixel ranges the weight-gradient reduction is split into: the configuration's
     number if it sets one (tests), else on a GPU :func:`wgrad_split_count` for its card
-    (``shared_bytes``: one program's pipeline, wgrad_shared_bytes), and 1 elsewhere."""
+    (``shared_bytes``: one program's pipeline, wgrad_shared_bytes; ``row_taps``: the launch's
+    programs reduce kernel rows), and 1 elsewhere."""
     if config.wgrad_splits is not None:
         return config.wgrad_splits
     card = launch_card(device)
     if card is None:
         return 1
     pair = side_by_side(shared_bytes, card[0])
-    return wgrad_split_count(m, block_m, tiles, card[1], gradient_bytes, taps, c_x, c_g, pair)
+    return wgrad_split_count(
+        m, block_m, tiles, card[1], gradient_bytes, taps, c_x, c_g, pair, trim_past_fill=row_taps
+    )
 
 
 def wgrad_split_count(
@@ -503,6 +507,7 @@ def wgrad_split_count(
     c_x: int,
     c_g: int,
     two_per_multiprocessor: bool = True,
+    trim_past_fill: bool = False,
 ) -> int:
     """The weight gradient's split count on a card of ``multiprocessors`` (before
     :func:`wgrad_split_rows`): the target of :func:`wgrad_split_target`, capped by the float32
@@ -512,7 +517,9 @@ def wgrad_split_count(
     static model's report (pnnh_kernels.triton.report) both size the launch with it."""
     splits = wgrad_split_target(m, block_m, tiles, multiprocessors)
     splits = capped_wgrad_splits(splits, gradient_bytes, taps, c_x, c_g)
-    return wgrad_fill_target(splits, m, block_m, tiles, multiprocessors, two_per_multiprocessor)
+    return wgrad_fill_target(
+        splits, m, block_m, tiles, multiprocessors, two_per_multiprocessor, trim_past_fill
+    )
 
 
 # Shared memory of one multiprocessor, by compute capability major: sm_80 (A100) 164 KiB, sm_90
@@ -534,6 +541,7 @@ def wgrad_fill_target(
     tiles: int,
     multiprocessors: int,
     two_per_multiprocessor: bool = True,
+    trim_past_fill: bool = False,
 ) -> int:
     """``splits`` (already capped by the partials' traffic), raised toward the fewest splits that
     give every multiprocessor one of the programs, to the count that leaves the busiest
@@ -547,11 +555,13 @@ def wgrad_fill_target(
         return cdiv(tiles * count, multiprocessors) * cdiv(cdiv(m, count), block_m)
 
     if fill <= splits:
-        if two_per_multiprocessor:
+        if two_per_multiprocessor or not trim_past_fill:
             return splits
-        # One program per multiprocessor: splits past the fill only queue second programs behind
-        # the first (at 64 x 64 channels in row-tap programs, 3 tiles: 56 splits put two programs
-        # of 37 steps on 36 multiprocessors where 44 give every one a program of 47).
+        # One program per multiprocessor (``trim_past_fill``: row-tap launches, whose grids are a
+        # third as wide): splits past the fill only queue second programs behind the first (at
+        # 64 x 64 channels, 3 tiles: 56 splits put two programs of 37 steps on 36 multiprocessors
+        # where 44 give every one a program of 47). Not applied to a program per tap, where it
+        # would change A100 launches that no model here reads (256x64x32x32: 48 -> 12 splits).
         return min(range(fill, splits + 1), key=lambda count: (busiest(count), count))
 
     # The count up to the fill with the fewest steps on the busiest multiprocessor; on a tie the

@@ -528,8 +528,9 @@ def model_launch(
         )
         pair = side_by_side(wgrad_shared_bytes(program, dtype, c["RELU"]), (9, 0))
         splits = wgrad_split_count(
-            pixels, c["BLOCK_M"], tiles, 132, pixels * c_g * size * reads, taps, c_x, c_g, pair
-        )
+            pixels, c["BLOCK_M"], tiles, 132, pixels * c_g * size * reads, taps, c_x, c_g, pair,
+            trim_past_fill=c["ROW_TAPS"],
+        )  # fmt: skip
         splits, _ = wgrad_split_rows(pixels, c["BLOCK_M"], splits)
         ctas = tiles * splits
         flops = 2.0 * pixels * taps * c_x * c_g
