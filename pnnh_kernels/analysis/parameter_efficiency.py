@@ -17,6 +17,8 @@ import statistics
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
+from pnnh_kernels.markdown import markdown_table
+
 CLAIMED_RATIO = 0.5  # "2x more parameter efficient": the residual net's accuracy at half its parameters
 VARIANTS = ("plain", "residual", "pnnh")
 
@@ -160,11 +162,6 @@ def _ratio_cell(match: dict[str, Any]) -> str:
     return f"{prefix}{match['ratio']:.2f}"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
-
-
 def markdown(result: dict[str, Any]) -> str:
     """The study's two tables: accuracy by width and parameters, and the parameters each variant
     needs for the residual net's accuracy."""
@@ -185,7 +182,7 @@ def markdown(result: dict[str, Any]) -> str:
                 for c in cells
             ]  # fmt: skip
             rows.append([str(depth), str(width), str(first["trained_parameters"]), stored, *accuracy])
-    points_table = _table(
+    points_table = markdown_table(
         ["depth", "width", "trained parameters", "stored (plain/residual/PNNH)",
          "plain", "residual", "PNNH"], rows,
     )  # fmt: skip
@@ -197,7 +194,7 @@ def markdown(result: dict[str, Any]) -> str:
                 [m["variant"], str(m["depth"]), str(m["width"]), str(m["residual_parameters"]),
                  f"{m['residual_accuracy']:.3f}", needed, _ratio_cell(m)]
             )  # fmt: skip
-    match_table = _table(
+    match_table = markdown_table(
         ["variant", "depth", "residual width", "residual's trained parameters",
          "residual's accuracy", "trained parameters the variant needs", "ratio"], match_rows,
     )  # fmt: skip

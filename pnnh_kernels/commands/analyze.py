@@ -18,6 +18,7 @@ from pnnh_kernels.analysis import parameter_efficiency, study
 from pnnh_kernels.analysis.curves import LayerCurvePoint, he_stack, layer_curves
 from pnnh_kernels.analysis.probes import coder_gain
 from pnnh_kernels.coder import CODER_INITS, PNNHCoder, default_code_channels
+from pnnh_kernels.markdown import markdown_table
 from pnnh_kernels.training.digits import (
     DigitsSplit,
     load_digits_split,
@@ -125,11 +126,6 @@ def _mean(values: list[float]) -> float:
     return statistics.fmean(values) if values else float("nan")
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
-
-
 def study_tables(rows: list[dict[str, Any]], config: study.StudyConfig) -> str:
     """Markdown tables, mean over seeds (diverged runs counted and shown, not averaged)."""
     out = []
@@ -179,7 +175,7 @@ def study_tables(rows: list[dict[str, Any]], config: study.StudyConfig) -> str:
             )
         out.append(
             f"### {title}\n\n"
-            + _table(
+            + markdown_table(
                 [
                     *keys,
                     "train loss",
@@ -239,7 +235,7 @@ def learned_summary(rows: list[dict[str, Any]], config: study.StudyConfig) -> st
         "### Coders that learn: mean test accuracy over seeds (worst seed; diverged runs); the "
         "coder's reconstruction error on relu(N(0, I)) and its gain after training (means over the "
         "runs that did not diverge)\n\n"
-        + _table(["setting", *(f"depth {d}" for d in depths)], table_rows)
+        + markdown_table(["setting", *(f"depth {d}" for d in depths)], table_rows)
     )
 
 
@@ -267,7 +263,7 @@ def ablation_summary(rows: list[dict[str, Any]], config: study.StudyConfig) -> s
         table_rows.append([setting, *cells])
     return (
         "### Coder ablation, summary: mean test accuracy over seeds (worst seed; diverged runs)\n\n"
-        + _table(["setting", *(f"depth {d}" for d in depths)], table_rows)
+        + markdown_table(["setting", *(f"depth {d}" for d in depths)], table_rows)
     )
 
 
@@ -479,7 +475,7 @@ def run(args: argparse.Namespace) -> None:
         "",
         f"Every measured survival fraction respects its Cantelli bound: **{bound_holds}**.",
         "",
-        _table(
+        markdown_table(
             ["variant", "inputs", "layer", "survival", "bound", "cosine similarity", "ridge R^2"],
             [
                 [p.variant, p.inputs, str(p.layer), f"{p.survival:.3f}", f"{p.bound:.3f}",
@@ -495,7 +491,9 @@ def run(args: argparse.Namespace) -> None:
         "path reaches each layer's output without a norm, so its gain compounds over the layers "
         "that share it.",
         "",
-        _table(["init", "seed", "gain", "gain^64", "gain^128"], coder_gains_at_init(config.width)),
+        markdown_table(
+            ["init", "seed", "gain", "gain^64", "gain^128"], coder_gains_at_init(config.width)
+        ),
     ]  # fmt: skip
     if rows:
         markdown += [

@@ -18,6 +18,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import torch
 
+from pnnh_kernels.markdown import markdown_table
 from pnnh_kernels.models import VARIANTS, count_parameters, deep_cnn, parameter_breakdown
 from pnnh_kernels.models.resnet import resnet18, resnet34, resnet50
 from pnnh_kernels.training.digits import (
@@ -53,12 +54,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--skip-resnets", action="store_true", help="do not print the ResNet parameter table"
     )
-
-
-def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def train_variant(variant: str, args: argparse.Namespace) -> TrainResult:
@@ -113,7 +108,7 @@ def depth_table(args: argparse.Namespace) -> str:
                 f"{result.seconds:.0f}",
             ]
         )
-    return _markdown_table(
+    return markdown_table(
         ["variant", "train loss", "test accuracy", "trained parameters", "seconds"], rows
     )
 
@@ -135,7 +130,7 @@ def resnet_table() -> str:
                     f"{parts['trainable']:,}",
                 ]
             )
-    return _markdown_table(
+    return markdown_table(
         ["model (ImageNet, 1000 classes)", "variant", "parameters", "of which coders", "trained"],
         rows,
     )
