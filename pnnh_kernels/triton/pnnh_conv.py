@@ -63,11 +63,13 @@ from pnnh_kernels.triton.pnnh_conv_config import (
     narrow_coder_backward,
     narrow_coder_epilogue,
     reduce_block_k,
+    row_taps_allowed,
     statistics_launch_options,
     tuned_or_fixed,
     upcast_dot,
+    wgrad_gradient_bytes,
+    wgrad_programs_per_tile,
     wgrad_rows,
-    wgrad_shared_bytes,
     wgrad_split_rows,
     wgrad_splits,
     wgrad_tiles,
@@ -463,17 +465,11 @@ def _wgrad_plan(
     rows = wgrad_rows(kernel, geometry.stride, geometry.padding, (height, width), tuple(out_hw))
     wgrad = wgrad_tiles(
         config, c_x, c_g, dtype, relu, taps, 0 if card is None else card[1],
-        row_taps=rows["SAME_ROWS"] and kernel[1] == 3, pixels=m,
+        row_taps=row_taps_allowed(rows, kernel), pixels=m,
     )  # fmt: skip
     block_x, block_g, block_m = wgrad.block_x, wgrad.block_g, wgrad.block_m
-    programs_per_tile = kernel[0] if wgrad.row_taps else taps  # a program per kernel row or tap
-    tiles = cdiv(c_x, block_x) * cdiv(c_g, block_g) * programs_per_tile
-    # dy, and y where the kernel reads it: dense images of m x c_g elements
-    gradient_bytes = m * c_g * (torch.finfo(dtype).bits // 8) * (1 + relu)
-    shared = wgrad_shared_bytes(wgrad, dtype, relu)
-    splits = wgrad_splits(
-        config, m, block_m, tiles, device, gradient_bytes, taps, c_x, c_g, shared, wgrad.row_taps
-    )
+    programs_per_tile = wgrad_programs_per_tile(wgrad, kernel)
+    splits = wgrad_splits(config, wgrad, c_x, c_g, kernel, m, dtype, relu, device)
     splits, m_per_split = wgrad_split_rows(m, block_m, splits)
     strided_out = out_layout is not None and splits == 1
     out_strides = tuple(out_layout[1]) if out_layout is not None else (0, 0, 0, 0)
@@ -510,7 +506,7 @@ def _wgrad_plan(
         )
     return _WgradPlan(
         site, reduce_site, splits, strided_out, partial_shape, taps, programs_per_tile,
-        gradient_bytes,
+        wgrad_gradient_bytes(m, c_g, dtype, relu),
     )  # fmt: skip
 
 

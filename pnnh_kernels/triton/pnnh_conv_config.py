@@ -426,17 +426,14 @@ def row_tap_partials_fit(
     with the configuration's own split count (tests), nothing is filled and they are taken."""
     if multiprocessors == 0 or config.wgrad_splits is not None:
         return True
-    element = torch.finfo(dtype).bits // 8
-    gradient_bytes = pixels * c_g * element * (1 + relu)
-    programs = cdiv(c_x, tiles.block_x) * cdiv(c_g, tiles.block_g) * (taps // 3)
-    pair = side_by_side(wgrad_shared_bytes(tiles, dtype, relu), (9, 0))
-    splits = wgrad_split_count(
-        pixels, tiles.block_m, programs, multiprocessors, gradient_bytes, taps, c_x, c_g, pair,
-        trim_past_fill=True,
-    )  # fmt: skip
+    kernel = (taps // 3, 3)  # row taps: three taps a row
+    card = ((9, 0), multiprocessors)
+    splits = wgrad_card_splits(tiles, c_x, c_g, kernel, pixels, dtype, relu, card)
     splits, _ = wgrad_split_rows(pixels, tiles.block_m, splits)
     partials = 0 if splits == 1 else 2 * splits * taps * c_x * c_g * 4
-    return partials <= ROW_TAP_PARTIAL_TRAFFIC * (pixels * c_x * element + gradient_bytes)
+    image_bytes = pixels * c_x * (torch.finfo(dtype).bits // 8)
+    gradient_bytes = wgrad_gradient_bytes(pixels, c_g, dtype, relu)
+    return partials <= ROW_TAP_PARTIAL_TRAFFIC * (image_bytes + gradient_bytes)
 
 
 # Set by pnnh_kernels.benchmarking.host_cost's stub launch path, whose CPU tensors stand for a
@@ -469,32 +466,71 @@ def wgrad_rows(
     return {"DIRECT_ROWS": direct, "SAME_ROWS": same and not direct}
 
 
-def wgrad_splits(
-    config: ConvConfig,
-    m: int,
-    block_m: int,
-    tiles: int,
-    device: torch.device,
-    gradient_bytes: int,
-    taps: int,
+def row_taps_allowed(rows: dict[str, bool], kernel: tuple[int, int]) -> bool:
+    """Whether a weight gradient whose rows are ``rows`` (:func:`wgrad_rows`) may take a program per
+    kernel row (the kernel's ROW_TAPS: SAME_ROWS and three taps a row)."""
+    return rows["SAME_ROWS"] and kernel[1] == 3
+
+
+def wgrad_programs_per_tile(tiles: WgradTiles, kernel: tuple[int, int]) -> int:
+    """Programs of one channel tile (before any split): one per tap, or per kernel row."""
+    return kernel[0] if tiles.row_taps else kernel[0] * kernel[1]
+
+
+def wgrad_programs(tiles: WgradTiles, c_x: int, c_g: int, kernel: tuple[int, int]) -> int:
+    """Programs of a weight-gradient launch before any split: channel tiles x programs a tile."""
+    return cdiv(c_x, tiles.block_x) * cdiv(c_g, tiles.block_g) * wgrad_programs_per_tile(tiles, kernel)
+
+
+def wgrad_gradient_bytes(pixels: int, c_g: int, dtype: torch.dtype, relu: bool) -> int:
+    """Bytes of the gradient rows a weight gradient reads: dy (or dz), and y where its ReLU mask
+    is formed (dense images of ``pixels`` x ``c_g`` elements)."""
+    return pixels * c_g * (torch.finfo(dtype).bits // 8) * (1 + relu)
+
+
+def wgrad_card_splits(
+    tiles: WgradTiles,
     c_x: int,
     c_g: int,
-    shared_bytes: int,
-    row_taps: bool,
+    kernel: tuple[int, int],
+    pixels: int,
+    dtype: torch.dtype,
+    relu: bool,
+    card: tuple[tuple[int, int], int],
+) -> int:
+    """The split count of a weight-gradient launch of ``tiles`` on ``card`` (compute capability,
+    multiprocessors), before :func:`wgrad_split_rows`: :func:`wgrad_split_count` with the launch's
+    programs, gradient bytes, whether two of its programs share a multiprocessor, and row taps'
+    trimming past the fill. The launcher, the static model's report and the row-tap traffic rule
+    all size the launch here."""
+    pair = side_by_side(wgrad_shared_bytes(tiles, dtype, relu), card[0])
+    return wgrad_split_count(
+        pixels, tiles.block_m, wgrad_programs(tiles, c_x, c_g, kernel), card[1],
+        wgrad_gradient_bytes(pixels, c_g, dtype, relu), kernel[0] * kernel[1], c_x, c_g, pair,
+        trim_past_fill=tiles.row_taps,
+    )  # fmt: skip
+
+
+def wgrad_splits(
+    config: ConvConfig,
+    tiles: WgradTiles,
+    c_x: int,
+    c_g: int,
+    kernel: tuple[int, int],
+    pixels: int,
+    dtype: torch.dtype,
+    relu: bool,
+    device: torch.device,
 ) -> int:
     """How many pixel ranges the weight-gradient reduction is split into: the configuration's
-    number if it sets one (tests), else on a GPU :func:`wgrad_split_count` for its card
-    (``shared_bytes``: one program's pipeline, wgrad_shared_bytes; ``row_taps``: the launch's
-    programs reduce kernel rows), and 1 elsewhere."""
+    number if it sets one (tests), else on a GPU :func:`wgrad_card_splits` for its card, and 1
+    elsewhere."""
     if config.wgrad_splits is not None:
         return config.wgrad_splits
     card = launch_card(device)
     if card is None:
         return 1
-    pair = side_by_side(shared_bytes, card[0])
-    return wgrad_split_count(
-        m, block_m, tiles, card[1], gradient_bytes, taps, c_x, c_g, pair, trim_past_fill=row_taps
-    )
+    return wgrad_card_splits(tiles, c_x, c_g, kernel, pixels, dtype, relu, card)
 
 
 def wgrad_split_count(
@@ -566,10 +602,10 @@ def wgrad_fill_target(
 
     # The count up to the fill with the fewest steps on the busiest multiprocessor; on a tie the
     # larger where two programs fit one multiprocessor (``two_per_multiprocessor``, side_by_side:
-    # they run side by side and
-    # fewer multiprocessors idle), else the smaller: then their float32 partials' traffic buys
-    # nothing (at 512x512x4x4 the 72 programs of 256-wide gradient tiles, 147 KB of shared memory
-    # each, would take two splits and 38 MB of partials for the same busiest multiprocessor).
+    # they run side by side and fewer multiprocessors idle), else the smaller: then their float32
+    # partials' traffic buys nothing (at 512x512x4x4 the 72 programs of 256-wide gradient tiles,
+    # 147 KB of shared memory each, would take two splits and 38 MB of partials for the same
+    # busiest multiprocessor).
     order = -1 if two_per_multiprocessor else 1
     return min(range(splits, fill + 1), key=lambda count: (busiest(count), order * count))
 

@@ -56,11 +56,11 @@ from pnnh_kernels.triton.pnnh_conv_config import (
     narrow_coder_backward,
     narrow_coder_epilogue,
     reduce_block_k,
-    side_by_side,
+    row_taps_allowed,
     tuning_configs,
+    wgrad_card_splits,
+    wgrad_programs,
     wgrad_rows,
-    wgrad_shared_bytes,
-    wgrad_split_count,
     wgrad_split_rows,
     wgrad_tiles,
 )
@@ -423,7 +423,7 @@ def _add_backward_passes(
         stride = extra.get("stride_h", shape.stride)
         pad = extra.get("pad_h", shape.padding)
         rows = wgrad_rows((kernel, kernel), (stride, stride), (pad, pad), (height, width), (oh, ow))
-        row_taps = rows["SAME_ROWS"] and kernel == 3
+        row_taps = row_taps_allowed(rows, (kernel, kernel))
         tiles = wgrad_tiles(config, c_x, c_g, dtype, relu, kernel * kernel, multiprocessors,
                             row_taps=row_taps, pixels=shape.n * oh * ow)  # fmt: skip
         extra["m_per_split"] = 8 * tiles.block_m
@@ -519,20 +519,15 @@ def model_launch(
         operands += i["NHW"] * i["C_in"]
     elif launch.kernel == "_conv_wgrad_kernel":
         # as pnnh_conv._wgrad_plan sizes it, for an H100/H200's 132 multiprocessors
-        pixels, c_x, c_g = i["M"], i["C_x"], i["C_g"]
-        programs_per_tile = c["KH"] if c["ROW_TAPS"] else taps  # a program per row, or per tap
-        tiles = cdiv(c_x, c["BLOCK_X"]) * cdiv(c_g, c["BLOCK_G"]) * programs_per_tile
+        pixels, c_x, c_g, kernel = i["M"], i["C_x"], i["C_g"], (c["KH"], c["KW"])
         reads = 1 + c["RELU"]  # dy (or dz), and y where read
         program = WgradTiles(
             c["BLOCK_X"], c["BLOCK_G"], c["BLOCK_M"], launch.num_stages, row_taps=c["ROW_TAPS"]
         )
-        pair = side_by_side(wgrad_shared_bytes(program, dtype, c["RELU"]), (9, 0))
-        splits = wgrad_split_count(
-            pixels, c["BLOCK_M"], tiles, 132, pixels * c_g * size * reads, taps, c_x, c_g, pair,
-            trim_past_fill=c["ROW_TAPS"],
-        )  # fmt: skip
+        card = ((9, 0), 132)
+        splits = wgrad_card_splits(program, c_x, c_g, kernel, pixels, dtype, c["RELU"], card)
         splits, _ = wgrad_split_rows(pixels, c["BLOCK_M"], splits)
-        ctas = tiles * splits
+        ctas = wgrad_programs(program, c_x, c_g, kernel) * splits
         flops = 2.0 * pixels * taps * c_x * c_g
         operands = pixels * ratio * c_x + reads * pixels * c_g
         if splits > 1:  # float32 partials, written and read back by the reduction
