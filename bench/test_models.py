@@ -8,6 +8,7 @@ torchvision's ResNet is an extra residual baseline where torchvision imports.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 
 import pytest
@@ -41,6 +42,22 @@ def _model(name: str, variant: str, stem: str, classes: int) -> torch.nn.Module:
     return MODELS[name](variant=variant, stem=stem, num_classes=classes)
 
 
+def _training_step(
+    forward: torch.nn.Module, optimizer: torch.optim.Optimizer, labels: torch.Tensor
+) -> Callable[[torch.Tensor], None]:
+    """One bf16-autocast training step of ``forward`` (a model in training mode, or its compiled
+    form) on a batch of images."""
+
+    def step(images: torch.Tensor) -> None:
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+            loss = F.cross_entropy(forward(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize(("stem", "batch", "size", "classes"), SETTINGS, ids=lambda v: str(v))
@@ -57,12 +74,7 @@ def test_training_step(run_benchmark, benchmark, name, stem, batch, size, classe
     def make() -> torch.Tensor:
         return torch.randn(batch, 3, size, size, device=DEVICE).to(memory_format=torch.channels_last)
 
-    def step(images: torch.Tensor) -> None:
-        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
-            loss = F.cross_entropy(forward(images), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    step = _training_step(forward, optimizer, labels)
 
     if ON_GPU:
         torch.cuda.reset_peak_memory_stats(DEVICE)
@@ -111,15 +123,7 @@ def test_interleaved_training_steps(benchmark, name, stem, batch, size, classes)
     for variant in INTERLEAVED_VARIANTS:
         model = _model(name, variant, stem, classes).to(DEVICE, memory_format=torch.channels_last)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-
-        def step(x: torch.Tensor, model=model, optimizer=optimizer) -> None:
-            with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
-                loss = F.cross_entropy(model.train()(x), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-
-        steps[variant] = step
+        steps[variant] = _training_step(model.train(), optimizer, labels)
     orders = round_orders(INTERLEAVED_VARIANTS, INTERLEAVED_ROUNDS)
     seconds: dict[str, list[float]] = {variant: [] for variant in INTERLEAVED_VARIANTS}
 
